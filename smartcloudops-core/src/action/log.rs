@@ -1,0 +1,86 @@
+//! Prints alerts to standard output (`[[action]] type = "log"`).
+
+use std::io::Write;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use super::{Action, ActionInput};
+use crate::error::{Error, Result};
+
+/// How the [`LogAction`] prints alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One readable line per alert.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Configuration of a [`LogAction`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogActionConfig {
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// Writes one line per alert to standard output.
+#[derive(Debug)]
+pub struct LogAction {
+    config: LogActionConfig,
+}
+
+impl LogAction {
+    /// An action printing in `config.format`.
+    pub fn new(config: LogActionConfig) -> Self {
+        Self { config }
+    }
+
+    /// The lines this action prints for `input`.
+    pub fn render(&self, input: &ActionInput) -> Result<String> {
+        let mut out = String::new();
+        for alert in &input.alerts {
+            match self.config.format {
+                LogFormat::Text => {
+                    out.push_str(&format!(
+                        "ALERT {} {} = {}: {}\n",
+                        alert.time,
+                        alert.series(),
+                        alert.value,
+                        alert.reason
+                    ));
+                }
+                LogFormat::Json => {
+                    out.push_str(&serde_json::to_string(alert).map_err(|e| Error::Action {
+                        action: "log".into(),
+                        message: e.to_string(),
+                        retryable: false,
+                    })?);
+                    out.push('\n');
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Action for LogAction {
+    fn name(&self) -> &str {
+        "log"
+    }
+
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let text = self.render(input)?;
+            // One locked write per batch keeps lines from concurrent batches whole.
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+                .map_err(|e| Error::io("writing alerts to stdout", e))
+        })
+    }
+}

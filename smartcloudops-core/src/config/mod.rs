@@ -1,0 +1,681 @@
+//! TOML pipeline configuration: parse, substitute environment variables, validate, build.
+//!
+//! ```toml
+//! [source]
+//! type = "file"                 # file | generator
+//! path = "data/metrics.jsonl"   # relative paths are relative to this file
+//!
+//! [detector]
+//! type = "ewma"
+//! threshold = 4.0
+//!
+//! [[action]]
+//! type = "log"
+//!
+//! [[action]]
+//! type = "jsonl"
+//! path = "${ALERTS_DIR:-/tmp}/alerts.jsonl"
+//!
+//! [dead_letter]
+//! type = "file"                 # log | file
+//! path = "dead-letters.jsonl"
+//! ```
+//!
+//! Parsing collects **every** error it can find, each with the path of the field, a message
+//! and, where one helps, a hint (`did you mean `batch_size`?`). Sections are parsed
+//! independently, so a typo in `[source]` does not hide one in `[detector]`.
+//!
+//! `${NAME}` in any string is replaced by the environment variable `NAME` (an error if it is
+//! unset), `${NAME:-default}` falls back to `default`, and `$${` writes a literal `${`. Use it
+//! for secrets rather than writing them into the file.
+
+mod env;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::action::{Action, JsonlAction, JsonlActionConfig, LogAction, LogActionConfig};
+use crate::dead_letter::{DeadLetterSink, JsonlDeadLetters, LogDeadLetters};
+use crate::detector::{Detector, EwmaConfig, EwmaDetector};
+use crate::error::{Error, Result};
+use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::prep::{MetricFilter, MetricFilterConfig, Prep};
+use crate::source::{FileSource, FileSourceConfig, GeneratorConfig, GeneratorSource, Source};
+
+/// One problem in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the field, e.g. `source.batch_size` or `action[1].path`; empty for
+    /// errors about the file as a whole.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it, when there is something useful to say.
+    pub hint: Option<String>,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)?;
+        } else {
+            write!(f, "{}: {}", self.path, self.message)?;
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, " (hint: {hint})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} configuration error{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Where the pipeline reads from (`[source]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SourceConfig {
+    /// A file or standard input.
+    File(FileSourceConfig),
+    /// Synthetic series.
+    Generator(GeneratorConfig),
+}
+
+/// A prep stage (`[[prep]]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum PrepConfig {
+    /// Keep or drop rows by metric name.
+    Filter(MetricFilterConfig),
+}
+
+/// The detector (`[detector]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DetectorConfig {
+    /// EWMA z-score.
+    Ewma(EwmaConfig),
+}
+
+/// An action (`[[action]]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ActionConfig {
+    /// Print alerts to standard output.
+    Log(LogActionConfig),
+    /// Append alerts to a JSON-lines file.
+    Jsonl(JsonlActionConfig),
+}
+
+/// Where dead letters go (`[dead_letter]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeadLetterConfig {
+    /// Log each dead letter as a warning.
+    #[default]
+    Log,
+    /// Append dead letters as JSON lines to a file.
+    File {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// A whole pipeline configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PipelineConfig {
+    /// `[source]`.
+    pub source: SourceConfig,
+    /// `[[prep]]`, in order.
+    pub prep: Vec<PrepConfig>,
+    /// `[detector]`, if any.
+    pub detector: Option<DetectorConfig>,
+    /// `[[action]]`, in order.
+    pub actions: Vec<ActionConfig>,
+    /// `[dead_letter]`.
+    pub dead_letter: DeadLetterConfig,
+    /// `[runtime]`.
+    pub runtime: PipelineOptions,
+}
+
+const SECTIONS: &[&str] = &[
+    "source",
+    "prep",
+    "detector",
+    "action",
+    "dead_letter",
+    "runtime",
+];
+
+impl PipelineConfig {
+    /// Reads and parses the file at `path` with the process environment. Relative paths in
+    /// the file are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new(
+                "",
+                format!("cannot read {}: {e}", path.display()),
+            )])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base, |name| std::env::var(name).ok())
+    }
+
+    /// Parses `text`, resolving relative paths against `base_dir` and `${VAR}` with `env`.
+    pub fn parse(
+        text: &str,
+        base_dir: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigErrors> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![ConfigError::new("", format!("invalid TOML: {e}"))])
+        })?;
+        let mut errors = Vec::new();
+        env::substitute_table(&mut table, "", &env, &mut errors);
+
+        for key in table.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                errors.push(unknown_key(key, key, SECTIONS));
+            }
+        }
+
+        let source = match table.get("source") {
+            None => {
+                errors.push(
+                    ConfigError::new("source", "missing section")
+                        .hint("add a [source] table with type = \"file\" or \"generator\""),
+                );
+                None
+            }
+            Some(v) => parse_source(v, &mut errors),
+        };
+        let prep = array_of(&table, "prep", &mut errors)
+            .into_iter()
+            .filter_map(|(path, v)| parse_prep(v, &path, &mut errors))
+            .collect();
+        let detector = table
+            .get("detector")
+            .and_then(|v| parse_detector(v, &mut errors));
+        let actions = array_of(&table, "action", &mut errors)
+            .into_iter()
+            .filter_map(|(path, v)| parse_action(v, &path, &mut errors))
+            .collect();
+        let dead_letter = table
+            .get("dead_letter")
+            .and_then(|v| deserialize_at::<DeadLetterConfig>(v.clone(), "dead_letter", &mut errors))
+            .unwrap_or_default();
+        let runtime = table
+            .get("runtime")
+            .and_then(|v| deserialize_at::<PipelineOptions>(v.clone(), "runtime", &mut errors))
+            .unwrap_or_default();
+
+        let mut config = match source {
+            Some(source) if errors.is_empty() => PipelineConfig {
+                source,
+                prep,
+                detector,
+                actions,
+                dead_letter,
+                runtime,
+            },
+            _ => return Err(ConfigErrors(errors)),
+        };
+        config.resolve_paths(base_dir);
+        config.validate(&mut errors);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() && p.as_os_str() != "-" {
+                *p = base.join(&*p);
+            }
+        };
+        if let SourceConfig::File(f) = &mut self.source {
+            resolve(&mut f.path);
+        }
+        for a in &mut self.actions {
+            if let ActionConfig::Jsonl(j) = a {
+                resolve(&mut j.path);
+            }
+        }
+        if let DeadLetterConfig::File { path } = &mut self.dead_letter {
+            resolve(path);
+        }
+    }
+
+    /// Checks values serde cannot: ranges, files that must exist, cross references.
+    fn validate(&self, errors: &mut Vec<ConfigError>) {
+        let mut check = |ok: bool, path: &str, message: String, hint: &str| {
+            if !ok {
+                let mut e = ConfigError::new(path, message);
+                if !hint.is_empty() {
+                    e = e.hint(hint);
+                }
+                errors.push(e);
+            }
+        };
+        match &self.source {
+            SourceConfig::File(f) => {
+                check(
+                    f.batch_size > 0,
+                    "source.batch_size",
+                    "must be at least 1".into(),
+                    "1024 is a good start",
+                );
+                check(
+                    f.speed.is_finite() && f.speed >= 0.0,
+                    "source.speed",
+                    format!(
+                        "must be 0 (as fast as possible) or positive, got {}",
+                        f.speed
+                    ),
+                    "",
+                );
+                check(
+                    f.path.as_os_str() == "-" || f.path.is_file(),
+                    "source.path",
+                    format!("no such file: {}", f.path.display()),
+                    "relative paths are relative to the config file; use \"-\" for standard input",
+                );
+                check(
+                    f.csv.delimiter.is_ascii(),
+                    "source.csv.delimiter",
+                    format!("must be one ASCII character, got {:?}", f.csv.delimiter),
+                    "",
+                );
+            }
+            SourceConfig::Generator(g) => {
+                check(
+                    g.series > 0,
+                    "source.series",
+                    "must be at least 1".into(),
+                    "",
+                );
+                check(
+                    g.batch_size > 0,
+                    "source.batch_size",
+                    "must be at least 1".into(),
+                    "",
+                );
+                check(
+                    !g.interval.is_zero(),
+                    "source.interval",
+                    "must be longer than 0".into(),
+                    "e.g. \"10s\"",
+                );
+                check(
+                    g.rate.is_finite() && g.rate >= 0.0,
+                    "source.rate",
+                    format!("must be 0 (unthrottled) or positive, got {}", g.rate),
+                    "",
+                );
+                check(
+                    g.noise.is_finite() && g.noise >= 0.0,
+                    "source.noise",
+                    format!("must be 0 or positive, got {}", g.noise),
+                    "",
+                );
+                check(
+                    crate::schema::parse_ts(&g.start).is_some(),
+                    "source.start",
+                    format!("{:?} is not an RFC 3339 time", g.start),
+                    "e.g. \"2026-01-01T00:00:00Z\"",
+                );
+                for (i, a) in g.anomalies.iter().enumerate() {
+                    for s in &a.series {
+                        check(
+                            *s < g.series,
+                            &format!("source.anomaly[{i}].series"),
+                            format!(
+                                "series index {s} is out of range: there are {} series",
+                                g.series
+                            ),
+                            "indices start at 0",
+                        );
+                    }
+                    check(
+                        a.magnitude.is_finite(),
+                        &format!("source.anomaly[{i}].magnitude"),
+                        "must be a finite number".into(),
+                        "",
+                    );
+                }
+            }
+        }
+        if let Some(DetectorConfig::Ewma(e)) = &self.detector {
+            check(
+                e.alpha > 0.0 && e.alpha <= 1.0,
+                "detector.alpha",
+                format!("must be in (0, 1], got {}", e.alpha),
+                "0.05 remembers about 40 samples",
+            );
+            check(
+                e.threshold > 0.0 && e.threshold.is_finite(),
+                "detector.threshold",
+                format!("must be positive, got {}", e.threshold),
+                "in standard deviations, e.g. 4",
+            );
+            check(
+                e.min_sd_ratio >= 0.0 && e.min_sd_ratio.is_finite(),
+                "detector.min_sd_ratio",
+                format!("must be 0 or positive, got {}", e.min_sd_ratio),
+                "",
+            );
+        }
+        check(
+            self.runtime.channel_capacity > 0,
+            "runtime.channel_capacity",
+            "must be at least 1".into(),
+            "",
+        );
+        check(
+            self.runtime.action_concurrency > 0,
+            "runtime.action_concurrency",
+            "must be at least 1".into(),
+            "",
+        );
+    }
+
+    /// Builds the runtime pipeline: opens output files and constructs every stage.
+    pub fn build(&self) -> Result<Pipeline> {
+        let source: Box<dyn Source> = match &self.source {
+            SourceConfig::File(c) => Box::new(FileSource::new(c.clone())),
+            SourceConfig::Generator(c) => Box::new(GeneratorSource::new(c.clone())),
+        };
+        let dead_letters: Arc<dyn DeadLetterSink> = match &self.dead_letter {
+            DeadLetterConfig::Log => Arc::new(LogDeadLetters),
+            DeadLetterConfig::File { path } => Arc::new(JsonlDeadLetters::open(path)?),
+        };
+        let mut builder = Pipeline::builder_boxed(source)
+            .dead_letters(dead_letters)
+            .options(self.runtime.clone());
+        for p in &self.prep {
+            let prep: Box<dyn Prep> = match p {
+                PrepConfig::Filter(c) => Box::new(MetricFilter::new(c.clone())),
+            };
+            builder = builder.boxed_prep(prep);
+        }
+        if let Some(d) = &self.detector {
+            let detector: Box<dyn Detector> = match d {
+                DetectorConfig::Ewma(c) => Box::new(EwmaDetector::new(c.clone())),
+            };
+            builder = builder.boxed_detector(detector);
+        }
+        for a in &self.actions {
+            let action: Arc<dyn Action> = match a {
+                ActionConfig::Log(c) => Arc::new(LogAction::new(c.clone())),
+                ActionConfig::Jsonl(c) => Arc::new(JsonlAction::new(c.clone())),
+            };
+            builder = builder.shared_action(action);
+        }
+        Ok(builder.build())
+    }
+
+    /// A one-line summary of the pipeline, for `validate` and logs.
+    pub fn summary(&self) -> String {
+        let source = match &self.source {
+            SourceConfig::File(f) => format!("file {} ({})", f.path.display(), f.format),
+            SourceConfig::Generator(g) => format!("generator ({} series)", g.series),
+        };
+        let detector = match &self.detector {
+            Some(DetectorConfig::Ewma(_)) => "ewma",
+            None => "none",
+        };
+        let actions: Vec<&str> = self
+            .actions
+            .iter()
+            .map(|a| match a {
+                ActionConfig::Log(_) => "log",
+                ActionConfig::Jsonl(_) => "jsonl",
+            })
+            .collect();
+        format!(
+            "source: {source}; prep stages: {}; detector: {detector}; actions: [{}]",
+            self.prep.len(),
+            actions.join(", ")
+        )
+    }
+}
+
+impl From<ConfigErrors> for Vec<ConfigError> {
+    fn from(e: ConfigErrors) -> Self {
+        e.0
+    }
+}
+
+/// `table[key]` as a list of `(path, item)`: an array of tables, or one table.
+fn array_of<'a>(
+    table: &'a toml::Table,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(String, &'a toml::Value)> {
+    match table.get(key) {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("{key}[{i}]"), v))
+            .collect(),
+        Some(v @ toml::Value::Table(_)) => vec![(key.to_owned(), v)],
+        Some(other) => {
+            errors.push(
+                ConfigError::new(
+                    key,
+                    format!("expected tables, found a {}", other.type_str()),
+                )
+                .hint(format!("write each one as [[{key}]]")),
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// Splits a tagged table into its `type` and the remaining fields.
+fn tagged(
+    value: &toml::Value,
+    path: &str,
+    types: &[&str],
+    errors: &mut Vec<ConfigError>,
+) -> Option<(String, toml::Value)> {
+    let Some(table) = value.as_table() else {
+        errors.push(ConfigError::new(
+            path,
+            format!("expected a table, found a {}", value.type_str()),
+        ));
+        return None;
+    };
+    let choices = types
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let kind = match table.get("type") {
+        Some(toml::Value::String(s)) => s.clone(),
+        Some(other) => {
+            errors.push(ConfigError::new(
+                format!("{path}.type"),
+                format!("expected a string, found a {}", other.type_str()),
+            ));
+            return None;
+        }
+        None => {
+            errors.push(
+                ConfigError::new(format!("{path}.type"), "missing field")
+                    .hint(format!("one of {choices}")),
+            );
+            return None;
+        }
+    };
+    if !types.contains(&kind.as_str()) {
+        let mut e = ConfigError::new(format!("{path}.type"), format!("unknown type \"{kind}\""));
+        e = e.hint(match suggest(&kind, types) {
+            Some(s) => format!("did you mean \"{s}\"? valid types: {choices}"),
+            None => format!("valid types: {choices}"),
+        });
+        errors.push(e);
+        return None;
+    }
+    let mut rest = table.clone();
+    rest.remove("type");
+    Some((kind, toml::Value::Table(rest)))
+}
+
+fn parse_source(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<SourceConfig> {
+    let (kind, rest) = tagged(value, "source", &["file", "generator"], errors)?;
+    match kind.as_str() {
+        "file" => deserialize_at(rest, "source", errors).map(SourceConfig::File),
+        _ => deserialize_at(rest, "source", errors).map(SourceConfig::Generator),
+    }
+}
+
+fn parse_prep(
+    value: &toml::Value,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<PrepConfig> {
+    let (_, rest) = tagged(value, path, &["filter"], errors)?;
+    deserialize_at(rest, path, errors).map(PrepConfig::Filter)
+}
+
+fn parse_detector(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<DetectorConfig> {
+    let (_, rest) = tagged(value, "detector", &["ewma"], errors)?;
+    deserialize_at(rest, "detector", errors).map(DetectorConfig::Ewma)
+}
+
+fn parse_action(
+    value: &toml::Value,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ActionConfig> {
+    let (kind, rest) = tagged(value, path, &["log", "jsonl"], errors)?;
+    match kind.as_str() {
+        "log" => deserialize_at(rest, path, errors).map(ActionConfig::Log),
+        _ => deserialize_at(rest, path, errors).map(ActionConfig::Jsonl),
+    }
+}
+
+/// Deserializes `value` as `T`, recording an error with the full field path on failure.
+fn deserialize_at<T: DeserializeOwned>(
+    value: toml::Value,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            // toml appends "\nin `field`"; the path already says where.
+            let message = e.inner().to_string();
+            let message = message.lines().next().unwrap_or_default().to_owned();
+            let mut full = if inner == "." || inner.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}.{inner}")
+            };
+            // serde names the unknown field only in its message; put it in the path and
+            // suggest the closest known one.
+            if let Some((field, expected)) = parse_unknown_field(&message) {
+                if !full.ends_with(&format!(".{field}")) {
+                    full = format!("{full}.{field}");
+                }
+                let known: Vec<&str> = expected.iter().map(String::as_str).collect();
+                let hint = match suggest(&field, &known) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None if known.is_empty() => "this table takes no fields".to_owned(),
+                    None => format!("known fields: {}", known.join(", ")),
+                };
+                errors.push(ConfigError::new(full, "unknown field").hint(hint));
+            } else {
+                errors.push(ConfigError::new(full, message));
+            }
+            None
+        }
+    }
+}
+
+/// Reads `unknown field `x`, expected one of `a`, `b`` (or `expected `a``, `there are no
+/// fields`) into `("x", ["a", "b"])`.
+fn parse_unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (field, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    Some((field.to_owned(), expected))
+}
+
+fn unknown_key(path: &str, key: &str, known: &[&str]) -> ConfigError {
+    let e = ConfigError::new(path, "unknown section");
+    match suggest(key, known) {
+        Some(s) => e.hint(format!("did you mean `{s}`?")),
+        None => e.hint(format!("known sections: {}", known.join(", "))),
+    }
+}
+
+/// The candidate closest to `word`, if it is close enough to be a likely typo.
+fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(word, c), *c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(ConfigErrors(vec![e]))
+    }
+}
+
+#[cfg(test)]
+mod tests;

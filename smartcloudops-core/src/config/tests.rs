@@ -1,0 +1,215 @@
+use super::*;
+
+fn parse(text: &str) -> Result<PipelineConfig, ConfigErrors> {
+    let dir = std::env::temp_dir();
+    PipelineConfig::parse(text, &dir, |name| {
+        (name == "ALERT_DIR").then(|| "/var/alerts".to_owned())
+    })
+}
+
+fn error_paths(text: &str) -> Vec<String> {
+    parse(text)
+        .unwrap_err()
+        .0
+        .into_iter()
+        .map(|e| e.path)
+        .collect()
+}
+
+#[test]
+fn a_full_config_parses_with_defaults_and_env() {
+    let config = parse(
+        r#"
+        [source]
+        type = "generator"
+        series = 10
+        interval = "1m"
+
+        [[source.anomaly]]
+        series = [3]
+        at = 100
+        kind = "level_shift"
+
+        [[prep]]
+        type = "filter"
+        include = ["cpu_utilization"]
+
+        [detector]
+        type = "ewma"
+        threshold = 5.0
+
+        [[action]]
+        type = "log"
+        format = "json"
+
+        [[action]]
+        type = "jsonl"
+        path = "${ALERT_DIR}/alerts.jsonl"
+
+        [runtime]
+        channel_capacity = 4
+        shutdown_timeout = "5s"
+        "#,
+    )
+    .unwrap();
+    let SourceConfig::Generator(g) = &config.source else {
+        panic!("generator expected")
+    };
+    assert_eq!(g.series, 10);
+    assert_eq!(g.interval, std::time::Duration::from_secs(60));
+    assert_eq!(g.anomalies[0].magnitude, 10.0, "default magnitude");
+    assert_eq!(
+        config.detector,
+        Some(DetectorConfig::Ewma(EwmaConfig {
+            threshold: 5.0,
+            ..EwmaConfig::default()
+        }))
+    );
+    assert_eq!(
+        config.actions[1],
+        ActionConfig::Jsonl(JsonlActionConfig {
+            path: "/var/alerts/alerts.jsonl".into(),
+            fsync: false
+        })
+    );
+    assert_eq!(config.runtime.channel_capacity, 4);
+    assert_eq!(
+        config.runtime.shutdown_timeout,
+        std::time::Duration::from_secs(5)
+    );
+    assert!(config.build().is_ok());
+}
+
+#[test]
+fn every_error_is_reported_with_its_field_path() {
+    let errors = parse(
+        r#"
+        [source]
+        type = "generator"
+        seriess = 10
+
+        [detector]
+        type = "ewma"
+        alpha = "fast"
+
+        [[action]]
+        type = "jsonl"
+
+        [[action]]
+        type = "webhok"
+
+        [runtim]
+        channel_capacity = 0
+        "#,
+    )
+    .unwrap_err()
+    .0;
+    let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+        vec![
+            "runtim",
+            "source.seriess",
+            "detector.alpha",
+            "action[0]",
+            "action[1].type"
+        ],
+        "{rendered:#?}"
+    );
+    assert!(
+        rendered[0].contains("did you mean `runtime`?"),
+        "{}",
+        rendered[0]
+    );
+    assert!(
+        rendered[1].contains("did you mean `series`?"),
+        "{}",
+        rendered[1]
+    );
+    assert!(rendered[2].contains("invalid type"), "{}", rendered[2]);
+    assert!(
+        rendered[3].contains("missing field `path`"),
+        "{}",
+        rendered[3]
+    );
+    assert!(
+        rendered[4].contains("did you mean \"jsonl\"?") || rendered[4].contains("valid types"),
+        "{}",
+        rendered[4]
+    );
+}
+
+#[test]
+fn semantic_errors_name_the_field() {
+    let paths = error_paths(
+        r#"
+        [source]
+        type = "file"
+        path = "does-not-exist.jsonl"
+        batch_size = 0
+
+        [detector]
+        type = "ewma"
+        alpha = 1.5
+        "#,
+    );
+    assert_eq!(
+        paths,
+        vec!["source.batch_size", "source.path", "detector.alpha"]
+    );
+}
+
+#[test]
+fn unset_environment_variables_are_errors_with_a_hint() {
+    let errors = parse(
+        r#"
+        [source]
+        type = "generator"
+        [[action]]
+        type = "jsonl"
+        path = "${SECRET_DIR}/a.jsonl"
+        "#,
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].path, "action[0].path");
+    assert!(errors[0].to_string().contains("`SECRET_DIR` is not set"));
+    assert!(
+        errors[0]
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains("${SECRET_DIR:-default}")
+    );
+}
+
+#[test]
+fn missing_source_and_bad_toml_are_reported() {
+    assert_eq!(error_paths("[detector]\ntype = \"ewma\"\n"), vec!["source"]);
+    let err = parse("[source\ntype = 1").unwrap_err();
+    assert!(err.to_string().contains("invalid TOML"), "{err}");
+    assert!(err.to_string().contains("line 1"), "{err}");
+}
+
+#[test]
+fn relative_paths_resolve_against_the_config_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("data.jsonl"), "").unwrap();
+    let config = PipelineConfig::parse(
+        "[source]\ntype = \"file\"\npath = \"data.jsonl\"\n[dead_letter]\ntype = \"file\"\npath = \"dlq/x.jsonl\"\n",
+        dir.path(),
+        |_| None,
+    )
+    .unwrap();
+    let SourceConfig::File(f) = &config.source else {
+        panic!()
+    };
+    assert_eq!(f.path, dir.path().join("data.jsonl"));
+    assert_eq!(
+        config.dead_letter,
+        DeadLetterConfig::File {
+            path: dir.path().join("dlq/x.jsonl")
+        }
+    );
+}

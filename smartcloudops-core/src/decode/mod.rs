@@ -1,0 +1,114 @@
+//! Decoders: bytes from a source into canonical metrics batches.
+//!
+//! A decoder turns one *payload* (a chunk of a file, a Kafka message, a Redis message) into
+//! rows of a [`MetricsBatchBuilder`]. Records it cannot decode come back as [`Reject`]s with a
+//! reason; the source dead-letters them. A decoder never panics on input.
+
+pub mod csv;
+pub mod json;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::schema::MetricsBatchBuilder;
+
+pub use self::csv::{CsvDecoder, CsvOptions};
+pub use self::json::JsonDecoder;
+
+/// A record a decoder could not turn into a sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    /// 0-based index of the record (line) within the payload.
+    pub record: usize,
+    /// The record as received, lossy UTF-8.
+    pub raw: String,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+/// Turns payloads into canonical metrics rows.
+pub trait Decoder: Send + fmt::Debug {
+    /// The format's name, e.g. `json`.
+    fn format(&self) -> &'static str;
+
+    /// Decodes every record of `payload`, appending good samples to `out` and pushing the bad
+    /// ones to `rejects`.
+    fn decode(&mut self, payload: &[u8], out: &mut MetricsBatchBuilder, rejects: &mut Vec<Reject>);
+}
+
+/// The payload formats sources accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// One JSON object per line (see [`JsonDecoder`]).
+    #[default]
+    Json,
+    /// Comma-separated values with a header line (see [`CsvDecoder`]).
+    Csv,
+}
+
+impl Format {
+    /// A fresh decoder for this format.
+    pub fn decoder(self, csv: CsvOptions) -> Box<dyn Decoder> {
+        match self {
+            Format::Json => Box::new(JsonDecoder::default()),
+            Format::Csv => Box::new(CsvDecoder::new(csv)),
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Json => "json",
+            Format::Csv => "csv",
+        })
+    }
+}
+
+/// Parses a sample value: a number, or a string such as `"12.5"`, `"NaN"`, `"+Inf"`.
+pub(crate) fn parse_value(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    match t {
+        "+Inf" | "Inf" | "inf" | "+inf" => return Ok(f64::INFINITY),
+        "-Inf" | "-inf" => return Ok(f64::NEG_INFINITY),
+        _ => {}
+    }
+    t.parse::<f64>()
+        .map_err(|_| format!("value {t:?} is not a number"))
+}
+
+/// Parses a timestamp: integer milliseconds since the epoch, or RFC 3339 (UTC).
+pub(crate) fn parse_timestamp(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    if let Ok(ms) = t.parse::<i64>() {
+        return Ok(ms);
+    }
+    crate::schema::parse_ts(t)
+        .ok_or_else(|| format!("timestamp {t:?} is neither epoch milliseconds nor RFC 3339"))
+}
+
+/// Splits a payload into lines, dropping a trailing `\r`; yields `(index, line)`.
+pub(crate) fn lines(payload: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    payload
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, line)| (i, line.strip_suffix(b"\r").unwrap_or(line)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_and_timestamps_parse() {
+        assert_eq!(parse_value(" 1.5 "), Ok(1.5));
+        assert!(parse_value("NaN").unwrap().is_nan());
+        assert_eq!(parse_value("+Inf"), Ok(f64::INFINITY));
+        assert!(parse_value("abc").is_err());
+        assert_eq!(parse_timestamp("1700000000000"), Ok(1_700_000_000_000));
+        assert_eq!(parse_timestamp("1970-01-01T00:00:01Z"), Ok(1000));
+        assert!(parse_timestamp("soon").is_err());
+    }
+}

@@ -1,0 +1,287 @@
+//! EWMA z-score: an exponentially weighted mean and variance per series.
+//!
+//! For each series the detector keeps `mean`, `var` and a count (24 bytes). A row scores by
+//! its distance from the mean in standard deviations, `z = |x − mean| / sd`, *before* the row
+//! updates the state (strictly online). `score = erf(z / √2)`, the probability mass of a
+//! normal distribution within `z` sigmas; a row is anomalous when `z ≥ threshold`.
+//!
+//! - **Warm-up**: the first `warmup` rows of a series learn only (score 0, never anomalous);
+//!   meanwhile the weight is `max(alpha, 1/n)`, so the mean starts as a plain average.
+//! - **Robust update**: the deviation used to update is clipped at `threshold` sigmas
+//!   (`2 × threshold` during warm-up, from the 5th row), so one spike cannot blow up the
+//!   variance; a level shift is still learned within a few `1/alpha` rows.
+//! - **Flat series**: `sd` has a floor of `min_sd_ratio × |mean|` (and 1e-9), so a constant
+//!   series that moves by a meaningful amount is flagged while float jitter is not.
+//! - **Non-finite values** (NaN, ±Inf) are not scored (score 0) and do not touch the state.
+
+use serde::{Deserialize, Serialize};
+use statrs::function::erf::erf;
+
+use super::{Detector, ScoreColumnsBuilder, Verdict};
+use crate::error::Result;
+use crate::schema::MetricsColumns;
+
+/// Configuration of the [`EwmaDetector`] (`[detector] type = "ewma"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EwmaConfig {
+    /// Weight of a new sample, in `(0, 1]`: about `2/alpha` rows of memory.
+    pub alpha: f64,
+    /// Anomaly threshold in standard deviations.
+    pub threshold: f64,
+    /// Rows per series learned before any alert.
+    pub warmup: u32,
+    /// Floor of the standard deviation, relative to the mean's magnitude.
+    pub min_sd_ratio: f64,
+}
+
+impl Default for EwmaConfig {
+    fn default() -> Self {
+        Self {
+            alpha: 0.05,
+            threshold: 4.0,
+            warmup: 30,
+            min_sd_ratio: 0.001,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct SeriesState {
+    mean: f64,
+    var: f64,
+    count: u32,
+}
+
+/// The EWMA z-score detector. See the [module docs](self).
+#[derive(Debug)]
+pub struct EwmaDetector {
+    config: EwmaConfig,
+    states: rustc_hash::FxHashMap<u64, SeriesState>,
+}
+
+impl EwmaDetector {
+    /// A detector with no state yet.
+    pub fn new(config: EwmaConfig) -> Self {
+        Self {
+            config,
+            states: Default::default(),
+        }
+    }
+
+    /// Scores one value of a series and updates its state.
+    fn observe(config: &EwmaConfig, state: &mut SeriesState, x: f64) -> Verdict {
+        if !x.is_finite() {
+            return state_band(config, state);
+        }
+        if state.count == 0 {
+            *state = SeriesState {
+                mean: x,
+                var: 0.0,
+                count: 1,
+            };
+            return Verdict::NONE;
+        }
+        let sd = sd_floor(config, state);
+        let diff = x - state.mean;
+        let z = diff.abs() / sd;
+        let warm = state.count >= config.warmup;
+        let verdict = if warm {
+            Verdict {
+                score: erf(z / std::f64::consts::SQRT_2),
+                is_anomaly: z >= config.threshold,
+                expected: state.mean,
+                lower: state.mean - config.threshold * sd,
+                upper: state.mean + config.threshold * sd,
+            }
+        } else {
+            Verdict::NONE
+        };
+        let alpha = if warm {
+            config.alpha
+        } else {
+            config.alpha.max(1.0 / f64::from(state.count + 1))
+        };
+        // Clip the update so one outlier cannot swamp the variance; looser while warming up,
+        // and not at all for the first few rows, when `sd` means little yet.
+        let clip = if warm {
+            config.threshold * sd
+        } else if state.count >= 5 {
+            2.0 * config.threshold * sd
+        } else {
+            f64::INFINITY
+        };
+        let step = diff.clamp(-clip, clip);
+        let incr = alpha * step;
+        state.mean += incr;
+        state.var = (1.0 - alpha) * (state.var + step * incr);
+        state.count = state.count.saturating_add(1);
+        if !(state.mean.is_finite() && state.var.is_finite()) {
+            // Overflow from extreme values: relearn rather than stay poisoned forever.
+            *state = SeriesState::default();
+        }
+        verdict
+    }
+}
+
+fn sd_floor(config: &EwmaConfig, state: &SeriesState) -> f64 {
+    state
+        .var
+        .sqrt()
+        .max(config.min_sd_ratio * state.mean.abs())
+        .max(1e-9)
+}
+
+fn state_band(config: &EwmaConfig, state: &SeriesState) -> Verdict {
+    if state.count < config.warmup.max(1) {
+        return Verdict::NONE;
+    }
+    let sd = sd_floor(config, state);
+    Verdict {
+        expected: state.mean,
+        lower: state.mean - config.threshold * sd,
+        upper: state.mean + config.threshold * sd,
+        ..Verdict::NONE
+    }
+}
+
+impl Detector for EwmaDetector {
+    fn name(&self) -> &str {
+        "ewma"
+    }
+
+    fn score(
+        &mut self,
+        batch: &arrow::record_batch::RecordBatch,
+    ) -> Result<arrow::record_batch::RecordBatch> {
+        let cols = MetricsColumns::try_new(batch, "detector:ewma")?;
+        let mut out = ScoreColumnsBuilder::with_capacity(batch.num_rows());
+        let ids = cols.series_id.values();
+        let values = cols.value.values();
+        for (id, &x) in ids.iter().zip(values.iter()) {
+            let state = self.states.entry(*id).or_default();
+            out.push(Self::observe(&self.config, state, x));
+        }
+        out.finish(batch, "ewma")
+    }
+
+    fn series_count(&self) -> usize {
+        self.states.len()
+    }
+
+    fn state_bytes(&self) -> usize {
+        // Key, value and one control byte per bucket.
+        self.states.capacity() * (std::mem::size_of::<(u64, SeriesState)>() + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{MetricsBatchBuilder, ScoreColumns};
+    use arrow::record_batch::RecordBatch;
+    use proptest::prelude::*;
+
+    fn batch(values: &[f64]) -> RecordBatch {
+        let mut b = MetricsBatchBuilder::default();
+        for (i, v) in values.iter().enumerate() {
+            b.push(i as i64 * 1000, "cpu", &[("host", "a")], *v);
+        }
+        b.finish()
+    }
+
+    fn scores(d: &mut EwmaDetector, values: &[f64]) -> (Vec<f64>, Vec<bool>) {
+        let out = d.score(&batch(values)).unwrap();
+        let s = ScoreColumns::try_new(&out, "t").unwrap();
+        (
+            s.score.values().to_vec(),
+            (0..out.num_rows()).map(|i| s.is_anomaly.value(i)).collect(),
+        )
+    }
+
+    fn noisy(n: usize) -> Vec<f64> {
+        // Deterministic pseudo-noise around 50 with sd ≈ 1.
+        (0..n)
+            .map(|i| 50.0 + ((i * 7919) % 17) as f64 / 8.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn flags_a_spike_after_warmup_and_not_before() {
+        let mut d = EwmaDetector::new(EwmaConfig::default());
+        let mut values = noisy(100);
+        values[5] = 500.0; // inside warm-up: learned, not flagged
+        values[80] = 90.0;
+        let (score, anomaly) = scores(&mut d, &values);
+        assert!(!anomaly[5]);
+        assert!(anomaly[80], "spike flagged");
+        assert!(score[80] > 0.999);
+        assert_eq!(anomaly.iter().filter(|a| **a).count(), 1, "{anomaly:?}");
+    }
+
+    #[test]
+    fn a_level_shift_alerts_then_is_learned() {
+        let mut d = EwmaDetector::new(EwmaConfig::default());
+        let mut values = noisy(400);
+        for v in &mut values[200..] {
+            *v += 20.0;
+        }
+        let (_, anomaly) = scores(&mut d, &values);
+        assert!(anomaly[200]);
+        assert!(!anomaly[350..].iter().any(|a| *a), "new level learned");
+    }
+
+    #[test]
+    fn series_are_independent() {
+        let mut d = EwmaDetector::new(EwmaConfig::default());
+        let mut b = MetricsBatchBuilder::default();
+        for i in 0..100 {
+            b.push(i, "cpu", &[("host", "a")], 10.0 + (i % 3) as f64);
+            b.push(i, "cpu", &[("host", "b")], 1000.0 + (i % 3) as f64);
+        }
+        let out = d.score(&b.finish()).unwrap();
+        let s = ScoreColumns::try_new(&out, "t").unwrap();
+        assert_eq!(s.is_anomaly.true_count(), 0);
+        assert_eq!(d.series_count(), 2);
+        assert!(d.state_bytes() > 0);
+        assert_eq!(s.detector(0), "ewma");
+    }
+
+    proptest! {
+        #[test]
+        fn scores_in_unit_interval_for_any_input(values in proptest::collection::vec(
+            prop_oneof![
+                any::<f64>(),
+                Just(f64::NAN),
+                Just(f64::INFINITY),
+                Just(0.0),
+                -1e6..1e6f64,
+            ],
+            1..300,
+        )) {
+            let mut d = EwmaDetector::new(EwmaConfig { warmup: 3, ..EwmaConfig::default() });
+            let (score, _) = scores(&mut d, &values);
+            for s in score {
+                prop_assert!((0.0..=1.0).contains(&s), "score {}", s);
+            }
+        }
+
+        #[test]
+        fn online_prefix_scores_equal_whole_series_scores(values in proptest::collection::vec(-1e3..1e3f64, 2..200), cut in 1usize..200) {
+            let cut = cut.min(values.len() - 1);
+            let mut whole = EwmaDetector::new(EwmaConfig { warmup: 5, ..EwmaConfig::default() });
+            let (all, _) = scores(&mut whole, &values);
+            let mut prefix = EwmaDetector::new(EwmaConfig { warmup: 5, ..EwmaConfig::default() });
+            let (first, _) = scores(&mut prefix, &values[..cut]);
+            prop_assert_eq!(&all[..cut], &first[..]);
+        }
+
+        #[test]
+        fn constant_series_never_alerts(c in -1e9..1e9f64, n in 1usize..300) {
+            let mut d = EwmaDetector::new(EwmaConfig::default());
+            let (score, anomaly) = scores(&mut d, &vec![c; n]);
+            prop_assert!(anomaly.iter().all(|a| !a));
+            prop_assert!(score.iter().all(|s| *s == 0.0));
+        }
+    }
+}

@@ -1,0 +1,740 @@
+//! The pipeline runtime: source → prep → detector → actions, with acknowledgements,
+//! backpressure, metrics and graceful shutdown.
+//!
+//! ```text
+//!  source task ──[queue: capacity N]──▶ transform task ──[queue: capacity N]──▶ action task
+//!  (poll stream)                         (preps, detector,                       (up to K batches,
+//!                                         alerts)                                 every action)
+//! ```
+//!
+//! - **Bounded queues** between the three tasks, each with a [`WhenFull`] policy. With the
+//!   default [`WhenFull::Block`] a slow action stalls the transform task, which stalls the
+//!   source: memory is bounded by `2 × capacity + concurrency` batches.
+//! - **Acknowledgement**: a batch's [`Ack`](crate::ack::Ack) is resolved after every action
+//!   finished with it — or right after the detector when no action has anything to do. A prep
+//!   or detector error dead-letters the batch (acked once stored); an action error nacks it.
+//! - **Shutdown**: cancelling the token stops the source from being polled; queued and
+//!   in-flight batches drain through every stage and are acknowledged. If draining takes longer
+//!   than `shutdown_timeout`, the remaining tasks are aborted and their batches nacked.
+
+pub mod metrics;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::{Ack, AckOutcome};
+use crate::action::{Action, ActionInput, Alert};
+use crate::dead_letter::{DeadLetterQueue, DeadLetterSink, LogDeadLetters};
+use crate::detector::Detector;
+use crate::error::{Error, Result};
+use crate::prep::Prep;
+use crate::source::{Source, SourceContext};
+
+pub use self::metrics::{MetricsSnapshot, PipelineMetrics, StageMetrics, StageSnapshot};
+
+/// What a stage does when the queue to the next stage is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Wait for room: backpressure reaches the source. Nothing is lost.
+    #[default]
+    Block,
+    /// Drop the new batch, count its rows as dropped and nack it to its source (which may
+    /// redeliver it). For live feeds where freshness beats completeness.
+    DropNewest,
+}
+
+/// Runtime settings of a pipeline (`[runtime]` in the config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineOptions {
+    /// Batches each inter-stage queue holds.
+    pub channel_capacity: usize,
+    /// What happens when a queue is full.
+    pub when_full: WhenFull,
+    /// Batches the action stage works on at once.
+    pub action_concurrency: usize,
+    /// How long a shutdown may drain before in-flight batches are abandoned (and nacked).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        Self {
+            channel_capacity: 8,
+            when_full: WhenFull::Block,
+            action_concurrency: 4,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An assembled pipeline, ready to [`run`](Pipeline::run) or [`spawn`](Pipeline::spawn).
+#[derive(Debug)]
+pub struct Pipeline {
+    source: Box<dyn Source>,
+    preps: Vec<Box<dyn Prep>>,
+    detector: Option<Box<dyn Detector>>,
+    actions: Vec<Arc<dyn Action>>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    options: PipelineOptions,
+    stages: Stages,
+    metrics: Arc<PipelineMetrics>,
+}
+
+#[derive(Debug)]
+struct Stages {
+    source: Arc<StageMetrics>,
+    preps: Vec<Arc<StageMetrics>>,
+    detector: Option<Arc<StageMetrics>>,
+    actions: Vec<Arc<StageMetrics>>,
+}
+
+/// Builds a [`Pipeline`] from its parts.
+#[derive(Debug)]
+pub struct PipelineBuilder {
+    source: Box<dyn Source>,
+    preps: Vec<Box<dyn Prep>>,
+    detector: Option<Box<dyn Detector>>,
+    actions: Vec<Arc<dyn Action>>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    options: PipelineOptions,
+}
+
+impl PipelineBuilder {
+    /// Adds a prep stage; preps run in the order added.
+    pub fn prep(mut self, prep: impl Prep + 'static) -> Self {
+        self.preps.push(Box::new(prep));
+        self
+    }
+
+    /// Adds a boxed prep stage.
+    pub fn boxed_prep(mut self, prep: Box<dyn Prep>) -> Self {
+        self.preps.push(prep);
+        self
+    }
+
+    /// Sets the detector.
+    pub fn detector(mut self, detector: impl Detector + 'static) -> Self {
+        self.detector = Some(Box::new(detector));
+        self
+    }
+
+    /// Sets a boxed detector.
+    pub fn boxed_detector(mut self, detector: Box<dyn Detector>) -> Self {
+        self.detector = Some(detector);
+        self
+    }
+
+    /// Adds an action; all actions see every batch that has alerts.
+    pub fn action(mut self, action: impl Action + 'static) -> Self {
+        self.actions.push(Arc::new(action));
+        self
+    }
+
+    /// Adds a shared action.
+    pub fn shared_action(mut self, action: Arc<dyn Action>) -> Self {
+        self.actions.push(action);
+        self
+    }
+
+    /// Where dead letters go (default: logged as warnings).
+    pub fn dead_letters(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
+        self.dead_letters = sink;
+        self
+    }
+
+    /// Runtime options.
+    pub fn options(mut self, options: PipelineOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The pipeline, with its metrics registered.
+    pub fn build(self) -> Pipeline {
+        let mut names: Vec<String> = Vec::new();
+        let mut stage = |kind: &str, name: &str| {
+            let base = format!("{kind}:{name}");
+            let n = names.iter().filter(|existing| **existing == base).count();
+            names.push(base.clone());
+            let unique = if n == 0 {
+                base
+            } else {
+                format!("{base}#{}", n + 1)
+            };
+            Arc::new(StageMetrics::new(unique))
+        };
+        let stages = Stages {
+            source: stage("source", self.source.name()),
+            preps: self.preps.iter().map(|p| stage("prep", p.name())).collect(),
+            detector: self.detector.as_ref().map(|d| stage("detector", d.name())),
+            actions: self
+                .actions
+                .iter()
+                .map(|a| stage("action", a.name()))
+                .collect(),
+        };
+        let mut all = vec![stages.source.clone()];
+        all.extend(stages.preps.iter().cloned());
+        all.extend(stages.detector.iter().cloned());
+        all.extend(stages.actions.iter().cloned());
+        Pipeline {
+            source: self.source,
+            preps: self.preps,
+            detector: self.detector,
+            actions: self.actions,
+            dead_letters: self.dead_letters,
+            options: self.options,
+            stages,
+            metrics: Arc::new(PipelineMetrics::new(all)),
+        }
+    }
+}
+
+/// The result of a finished run.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// Metrics at the end of the run.
+    pub metrics: MetricsSnapshot,
+    /// Wall-clock duration of the run.
+    pub elapsed: Duration,
+    /// Whether draining hit `shutdown_timeout` and in-flight batches were abandoned (nacked).
+    pub timed_out: bool,
+}
+
+/// A pipeline running on the tokio runtime. Dropping the handle aborts the pipeline (its
+/// in-flight batches are nacked); call [`shutdown`](Self::shutdown) and
+/// [`wait`](Self::wait) to drain instead.
+#[derive(Debug)]
+pub struct PipelineHandle {
+    shutdown: CancellationToken,
+    metrics: Arc<PipelineMetrics>,
+    task: Option<tokio::task::JoinHandle<Result<RunReport>>>,
+}
+
+impl PipelineHandle {
+    /// Asks the pipeline to stop taking input and drain.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// The token that shuts the pipeline down when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Live metrics.
+    pub fn metrics(&self) -> &Arc<PipelineMetrics> {
+        &self.metrics
+    }
+
+    /// Waits for the pipeline to finish (the source ended, or a shutdown drained).
+    pub async fn wait(mut self) -> Result<RunReport> {
+        let task = self.task.take().expect("wait consumes the handle");
+        task.await.map_err(|e| Error::Task(e.to_string()))?
+    }
+}
+
+impl Drop for PipelineHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            self.shutdown.cancel();
+            task.abort();
+        }
+    }
+}
+
+/// A batch between the source and the transform task.
+struct Pending {
+    batch: RecordBatch,
+    ack: Ack,
+}
+
+/// A batch between the transform task and the action task.
+struct Scored {
+    input: Arc<ActionInput>,
+    ack: Ack,
+}
+
+/// Sends on a bounded queue according to the when-full policy. Returns `false` when the
+/// receiver is gone (the stage downstream stopped).
+async fn send_with_policy<T>(
+    tx: &mpsc::Sender<T>,
+    item: T,
+    policy: WhenFull,
+    queue_of: &StageMetrics,
+    dropper: &StageMetrics,
+    rows: usize,
+    nack: impl FnOnce(T),
+) -> bool {
+    match policy {
+        WhenFull::Block => match tx.send(item).await {
+            Ok(()) => {
+                queue_of.queue_push();
+                true
+            }
+            Err(mpsc::error::SendError(item)) => {
+                nack(item);
+                false
+            }
+        },
+        WhenFull::DropNewest => match tx.try_send(item) {
+            Ok(()) => {
+                queue_of.queue_push();
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                dropper.record_dropped(rows);
+                nack(item);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(item)) => {
+                nack(item);
+                false
+            }
+        },
+    }
+}
+
+const QUEUE_FULL: &str = "dropped: pipeline queue full (when_full = drop_newest)";
+const DOWNSTREAM_GONE: &str = "pipeline stage downstream stopped";
+
+impl Pipeline {
+    /// Starts building a pipeline that reads from `source`.
+    pub fn builder(source: impl Source + 'static) -> PipelineBuilder {
+        Self::builder_boxed(Box::new(source))
+    }
+
+    /// Starts building a pipeline from a boxed source.
+    pub fn builder_boxed(source: Box<dyn Source>) -> PipelineBuilder {
+        PipelineBuilder {
+            source,
+            preps: Vec::new(),
+            detector: None,
+            actions: Vec::new(),
+            dead_letters: Arc::new(LogDeadLetters),
+            options: PipelineOptions::default(),
+        }
+    }
+
+    /// The pipeline's metrics; the same object keeps updating while it runs.
+    pub fn metrics(&self) -> Arc<PipelineMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs on the current tokio runtime and returns a handle.
+    pub fn spawn(self) -> PipelineHandle {
+        let shutdown = CancellationToken::new();
+        let metrics = self.metrics();
+        let task = tokio::spawn(self.run(shutdown.clone()));
+        PipelineHandle {
+            shutdown,
+            metrics,
+            task: Some(task),
+        }
+    }
+
+    /// Runs until the source ends or `shutdown` is cancelled, then drains.
+    ///
+    /// Returns the first fatal error (a failed source, a panicked task) after draining.
+    /// Cancel safety: dropping this future aborts the pipeline's tasks; their batches are
+    /// nacked, never acknowledged.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<RunReport> {
+        let started = Instant::now();
+        let Pipeline {
+            source,
+            preps,
+            detector,
+            actions,
+            dead_letters,
+            options,
+            stages,
+            metrics,
+        } = self;
+        let capacity = options.channel_capacity.max(1);
+        let (pending_tx, pending_rx) = mpsc::channel::<Pending>(capacity);
+        let (scored_tx, scored_rx) = mpsc::channel::<Scored>(capacity);
+
+        let ctx = SourceContext {
+            dead_letters: DeadLetterQueue::new(dead_letters.clone(), stages.source.clone()),
+            shutdown: shutdown.clone(),
+        };
+        let stream = source.open(ctx)?;
+
+        // The first stage after the source owns the source→transform queue's depth gauge.
+        let transform_stage = stages
+            .preps
+            .first()
+            .or(stages.detector.as_ref())
+            .cloned()
+            .unwrap_or_else(|| stages.source.clone());
+        let action_queue_stage = stages
+            .actions
+            .first()
+            .cloned()
+            .unwrap_or_else(|| transform_stage.clone());
+
+        let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+        tasks.spawn(source_task(
+            stream,
+            pending_tx,
+            shutdown.clone(),
+            options.when_full,
+            stages.source.clone(),
+            transform_stage.clone(),
+            metrics.clone(),
+        ));
+        tasks.spawn(transform_task(TransformTask {
+            rx: pending_rx,
+            tx: scored_tx,
+            preps: preps
+                .into_iter()
+                .zip(stages.preps.iter().cloned())
+                .collect(),
+            detector: detector.zip(stages.detector.clone()),
+            dead_letters,
+            has_every_batch_action: actions.iter().any(|a| a.wants_every_batch()),
+            has_actions: !actions.is_empty(),
+            policy: options.when_full,
+            queue_stage: transform_stage,
+            action_queue_stage: action_queue_stage.clone(),
+            metrics: metrics.clone(),
+        }));
+        tasks.spawn(action_task(
+            scored_rx,
+            actions
+                .into_iter()
+                .zip(stages.actions.iter().cloned())
+                .collect(),
+            options.action_concurrency.max(1),
+            action_queue_stage,
+        ));
+
+        let mut first_error: Option<Error> = None;
+        let mut timed_out = false;
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(options.shutdown_timeout).await;
+        };
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => match joined {
+                    None => break,
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => {
+                        tracing::error!(error = %e, "pipeline stage failed");
+                        first_error.get_or_insert(e);
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "pipeline task failed");
+                        first_error.get_or_insert(Error::Task(e.to_string()));
+                    }
+                },
+                () = &mut deadline => {
+                    tracing::warn!(
+                        timeout = ?options.shutdown_timeout,
+                        "shutdown did not drain in time; abandoning in-flight batches (nacked)"
+                    );
+                    timed_out = true;
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        let report = RunReport {
+            metrics: metrics.snapshot(),
+            elapsed: started.elapsed(),
+            timed_out,
+        };
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+}
+
+async fn source_task(
+    mut stream: crate::source::SourceStream,
+    tx: mpsc::Sender<Pending>,
+    shutdown: CancellationToken,
+    policy: WhenFull,
+    stage: Arc<StageMetrics>,
+    queue_stage: Arc<StageMetrics>,
+    metrics: Arc<PipelineMetrics>,
+) -> Result<()> {
+    loop {
+        let polled = Instant::now();
+        let next = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            next = stream.next() => next,
+        };
+        let source_batch = match next {
+            None => break,
+            Some(Err(e)) => {
+                stage.record_error();
+                return Err(e);
+            }
+            Some(Ok(b)) => b,
+        };
+        let rows = source_batch.batch.num_rows();
+        stage.record_in(rows);
+        stage.record_out(rows, polled.elapsed());
+        // The pipeline's own share of the ack counts the outcome, then passes it on.
+        let outer = source_batch.ack;
+        let counter = metrics.clone();
+        let ack = Ack::new(move |outcome| {
+            counter.record_outcome(outcome.is_acked(), rows);
+            match outcome {
+                AckOutcome::Acked => outer.ack(),
+                AckOutcome::Nacked(reason) => outer.nack(reason),
+            }
+        });
+        let pending = Pending {
+            batch: source_batch.batch,
+            ack,
+        };
+        let open = send_with_policy(&tx, pending, policy, &queue_stage, &stage, rows, |p| {
+            p.ack.nack(if policy == WhenFull::DropNewest {
+                QUEUE_FULL
+            } else {
+                DOWNSTREAM_GONE
+            })
+        })
+        .await;
+        if !open {
+            break;
+        }
+    }
+    // Dropping the stream here cancels the source; dropping `tx` lets the next stage drain.
+    Ok(())
+}
+
+struct TransformTask {
+    rx: mpsc::Receiver<Pending>,
+    tx: mpsc::Sender<Scored>,
+    preps: Vec<(Box<dyn Prep>, Arc<StageMetrics>)>,
+    detector: Option<(Box<dyn Detector>, Arc<StageMetrics>)>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    has_every_batch_action: bool,
+    has_actions: bool,
+    policy: WhenFull,
+    queue_stage: Arc<StageMetrics>,
+    action_queue_stage: Arc<StageMetrics>,
+    metrics: Arc<PipelineMetrics>,
+}
+
+/// A prep or the detector failed on a batch; the batch goes to the dead-letter output.
+struct StageFailure {
+    stage: Arc<StageMetrics>,
+    batch: RecordBatch,
+    error: Error,
+}
+
+async fn transform_task(mut t: TransformTask) -> Result<()> {
+    while let Some(Pending { batch, ack }) = t.rx.recv().await {
+        t.queue_stage.queue_pop();
+        let scored = match transform(&mut t, batch) {
+            Ok(scored) => scored,
+            Err(StageFailure {
+                stage,
+                batch,
+                error,
+            }) => {
+                dead_letter_batch(&t.dead_letters, &stage, &batch, &error, ack);
+                continue;
+            }
+        };
+        let alerts = match Alert::from_scored(&scored) {
+            Ok(alerts) => alerts,
+            Err(error) => {
+                let stage = t
+                    .detector
+                    .as_ref()
+                    .map(|(_, m)| m.clone())
+                    .unwrap_or_else(|| t.queue_stage.clone());
+                dead_letter_batch(&t.dead_letters, &stage, &scored, &error, ack);
+                continue;
+            }
+        };
+        t.metrics.record_alerts(alerts.len());
+        if !t.has_actions || (alerts.is_empty() && !t.has_every_batch_action) {
+            // Nothing downstream has work for this batch: it is fully handled.
+            ack.ack();
+            continue;
+        }
+        let rows = scored.num_rows();
+        let item = Scored {
+            input: Arc::new(ActionInput {
+                batch: scored,
+                alerts,
+            }),
+            ack,
+        };
+        let policy = t.policy;
+        let open = send_with_policy(
+            &t.tx,
+            item,
+            policy,
+            &t.action_queue_stage,
+            &t.queue_stage,
+            rows,
+            |s| {
+                s.ack.nack(if policy == WhenFull::DropNewest {
+                    QUEUE_FULL
+                } else {
+                    DOWNSTREAM_GONE
+                })
+            },
+        )
+        .await;
+        if !open {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn transform(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatch, StageFailure> {
+    for (prep, stage) in &mut t.preps {
+        let started = Instant::now();
+        stage.record_in(batch.num_rows());
+        match prep.process(&batch) {
+            Ok(out) => {
+                stage.record_out(out.num_rows(), started.elapsed());
+                batch = out;
+            }
+            Err(error) => {
+                stage.record_error();
+                return Err(StageFailure {
+                    stage: stage.clone(),
+                    batch,
+                    error,
+                });
+            }
+        }
+    }
+    if let Some((detector, stage)) = &mut t.detector {
+        let started = Instant::now();
+        stage.record_in(batch.num_rows());
+        match detector.score(&batch) {
+            Ok(out) => {
+                stage.record_out(out.num_rows(), started.elapsed());
+                batch = out;
+            }
+            Err(error) => {
+                stage.record_error();
+                return Err(StageFailure {
+                    stage: stage.clone(),
+                    batch,
+                    error,
+                });
+            }
+        }
+    }
+    Ok(batch)
+}
+
+/// Sends every row of a failed batch to the dead-letter output (one letter for the batch),
+/// then acks it — or nacks it if the dead-letter output failed.
+fn dead_letter_batch(
+    sink: &Arc<dyn DeadLetterSink>,
+    stage: &Arc<StageMetrics>,
+    batch: &RecordBatch,
+    error: &Error,
+    ack: Ack,
+) {
+    let queue = DeadLetterQueue::new(sink.clone(), stage.clone());
+    let payload = crate::util::batch_to_json_lines(batch);
+    match queue.send(
+        format!("batch of {} rows", batch.num_rows()),
+        error.to_string(),
+        payload,
+    ) {
+        Ok(()) => {
+            // `send` counted one letter; the other rows of the batch went with it.
+            stage.record_dead_lettered(batch.num_rows().saturating_sub(1));
+            ack.ack();
+        }
+        Err(e) => ack.nack(format!("{error}; and the dead-letter output failed: {e}")),
+    }
+}
+
+async fn action_task(
+    mut rx: mpsc::Receiver<Scored>,
+    actions: Vec<(Arc<dyn Action>, Arc<StageMetrics>)>,
+    concurrency: usize,
+    queue_stage: Arc<StageMetrics>,
+) -> Result<()> {
+    let actions = Arc::new(actions);
+    let mut in_flight = FuturesUnordered::new();
+    let mut closed = false;
+    loop {
+        tokio::select! {
+            received = rx.recv(), if !closed && in_flight.len() < concurrency => match received {
+                Some(scored) => {
+                    queue_stage.queue_pop();
+                    in_flight.push(run_actions(actions.clone(), scored));
+                }
+                None => closed = true,
+            },
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            else => break,
+        }
+        if closed && in_flight.is_empty() {
+            break;
+        }
+    }
+    let mut first_error = None;
+    for (action, stage) in actions.iter() {
+        if let Err(e) = action.shutdown().await {
+            stage.record_error();
+            tracing::error!(action = action.name(), error = %e, "action failed to shut down");
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn run_actions(actions: Arc<Vec<(Arc<dyn Action>, Arc<StageMetrics>)>>, scored: Scored) {
+    let Scored { input, ack } = scored;
+    let calls = actions.iter().map(|(action, stage)| {
+        let share = ack.share();
+        let input = &input;
+        async move {
+            let every = action.wants_every_batch();
+            if !every && input.alerts.is_empty() {
+                share.ack();
+                return;
+            }
+            let rows = if every { input.batch.num_rows() } else { input.alerts.len() };
+            stage.record_in(rows);
+            let started = Instant::now();
+            match action.execute(input).await {
+                Ok(()) => {
+                    stage.record_out(rows, started.elapsed());
+                    share.ack();
+                }
+                Err(e) => {
+                    stage.record_error();
+                    stage.record_latency(started.elapsed());
+                    tracing::warn!(action = action.name(), error = %e, "action failed; batch nacked");
+                    share.nack(format!("action `{}`: {e}", action.name()));
+                }
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+    ack.ack();
+}

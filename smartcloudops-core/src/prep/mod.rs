@@ -1,0 +1,68 @@
+//! Prep stages: batch → batch transformations before detection.
+//!
+//! A [`Prep`] gets every batch by reference and returns the batch to pass on (often a
+//! filtered or extended copy; Arrow arrays are shared, not copied). An error dead-letters the
+//! whole batch with the reason and the pipeline goes on.
+
+pub mod filter;
+
+use std::fmt;
+
+use arrow::record_batch::RecordBatch;
+
+use crate::error::Result;
+
+pub use self::filter::{MetricFilter, MetricFilterConfig};
+
+/// Transforms batches between the source and the detector.
+pub trait Prep: Send + fmt::Debug {
+    /// A short name for metrics and logs, e.g. `filter`.
+    fn name(&self) -> &str;
+
+    /// Transforms one batch.
+    fn process(&mut self, batch: &RecordBatch) -> Result<RecordBatch>;
+}
+
+/// A [`Prep`] from a closure, for pipelines assembled in code.
+///
+/// ```
+/// use smartcloudops_core::prep::{FnPrep, Prep};
+/// let mut identity = FnPrep::new("identity", |batch| Ok(batch.clone()));
+/// assert_eq!(identity.name(), "identity");
+/// ```
+pub struct FnPrep<F> {
+    name: String,
+    f: F,
+}
+
+impl<F> FnPrep<F>
+where
+    F: FnMut(&RecordBatch) -> Result<RecordBatch> + Send,
+{
+    /// A prep called `name` that runs `f` on every batch.
+    pub fn new(name: impl Into<String>, f: F) -> Self {
+        Self {
+            name: name.into(),
+            f,
+        }
+    }
+}
+
+impl<F> fmt::Debug for FnPrep<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnPrep").field("name", &self.name).finish()
+    }
+}
+
+impl<F> Prep for FnPrep<F>
+where
+    F: FnMut(&RecordBatch) -> Result<RecordBatch> + Send,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
+        (self.f)(batch)
+    }
+}

@@ -1,0 +1,71 @@
+//! Sources: where batches come from.
+//!
+//! A [`Source`] is opened into a [`SourceStream`] of [`SourceBatch`]es: a canonical metrics
+//! batch paired with the [`Ack`] the pipeline resolves once every stage and action finished
+//! with it. Dropping the stream cancels the source. Records a source cannot decode go to the
+//! dead-letter queue in its [`SourceContext`].
+
+pub mod file;
+pub mod generator;
+
+use std::fmt;
+
+use arrow::record_batch::RecordBatch;
+use futures::stream::BoxStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::Ack;
+use crate::dead_letter::DeadLetterQueue;
+use crate::error::Result;
+
+pub use self::file::{FileSource, FileSourceConfig};
+pub use self::generator::{GeneratorConfig, GeneratorSource};
+
+/// A batch from a source and the acknowledgement that tells the source its fate.
+#[derive(Debug)]
+pub struct SourceBatch {
+    /// Rows in the canonical metrics schema.
+    pub batch: RecordBatch,
+    /// Resolved by the pipeline after the last stage finished with `batch`.
+    pub ack: Ack,
+}
+
+impl SourceBatch {
+    /// Pairs a batch with its acknowledgement.
+    pub fn new(batch: RecordBatch, ack: Ack) -> Self {
+        Self { batch, ack }
+    }
+}
+
+/// The stream a source is opened into. An `Err` item is fatal: the pipeline stops taking new
+/// batches, drains what is in flight and reports the error.
+pub type SourceStream = BoxStream<'static, Result<SourceBatch>>;
+
+/// What the pipeline hands a source when it opens it.
+#[derive(Debug, Clone)]
+pub struct SourceContext {
+    /// Where undecodable records go (counted in the source's stage metrics).
+    pub dead_letters: DeadLetterQueue,
+    /// Cancelled when the pipeline shuts down; the pipeline also stops polling the stream.
+    pub shutdown: CancellationToken,
+}
+
+impl SourceContext {
+    /// A context for using a source outside a pipeline (tests, benchmarks): dead letters are
+    /// logged.
+    pub fn detached() -> Self {
+        Self {
+            dead_letters: DeadLetterQueue::detached("source"),
+            shutdown: CancellationToken::new(),
+        }
+    }
+}
+
+/// Produces batches of canonical metrics.
+pub trait Source: Send + fmt::Debug {
+    /// A short name for metrics and logs, e.g. `file`.
+    fn name(&self) -> &str;
+
+    /// Starts the source. Called once, from inside the pipeline's tokio runtime.
+    fn open(self: Box<Self>, ctx: SourceContext) -> Result<SourceStream>;
+}

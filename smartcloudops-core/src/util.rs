@@ -1,0 +1,50 @@
+//! Small helpers shared by stages.
+
+use arrow::array::Array;
+use arrow::record_batch::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+
+/// Every row of `batch` as a JSON object of its cells' display strings, one per line: the
+/// payload of a dead-lettered batch, readable by a person and by `jq`.
+pub(crate) fn batch_to_json_lines(batch: &RecordBatch) -> String {
+    let options = FormatOptions::default().with_null("null");
+    let schema = batch.schema();
+    let formatters: Vec<Option<ArrayFormatter<'_>>> = batch
+        .columns()
+        .iter()
+        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok())
+        .collect();
+    let mut out = String::new();
+    for row in 0..batch.num_rows() {
+        let mut object = serde_json::Map::new();
+        for (i, field) in schema.fields().iter().enumerate() {
+            let cell = match (&formatters[i], batch.column(i).is_null(row)) {
+                (_, true) => serde_json::Value::Null,
+                (Some(f), false) => serde_json::Value::String(f.value(row).to_string()),
+                (None, false) => serde_json::Value::String("<unprintable>".into()),
+            };
+            object.insert(field.name().clone(), cell);
+        }
+        out.push_str(&serde_json::Value::Object(object).to_string());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::MetricsBatchBuilder;
+
+    #[test]
+    fn rows_become_json_objects() {
+        let mut b = MetricsBatchBuilder::default();
+        b.push(0, "cpu", &[("host", "a")], 1.5);
+        let text = batch_to_json_lines(&b.finish());
+        let row: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(row["metric"], "cpu");
+        assert_eq!(row["value"], "1.5");
+        assert_eq!(row["ts"], "1970-01-01T00:00:00Z");
+        assert_eq!(row["labels"], "{host: a}");
+    }
+}
