@@ -1,0 +1,200 @@
+//! The `smartcloudops` binary, end to end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_smartcloudops"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn run_quickstart(out: &Path) -> Output {
+    bin()
+        .args(["--quiet", "run"])
+        .arg(repo().join("examples/quickstart.toml"))
+        .env("SMARTCLOUDOPS_OUT", out)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn quickstart_raises_alerts_for_the_incident_only() {
+    let out = tempfile::tempdir().unwrap();
+    let output = run_quickstart(out.path());
+    let stdout = text(&output.stdout);
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let alerts: Vec<&str> = stdout.lines().filter(|l| l.starts_with("ALERT ")).collect();
+    assert!(!alerts.is_empty(), "the incident is found: {stdout}");
+    assert!(
+        alerts
+            .iter()
+            .all(|l| l.contains("host=\"web-2\"") && l.contains("T02:")),
+        "alerts only for web-2 during the 02:30 incident: {alerts:#?}"
+    );
+    assert!(alerts.iter().any(|l| l.contains("cpu_utilization")));
+    assert!(
+        alerts
+            .iter()
+            .any(|l| l.contains("http_request_duration_seconds"))
+    );
+
+    // The JSON copy holds the same alerts.
+    let jsonl = std::fs::read_to_string(out.path().join("alerts.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count(), alerts.len());
+    let first: serde_json::Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
+    assert_eq!(first["labels"]["host"], "web-2");
+    assert!(first["expected"].as_f64().unwrap() < first["value"].as_f64().unwrap());
+
+    // The malformed record went to the dead-letter file, with its line and reason.
+    let dead = std::fs::read_to_string(out.path().join("dead-letters.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    let letter: serde_json::Value = serde_json::from_str(dead.trim()).unwrap();
+    assert!(
+        letter["origin"]
+            .as_str()
+            .unwrap()
+            .ends_with("web-fleet.jsonl:367"),
+        "{letter}"
+    );
+    assert!(letter["reason"].as_str().unwrap().contains("not a number"));
+
+    assert!(stderr.contains("1440 rows"), "{stderr}");
+    assert!(stderr.contains("1 dead-lettered"), "{stderr}");
+    assert!(stderr.contains("0 not"), "{stderr}");
+}
+
+#[test]
+fn validate_accepts_the_quickstart() {
+    let output = bin()
+        .arg("validate")
+        .arg(repo().join("examples/quickstart.toml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("ok — source: file"));
+}
+
+#[test]
+fn validate_reports_every_error_with_its_path_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[source]\ntype = \"file\"\npath = \"missing.jsonl\"\nbatchsize = 10\n\n[detector]\ntype = \"ewma\"\nthreshold = -1\n",
+    )
+    .unwrap();
+    let output = bin().arg("validate").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("source.batchsize: unknown field (hint: did you mean `batch_size`?)"),
+        "{stderr}"
+    );
+    // Serde errors stop a section, so the semantic check of the same section waits for the
+    // fix; other sections are still checked.
+    let output = {
+        std::fs::write(
+            &path,
+            "[source]\ntype = \"file\"\npath = \"missing.jsonl\"\n\n[detector]\ntype = \"ewma\"\nthreshold = -1\n",
+        )
+        .unwrap();
+        bin().arg("validate").arg(&path).output().unwrap()
+    };
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr.contains("source.path: no such file"), "{stderr}");
+    assert!(
+        stderr.contains("detector.threshold: must be positive"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_reads_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stdin.toml");
+    std::fs::write(
+        &config,
+        "[source]\ntype = \"file\"\npath = \"-\"\nformat = \"csv\"\n[detector]\ntype = \"ewma\"\nwarmup = 10\n[[action]]\ntype = \"log\"\nformat = \"json\"\n",
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["--quiet", "run"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = String::from("ts,metric,value,host\n");
+    for i in 0..60 {
+        let value = if i == 50 {
+            500.0
+        } else {
+            10.0 + (i % 5) as f64
+        };
+        input.push_str(&format!("{},disk_io,{value},db-1\n", i * 1000));
+    }
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let alerts: Vec<serde_json::Value> = text(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["ts_ms"], 50_000);
+    assert_eq!(alerts[0]["labels"]["host"], "db-1");
+}
+
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("endless.toml");
+    std::fs::write(
+        &config,
+        "[source]\ntype = \"generator\"\nseries = 50\npoints = 0\nrate = 20000\nbatch_size = 500\n\
+         [detector]\ntype = \"ewma\"\n[[action]]\ntype = \"jsonl\"\npath = \"alerts.jsonl\"\n",
+    )
+    .unwrap();
+    let child = bin()
+        .args(["run", "--report", "json"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    let metrics = &report["metrics"];
+    assert!(
+        metrics["rows_acked"].as_u64().unwrap() >= 10_000,
+        "{report}"
+    );
+    assert_eq!(metrics["batches_nacked"], 0);
+    assert_eq!(report["timed_out"], false);
+    assert!(stderr.contains("shutting down"), "{stderr}");
+}
