@@ -1,1 +1,72 @@
-fn main() {}
+//! Decoder throughput: JSON lines and CSV into canonical metrics batches.
+//!
+//! `cargo bench -p smartcloudops-benches --bench decode`
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use smartcloudops_core::decode::{CsvDecoder, CsvOptions, Decoder, JsonDecoder};
+use smartcloudops_core::schema::MetricsBatchBuilder;
+
+const ROWS: usize = 10_000;
+
+fn json_payload() -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..ROWS {
+        out.push_str(&format!(
+            "{{\"ts\":{},\"metric\":\"cpu_utilization\",\"labels\":{{\"host\":\"host-{:04}\",\"region\":\"eu-west-1\",\"service\":\"svc-{}\"}},\"value\":{:.3}}}\n",
+            1_764_028_800_000i64 + (i / 100) as i64 * 10_000,
+            i % 100,
+            i % 16,
+            40.0 + (i % 37) as f64 * 0.731
+        ));
+    }
+    out.into_bytes()
+}
+
+fn csv_payload() -> Vec<u8> {
+    let mut out = String::from("ts,metric,value,host,region,service\n");
+    for i in 0..ROWS {
+        out.push_str(&format!(
+            "{},cpu_utilization,{:.3},host-{:04},eu-west-1,svc-{}\n",
+            1_764_028_800_000i64 + (i / 100) as i64 * 10_000,
+            40.0 + (i % 37) as f64 * 0.731,
+            i % 100,
+            i % 16
+        ));
+    }
+    out.into_bytes()
+}
+
+fn bench_decoders(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decode");
+    let json = json_payload();
+    eprintln!("json payload: {} bytes for {ROWS} records", json.len());
+    group.throughput(Throughput::Elements(ROWS as u64));
+    group.bench_function("json_lines/10k_records", |b| {
+        let mut decoder = JsonDecoder::default();
+        let mut out = MetricsBatchBuilder::with_capacity(ROWS);
+        let mut rejects = Vec::new();
+        b.iter(|| {
+            decoder.decode(black_box(&json), &mut out, &mut rejects);
+            black_box(out.finish())
+        });
+    });
+    let csv = csv_payload();
+    let (header, body) = csv.split_at(csv.iter().position(|&b| b == b'\n').unwrap() + 1);
+    group.throughput(Throughput::Elements(ROWS as u64));
+    group.bench_function("csv/10k_records", |b| {
+        let mut decoder = CsvDecoder::new(CsvOptions::default());
+        let mut out = MetricsBatchBuilder::with_capacity(ROWS);
+        let mut rejects = Vec::new();
+        decoder.decode(header, &mut out, &mut rejects);
+        b.iter(|| {
+            decoder.decode(black_box(body), &mut out, &mut rejects);
+            black_box(out.finish())
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_decoders);
+criterion_main!(benches);

@@ -1,6 +1,6 @@
 //! `smartcloudops`: run and validate SmartCloudOps pipelines described in TOML.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -106,14 +106,14 @@ fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
-fn load(path: &PathBuf) -> Result<PipelineConfig, ExitCode> {
+fn load(path: &Path) -> Result<PipelineConfig, ExitCode> {
     PipelineConfig::load(path).map_err(|errors| {
         eprintln!("{}: {errors}", path.display());
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
-fn validate(path: &PathBuf) -> ExitCode {
+fn validate(path: &Path) -> ExitCode {
     match load(path) {
         Ok(config) => {
             println!("{}: ok — {}", path.display(), config.summary());

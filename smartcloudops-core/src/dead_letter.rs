@@ -108,10 +108,14 @@ impl DeadLetterQueue {
 }
 
 /// Appends dead letters as JSON lines to a file (created with its parent directories).
+///
+/// Each letter is written through to the operating system before `send` returns (a dead
+/// letter is what lets its batch be acknowledged); [`flush`](DeadLetterSink::flush) syncs
+/// the file to disk.
 #[derive(Debug)]
 pub struct JsonlDeadLetters {
     path: PathBuf,
-    file: Mutex<std::io::BufWriter<std::fs::File>>,
+    file: Mutex<std::fs::File>,
 }
 
 impl JsonlDeadLetters {
@@ -129,7 +133,7 @@ impl JsonlDeadLetters {
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         Ok(Self {
             path,
-            file: Mutex::new(std::io::BufWriter::new(file)),
+            file: Mutex::new(file),
         })
     }
 
@@ -152,14 +156,11 @@ impl DeadLetterSink for JsonlDeadLetters {
     }
 
     fn flush(&self) -> Result<()> {
-        let mut file = self
+        let file = self
             .file
             .lock()
             .map_err(|_| Error::DeadLetter("dead-letter file lock poisoned".into()))?;
-        file.flush()
-            .map_err(|e| Error::io(format!("flushing {}", self.path.display()), e))?;
-        file.get_ref()
-            .sync_data()
+        file.sync_data()
             .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))
     }
 }

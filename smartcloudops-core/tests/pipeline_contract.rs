@@ -404,3 +404,55 @@ async fn metrics_are_readable_while_running() {
     let report = handle.wait().await.unwrap();
     assert!(report.metrics.rows_acked >= *seen.lock().unwrap());
 }
+
+#[tokio::test]
+async fn undecodable_records_are_dead_lettered_counted_and_the_rest_flows() {
+    use smartcloudops_core::source::{FileSource, FileSourceConfig};
+    use std::io::Write;
+
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    for i in 0..100 {
+        if i % 25 == 7 {
+            writeln!(
+                file,
+                "{{\"ts\": {i}, \"metric\": \"cpu\", \"value\": null}}"
+            )
+            .unwrap();
+        } else {
+            writeln!(file, "{{\"ts\": {i}, \"metric\": \"cpu\", \"value\": {i}}}").unwrap();
+        }
+    }
+    let dead = Arc::new(MemoryDeadLetters::default());
+    let log: Log = Arc::default();
+    let report = Pipeline::builder(FileSource::new(FileSourceConfig {
+        batch_size: 10,
+        ..FileSourceConfig::new(file.path())
+    }))
+    .detector(FlagAll)
+    .action(RecordingAction {
+        log,
+        ..Default::default()
+    })
+    .dead_letters(dead.clone())
+    .build()
+    .run(CancellationToken::new())
+    .await
+    .unwrap();
+    let letters = dead.letters();
+    let lines: Vec<String> = letters
+        .iter()
+        .map(|l| l.origin.rsplit(':').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(lines, vec!["8", "33", "58", "83"]);
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.stage == "source:file" && l.reason.contains("null"))
+    );
+    assert_eq!(
+        report.metrics.stage("source:file").unwrap().dead_lettered,
+        4
+    );
+    assert_eq!(report.metrics.rows_acked, 96);
+    assert_eq!(report.metrics.batches_nacked, 0);
+}

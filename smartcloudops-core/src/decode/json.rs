@@ -50,10 +50,20 @@ impl Decoder for JsonDecoder {
                 Err(e) => rejects.push(Reject {
                     record: index,
                     raw: String::from_utf8_lossy(line).into_owned(),
-                    reason: e.to_string(),
+                    reason: reason(&e),
                 }),
             }
         }
+    }
+}
+
+/// serde_json's message without its "at line 1" (every record is one line; the source
+/// reports the line in the file).
+fn reason(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    match message.rfind(" at line ") {
+        Some(at) => format!("{} (column {})", &message[..at], e.column()),
+        None => message,
     }
 }
 

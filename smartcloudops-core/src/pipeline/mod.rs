@@ -253,6 +253,9 @@ impl Drop for PipelineHandle {
     }
 }
 
+/// The actions of a pipeline with their stage metrics.
+type ActionSlots = Arc<Vec<(Arc<dyn Action>, Arc<StageMetrics>)>>;
+
 /// A batch between the source and the transform task.
 struct Pending {
     batch: RecordBatch,
@@ -364,6 +367,7 @@ impl Pipeline {
         let (pending_tx, pending_rx) = mpsc::channel::<Pending>(capacity);
         let (scored_tx, scored_rx) = mpsc::channel::<Scored>(capacity);
 
+        let dead_letter_output = dead_letters.clone();
         let ctx = SourceContext {
             dead_letters: DeadLetterQueue::new(dead_letters.clone(), stages.source.clone()),
             shutdown: shutdown.clone(),
@@ -451,6 +455,10 @@ impl Pipeline {
                     break;
                 }
             }
+        }
+        if let Err(e) = dead_letter_output.flush() {
+            tracing::error!(error = %e, "dead-letter output failed to flush");
+            first_error.get_or_insert(e);
         }
         let report = RunReport {
             metrics: metrics.snapshot(),
@@ -677,7 +685,7 @@ async fn action_task(
     concurrency: usize,
     queue_stage: Arc<StageMetrics>,
 ) -> Result<()> {
-    let actions = Arc::new(actions);
+    let actions: ActionSlots = Arc::new(actions);
     let mut in_flight = FuturesUnordered::new();
     let mut closed = false;
     loop {
@@ -707,7 +715,7 @@ async fn action_task(
     first_error.map_or(Ok(()), Err)
 }
 
-async fn run_actions(actions: Arc<Vec<(Arc<dyn Action>, Arc<StageMetrics>)>>, scored: Scored) {
+async fn run_actions(actions: ActionSlots, scored: Scored) {
     let Scored { input, ack } = scored;
     let calls = actions.iter().map(|(action, stage)| {
         let share = ack.share();

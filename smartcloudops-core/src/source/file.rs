@@ -258,7 +258,7 @@ impl Pacing {
 
     fn first_ts(batch: &arrow::record_batch::RecordBatch) -> Option<i64> {
         let cols = MetricsColumns::try_new(batch, "source:file").ok()?;
-        (cols.ts.len() > 0).then(|| cols.ts.value(0))
+        (!cols.ts.is_empty()).then(|| cols.ts.value(0))
     }
 
     /// Cuts `batch` where event time moves more than one slice away from a slice's start.
