@@ -45,6 +45,14 @@ pub enum Error {
         /// Whether a later attempt may succeed (timeouts, 5xx, 429).
         retryable: bool,
     },
+    /// A connector (Kafka, Redis …) failed.
+    #[error("{connector}: {message}")]
+    Connector {
+        /// Which connector.
+        connector: String,
+        /// What failed.
+        message: String,
+    },
     /// The dead-letter output could not take a record; the pipeline must not pretend it did.
     #[error("dead-letter output failed: {0}")]
     DeadLetter(String),

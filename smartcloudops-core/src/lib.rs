@@ -81,6 +81,8 @@ pub mod dead_letter;
 pub mod decode;
 pub mod detector;
 pub mod error;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod pipeline;
 pub mod prep;
 pub mod schema;

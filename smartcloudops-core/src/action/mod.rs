@@ -7,6 +7,8 @@
 //! nacks the batch.
 
 pub mod jsonl;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod log;
 
 use std::collections::BTreeMap;
@@ -20,6 +22,8 @@ use crate::error::Result;
 use crate::schema::{MetricsColumns, ScoreColumns, format_ts};
 
 pub use self::jsonl::{JsonlAction, JsonlActionConfig};
+#[cfg(feature = "kafka")]
+pub use self::kafka::{KafkaSink, KafkaSinkConfig, KafkaSinkPayload};
 pub use self::log::{LogAction, LogActionConfig, LogFormat};
 
 /// Consumes scored batches. See the [module docs](self).

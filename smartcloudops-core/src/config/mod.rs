@@ -117,6 +117,9 @@ pub enum SourceConfig {
     File(FileSourceConfig),
     /// Synthetic series.
     Generator(GeneratorConfig),
+    /// A Kafka consumer group.
+    #[cfg(feature = "kafka")]
+    Kafka(crate::source::KafkaSourceConfig),
 }
 
 /// A prep stage (`[[prep]]`).
@@ -146,6 +149,9 @@ pub enum ActionConfig {
     Log(LogActionConfig),
     /// Append alerts to a JSON-lines file.
     Jsonl(JsonlActionConfig),
+    /// Publish alerts or scored rows to Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(crate::action::KafkaSinkConfig),
 }
 
 /// Where dead letters go (`[dead_letter]`).
@@ -387,7 +393,11 @@ impl PipelineConfig {
                     );
                 }
             }
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(_) => {} // validate_kafka
         }
+        #[cfg(feature = "kafka")]
+        self.validate_kafka(&mut check);
         if let Some(DetectorConfig::Ewma(e)) = &self.detector {
             check(
                 e.alpha > 0.0 && e.alpha <= 1.0,
@@ -422,11 +432,77 @@ impl PipelineConfig {
         );
     }
 
+    #[cfg(feature = "kafka")]
+    fn validate_kafka(&self, check: &mut impl FnMut(bool, &str, String, &str)) {
+        if let SourceConfig::Kafka(k) = &self.source {
+            check(
+                !k.brokers.trim().is_empty(),
+                "source.brokers",
+                "must not be empty".into(),
+                "e.g. \"127.0.0.1:9092\"",
+            );
+            check(
+                !k.group_id.trim().is_empty(),
+                "source.group_id",
+                "must not be empty".into(),
+                "every replica of the pipeline uses the same group id",
+            );
+            check(
+                !k.topics.is_empty(),
+                "source.topics",
+                "must list at least one topic".into(),
+                "",
+            );
+            check(
+                k.batch_size > 0,
+                "source.batch_size",
+                "must be at least 1".into(),
+                "",
+            );
+            check(
+                k.max_unacked > 0,
+                "source.max_unacked",
+                "must be at least 1".into(),
+                "",
+            );
+            if let Some(session) = k
+                .options
+                .get("session.timeout.ms")
+                .and_then(|s| s.parse::<u128>().ok())
+            {
+                check(
+                    k.drain_timeout.as_millis() < session,
+                    "source.drain_timeout",
+                    format!("must be shorter than session.timeout.ms ({session} ms)"),
+                    "a revoke that drains longer than the session gets this member kicked out",
+                );
+            }
+        }
+        for (i, a) in self.actions.iter().enumerate() {
+            if let ActionConfig::Kafka(k) = a {
+                check(
+                    !k.brokers.trim().is_empty(),
+                    &format!("action[{i}].brokers"),
+                    "must not be empty".into(),
+                    "",
+                );
+                check(
+                    !k.topic.trim().is_empty(),
+                    &format!("action[{i}].topic"),
+                    "must not be empty".into(),
+                    "",
+                );
+            }
+        }
+    }
+
     /// Builds the runtime pipeline: opens output files and constructs every stage.
     pub fn build(&self) -> Result<Pipeline> {
         let source: Box<dyn Source> = match &self.source {
             SourceConfig::File(c) => Box::new(FileSource::new(c.clone())),
             SourceConfig::Generator(c) => Box::new(GeneratorSource::new(c.clone())),
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(c) => Box::new(crate::source::KafkaSource::new(c.clone())),
         };
         let dead_letters: Arc<dyn DeadLetterSink> = match &self.dead_letter {
             DeadLetterConfig::Log => Arc::new(LogDeadLetters),
@@ -451,6 +527,8 @@ impl PipelineConfig {
             let action: Arc<dyn Action> = match a {
                 ActionConfig::Log(c) => Arc::new(LogAction::new(c.clone())),
                 ActionConfig::Jsonl(c) => Arc::new(JsonlAction::new(c.clone())),
+                #[cfg(feature = "kafka")]
+                ActionConfig::Kafka(c) => Arc::new(crate::action::KafkaSink::new(c.clone())?),
             };
             builder = builder.shared_action(action);
         }
@@ -462,6 +540,13 @@ impl PipelineConfig {
         let source = match &self.source {
             SourceConfig::File(f) => format!("file {} ({})", f.path.display(), f.format),
             SourceConfig::Generator(g) => format!("generator ({} series)", g.series),
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(k) => format!(
+                "kafka {} (group {}, topics {})",
+                k.brokers,
+                k.group_id,
+                k.topics.join(",")
+            ),
         };
         let detector = match &self.detector {
             Some(DetectorConfig::Ewma(_)) => "ewma",
@@ -473,6 +558,8 @@ impl PipelineConfig {
             .map(|a| match a {
                 ActionConfig::Log(_) => "log",
                 ActionConfig::Jsonl(_) => "jsonl",
+                #[cfg(feature = "kafka")]
+                ActionConfig::Kafka(_) => "kafka",
             })
             .collect();
         format!(
@@ -567,11 +654,24 @@ fn tagged(
 }
 
 fn parse_source(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<SourceConfig> {
-    let (kind, rest) = tagged(value, "source", &["file", "generator"], errors)?;
+    let (kind, rest) = tagged(value, "source", &["file", "generator", "kafka"], errors)?;
     match kind.as_str() {
         "file" => deserialize_at(rest, "source", errors).map(SourceConfig::File),
-        _ => deserialize_at(rest, "source", errors).map(SourceConfig::Generator),
+        "generator" => deserialize_at(rest, "source", errors).map(SourceConfig::Generator),
+        #[cfg(feature = "kafka")]
+        "kafka" => deserialize_at(rest, "source", errors).map(SourceConfig::Kafka),
+        other => {
+            errors.push(not_built("source.type", other));
+            None
+        }
     }
+}
+
+/// A component this build was compiled without.
+fn not_built(path: &str, kind: &str) -> ConfigError {
+    ConfigError::new(path, format!("this build has no \"{kind}\" support")).hint(format!(
+        "rebuild with the `{kind}` cargo feature (the smartcloudops binary has it)"
+    ))
 }
 
 fn parse_prep(
@@ -593,10 +693,16 @@ fn parse_action(
     path: &str,
     errors: &mut Vec<ConfigError>,
 ) -> Option<ActionConfig> {
-    let (kind, rest) = tagged(value, path, &["log", "jsonl"], errors)?;
+    let (kind, rest) = tagged(value, path, &["log", "jsonl", "kafka"], errors)?;
     match kind.as_str() {
         "log" => deserialize_at(rest, path, errors).map(ActionConfig::Log),
-        _ => deserialize_at(rest, path, errors).map(ActionConfig::Jsonl),
+        "jsonl" => deserialize_at(rest, path, errors).map(ActionConfig::Jsonl),
+        #[cfg(feature = "kafka")]
+        "kafka" => deserialize_at(rest, path, errors).map(ActionConfig::Kafka),
+        other => {
+            errors.push(not_built(&format!("{path}.type"), other));
+            None
+        }
     }
 }
 

@@ -28,7 +28,7 @@ pub struct Reject {
 }
 
 /// Turns payloads into canonical metrics rows.
-pub trait Decoder: Send + fmt::Debug {
+pub trait Decoder: Send + Sync + fmt::Debug {
     /// The format's name, e.g. `json`.
     fn format(&self) -> &'static str;
 

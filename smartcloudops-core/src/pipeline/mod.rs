@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::ack::{Ack, AckOutcome};
 use crate::action::{Action, ActionInput, Alert};
@@ -368,9 +369,11 @@ impl Pipeline {
         let (scored_tx, scored_rx) = mpsc::channel::<Scored>(capacity);
 
         let dead_letter_output = dead_letters.clone();
+        let background = TaskTracker::new();
         let ctx = SourceContext {
             dead_letters: DeadLetterQueue::new(dead_letters.clone(), stages.source.clone()),
             shutdown: shutdown.clone(),
+            tasks: background.clone(),
         };
         let stream = source.open(ctx)?;
 
@@ -455,6 +458,15 @@ impl Pipeline {
                     break;
                 }
             }
+        }
+        // Sources' background work (committing offsets, leaving a group) ends after the drain.
+        background.close();
+        if tokio::time::timeout(options.shutdown_timeout, background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("source background tasks did not finish within shutdown_timeout");
+            timed_out = true;
         }
         if let Err(e) = dead_letter_output.flush() {
             tracing::error!(error = %e, "dead-letter output failed to flush");

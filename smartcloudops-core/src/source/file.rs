@@ -308,6 +308,7 @@ mod tests {
         SourceContext {
             dead_letters: DeadLetterQueue::new(dead, Arc::new(StageMetrics::new("source:file"))),
             shutdown: Default::default(),
+            tasks: Default::default(),
         }
     }
 

@@ -7,12 +7,15 @@
 
 pub mod file;
 pub mod generator;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 
 use std::fmt;
 
 use arrow::record_batch::RecordBatch;
 use futures::stream::BoxStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::ack::Ack;
 use crate::dead_letter::DeadLetterQueue;
@@ -20,6 +23,8 @@ use crate::error::Result;
 
 pub use self::file::{FileSource, FileSourceConfig};
 pub use self::generator::{GeneratorConfig, GeneratorSource};
+#[cfg(feature = "kafka")]
+pub use self::kafka::{KafkaSource, KafkaSourceConfig};
 
 /// A batch from a source and the acknowledgement that tells the source its fate.
 #[derive(Debug)]
@@ -48,6 +53,10 @@ pub struct SourceContext {
     pub dead_letters: DeadLetterQueue,
     /// Cancelled when the pipeline shuts down; the pipeline also stops polling the stream.
     pub shutdown: CancellationToken,
+    /// Where a source spawns background work (a consumer loop, say). After the pipeline has
+    /// drained, it waits for these tasks (up to `shutdown_timeout`), so a source can commit
+    /// what was acknowledged before the process exits.
+    pub tasks: TaskTracker,
 }
 
 impl SourceContext {
@@ -57,6 +66,7 @@ impl SourceContext {
         Self {
             dead_letters: DeadLetterQueue::detached("source"),
             shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         }
     }
 }

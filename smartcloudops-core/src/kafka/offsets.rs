@@ -1,0 +1,277 @@
+//! Which offsets of each partition may be committed: the contiguous acknowledged high-water
+//! mark, never past a batch that failed or is still in flight.
+//!
+//! Batches cover consecutive offset ranges of a partition (every consumed message, good or
+//! dead-lettered, belongs to exactly one batch). Acks arrive in any order; the commit point
+//! only moves over a prefix of acknowledged ranges. A nack asks for a *rewind*: the ranges from
+//! the failed one on are forgotten, and the consumer seeks back to redeliver them. Each range
+//! remembers the epoch it was registered in, so a late ack for a forgotten range (after a
+//! rewind or a revoke) is ignored instead of moving the commit point.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// A topic and partition.
+pub(crate) type TopicPartition = (String, i32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Range {
+    last: i64,
+    epoch: u64,
+    acked: bool,
+}
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    epoch: u64,
+    /// The next offset to commit (the first not yet acknowledged), once known.
+    commit: Option<i64>,
+    /// In-flight ranges by first offset.
+    ranges: BTreeMap<i64, Range>,
+    /// Offset to seek back to, set by a nack and taken by the consumer.
+    rewind: Option<i64>,
+    /// Consecutive failures without progress, for backoff.
+    failures: u32,
+}
+
+/// Per-partition commit bookkeeping for the partitions this consumer owns.
+#[derive(Debug, Default)]
+pub(crate) struct OffsetTracker {
+    partitions: HashMap<TopicPartition, PartitionState>,
+}
+
+/// A registered batch's claim on a range of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RangeTicket {
+    pub(crate) tp: TopicPartition,
+    pub(crate) first: i64,
+    pub(crate) last: i64,
+    pub(crate) epoch: u64,
+}
+
+impl OffsetTracker {
+    /// The consumer now owns `tp`.
+    pub(crate) fn assign(&mut self, tp: TopicPartition) {
+        self.partitions.entry(tp).or_default();
+    }
+
+    /// The consumer gives `tp` up; returns the offset to commit for it, if any moved.
+    pub(crate) fn revoke(&mut self, tp: &TopicPartition) -> Option<i64> {
+        self.partitions.remove(tp).and_then(|p| p.commit)
+    }
+
+    /// Whether the consumer owns `tp`.
+    #[cfg(test)]
+    pub(crate) fn owns(&self, tp: &TopicPartition) -> bool {
+        self.partitions.contains_key(tp)
+    }
+
+    /// Records that offsets `first..=last` of `tp` are in flight in one batch. `None` when the
+    /// partition is not owned (revoked meanwhile): the batch must not be sent.
+    pub(crate) fn register(
+        &mut self,
+        tp: &TopicPartition,
+        first: i64,
+        last: i64,
+    ) -> Option<RangeTicket> {
+        let p = self.partitions.get_mut(tp)?;
+        if p.rewind.is_some_and(|r| first >= r) {
+            return None; // about to be redelivered from `r`
+        }
+        p.commit.get_or_insert(first);
+        p.ranges.insert(
+            first,
+            Range {
+                last,
+                epoch: p.epoch,
+                acked: false,
+            },
+        );
+        Some(RangeTicket {
+            tp: tp.clone(),
+            first,
+            last,
+            epoch: p.epoch,
+        })
+    }
+
+    /// The range was fully processed. Returns the new commit offset if it moved.
+    pub(crate) fn ack(&mut self, t: &RangeTicket) -> Option<i64> {
+        let p = self.partitions.get_mut(&t.tp)?;
+        match p.ranges.get_mut(&t.first) {
+            Some(r) if r.epoch == t.epoch && r.last == t.last => r.acked = true,
+            _ => return None,
+        }
+        let mut moved = None;
+        while let Some(entry) = p.ranges.first_entry() {
+            if !entry.get().acked {
+                break;
+            }
+            let next = entry.get().last + 1;
+            entry.remove();
+            p.commit = Some(next);
+            moved = Some(next);
+        }
+        if moved.is_some() {
+            p.failures = 0;
+        }
+        moved
+    }
+
+    /// The range failed. Forgets it and every later range of the partition and asks for a
+    /// rewind to its first offset. Returns the rewind offset when this nack set it.
+    pub(crate) fn nack(&mut self, t: &RangeTicket) -> Option<i64> {
+        let p = self.partitions.get_mut(&t.tp)?;
+        match p.ranges.get(&t.first) {
+            Some(r) if r.epoch == t.epoch => {}
+            _ => return None,
+        }
+        p.ranges.split_off(&t.first);
+        p.epoch += 1;
+        p.failures = p.failures.saturating_add(1);
+        let rewind = p.rewind.map_or(t.first, |r| r.min(t.first));
+        p.rewind = Some(rewind);
+        Some(rewind)
+    }
+
+    /// Takes the pending rewinds: `(partition, offset, consecutive failures)`.
+    pub(crate) fn take_rewinds(&mut self) -> Vec<(TopicPartition, i64, u32)> {
+        self.partitions
+            .iter_mut()
+            .filter_map(|(tp, p)| p.rewind.take().map(|o| (tp.clone(), o, p.failures)))
+            .collect()
+    }
+
+    /// Ranges in flight for `tp`.
+    pub(crate) fn in_flight(&self, tp: &TopicPartition) -> usize {
+        self.partitions.get(tp).map_or(0, |p| p.ranges.len())
+    }
+
+    /// The commit offsets of every owned partition that has one.
+    pub(crate) fn commit_points(&self) -> Vec<(TopicPartition, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|(tp, p)| p.commit.map(|c| (tp.clone(), c)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tp() -> TopicPartition {
+        ("metrics".to_owned(), 0)
+    }
+
+    #[test]
+    fn commit_moves_only_over_a_contiguous_acked_prefix() {
+        let mut t = OffsetTracker::default();
+        t.assign(tp());
+        let a = t.register(&tp(), 0, 9).unwrap();
+        let b = t.register(&tp(), 10, 19).unwrap();
+        let c = t.register(&tp(), 20, 29).unwrap();
+        assert_eq!(
+            t.ack(&c),
+            None,
+            "a later success never skips an earlier batch"
+        );
+        assert_eq!(t.ack(&a), Some(10));
+        assert_eq!(t.ack(&b), Some(30), "then jumps over everything acked");
+        assert_eq!(t.commit_points(), vec![(tp(), 30)]);
+        assert_eq!(t.in_flight(&tp()), 0);
+    }
+
+    #[test]
+    fn a_nack_rewinds_and_late_acks_of_forgotten_ranges_are_ignored() {
+        let mut t = OffsetTracker::default();
+        t.assign(tp());
+        let a = t.register(&tp(), 0, 9).unwrap();
+        let b = t.register(&tp(), 10, 19).unwrap();
+        let c = t.register(&tp(), 20, 29).unwrap();
+        assert_eq!(t.nack(&b), Some(10));
+        assert_eq!(t.ack(&c), None, "forgotten by the rewind");
+        assert_eq!(
+            t.register(&tp(), 30, 39),
+            None,
+            "messages past the rewind point are refused"
+        );
+        assert_eq!(t.take_rewinds(), vec![(tp(), 10, 1)]);
+        assert_eq!(t.ack(&a), Some(10), "earlier ranges still count");
+        // Redelivered from 10, with a new epoch: the old ticket for 10 cannot ack it.
+        let b2 = t.register(&tp(), 10, 19).unwrap();
+        assert_eq!(t.ack(&b), None);
+        assert_eq!(t.ack(&b2), Some(20));
+    }
+
+    #[test]
+    fn revoked_partitions_refuse_registrations_and_return_their_commit_point() {
+        let mut t = OffsetTracker::default();
+        t.assign(tp());
+        let a = t.register(&tp(), 5, 9).unwrap();
+        t.ack(&a);
+        assert_eq!(t.revoke(&tp()), Some(10));
+        assert!(!t.owns(&tp()));
+        assert_eq!(t.register(&tp(), 10, 19), None);
+        assert_eq!(t.ack(&a), None);
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Model {
+        Pending,
+        Acked,
+        Failed,
+    }
+
+    proptest! {
+        /// Whatever order acks and nacks arrive in, every offset below the commit point was
+        /// acknowledged in its latest delivery, and the commit point never moves back.
+        #[test]
+        fn commit_never_passes_an_unacked_offset(
+            steps in proptest::collection::vec((0usize..16, 0u8..4), 1..80)
+        ) {
+            let mut t = OffsetTracker::default();
+            t.assign(tp());
+            let mut live: Vec<RangeTicket> = Vec::new();
+            let mut state: std::collections::HashMap<i64, Model> = Default::default();
+            let mut next = 0i64;
+            let mut last_commit = 0i64;
+            for (pick, op) in steps {
+                if op == 0 || live.is_empty() {
+                    for (_, offset, _) in t.take_rewinds() {
+                        next = offset;
+                    }
+                    if let Some(ticket) = t.register(&tp(), next, next + 2) {
+                        for o in next..=next + 2 {
+                            state.insert(o, Model::Pending);
+                        }
+                        next += 3;
+                        live.push(ticket);
+                    }
+                    continue;
+                }
+                let ticket = live.remove(pick % live.len());
+                if op == 3 {
+                    prop_assert!(t.nack(&ticket).is_some());
+                    live.retain(|l| l.first < ticket.first);
+                    for (o, s) in state.iter_mut() {
+                        if *o >= ticket.first {
+                            *s = Model::Failed;
+                        }
+                    }
+                } else {
+                    t.ack(&ticket);
+                    for o in ticket.first..=ticket.last {
+                        state.insert(o, Model::Acked);
+                    }
+                }
+                let commit = t.commit_points().first().map_or(0, |c| c.1);
+                prop_assert!(commit >= last_commit, "commit moved back");
+                last_commit = commit;
+                for o in 0..commit {
+                    prop_assert_eq!(state.get(&o).copied(), Some(Model::Acked), "offset {} committed", o);
+                }
+            }
+        }
+    }
+}
