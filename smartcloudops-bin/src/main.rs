@@ -85,7 +85,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             };
-            runtime.block_on(run(config, report))
+            let code = runtime.block_on(run(config, report));
+            // A blocking stdin read cannot be cancelled: do not wait for it.
+            runtime.shutdown_background();
+            code
         }
     }
 }

@@ -100,8 +100,12 @@ fn validate_reports_every_error_with_its_path_and_exits_2() {
         stderr.contains("source.batchsize: unknown field (hint: did you mean `batch_size`?)"),
         "{stderr}"
     );
-    // Serde errors stop a section, so the semantic check of the same section waits for the
-    // fix; other sections are still checked.
+    // A parse error in one section does not hide semantic errors in the others.
+    assert!(
+        stderr.contains("detector.threshold: must be positive"),
+        "{stderr}"
+    );
+    // Serde errors stop their own section, so its semantic checks wait for the fix.
     let output = {
         std::fs::write(
             &path,
@@ -168,7 +172,7 @@ fn sigterm_drains_and_exits_cleanly() {
     let config = dir.path().join("endless.toml");
     std::fs::write(
         &config,
-        "[source]\ntype = \"generator\"\nseries = 50\npoints = 0\nrate = 20000\nbatch_size = 500\n\
+        "[source]\ntype = \"generator\"\nseries = 50\npoints = 0\nbatch_size = 500\n\
          [detector]\ntype = \"ewma\"\n[[action]]\ntype = \"jsonl\"\npath = \"alerts.jsonl\"\n",
     )
     .unwrap();

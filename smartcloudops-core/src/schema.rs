@@ -391,14 +391,16 @@ impl<'a> ScoreColumns<'a> {
 /// Milliseconds since the Unix epoch formatted as RFC 3339 in UTC, e.g.
 /// `2026-11-25T10:05:00.000Z`.
 pub fn format_ts(ts_ms: i64) -> String {
+    // humantime formats years 1970..=9999 only; print anything else as raw milliseconds.
+    const MAX_SECS: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     let secs = ts_ms.div_euclid(1000);
     let millis = ts_ms.rem_euclid(1000) as u32;
     match u64::try_from(secs) {
-        Ok(secs) => {
+        Ok(secs) if secs <= MAX_SECS => {
             let t = std::time::UNIX_EPOCH + std::time::Duration::new(secs, millis * 1_000_000);
             humantime::format_rfc3339_millis(t).to_string()
         }
-        Err(_) => format!("{ts_ms}ms"),
+        _ => format!("{ts_ms}ms"),
     }
 }
 
@@ -446,6 +448,8 @@ mod tests {
         // Pinned value: changing the hash layout would orphan stored state.
         assert_eq!(
             series_id("cpu", &[("host", "a")]),
+            0x7a8b_fe7f_f965_1152,
+            "{:#x}",
             series_id("cpu", &[("host", "a")])
         );
     }
@@ -455,6 +459,14 @@ mod tests {
         let mut labels = vec![("b", "1"), ("a", "2"), ("b", "3")];
         sort_labels(&mut labels);
         assert_eq!(labels, vec![("a", "2"), ("b", "3")]);
+    }
+
+    #[test]
+    fn out_of_range_timestamps_format_without_panicking() {
+        assert_eq!(format_ts(253_402_300_800_000), "253402300800000ms");
+        assert_eq!(format_ts(i64::MAX), format!("{}ms", i64::MAX));
+        assert_eq!(format_ts(-1), "-1ms");
+        assert_eq!(format_ts(253_402_300_799_000), "9999-12-31T23:59:59.000Z");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{Event, FlagAll, Log, RecordingAction, TestSource, outcomes};
 use smartcloudops_core::dead_letter::{DeadLetter, DeadLetterSink, MemoryDeadLetters};
+use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
 use smartcloudops_core::pipeline::WhenFull;
 use smartcloudops_core::prep::FnPrep;
 use smartcloudops_core::{AckOutcome, Error, Pipeline, PipelineOptions};
@@ -123,17 +124,32 @@ async fn a_failed_action_nacks_its_batch_with_the_reason() {
 #[tokio::test]
 async fn batches_without_alerts_are_acked_after_the_detector() {
     let log: Log = Arc::default();
-    let action = RecordingAction {
+    let action = Arc::new(RecordingAction {
         log: log.clone(),
         ..Default::default()
-    };
+    });
+    // Every series is constant: the detector scores every row and flags none.
     let report = Pipeline::builder(TestSource::new(Some(4), log.clone()))
-        .action(action) // no detector: no alerts, nothing for the action to do
+        .detector(EwmaDetector::new(EwmaConfig {
+            warmup: 1,
+            ..EwmaConfig::default()
+        }))
+        .shared_action(action.clone())
         .build()
         .run(CancellationToken::new())
         .await
         .unwrap();
     assert_eq!(report.metrics.batches_acked, 4);
+    assert_eq!(report.metrics.alerts, 0);
+    assert_eq!(
+        report.metrics.stage("detector:ewma").unwrap().batches_out,
+        4
+    );
+    assert_eq!(
+        action.calls.load(Ordering::SeqCst),
+        0,
+        "no alerts, no action call"
+    );
     assert!(
         log.lock()
             .unwrap()
@@ -218,6 +234,7 @@ async fn shutdown_drains_every_in_flight_batch() {
     handle.shutdown();
     let report = handle.wait().await.unwrap();
     let produced = produced.load(Ordering::SeqCst);
+    let events = log.lock().unwrap().clone();
     let outcomes = outcomes(&log);
     assert!(produced > 5, "the pipeline ran");
     assert_eq!(
@@ -229,6 +246,16 @@ async fn shutdown_drains_every_in_flight_batch() {
         outcomes.iter().all(|(_, o)| o.is_acked()),
         "drained, not dropped: {outcomes:?}"
     );
+    for (i, _) in &outcomes {
+        let done = events.iter().position(|e| *e == Event::ActionDone(*i));
+        let acked = events
+            .iter()
+            .position(|e| *e == Event::Outcome(*i, AckOutcome::Acked));
+        assert!(
+            done.is_some() && done < acked,
+            "batch {i} acked without its action having run"
+        );
+    }
     assert_eq!(report.metrics.batches_acked as usize, produced);
     assert!(!report.timed_out);
 }
@@ -455,4 +482,29 @@ async fn undecodable_records_are_dead_lettered_counted_and_the_rest_flows() {
     );
     assert_eq!(report.metrics.rows_acked, 96);
     assert_eq!(report.metrics.batches_nacked, 0);
+}
+
+#[tokio::test]
+async fn draining_after_the_input_ends_is_bounded_too() {
+    let log: Log = Arc::default();
+    let gate = Arc::new(Semaphore::new(0)); // the action never finishes
+    let report = Pipeline::builder(TestSource::new(Some(3), log.clone()))
+        .detector(FlagAll)
+        .action(RecordingAction {
+            log: log.clone(),
+            gate: Some(gate),
+            ..Default::default()
+        })
+        .options(PipelineOptions {
+            shutdown_timeout: Duration::from_millis(100),
+            ..options(4, 1)
+        })
+        .build()
+        .run(CancellationToken::new()) // nobody cancels: the source simply ends
+        .await
+        .unwrap();
+    assert!(report.timed_out);
+    let outcomes = outcomes(&log);
+    assert_eq!(outcomes.len(), 3);
+    assert!(outcomes.iter().all(|(_, o)| !o.is_acked()));
 }

@@ -93,9 +93,13 @@ impl Alert {
     /// One alert per row of `batch` with `is_anomaly` set. A batch without score columns has
     /// no alerts.
     pub fn from_scored(batch: &RecordBatch) -> Result<Vec<Alert>> {
-        let Ok(scores) = ScoreColumns::try_new(batch, "alerts") else {
-            return Ok(Vec::new());
-        };
+        if batch
+            .column_by_name(crate::schema::col::IS_ANOMALY)
+            .is_none()
+        {
+            return Ok(Vec::new()); // not scored
+        }
+        let scores = ScoreColumns::try_new(batch, "alerts")?;
         if scores.is_anomaly.true_count() == 0 {
             return Ok(Vec::new());
         }
@@ -225,6 +229,38 @@ mod tests {
             serde_json::Value::String(a.series_id.to_string())
         );
         assert_eq!(json["labels"]["host"], "web-2");
+    }
+
+    #[test]
+    fn malformed_score_columns_are_an_error_not_silence() {
+        let mut b = MetricsBatchBuilder::default();
+        b.push(0, "cpu", &[] as &[(&str, &str)], 1.0);
+        let batch = b.finish();
+        let mut columns = batch.columns().to_vec();
+        columns.push(std::sync::Arc::new(arrow::array::BooleanArray::from(vec![
+            true,
+        ])));
+        let mut fields: Vec<arrow::datatypes::Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(arrow::datatypes::Field::new(
+            "is_anomaly",
+            arrow::datatypes::DataType::Boolean,
+            false,
+        ));
+        let bad = RecordBatch::try_new(
+            std::sync::Arc::new(arrow::datatypes::Schema::new(fields)),
+            columns,
+        )
+        .unwrap();
+        let err = Alert::from_scored(&bad).unwrap_err();
+        assert!(
+            err.to_string().contains("missing column `detector`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -45,6 +45,7 @@ fn substitute_value(
 pub(super) enum SubstError {
     Unset(String),
     Unclosed,
+    Nested,
 }
 
 impl SubstError {
@@ -56,6 +57,10 @@ impl SubstError {
             }
             SubstError::Unclosed => ConfigError::new(path, "`${` without a closing `}`")
                 .hint("write $${ for a literal ${"),
+            SubstError::Nested => {
+                ConfigError::new(path, "a default value may not contain another `${...}`")
+                    .hint("set the variable itself, or use a literal default")
+            }
         }
     }
 }
@@ -87,6 +92,9 @@ pub(super) fn substitute(
             Some((n, d)) => (n, Some(d)),
             None => (expr, None),
         };
+        if default.is_some_and(|d| d.contains("${")) {
+            return Err(SubstError::Nested);
+        }
         match (
             env(name).filter(|v| !v.is_empty() || default.is_none()),
             default,
@@ -124,5 +132,6 @@ mod tests {
         assert_eq!(s("cost $${HOME_DIR}"), Ok(Some("cost ${HOME_DIR}".into())));
         assert_eq!(s("${NOPE}"), Err(SubstError::Unset("NOPE".into())));
         assert_eq!(s("${HOME_DIR"), Err(SubstError::Unclosed));
+        assert_eq!(s("${A:-${HOME_DIR}}"), Err(SubstError::Nested));
     }
 }

@@ -22,8 +22,10 @@
 //! ```
 //!
 //! Parsing collects **every** error it can find, each with the path of the field, a message
-//! and, where one helps, a hint (`did you mean `batch_size`?`). Sections are parsed
-//! independently, so a typo in `[source]` does not hide one in `[detector]`.
+//! and, where one helps, a hint (`did you mean `batch_size`?`). Sections are parsed and
+//! validated independently, so a typo in `[source]` does not hide a bad value in
+//! `[detector]`. Within one section, a value that does not parse (a typo, a wrong type) is
+//! reported first; range checks of that section follow once it parses.
 //!
 //! `${NAME}` in any string is replaced by the environment variable `NAME` (an error if it is
 //! unset), `${NAME:-default}` falls back to `default`, and `$${` writes a literal `${`. Use it
@@ -155,8 +157,8 @@ pub enum ActionConfig {
 }
 
 /// Where dead letters go (`[dead_letter]`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum DeadLetterConfig {
     /// Log each dead letter as a warning.
     #[default]
@@ -184,6 +186,13 @@ pub struct PipelineConfig {
     /// `[runtime]`.
     pub runtime: PipelineOptions,
 }
+
+/// Largest batch a source may be configured to build, in rows or messages.
+const MAX_BATCH: usize = 1_000_000;
+/// Largest queue capacity or concurrency.
+const MAX_QUEUE: usize = 65_536;
+/// Longest interval or timeout a config may set.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 const SECTIONS: &[&str] = &[
     "source",
@@ -249,27 +258,28 @@ impl PipelineConfig {
             .collect();
         let dead_letter = table
             .get("dead_letter")
-            .and_then(|v| deserialize_at::<DeadLetterConfig>(v.clone(), "dead_letter", &mut errors))
+            .and_then(|v| parse_dead_letter(v, &mut errors))
             .unwrap_or_default();
         let runtime = table
             .get("runtime")
             .and_then(|v| deserialize_at::<PipelineOptions>(v.clone(), "runtime", &mut errors))
             .unwrap_or_default();
 
-        let mut config = match source {
-            Some(source) if errors.is_empty() => PipelineConfig {
-                source,
-                prep,
-                detector,
-                actions,
-                dead_letter,
-                runtime,
-            },
-            _ => return Err(ConfigErrors(errors)),
+        // Validate every section that parsed, even when others did not, so one typo does not
+        // hide the next problem. A source that failed to parse is stood in for by a valid
+        // default, which adds no errors of its own.
+        let source_parsed = source.is_some();
+        let mut config = PipelineConfig {
+            source: source.unwrap_or_else(|| SourceConfig::Generator(GeneratorConfig::default())),
+            prep,
+            detector,
+            actions,
+            dead_letter,
+            runtime,
         };
         config.resolve_paths(base_dir);
         config.validate(&mut errors);
-        if errors.is_empty() {
+        if errors.is_empty() && source_parsed {
             Ok(config)
         } else {
             Err(ConfigErrors(errors))
@@ -309,22 +319,22 @@ impl PipelineConfig {
         match &self.source {
             SourceConfig::File(f) => {
                 check(
-                    f.batch_size > 0,
+                    (1..=MAX_BATCH).contains(&f.batch_size),
                     "source.batch_size",
-                    "must be at least 1".into(),
+                    format!("must be between 1 and {MAX_BATCH}, got {}", f.batch_size),
                     "1024 is a good start",
                 );
                 check(
-                    f.speed.is_finite() && f.speed >= 0.0,
+                    f.speed == 0.0 || (1e-6..=1e9).contains(&f.speed),
                     "source.speed",
                     format!(
-                        "must be 0 (as fast as possible) or positive, got {}",
+                        "must be 0 (as fast as possible) or between 1e-6 and 1e9, got {}",
                         f.speed
                     ),
-                    "",
+                    "1 is real time, 60 plays an hour per minute",
                 );
                 check(
-                    f.path.as_os_str() == "-" || f.path.is_file(),
+                    f.path.as_os_str() == "-" || (f.path.exists() && !f.path.is_dir()),
                     "source.path",
                     format!("no such file: {}", f.path.display()),
                     "relative paths are relative to the config file; use \"-\" for standard input",
@@ -338,27 +348,30 @@ impl PipelineConfig {
             }
             SourceConfig::Generator(g) => {
                 check(
-                    g.series > 0,
+                    (1..=100_000_000).contains(&g.series),
                     "source.series",
-                    "must be at least 1".into(),
+                    format!("must be between 1 and 100000000, got {}", g.series),
                     "",
                 );
                 check(
-                    g.batch_size > 0,
+                    (1..=MAX_BATCH).contains(&g.batch_size),
                     "source.batch_size",
-                    "must be at least 1".into(),
+                    format!("must be between 1 and {MAX_BATCH}, got {}", g.batch_size),
                     "",
                 );
                 check(
-                    !g.interval.is_zero(),
+                    !g.interval.is_zero() && g.interval <= MAX_DURATION,
                     "source.interval",
-                    "must be longer than 0".into(),
+                    "must be longer than 0 and at most a day".into(),
                     "e.g. \"10s\"",
                 );
                 check(
-                    g.rate.is_finite() && g.rate >= 0.0,
+                    g.rate == 0.0 || (0.001..=1e12).contains(&g.rate),
                     "source.rate",
-                    format!("must be 0 (unthrottled) or positive, got {}", g.rate),
+                    format!(
+                        "must be 0 (unthrottled) or between 0.001 and 1e12, got {}",
+                        g.rate
+                    ),
                     "",
                 );
                 check(
@@ -399,35 +412,37 @@ impl PipelineConfig {
         #[cfg(feature = "kafka")]
         self.validate_kafka(&mut check);
         if let Some(DetectorConfig::Ewma(e)) = &self.detector {
-            check(
-                e.alpha > 0.0 && e.alpha <= 1.0,
-                "detector.alpha",
-                format!("must be in (0, 1], got {}", e.alpha),
-                "0.05 remembers about 40 samples",
-            );
-            check(
-                e.threshold > 0.0 && e.threshold.is_finite(),
-                "detector.threshold",
-                format!("must be positive, got {}", e.threshold),
-                "in standard deviations, e.g. 4",
-            );
-            check(
-                e.min_sd_ratio >= 0.0 && e.min_sd_ratio.is_finite(),
-                "detector.min_sd_ratio",
-                format!("must be 0 or positive, got {}", e.min_sd_ratio),
-                "",
-            );
+            for (field, message) in e.problems() {
+                let hint = match field {
+                    "alpha" => "0.05 remembers about 40 samples",
+                    "threshold" => "in standard deviations, e.g. 4",
+                    _ => "",
+                };
+                check(false, &format!("detector.{field}"), message, hint);
+            }
         }
         check(
-            self.runtime.channel_capacity > 0,
+            (1..=MAX_QUEUE).contains(&self.runtime.channel_capacity),
             "runtime.channel_capacity",
-            "must be at least 1".into(),
+            format!(
+                "must be between 1 and {MAX_QUEUE}, got {}",
+                self.runtime.channel_capacity
+            ),
+            "a few batches is enough; bigger queues only add latency and memory",
+        );
+        check(
+            (1..=MAX_QUEUE).contains(&self.runtime.action_concurrency),
+            "runtime.action_concurrency",
+            format!(
+                "must be between 1 and {MAX_QUEUE}, got {}",
+                self.runtime.action_concurrency
+            ),
             "",
         );
         check(
-            self.runtime.action_concurrency > 0,
-            "runtime.action_concurrency",
-            "must be at least 1".into(),
+            self.runtime.shutdown_timeout <= MAX_DURATION,
+            "runtime.shutdown_timeout",
+            "must be at most a day".into(),
             "",
         );
     }
@@ -454,9 +469,9 @@ impl PipelineConfig {
                 "",
             );
             check(
-                k.batch_size > 0,
+                (1..=MAX_BATCH).contains(&k.batch_size),
                 "source.batch_size",
-                "must be at least 1".into(),
+                format!("must be between 1 and {MAX_BATCH}, got {}", k.batch_size),
                 "",
             );
             check(
@@ -674,6 +689,29 @@ fn not_built(path: &str, kind: &str) -> ConfigError {
     ))
 }
 
+fn parse_dead_letter(
+    value: &toml::Value,
+    errors: &mut Vec<ConfigError>,
+) -> Option<DeadLetterConfig> {
+    /// `type = "log"` takes no other field.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct LogFields {}
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct FileFields {
+        path: PathBuf,
+    }
+    let (kind, rest) = tagged(value, "dead_letter", &["log", "file"], errors)?;
+    match kind.as_str() {
+        "log" => {
+            deserialize_at::<LogFields>(rest, "dead_letter", errors).map(|_| DeadLetterConfig::Log)
+        }
+        _ => deserialize_at::<FileFields>(rest, "dead_letter", errors)
+            .map(|f| DeadLetterConfig::File { path: f.path }),
+    }
+}
+
 fn parse_prep(
     value: &toml::Value,
     path: &str,
@@ -724,9 +762,15 @@ fn deserialize_at<T: DeserializeOwned>(
             } else {
                 format!("{path}.{inner}")
             };
-            // serde names the unknown field only in its message; put it in the path and
-            // suggest the closest known one.
-            if let Some((field, expected)) = parse_unknown_field(&message) {
+            // serde names unknown and missing fields only in its message; put them in the path
+            // (and suggest the closest known field).
+            if let Some(field) = message
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(field, _)| field)
+            {
+                errors.push(ConfigError::new(format!("{full}.{field}"), "missing field"));
+            } else if let Some((field, expected)) = parse_unknown_field(&message) {
                 if !full.ends_with(&format!(".{field}")) {
                     full = format!("{full}.{field}");
                 }

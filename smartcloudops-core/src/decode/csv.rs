@@ -71,10 +71,13 @@ impl CsvDecoder {
     }
 
     fn parse_header(&self, names: &csv::StringRecord) -> Result<Header, String> {
+        // A UTF-8 byte-order mark (spreadsheet exports) is not part of the first name.
+        let clean = |n: &str| n.trim_start_matches('\u{feff}').trim().to_owned();
+        let names: Vec<String> = names.iter().map(clean).collect();
         let find = |aliases: &[&str]| {
             names
                 .iter()
-                .position(|n| aliases.iter().any(|a| n.trim().eq_ignore_ascii_case(a)))
+                .position(|n| aliases.iter().any(|a| n.eq_ignore_ascii_case(a)))
         };
         let ts = find(&["ts", "timestamp", "time"])
             .ok_or_else(|| format!("CSV header {names:?} has no `ts`/`timestamp` column"))?;
@@ -90,9 +93,10 @@ impl CsvDecoder {
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != ts && *i != value && Some(*i) != metric)
-            .map(|(i, n)| (i, n.trim().to_owned()))
+            .map(|(i, n)| (i, n.clone()))
             .collect();
-        labels.sort_by(|a, b| a.1.cmp(&b.1));
+        // A repeated column keeps its last occurrence, as a repeated JSON label does.
+        labels.sort_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
         labels.dedup_by(|a, b| a.1 == b.1);
         Ok(Header {
             ts,
@@ -117,20 +121,26 @@ impl Decoder for CsvDecoder {
             .from_reader(payload);
         let mut record = csv::StringRecord::new();
         loop {
-            let start = reader.position().clone();
+            let before = reader.position().byte() as usize;
             match reader.read_record(&mut record) {
                 Ok(false) => break,
                 Ok(true) => {}
                 Err(e) => {
                     let end = reader.position().byte() as usize;
+                    let line = e.position().map_or(0, |p| line_index(payload, p));
                     rejects.push(Reject {
-                        record: line_index(&start),
-                        raw: raw_text(payload, start.byte() as usize, end),
+                        record: line,
+                        raw: raw_text(payload, before, end),
                         reason: format!("CSV: {e}"),
                     });
                     continue;
                 }
             }
+            // The record's own position: blank lines before it are not counted by `before`.
+            let start = record
+                .position()
+                .cloned()
+                .unwrap_or_else(csv::Position::new);
             if record.len() == 1 && record[0].trim().is_empty() {
                 continue; // blank line
             }
@@ -139,7 +149,7 @@ impl Decoder for CsvDecoder {
                     Ok(h) => HeaderState::Ready(h),
                     Err(reason) => {
                         rejects.push(Reject {
-                            record: line_index(&start),
+                            record: line_index(payload, &start),
                             raw: record.iter().collect::<Vec<_>>().join(","),
                             reason: reason.clone(),
                         });
@@ -153,7 +163,7 @@ impl Decoder for CsvDecoder {
                 HeaderState::Ready(h) => h,
                 HeaderState::Invalid(reason) => {
                     rejects.push(Reject {
-                        record: line_index(&start),
+                        record: line_index(payload, &start),
                         raw: record.iter().collect::<Vec<_>>().join(","),
                         reason: format!("no usable CSV header: {reason}"),
                     });
@@ -183,7 +193,7 @@ impl Decoder for CsvDecoder {
                     out.push(ts, metric, &labels, value);
                 }
                 Err(reason) => rejects.push(Reject {
-                    record: line_index(&start),
+                    record: line_index(payload, &start),
                     raw: record.iter().collect::<Vec<_>>().join(","),
                     reason,
                 }),
@@ -192,8 +202,14 @@ impl Decoder for CsvDecoder {
     }
 }
 
-fn line_index(position: &csv::Position) -> usize {
-    (position.line() as usize).saturating_sub(1)
+/// 0-based line of a record in the payload. The csv crate's positions do not account for
+/// blank lines before a record, so skip those and count newlines (only done for rejects).
+fn line_index(payload: &[u8], position: &csv::Position) -> usize {
+    let mut start = (position.byte() as usize).min(payload.len());
+    while start < payload.len() && matches!(payload[start], b'\n' | b'\r') {
+        start += 1;
+    }
+    payload[..start].iter().filter(|&&b| b == b'\n').count()
 }
 
 fn raw_text(payload: &[u8], start: usize, end: usize) -> String {
@@ -259,6 +275,27 @@ mod tests {
         let c = MetricsColumns::try_new(&batch, "t").unwrap();
         assert_eq!(c.ts.value(0), 1_396_310_400_000);
         assert_eq!(c.metric(0), "nab");
+    }
+
+    #[test]
+    fn bom_blank_lines_and_repeated_columns() {
+        let mut d = CsvDecoder::new(CsvOptions::default());
+        let (batch, rejects) = decode(
+            &mut d,
+            "\u{feff}ts,metric,value,host,host\n\n1000,cpu,1,a,b\n\n\n2000,cpu,x,a,b\n",
+        );
+        assert_eq!(batch.num_rows(), 1);
+        let c = MetricsColumns::try_new(&batch, "t").unwrap();
+        assert_eq!(
+            c.labels(0),
+            vec![("host".into(), "b".into())],
+            "last column wins"
+        );
+        assert_eq!(rejects.len(), 1);
+        assert_eq!(
+            rejects[0].record, 5,
+            "0-based line of the bad row, blank lines included"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! - **Warm-up**: the first `warmup` rows of a series learn only (score 0, never anomalous);
 //!   meanwhile the weight is `max(alpha, 1/n)`, so the mean starts as a plain average.
 //! - **Robust update**: the deviation used to update is clipped at `threshold` sigmas
-//!   (`2 × threshold` during warm-up, from the 5th row), so one spike cannot blow up the
+//!   (`2 × threshold` during warm-up, from the 6th row), so one spike cannot blow up the
 //!   variance; a level shift is still learned within a few `1/alpha` rows.
 //! - **Flat series**: `sd` has a floor of `min_sd_ratio × |mean|` (and 1e-9), so a constant
 //!   series that moves by a meaningful amount is flagged while float jitter is not.
@@ -33,6 +33,30 @@ pub struct EwmaConfig {
     pub warmup: u32,
     /// Floor of the standard deviation, relative to the mean's magnitude.
     pub min_sd_ratio: f64,
+}
+
+impl EwmaConfig {
+    /// Problems with the values, as `(field, message)` pairs; empty when valid. The detector
+    /// never panics on invalid values, but they make its scores meaningless.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
+            out.push(("alpha", format!("must be in (0, 1], got {}", self.alpha)));
+        }
+        if !(self.threshold > 0.0 && self.threshold.is_finite()) {
+            out.push((
+                "threshold",
+                format!("must be positive, got {}", self.threshold),
+            ));
+        }
+        if !(self.min_sd_ratio >= 0.0 && self.min_sd_ratio.is_finite()) {
+            out.push((
+                "min_sd_ratio",
+                format!("must be 0 or positive, got {}", self.min_sd_ratio),
+            ));
+        }
+        out
+    }
 }
 
 impl Default for EwmaConfig {
@@ -111,6 +135,8 @@ impl EwmaDetector {
         } else {
             f64::INFINITY
         };
+        // `max(0.0)` also maps a NaN clip (an invalid threshold) to 0 instead of panicking.
+        let clip = clip.max(0.0);
         let step = diff.clamp(-clip, clip);
         let incr = alpha * step;
         state.mean += incr;
@@ -274,6 +300,24 @@ mod tests {
             let mut prefix = EwmaDetector::new(EwmaConfig { warmup: 5, ..EwmaConfig::default() });
             let (first, _) = scores(&mut prefix, &values[..cut]);
             prop_assert_eq!(&all[..cut], &first[..]);
+        }
+
+        #[test]
+        fn state_carries_across_batches(values in proptest::collection::vec(-1e3..1e3f64, 2..200), cut in 1usize..200) {
+            let cut = cut.min(values.len() - 1);
+            let mut whole = EwmaDetector::new(EwmaConfig { warmup: 5, ..EwmaConfig::default() });
+            let (all, _) = scores(&mut whole, &values);
+            let mut split = EwmaDetector::new(EwmaConfig { warmup: 5, ..EwmaConfig::default() });
+            let (mut first, _) = scores(&mut split, &values[..cut]);
+            let (second, _) = scores(&mut split, &values[cut..]);
+            first.extend(second);
+            prop_assert_eq!(all, first);
+        }
+
+        #[test]
+        fn invalid_configs_do_not_panic(threshold in prop_oneof![Just(f64::NAN), Just(-1.0), Just(0.0)], values in proptest::collection::vec(-1e3..1e3f64, 1..100)) {
+            let mut d = EwmaDetector::new(EwmaConfig { threshold, warmup: 2, ..EwmaConfig::default() });
+            let _ = scores(&mut d, &values);
         }
 
         #[test]

@@ -241,7 +241,7 @@ pub struct MetricsSnapshot {
     pub rows_acked: u64,
     /// Rows in nacked batches.
     pub rows_nacked: u64,
-    /// Anomalous rows handed to actions.
+    /// Rows the detector flagged as anomalous.
     pub alerts: u64,
     /// One entry per stage, in pipeline order.
     pub stages: Vec<StageSnapshot>,
@@ -303,7 +303,7 @@ impl MetricsSnapshot {
         );
         gauge(
             "alerts_total",
-            "Anomalous rows handed to actions.",
+            "Rows the detector flagged as anomalous.",
             "counter",
             self.alerts as f64,
         );

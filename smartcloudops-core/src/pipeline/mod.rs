@@ -9,7 +9,8 @@
 //!
 //! - **Bounded queues** between the three tasks, each with a [`WhenFull`] policy. With the
 //!   default [`WhenFull::Block`] a slow action stalls the transform task, which stalls the
-//!   source: memory is bounded by `2 × capacity + concurrency` batches.
+//!   source: memory is bounded by `2 × capacity + concurrency + 2` batches (the `2` are
+//!   the batches the source and transform tasks hold while they wait to send).
 //! - **Acknowledgement**: a batch's [`Ack`](crate::ack::Ack) is resolved after every action
 //!   finished with it — or right after the detector when no action has anything to do. A prep
 //!   or detector error dead-letters the batch (acked once stored); an action error nacks it.
@@ -280,32 +281,27 @@ async fn send_with_policy<T>(
     rows: usize,
     nack: impl FnOnce(T),
 ) -> bool {
-    match policy {
-        WhenFull::Block => match tx.send(item).await {
-            Ok(()) => {
-                queue_of.queue_push();
-                true
-            }
-            Err(mpsc::error::SendError(item)) => {
-                nack(item);
-                false
-            }
-        },
-        WhenFull::DropNewest => match tx.try_send(item) {
-            Ok(()) => {
-                queue_of.queue_push();
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(item)) => {
+    // Reserve first, so the depth gauge counts the item before the receiver can pop it.
+    let permit = match policy {
+        WhenFull::Block => tx.reserve().await.map_err(|_| true),
+        WhenFull::DropNewest => tx.try_reserve().map_err(|e| match e {
+            mpsc::error::TrySendError::Full(()) => false,
+            mpsc::error::TrySendError::Closed(()) => true,
+        }),
+    };
+    match permit {
+        Ok(permit) => {
+            queue_of.queue_push();
+            permit.send(item);
+            true
+        }
+        Err(closed) => {
+            if !closed {
                 dropper.record_dropped(rows);
-                nack(item);
-                true
             }
-            Err(mpsc::error::TrySendError::Closed(item)) => {
-                nack(item);
-                false
-            }
-        },
+            nack(item);
+            !closed
+        }
     }
 }
 
@@ -390,16 +386,29 @@ impl Pipeline {
             .cloned()
             .unwrap_or_else(|| transform_stage.clone());
 
+        // Cancelled when the source stops for any reason (end of input, shutdown, error):
+        // from then on the pipeline is draining, and the drain is bounded by
+        // `shutdown_timeout`.
+        let draining = CancellationToken::new();
+        let drain_started: Arc<std::sync::OnceLock<Instant>> = Arc::default();
         let mut tasks: JoinSet<Result<()>> = JoinSet::new();
-        tasks.spawn(source_task(
-            stream,
-            pending_tx,
-            shutdown.clone(),
-            options.when_full,
-            stages.source.clone(),
-            transform_stage.clone(),
-            metrics.clone(),
-        ));
+        {
+            let draining = draining.clone();
+            let source = source_task(
+                stream,
+                pending_tx,
+                shutdown.clone(),
+                options.when_full,
+                stages.source.clone(),
+                transform_stage.clone(),
+                metrics.clone(),
+            );
+            tasks.spawn(async move {
+                let result = source.await;
+                draining.cancel();
+                result
+            });
+        }
         tasks.spawn(transform_task(TransformTask {
             rx: pending_rx,
             tx: scored_tx,
@@ -412,6 +421,11 @@ impl Pipeline {
             has_every_batch_action: actions.iter().any(|a| a.wants_every_batch()),
             has_actions: !actions.is_empty(),
             policy: options.when_full,
+            last_stage: stages
+                .detector
+                .clone()
+                .or_else(|| stages.preps.last().cloned())
+                .unwrap_or_else(|| transform_stage.clone()),
             queue_stage: transform_stage,
             action_queue_stage: action_queue_stage.clone(),
             metrics: metrics.clone(),
@@ -429,7 +443,12 @@ impl Pipeline {
         let mut first_error: Option<Error> = None;
         let mut timed_out = false;
         let deadline = async {
-            shutdown.cancelled().await;
+            // A shutdown request starts the clock even while the source is stuck sending.
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = draining.cancelled() => {}
+            }
+            let _ = drain_started.set(Instant::now());
             tokio::time::sleep(options.shutdown_timeout).await;
         };
         tokio::pin!(deadline);
@@ -459,12 +478,16 @@ impl Pipeline {
                 }
             }
         }
-        // Sources' background work (committing offsets, leaving a group) ends after the drain.
+        // Sources' background work (committing offsets, leaving a group) ends after the drain,
+        // within what is left of `shutdown_timeout` — plus a second's grace to commit what
+        // was acknowledged even when the drain itself ran out of time.
         background.close();
-        if tokio::time::timeout(options.shutdown_timeout, background.wait())
-            .await
-            .is_err()
-        {
+        let spent = drain_started.get().map_or(Duration::ZERO, Instant::elapsed);
+        let left = options
+            .shutdown_timeout
+            .saturating_sub(spent)
+            .max(Duration::from_secs(1));
+        if tokio::time::timeout(left, background.wait()).await.is_err() {
             tracing::warn!("source background tasks did not finish within shutdown_timeout");
             timed_out = true;
         }
@@ -550,7 +573,10 @@ struct TransformTask {
     has_every_batch_action: bool,
     has_actions: bool,
     policy: WhenFull,
+    /// The first transform stage: its metrics carry the depth of the queue from the source.
     queue_stage: Arc<StageMetrics>,
+    /// The last transform stage: it is charged with rows dropped at the action queue.
+    last_stage: Arc<StageMetrics>,
     action_queue_stage: Arc<StageMetrics>,
     metrics: Arc<PipelineMetrics>,
 }
@@ -608,7 +634,7 @@ async fn transform_task(mut t: TransformTask) -> Result<()> {
             item,
             policy,
             &t.action_queue_stage,
-            &t.queue_stage,
+            &t.last_stage,
             rows,
             |s| {
                 s.ack.nack(if policy == WhenFull::DropNewest {

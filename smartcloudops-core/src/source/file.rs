@@ -39,6 +39,13 @@ pub struct FileSourceConfig {
     /// CSV options (`format = "csv"`).
     #[serde(default)]
     pub csv: CsvOptions,
+    /// Longest line accepted; longer ones are dead-lettered (memory stays bounded).
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+}
+
+fn default_max_line_bytes() -> usize {
+    1 << 20
 }
 
 fn default_batch_size() -> usize {
@@ -54,6 +61,7 @@ impl FileSourceConfig {
             batch_size: default_batch_size(),
             speed: 0.0,
             csv: CsvOptions::default(),
+            max_line_bytes: default_max_line_bytes(),
         }
     }
 }
@@ -129,6 +137,7 @@ impl OpenState {
             chunk: Vec::with_capacity(config.batch_size * 128),
             rejects: Vec::new(),
             lines_read: 0,
+            max_line_bytes: config.max_line_bytes.max(1),
             batch_size: config.batch_size.max(1),
             origin,
             dead_letters: ctx.dead_letters,
@@ -146,6 +155,7 @@ struct FileReader {
     chunk: Vec<u8>,
     rejects: Vec<Reject>,
     lines_read: usize,
+    max_line_bytes: usize,
     batch_size: usize,
     origin: String,
     dead_letters: DeadLetterQueue,
@@ -185,17 +195,34 @@ impl FileReader {
         self.chunk.clear();
         let first_line = self.lines_read + 1;
         let mut lines = 0;
+        let mut too_long = Vec::new();
         while lines < self.batch_size {
-            let n = self
-                .input
-                .read_until(b'\n', &mut self.chunk)
+            let read = read_line_capped(&mut self.input, &mut self.chunk, self.max_line_bytes)
                 .await
                 .map_err(|e| Error::io(format!("reading {}", self.origin), e))?;
-            if n == 0 {
-                self.eof = true;
-                break;
+            match read {
+                LineRead::Eof => {
+                    self.eof = true;
+                    break;
+                }
+                LineRead::Line => {}
+                LineRead::TooLong { bytes, prefix } => {
+                    // Keep line numbering: an empty line stands in for the dropped one.
+                    self.chunk.push(b'\n');
+                    too_long.push((first_line + lines, bytes, prefix));
+                }
             }
             lines += 1;
+        }
+        for (line, bytes, prefix) in too_long {
+            self.dead_letters.send(
+                format!("{}:{line}", self.origin),
+                format!(
+                    "line of {bytes} bytes is longer than max_line_bytes ({})",
+                    self.max_line_bytes
+                ),
+                format!("{}…", String::from_utf8_lossy(&prefix)),
+            )?;
         }
         self.lines_read += lines;
         if lines == 0 {
@@ -237,6 +264,67 @@ impl FileReader {
     }
 }
 
+/// What [`read_line_capped`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    Eof,
+    /// A line (with its `\n`, if any) was appended to the buffer.
+    Line,
+    /// A line longer than the cap was skipped; the first bytes are kept for the dead letter.
+    TooLong {
+        bytes: usize,
+        prefix: Vec<u8>,
+    },
+}
+
+/// Reads one line into `out`, or skips it whole when it is longer than `max` bytes, so one
+/// endless line cannot exhaust memory.
+async fn read_line_capped<R: AsyncBufRead + Unpin + ?Sized>(
+    input: &mut R,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
+    const PREFIX: usize = 256;
+    let start = out.len();
+    let mut total = 0usize;
+    let mut prefix: Option<Vec<u8>> = None;
+    loop {
+        let buf = input.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(match (total, prefix) {
+                (0, _) => LineRead::Eof,
+                (bytes, Some(prefix)) => LineRead::TooLong { bytes, prefix },
+                (_, None) => LineRead::Line,
+            });
+        }
+        let (n, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        match &mut prefix {
+            None if total + n > max => {
+                let mut kept = out.split_off(start);
+                kept.extend_from_slice(&buf[..n.min(PREFIX)]);
+                kept.truncate(PREFIX);
+                prefix = Some(kept);
+            }
+            None => out.extend_from_slice(&buf[..n]),
+            Some(_) => {}
+        }
+        total += n;
+        input.consume(n);
+        if done {
+            return Ok(match prefix {
+                Some(prefix) => LineRead::TooLong {
+                    bytes: total,
+                    prefix,
+                },
+                None => LineRead::Line,
+            });
+        }
+    }
+}
+
 /// Paces batches in event time.
 #[derive(Debug)]
 struct Pacing {
@@ -274,7 +362,7 @@ impl Pacing {
         let mut out = Vec::new();
         let mut start = 0;
         for i in 1..ts.len() {
-            if (ts[i] - ts[start]).abs() >= span {
+            if ts[i].abs_diff(ts[start]) >= span as u64 {
                 out.push(batch.slice(start, i - start));
                 start = i;
             }
@@ -288,9 +376,12 @@ impl Pacing {
             return;
         };
         let (wall, event) = *self.origin.get_or_insert((Instant::now(), ts));
-        let ahead_ms = (ts - event) as f64 / self.speed;
-        if ahead_ms > 0.0 {
-            tokio::time::sleep_until(wall + Duration::from_secs_f64(ahead_ms / 1000.0)).await;
+        let ahead_ms = ts.saturating_sub(event) as f64 / self.speed;
+        let due = Duration::try_from_secs_f64(ahead_ms / 1000.0)
+            .ok()
+            .and_then(|ahead| wall.checked_add(ahead));
+        if let Some(due) = due {
+            tokio::time::sleep_until(due).await;
         }
     }
 }
@@ -333,6 +424,34 @@ mod tests {
         assert!(letters[0].origin.ends_with(":6"), "{}", letters[0].origin);
         assert_eq!(letters[0].payload, "garbage");
         assert_eq!(ctx.dead_letters.stage().snapshot().dead_lettered, 1);
+        for b in batches {
+            b.ack.ack();
+        }
+    }
+
+    #[tokio::test]
+    async fn overlong_lines_are_dead_lettered_and_numbering_holds() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, r#"{{"ts": 1, "metric": "m", "value": 1}}"#).unwrap();
+        writeln!(file, "{}", "x".repeat(5000)).unwrap();
+        writeln!(file, "bad").unwrap();
+        write!(file, r#"{{"ts": 4, "metric": "m", "value": 4}}"#).unwrap(); // no final newline
+        let mut config = FileSourceConfig::new(file.path());
+        config.max_line_bytes = 100;
+        let dead = Arc::new(MemoryDeadLetters::default());
+        let stream = Box::new(FileSource::new(config))
+            .open(ctx(dead.clone()))
+            .unwrap();
+        let batches: Vec<SourceBatch> = stream.try_collect().await.unwrap();
+        assert_eq!(batches.iter().map(|b| b.batch.num_rows()).sum::<usize>(), 2);
+        let letters = dead.letters();
+        assert_eq!(letters.len(), 2);
+        assert!(
+            letters[0].origin.ends_with(":2") && letters[0].reason.contains("5001 bytes"),
+            "{letters:?}"
+        );
+        assert!(letters[0].payload.len() < 300);
+        assert!(letters[1].origin.ends_with(":3"), "{letters:?}");
         for b in batches {
             b.ack.ack();
         }
