@@ -1,0 +1,372 @@
+//! The Kafka source and sink against a real broker on loopback.
+//!
+//! These tests are `#[ignore]`d so that `cargo test` needs no broker. Run them with
+//! `scripts/kafka.sh start` and
+//! `cargo test -p smartcloudops-core --features kafka --test kafka -- --ignored`
+//! (`SMARTCLOUDOPS_KAFKA_BROKERS` overrides the default `127.0.0.1:19092`).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use smartcloudops_core::action::{KafkaSink, KafkaSinkConfig, KafkaSinkPayload};
+use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
+use smartcloudops_core::schema::MetricsColumns;
+use smartcloudops_core::source::kafka::AutoOffsetReset;
+use smartcloudops_core::source::{KafkaSource, KafkaSourceConfig};
+use smartcloudops_core::{Action, ActionInput, Error, Pipeline, Result};
+use tokio::time::Instant;
+
+fn brokers() -> String {
+    std::env::var("SMARTCLOUDOPS_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+fn unique(name: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{name}-{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+}
+
+/// Produces `(key, payload)` records; returns the end offset (last + 1) of each partition.
+async fn produce(topic: &str, records: &[(String, String)]) -> BTreeMap<i32, i64> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let deliveries: Vec<_> = records
+        .iter()
+        .map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(10)))
+        .collect();
+    let mut ends = BTreeMap::new();
+    for d in futures::future::join_all(deliveries).await {
+        let delivery = d.map_err(|(e, _)| e).unwrap();
+        let end = ends.entry(delivery.partition).or_insert(0);
+        *end = (*end).max(delivery.offset + 1);
+    }
+    ends
+}
+
+/// Reads `topic` from the beginning until `expect` messages arrived (or `timeout`).
+async fn consume(topic: &str, expect: usize, timeout: Duration) -> Vec<OwnedMessage> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < expect {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(e)) => panic!("consuming {topic}: {e}"),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// The group's committed offsets for `partitions` of `topic`.
+fn committed(group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(series: usize, points: usize) -> Vec<(String, String)> {
+    (0..points)
+        .flat_map(|t| {
+            (0..series).map(move |s| {
+                let host = format!("host-{s:03}");
+                let payload = format!(
+                    r#"{{"ts": {}, "metric": "cpu", "labels": {{"host": "{host}"}}, "value": {}}}"#,
+                    1_764_028_800_000i64 + t as i64 * 10_000,
+                    40.0 + ((t * 7 + s) % 11) as f64
+                );
+                (host, payload)
+            })
+        })
+        .collect()
+}
+
+fn source_config(group: &str, topic: &str) -> KafkaSourceConfig {
+    let mut config = KafkaSourceConfig::new(brokers(), group, vec![topic.to_owned()]);
+    config.auto_offset_reset = AutoOffsetReset::Earliest;
+    config.batch_size = 200;
+    config.batch_timeout = Duration::from_millis(20);
+    config.drain_timeout = Duration::from_secs(3);
+    config.commit_interval = Duration::from_millis(200);
+    config.retry_backoff = Duration::from_millis(50);
+    config.options.insert("session.timeout.ms".into(), "6000".into());
+    config.options.insert("heartbeat.interval.ms".into(), "500".into());
+    config
+}
+
+/// Records every `(series_id, ts)` it sees; optionally fails its first `fail_first` calls.
+#[derive(Debug, Default)]
+struct Seen {
+    rows: Mutex<Vec<(u64, i64)>>,
+    calls: AtomicUsize,
+    fail_first: usize,
+}
+
+impl Action for Seen {
+    fn name(&self) -> &str {
+        "seen"
+    }
+    fn wants_every_batch(&self) -> bool {
+        true
+    }
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
+                return Err(Error::Action {
+                    action: "seen".into(),
+                    message: "injected failure".into(),
+                    retryable: true,
+                });
+            }
+            let cols = MetricsColumns::try_new(&input.batch, "seen")?;
+            let mut rows = self.rows.lock().unwrap();
+            for i in 0..input.batch.num_rows() {
+                rows.push((cols.series_id.value(i), cols.ts.value(i)));
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Seen {
+    fn distinct(&self) -> usize {
+        self.rows.lock().unwrap().iter().collect::<HashSet<_>>().len()
+    }
+}
+
+async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn every_event_is_scored_published_with_cloudevents_headers_and_committed() {
+    let (input, output, group) = (unique("metrics"), unique("scored"), unique("group"));
+    create_topic(&input, 4).await;
+    create_topic(&output, 2).await;
+    let records = events(40, 50);
+    let ends = produce(&input, &records).await;
+    assert_eq!(ends.values().sum::<i64>(), 2000);
+
+    let mut sink = KafkaSinkConfig::new(brokers(), &output);
+    sink.payload = KafkaSinkPayload::Scored;
+    sink.event_source = "smartcloudops/test".into();
+    let handle = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
+        .detector(EwmaDetector::new(EwmaConfig::default()))
+        .action(KafkaSink::new(sink).unwrap())
+        .build()
+        .spawn();
+    let published = consume(&output, 2000, Duration::from_secs(60)).await;
+    assert_eq!(published.len(), 2000, "every event scored and published");
+    assert!(
+        wait_until(Duration::from_secs(10), || committed(&group, &input, 4) == ends).await,
+        "committed {:?}, produced up to {ends:?}",
+        committed(&group, &input, 4)
+    );
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert_eq!(report.metrics.rows_acked, 2000);
+    assert_eq!(report.metrics.batches_nacked, 0);
+
+    // A plain consumer reads JSON bodies with CloudEvents attributes in ce_* headers.
+    let mut ids = HashSet::new();
+    for m in &published {
+        let headers: HashMap<&str, String> = m
+            .headers()
+            .unwrap()
+            .iter()
+            .map(|h| (h.key, String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+            .collect();
+        assert_eq!(headers["ce_specversion"], "1.0");
+        assert_eq!(headers["ce_type"], "io.smartcloudops.scored");
+        assert_eq!(headers["ce_source"], "smartcloudops/test");
+        assert!(headers["ce_time"].starts_with("2025-11-25T"));
+        assert_eq!(headers["content-type"], "application/json");
+        ids.insert(headers["ce_id"].clone());
+        let body: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(body["series_id"].as_str().unwrap().as_bytes(), m.key().unwrap(), "keyed by series");
+        assert!(body["score"].as_f64().unwrap() >= 0.0);
+        assert_eq!(body["metric"], "cpu");
+    }
+    assert_eq!(ids.len(), 2000, "ce_id is unique per event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn poison_messages_go_to_the_dead_letter_topic_with_the_reason() {
+    let (input, dlq, group) = (unique("metrics"), unique("dlq"), unique("group"));
+    create_topic(&input, 2).await;
+    create_topic(&dlq, 1).await;
+    let mut records = events(10, 10);
+    for i in 0..5 {
+        records.insert(i * 20, (format!("poison-{i}"), format!("{{\"ts\": {i}, \"metric\": \"cpu\", \"value\": \"broken\"}}")));
+    }
+    let ends = produce(&input, &records).await;
+    let mut config = source_config(&group, &input);
+    config.dead_letter_topic = Some(dlq.clone());
+    let seen = Arc::new(Seen::default());
+    let handle = Pipeline::builder(KafkaSource::new(config))
+        .shared_action(seen.clone())
+        .build()
+        .spawn();
+    let letters = consume(&dlq, 5, Duration::from_secs(60)).await;
+    assert_eq!(letters.len(), 5);
+    assert!(wait_until(Duration::from_secs(20), || seen.distinct() == 100).await);
+    // Poison does not block the partition: everything, poison included, is committed.
+    assert!(
+        wait_until(Duration::from_secs(10), || committed(&group, &input, 2) == ends).await,
+        "committed {:?}, produced up to {ends:?}",
+        committed(&group, &input, 2)
+    );
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert_eq!(report.metrics.stage("source:kafka").unwrap().dead_lettered, 5);
+    for m in letters {
+        let headers: HashMap<&str, String> = m
+            .headers()
+            .unwrap()
+            .iter()
+            .map(|h| (h.key, String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+            .collect();
+        assert!(headers["dlq_reason"].contains("not a number"), "{headers:?}");
+        assert_eq!(headers["dlq_topic"], input);
+        assert!(headers["dlq_offset"].parse::<i64>().is_ok());
+        assert!(m.key().unwrap().starts_with(b"poison-"), "original key kept");
+        assert!(String::from_utf8_lossy(m.payload().unwrap()).contains("broken"), "original payload kept");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn a_nacked_batch_is_redelivered_and_never_skipped() {
+    let (input, group) = (unique("metrics"), unique("group"));
+    create_topic(&input, 2).await;
+    let ends = produce(&input, &events(20, 50)).await;
+    let seen = Arc::new(Seen { fail_first: 3, ..Default::default() });
+    let handle = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
+        .shared_action(seen.clone())
+        .build()
+        .spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || seen.distinct() == 1000).await,
+        "saw {} of 1000",
+        seen.distinct()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || committed(&group, &input, 2) == ends).await,
+        "committed {:?}, produced up to {ends:?}",
+        committed(&group, &input, 2)
+    );
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert_eq!(report.metrics.batches_nacked, 3, "the injected failures were nacked");
+    assert!(seen.rows.lock().unwrap().len() >= 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
+    let (input, group) = (unique("metrics"), unique("group"));
+    create_topic(&input, 4).await;
+    let first_half = events(40, 100);
+    let ends_first = produce(&input, &first_half).await;
+    let a = Arc::new(Seen::default());
+    let first = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
+        .shared_action(a.clone())
+        .build()
+        .spawn();
+    assert!(wait_until(Duration::from_secs(30), || a.distinct() > 0).await, "first member consumes");
+    // A second member joins: partitions are revoked (drained, committed) and spread over both.
+    let b = Arc::new(Seen::default());
+    let second = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
+        .shared_action(b.clone())
+        .build()
+        .spawn();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let more: Vec<(String, String)> = events(40, 200).split_off(4000);
+    let ends = produce(&input, &more).await;
+    let union = |a: &Seen, b: &Seen| {
+        let mut all: HashSet<(u64, i64)> = a.rows.lock().unwrap().iter().copied().collect();
+        all.extend(b.rows.lock().unwrap().iter().copied());
+        all.len()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || union(&a, &b) == 8000).await,
+        "saw {} of 8000",
+        union(&a, &b)
+    );
+    assert!(b.distinct() > 0, "the second member got partitions");
+    assert!(wait_until(Duration::from_secs(15), || committed(&group, &input, 4) == ends).await,
+        "committed {:?}, produced up to {ends:?} (first batch {ends_first:?})", committed(&group, &input, 4));
+    first.shutdown();
+    second.shutdown();
+    let (ra, rb) = (first.wait().await.unwrap(), second.wait().await.unwrap());
+    let total = a.rows.lock().unwrap().len() + b.rows.lock().unwrap().len();
+    println!("rows seen {total} for 8000 events ({} duplicates)", total - 8000);
+    assert_eq!(ra.metrics.batches_nacked + rb.metrics.batches_nacked, 0);
+}
