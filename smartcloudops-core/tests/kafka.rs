@@ -37,7 +37,11 @@ fn unique(name: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    format!("{name}-{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{name}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 async fn create_topic(name: &str, partitions: i32) {
@@ -66,7 +70,12 @@ async fn produce(topic: &str, records: &[(String, String)]) -> BTreeMap<i32, i64
         .unwrap();
     let deliveries: Vec<_> = records
         .iter()
-        .map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(10)))
+        .map(|(k, v)| {
+            producer.send(
+                FutureRecord::to(topic).key(k).payload(v),
+                Duration::from_secs(10),
+            )
+        })
         .collect();
     let mut ends = BTreeMap::new();
     for d in futures::future::join_all(deliveries).await {
@@ -147,8 +156,12 @@ fn source_config(group: &str, topic: &str) -> KafkaSourceConfig {
     config.drain_timeout = Duration::from_secs(3);
     config.commit_interval = Duration::from_millis(200);
     config.retry_backoff = Duration::from_millis(50);
-    config.options.insert("session.timeout.ms".into(), "6000".into());
-    config.options.insert("heartbeat.interval.ms".into(), "500".into());
+    config
+        .options
+        .insert("session.timeout.ms".into(), "6000".into());
+    config
+        .options
+        .insert("heartbeat.interval.ms".into(), "500".into());
     config
 }
 
@@ -188,7 +201,12 @@ impl Action for Seen {
 
 impl Seen {
     fn distinct(&self) -> usize {
-        self.rows.lock().unwrap().iter().collect::<HashSet<_>>().len()
+        self.rows
+            .lock()
+            .unwrap()
+            .iter()
+            .collect::<HashSet<_>>()
+            .len()
     }
 }
 
@@ -224,7 +242,9 @@ async fn every_event_is_scored_published_with_cloudevents_headers_and_committed(
     let published = consume(&output, 2000, Duration::from_secs(60)).await;
     assert_eq!(published.len(), 2000, "every event scored and published");
     assert!(
-        wait_until(Duration::from_secs(10), || committed(&group, &input, 4) == ends).await,
+        wait_until(Duration::from_secs(10), || committed(&group, &input, 4)
+            == ends)
+        .await,
         "committed {:?}, produced up to {ends:?}",
         committed(&group, &input, 4)
     );
@@ -240,7 +260,12 @@ async fn every_event_is_scored_published_with_cloudevents_headers_and_committed(
             .headers()
             .unwrap()
             .iter()
-            .map(|h| (h.key, String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+            .map(|h| {
+                (
+                    h.key,
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                )
+            })
             .collect();
         assert_eq!(headers["ce_specversion"], "1.0");
         assert_eq!(headers["ce_type"], "io.smartcloudops.scored");
@@ -249,7 +274,11 @@ async fn every_event_is_scored_published_with_cloudevents_headers_and_committed(
         assert_eq!(headers["content-type"], "application/json");
         ids.insert(headers["ce_id"].clone());
         let body: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-        assert_eq!(body["series_id"].as_str().unwrap().as_bytes(), m.key().unwrap(), "keyed by series");
+        assert_eq!(
+            body["series_id"].as_str().unwrap().as_bytes(),
+            m.key().unwrap(),
+            "keyed by series"
+        );
         assert!(body["score"].as_f64().unwrap() >= 0.0);
         assert_eq!(body["metric"], "cpu");
     }
@@ -264,7 +293,13 @@ async fn poison_messages_go_to_the_dead_letter_topic_with_the_reason() {
     create_topic(&dlq, 1).await;
     let mut records = events(10, 10);
     for i in 0..5 {
-        records.insert(i * 20, (format!("poison-{i}"), format!("{{\"ts\": {i}, \"metric\": \"cpu\", \"value\": \"broken\"}}")));
+        records.insert(
+            i * 20,
+            (
+                format!("poison-{i}"),
+                format!("{{\"ts\": {i}, \"metric\": \"cpu\", \"value\": \"broken\"}}"),
+            ),
+        );
     }
     let ends = produce(&input, &records).await;
     let mut config = source_config(&group, &input);
@@ -279,25 +314,44 @@ async fn poison_messages_go_to_the_dead_letter_topic_with_the_reason() {
     assert!(wait_until(Duration::from_secs(20), || seen.distinct() == 100).await);
     // Poison does not block the partition: everything, poison included, is committed.
     assert!(
-        wait_until(Duration::from_secs(10), || committed(&group, &input, 2) == ends).await,
+        wait_until(Duration::from_secs(10), || committed(&group, &input, 2)
+            == ends)
+        .await,
         "committed {:?}, produced up to {ends:?}",
         committed(&group, &input, 2)
     );
     handle.shutdown();
     let report = handle.wait().await.unwrap();
-    assert_eq!(report.metrics.stage("source:kafka").unwrap().dead_lettered, 5);
+    assert_eq!(
+        report.metrics.stage("source:kafka").unwrap().dead_lettered,
+        5
+    );
     for m in letters {
         let headers: HashMap<&str, String> = m
             .headers()
             .unwrap()
             .iter()
-            .map(|h| (h.key, String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+            .map(|h| {
+                (
+                    h.key,
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                )
+            })
             .collect();
-        assert!(headers["dlq_reason"].contains("not a number"), "{headers:?}");
+        assert!(
+            headers["dlq_reason"].contains("not a number"),
+            "{headers:?}"
+        );
         assert_eq!(headers["dlq_topic"], input);
         assert!(headers["dlq_offset"].parse::<i64>().is_ok());
-        assert!(m.key().unwrap().starts_with(b"poison-"), "original key kept");
-        assert!(String::from_utf8_lossy(m.payload().unwrap()).contains("broken"), "original payload kept");
+        assert!(
+            m.key().unwrap().starts_with(b"poison-"),
+            "original key kept"
+        );
+        assert!(
+            String::from_utf8_lossy(m.payload().unwrap()).contains("broken"),
+            "original payload kept"
+        );
     }
 }
 
@@ -307,7 +361,10 @@ async fn a_nacked_batch_is_redelivered_and_never_skipped() {
     let (input, group) = (unique("metrics"), unique("group"));
     create_topic(&input, 2).await;
     let ends = produce(&input, &events(20, 50)).await;
-    let seen = Arc::new(Seen { fail_first: 3, ..Default::default() });
+    let seen = Arc::new(Seen {
+        fail_first: 3,
+        ..Default::default()
+    });
     let handle = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
         .shared_action(seen.clone())
         .build()
@@ -318,13 +375,18 @@ async fn a_nacked_batch_is_redelivered_and_never_skipped() {
         seen.distinct()
     );
     assert!(
-        wait_until(Duration::from_secs(10), || committed(&group, &input, 2) == ends).await,
+        wait_until(Duration::from_secs(10), || committed(&group, &input, 2)
+            == ends)
+        .await,
         "committed {:?}, produced up to {ends:?}",
         committed(&group, &input, 2)
     );
     handle.shutdown();
     let report = handle.wait().await.unwrap();
-    assert_eq!(report.metrics.batches_nacked, 3, "the injected failures were nacked");
+    assert_eq!(
+        report.metrics.batches_nacked, 3,
+        "the injected failures were nacked"
+    );
     assert!(seen.rows.lock().unwrap().len() >= 1000);
 }
 
@@ -340,7 +402,10 @@ async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
         .shared_action(a.clone())
         .build()
         .spawn();
-    assert!(wait_until(Duration::from_secs(30), || a.distinct() > 0).await, "first member consumes");
+    assert!(
+        wait_until(Duration::from_secs(30), || a.distinct() > 0).await,
+        "first member consumes"
+    );
     // A second member joins: partitions are revoked (drained, committed) and spread over both.
     let b = Arc::new(Seen::default());
     let second = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
@@ -361,12 +426,100 @@ async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
         union(&a, &b)
     );
     assert!(b.distinct() > 0, "the second member got partitions");
-    assert!(wait_until(Duration::from_secs(15), || committed(&group, &input, 4) == ends).await,
-        "committed {:?}, produced up to {ends:?} (first batch {ends_first:?})", committed(&group, &input, 4));
+    assert!(
+        wait_until(Duration::from_secs(15), || committed(&group, &input, 4)
+            == ends)
+        .await,
+        "committed {:?}, produced up to {ends:?} (first batch {ends_first:?})",
+        committed(&group, &input, 4)
+    );
     first.shutdown();
     second.shutdown();
     let (ra, rb) = (first.wait().await.unwrap(), second.wait().await.unwrap());
     let total = a.rows.lock().unwrap().len() + b.rows.lock().unwrap().len();
-    println!("rows seen {total} for 8000 events ({} duplicates)", total - 8000);
+    println!(
+        "rows seen {total} for 8000 events ({} duplicates)",
+        total - 8000
+    );
     assert_eq!(ra.metrics.batches_nacked + rb.metrics.batches_nacked, 0);
+}
+
+/// Takes a fixed time per batch.
+#[derive(Debug)]
+struct Slow {
+    delay: Duration,
+    seen: Seen,
+}
+
+impl Action for Slow {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    fn wants_every_batch(&self) -> bool {
+        true
+    }
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.seen.execute(input).await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval() {
+    let (input, group) = (unique("metrics"), unique("group"));
+    create_topic(&input, 2).await;
+    let ends = produce(&input, &events(50, 20)).await;
+    let mut config = source_config(&group, &input);
+    config.batch_size = 100;
+    // The pipeline stays blocked for ~9 s, longer than this poll interval: only a source that
+    // keeps polling (with its partitions paused) stays in the group.
+    config
+        .options
+        .insert("max.poll.interval.ms".into(), "6000".into());
+    let slow = Arc::new(Slow {
+        delay: Duration::from_millis(900),
+        seen: Seen::default(),
+    });
+    let handle = Pipeline::builder(KafkaSource::new(config))
+        .shared_action(slow.clone())
+        .options(smartcloudops_core::PipelineOptions {
+            channel_capacity: 1,
+            action_concurrency: 1,
+            ..Default::default()
+        })
+        .build()
+        .spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || slow.seen.distinct() == 1000).await,
+        "saw {} of 1000",
+        slow.seen.distinct()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || committed(&group, &input, 2)
+            == ends)
+        .await,
+        "committed {:?}, produced up to {ends:?}",
+        committed(&group, &input, 2)
+    );
+    let source = handle
+        .metrics()
+        .snapshot()
+        .stage("source:kafka")
+        .unwrap()
+        .clone();
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert_eq!(
+        source.errors, 0,
+        "no consumer errors (a missed poll interval is one)"
+    );
+    assert_eq!(
+        slow.seen.rows.lock().unwrap().len(),
+        1000,
+        "no redelivery: the member never left the group"
+    );
+    assert_eq!(report.metrics.batches_nacked, 0);
 }

@@ -14,9 +14,9 @@
 //! - **Dead letters**: an undecodable message goes to `dead_letter_topic` with the reason and
 //!   its origin in headers (or to the pipeline's dead-letter output when no topic is set),
 //!   and is counted; its offset counts as handled once the dead letter is delivered.
-//! - **Backpressure**: when the pipeline does not take batches, or `max_unacked` messages are
-//!   in flight, the source pauses its partitions and keeps polling, so neither memory nor the
-//!   poll interval runs away.
+//! - **Backpressure**: when the pipeline does not take batches (one is waiting and the next
+//!   is full), or `max_unacked` messages are in flight, the source pauses its partitions and
+//!   keeps polling, so neither memory nor the poll interval runs away.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -186,6 +186,8 @@ struct Shared {
     unacked: AtomicUsize,
     /// Bumped on every assignment so the consumer task re-applies its pause state.
     assignments: AtomicUsize,
+    /// Wakes the consumer loop when outcomes arrive, so it can resume paused partitions.
+    wake: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -335,6 +337,9 @@ fn kafka_error(context: &str, e: rdkafka::error::KafkaError) -> Error {
     }
 }
 
+/// How long a batch may wait for the pipeline before the source pauses its partitions.
+const BACKPRESSURE_GRACE: Duration = Duration::from_millis(500);
+
 struct ConsumerTask {
     consumer: Arc<KafkaConsumer>,
     shared: Arc<Shared>,
@@ -355,21 +360,31 @@ impl ConsumerTask {
         let batch_size = self.config.batch_size.max(1);
         let mut buffer: Vec<OwnedMessage> = Vec::with_capacity(batch_size);
         let mut ready: Option<SourceBatch> = None;
+        let mut ready_since = Instant::now();
         let mut deadline: Option<Instant> = None;
         let mut commit_tick = tokio::time::interval(self.config.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let consumer = self.consumer.clone();
         loop {
             self.apply_rewinds(&mut buffer);
-            self.update_pause(ready.is_some());
+            // While a batch waits for the pipeline, messages stay in librdkafka's bounded queue
+            // (recv is not polled). Only when the wait lasts does the source pause its
+            // partitions and poll again, so rebalances and the poll interval are served.
+            // Pausing on every short wait would make librdkafka drop and refetch its
+            // prefetched messages over and over.
+            let stalled = ready.is_some() && ready_since.elapsed() >= BACKPRESSURE_GRACE;
+            self.update_pause(stalled);
             tokio::select! {
                 biased;
                 permit = tx.reserve(), if ready.is_some() => match permit {
-                    Ok(permit) => permit.send(Ok(ready.take().expect("guarded by is_some"))),
+                    Ok(permit) => {
+                        tracing::trace!(waited = ?ready_since.elapsed(), "batch handed to the pipeline");
+                        permit.send(Ok(ready.take().expect("guarded by is_some")));
+                    }
                     Err(_) => break,
                 },
                 () = tx.closed() => break,
-                message = consumer.recv() => match message {
+                message = consumer.recv(), if ready.is_none() || self.paused => match message {
                     Ok(m) => {
                         buffer.push(m.detach());
                         deadline.get_or_insert_with(|| Instant::now() + self.config.batch_timeout);
@@ -381,12 +396,15 @@ impl ConsumerTask {
                 },
                 () = sleep_until(deadline), if deadline.is_some() => {}
                 _ = commit_tick.tick() => self.commit(CommitMode::Async),
+                () = self.shared.wake.notified(), if self.paused => {}
+                () = tokio::time::sleep_until(ready_since + BACKPRESSURE_GRACE), if ready.is_some() && !self.paused => {}
             }
             let due = deadline.is_some_and(|d| d <= Instant::now());
             if ready.is_none() && !buffer.is_empty() && (buffer.len() >= batch_size || due) {
                 let messages = std::mem::take(&mut buffer);
                 deadline = None;
                 ready = self.make_batch(messages).await;
+                ready_since = Instant::now();
             }
         }
         // The pipeline dropped the stream: it drains and resolves every batch it took before
@@ -458,11 +476,22 @@ impl ConsumerTask {
                 resume.add_partition(&tp.0, tp.1);
             }
         }
+        tracing::debug!(
+            pause = pause.count(),
+            resume = resume.count(),
+            want,
+            reassigned,
+            "partition flow control"
+        );
         if pause.count() > 0 {
-            let _ = self.consumer.pause(&pause);
+            if let Err(e) = self.consumer.pause(&pause) {
+                tracing::warn!(error = %e, "pausing partitions failed");
+            }
         }
         if resume.count() > 0 {
-            let _ = self.consumer.resume(&resume);
+            if let Err(e) = self.consumer.resume(&resume) {
+                tracing::warn!(error = %e, "resuming partitions failed");
+            }
         }
         if want != self.paused {
             tracing::debug!(paused = want, "backpressure");
@@ -496,7 +525,14 @@ impl ConsumerTask {
                 .iter()
                 .any(|t| t.tp.0 == m.topic() && t.tp.1 == m.partition())
         };
+        let fetched = messages.len();
         let messages: Vec<OwnedMessage> = messages.into_iter().filter(|m| owned(m)).collect();
+        if messages.len() < fetched {
+            tracing::debug!(
+                dropped = fetched - messages.len(),
+                "dropped messages of partitions no longer owned (they are redelivered)"
+            );
+        }
         if messages.is_empty() {
             return None;
         }
@@ -567,6 +603,7 @@ impl ConsumerTask {
             drop(tracker);
             shared.unacked.fetch_sub(messages, Ordering::SeqCst);
             shared.resolved.notify_all();
+            shared.wake.notify_one();
         })
     }
 
