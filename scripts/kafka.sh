@@ -47,6 +47,10 @@ wait_port() {
 
 start() {
   if running; then echo "tansu already running (pid $(cat "$PIDFILE")) on 127.0.0.1:$PORT"; return; fi
+  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+    echo "127.0.0.1:$PORT is already taken by another process; set SMARTCLOUDOPS_KAFKA_PORT" >&2
+    exit 1
+  fi
   install
   local bin
   bin="$PWD/$(tansu_bin)"

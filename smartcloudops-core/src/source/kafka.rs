@@ -29,7 +29,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{Field, Int32Type, Schema};
 use arrow::record_batch::RecordBatch;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -284,8 +284,10 @@ impl Source for KafkaSource {
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
                 ("enable.partition.eof", "false"),
-                // Bound librdkafka's prefetch: backpressure pauses partitions, this caps the rest.
-                ("queued.max.messages.kbytes", "16384"),
+                // librdkafka waits 1 s before fetching again once its prefetch queue was full;
+                // a consumer that pauses between batches (decoding) then stalls for a second
+                // at a time. Re-check soon instead.
+                ("fetch.queue.backoff.ms", "10"),
             ])
             .set("group.id", &config.group_id)
             .set("auto.offset.reset", reset)
@@ -388,6 +390,19 @@ impl ConsumerTask {
                     Ok(m) => {
                         buffer.push(m.detach());
                         deadline.get_or_insert_with(|| Instant::now() + self.config.batch_timeout);
+                        // Take whatever else librdkafka already has without another trip
+                        // through the select: the per-message cost of the loop adds up.
+                        while buffer.len() < batch_size {
+                            match consumer.recv().now_or_never() {
+                                Some(Ok(m)) => buffer.push(m.detach()),
+                                Some(Err(e)) => {
+                                    self.dead_letters.stage().record_error();
+                                    tracing::warn!(error = %e, "kafka consumer error");
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
                     }
                     Err(e) => {
                         self.dead_letters.stage().record_error();
@@ -503,10 +518,10 @@ impl ConsumerTask {
     async fn make_batch(&mut self, messages: Vec<OwnedMessage>) -> Option<SourceBatch> {
         // Claim the offset ranges first: messages of partitions revoked (or rewound) since they
         // were fetched are dropped here, never sent.
-        let mut spans: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
+        let mut spans: BTreeMap<(&str, i32), (i64, i64)> = BTreeMap::new();
         for m in &messages {
             let span = spans
-                .entry((m.topic().to_owned(), m.partition()))
+                .entry((m.topic(), m.partition()))
                 .or_insert((m.offset(), m.offset()));
             span.0 = span.0.min(m.offset());
             span.1 = span.1.max(m.offset());
@@ -514,8 +529,9 @@ impl ConsumerTask {
         let mut tickets = Vec::new();
         {
             let mut tracker = self.shared.tracker();
-            for (tp, (first, last)) in spans {
-                if let Some(ticket) = tracker.register(&tp, first, last) {
+            for ((topic, partition), (first, last)) in spans {
+                if let Some(ticket) = tracker.register(&(topic.to_owned(), partition), first, last)
+                {
                     tickets.push(ticket);
                 }
             }
