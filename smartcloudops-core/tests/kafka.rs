@@ -523,3 +523,96 @@ async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval(
     );
     assert_eq!(report.metrics.batches_nacked, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delivery_is_a_nack_never_counted_as_delivered() {
+    use smartcloudops_core::source::generator::{GeneratorConfig, GeneratorSource};
+    // Nothing listens on port 1: every delivery times out.
+    let mut sink = KafkaSinkConfig::new("127.0.0.1:1", "nowhere");
+    sink.payload = KafkaSinkPayload::Scored;
+    sink.delivery_timeout = Duration::from_millis(300);
+    let report = Pipeline::builder(GeneratorSource::new(GeneratorConfig {
+        series: 5,
+        points: 4,
+        batch_size: 10,
+        ..GeneratorConfig::default()
+    }))
+    .action(KafkaSink::new(sink).unwrap())
+    .build()
+    .run(Default::default())
+    .await
+    .unwrap();
+    assert_eq!(report.metrics.batches_acked, 0, "nothing acknowledged");
+    assert_eq!(report.metrics.batches_nacked, 2);
+    let action = report.metrics.stage("action:kafka").unwrap();
+    assert_eq!((action.errors, action.batches_out), (2, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn message_metadata_is_available_to_prep() {
+    use smartcloudops_core::prep::FnPrep;
+    let (input, group) = (unique("metrics"), unique("group"));
+    create_topic(&input, 2).await;
+    produce(&input, &events(4, 5)).await;
+    let mut config = source_config(&group, &input);
+    config.metadata = true;
+    let seen: Arc<Mutex<Vec<(String, i32, i64, String)>>> = Arc::default();
+    let sink = seen.clone();
+    let prep = FnPrep::new("inspect", move |batch: &smartcloudops_core::RecordBatch| {
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::{Int32Type, Int64Type};
+        let topic = batch.column_by_name("kafka_topic").unwrap();
+        let topic = arrow::compute::cast(topic, &arrow::datatypes::DataType::Utf8)?;
+        let partition = batch
+            .column_by_name("kafka_partition")
+            .unwrap()
+            .as_primitive::<Int32Type>()
+            .clone();
+        let offset = batch
+            .column_by_name("kafka_offset")
+            .unwrap()
+            .as_primitive::<Int64Type>()
+            .clone();
+        let key = batch
+            .column_by_name("kafka_key")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        assert!(
+            batch
+                .column_by_name("kafka_timestamp")
+                .unwrap()
+                .null_count()
+                < batch.num_rows()
+        );
+        let mut rows = sink.lock().unwrap();
+        for i in 0..batch.num_rows() {
+            rows.push((
+                topic.as_string::<i32>().value(i).to_owned(),
+                partition.value(i),
+                offset.value(i),
+                key.value(i).to_owned(),
+            ));
+        }
+        Ok(batch.clone())
+    });
+    let handle = Pipeline::builder(KafkaSource::new(config))
+        .prep(prep)
+        .build()
+        .spawn();
+    assert!(wait_until(Duration::from_secs(30), || seen.lock().unwrap().len() == 20).await);
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    let rows = seen.lock().unwrap();
+    assert!(rows.iter().all(|(t, p, o, k)| *t == input
+        && (0..2).contains(p)
+        && *o >= 0
+        && k.starts_with("host-")));
+    let distinct: HashSet<(i32, i64)> = rows.iter().map(|(_, p, o, _)| (*p, *o)).collect();
+    assert_eq!(
+        distinct.len(),
+        20,
+        "one row per message, each with its own offset"
+    );
+}

@@ -311,19 +311,25 @@ impl Source for KafkaSource {
             None => None,
         };
         let (tx, rx) = mpsc::channel(1);
+        let (claims_tx, claims_rx) = mpsc::channel(1);
+        let decode = DecodeTask {
+            decoder: config.format.decoder(config.csv.clone()),
+            dead_letters: ctx.dead_letters.clone(),
+            dead_letter_producer,
+            metadata: config.metadata,
+        };
         let task = ConsumerTask {
             consumer: Arc::new(consumer),
             shared,
-            decoder: config.format.decoder(config.csv.clone()),
             dead_letters: ctx.dead_letters,
-            dead_letter_producer,
             paused: false,
             seen_assignments: 0,
             backoff: HashMap::new(),
             last_committed: HashMap::new(),
             config,
         };
-        ctx.tasks.spawn(task.run(tx));
+        ctx.tasks.spawn(task.run(claims_tx));
+        ctx.tasks.spawn(decode.run(claims_rx, tx));
         Ok(tokio_stream_from(rx))
     }
 }
@@ -346,9 +352,8 @@ struct ConsumerTask {
     consumer: Arc<KafkaConsumer>,
     shared: Arc<Shared>,
     config: KafkaSourceConfig,
-    decoder: Box<dyn Decoder>,
+    /// The source's stage metrics (consumer errors are counted there).
     dead_letters: DeadLetterQueue,
-    dead_letter_producer: Option<(FutureProducer, String)>,
     paused: bool,
     seen_assignments: usize,
     /// Partitions held paused until a redelivery backoff expires.
@@ -357,11 +362,12 @@ struct ConsumerTask {
 }
 
 impl ConsumerTask {
-    /// The consumer loop: polls Kafka, cuts batches, hands them to the pipeline through `tx`.
-    async fn run(mut self, tx: mpsc::Sender<Result<SourceBatch>>) {
+    /// The consumer loop: polls Kafka, cuts batches and claims their offsets, hands them to
+    /// the decode task through `tx`.
+    async fn run(mut self, tx: mpsc::Sender<Claimed>) {
         let batch_size = self.config.batch_size.max(1);
         let mut buffer: Vec<OwnedMessage> = Vec::with_capacity(batch_size);
-        let mut ready: Option<SourceBatch> = None;
+        let mut ready: Option<Claimed> = None;
         let mut ready_since = Instant::now();
         let mut deadline: Option<Instant> = None;
         let mut commit_tick = tokio::time::interval(self.config.commit_interval);
@@ -381,7 +387,7 @@ impl ConsumerTask {
                 permit = tx.reserve(), if ready.is_some() => match permit {
                     Ok(permit) => {
                         tracing::trace!(waited = ?ready_since.elapsed(), "batch handed to the pipeline");
-                        permit.send(Ok(ready.take().expect("guarded by is_some")));
+                        permit.send(ready.take().expect("guarded by is_some"));
                     }
                     Err(_) => break,
                 },
@@ -418,7 +424,7 @@ impl ConsumerTask {
             if ready.is_none() && !buffer.is_empty() && (buffer.len() >= batch_size || due) {
                 let messages = std::mem::take(&mut buffer);
                 deadline = None;
-                ready = self.make_batch(messages).await;
+                ready = self.claim(messages);
                 ready_since = Instant::now();
             }
         }
@@ -514,10 +520,9 @@ impl ConsumerTask {
         self.paused = want;
     }
 
-    /// Decodes `messages` into one batch whose ack commits their offsets.
-    async fn make_batch(&mut self, messages: Vec<OwnedMessage>) -> Option<SourceBatch> {
-        // Claim the offset ranges first: messages of partitions revoked (or rewound) since they
-        // were fetched are dropped here, never sent.
+    /// Claims the offsets of `messages` for one batch: messages of partitions revoked (or
+    /// rewound) since they were fetched are dropped here, never sent.
+    fn claim(&mut self, messages: Vec<OwnedMessage>) -> Option<Claimed> {
         let mut spans: BTreeMap<(&str, i32), (i64, i64)> = BTreeMap::new();
         for m in &messages {
             let span = spans
@@ -555,12 +560,117 @@ impl ConsumerTask {
         let count = messages.len();
         self.shared.unacked.fetch_add(count, Ordering::SeqCst);
         let ack = self.ack_for(tickets, count);
+        Some(Claimed { messages, ack })
+    }
 
+    fn ack_for(&self, tickets: Vec<RangeTicket>, messages: usize) -> Ack {
+        let shared = self.shared.clone();
+        Ack::new(move |outcome| {
+            let mut tracker = shared.tracker();
+            for ticket in &tickets {
+                match &outcome {
+                    AckOutcome::Acked => {
+                        tracker.ack(ticket);
+                    }
+                    AckOutcome::Nacked(reason) => {
+                        if tracker.nack(ticket).is_some() {
+                            tracing::warn!(
+                                topic = %ticket.tp.0, partition = ticket.tp.1,
+                                offsets = %format!("{}..={}", ticket.first, ticket.last),
+                                %reason, "batch nacked"
+                            );
+                        }
+                    }
+                }
+            }
+            drop(tracker);
+            shared.unacked.fetch_sub(messages, Ordering::SeqCst);
+            shared.resolved.notify_all();
+            shared.wake.notify_one();
+        })
+    }
+
+    /// Commits the acknowledged high-water mark of every owned partition that moved.
+    fn commit(&mut self, mode: CommitMode) {
+        let points = self.shared.tracker().commit_points();
+        let mut tpl = TopicPartitionList::new();
+        for (tp, offset) in points {
+            if self.last_committed.get(&tp) != Some(&offset) {
+                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset));
+                self.last_committed.insert(tp, offset);
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, mode) {
+            // The same offsets are retried on the next tick (or redelivered after a restart).
+            self.last_committed.clear();
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+    }
+
+    fn wait_for_acks(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut tracker = self.shared.tracker();
+        while self.shared.unacked.load(Ordering::SeqCst) > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tracker = self
+                .shared
+                .resolved
+                .wait_timeout(tracker, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Offsets claimed by the consumer task, on their way to being decoded.
+struct Claimed {
+    messages: Vec<OwnedMessage>,
+    ack: Ack,
+}
+
+/// Decodes claimed messages into batches, on its own task so that polling Kafka and decoding
+/// run on different cores.
+struct DecodeTask {
+    decoder: Box<dyn Decoder>,
+    dead_letters: DeadLetterQueue,
+    dead_letter_producer: Option<(FutureProducer, String)>,
+    metadata: bool,
+}
+
+impl DecodeTask {
+    async fn run(
+        mut self,
+        mut claims: mpsc::Receiver<Claimed>,
+        tx: mpsc::Sender<Result<SourceBatch>>,
+    ) {
+        loop {
+            let claimed = tokio::select! {
+                claimed = claims.recv() => match claimed {
+                    Some(c) => c,
+                    None => break,
+                },
+                () = tx.closed() => break,
+            };
+            if let Some(batch) = self.decode(claimed).await {
+                if tx.send(Ok(batch)).await.is_err() {
+                    break; // the pipeline is gone; the batch's ack nacks as it drops
+                }
+            }
+        }
+    }
+
+    /// Decodes one claim into a batch whose ack commits its offsets.
+    async fn decode(&mut self, claimed: Claimed) -> Option<SourceBatch> {
+        let Claimed { messages, ack } = claimed;
+        let count = messages.len();
         let mut builder = MetricsBatchBuilder::with_capacity(count);
-        let mut meta = self
-            .config
-            .metadata
-            .then(|| MetadataColumns::with_capacity(count));
+        let mut meta = self.metadata.then(|| MetadataColumns::with_capacity(count));
         let mut rejects: Vec<Reject> = Vec::new();
         let mut bad: Vec<(&OwnedMessage, Reject)> = Vec::new();
         for m in &messages {
@@ -594,33 +704,6 @@ impl ConsumerTask {
             return None;
         }
         Some(SourceBatch::new(batch, ack))
-    }
-
-    fn ack_for(&self, tickets: Vec<RangeTicket>, messages: usize) -> Ack {
-        let shared = self.shared.clone();
-        Ack::new(move |outcome| {
-            let mut tracker = shared.tracker();
-            for ticket in &tickets {
-                match &outcome {
-                    AckOutcome::Acked => {
-                        tracker.ack(ticket);
-                    }
-                    AckOutcome::Nacked(reason) => {
-                        if tracker.nack(ticket).is_some() {
-                            tracing::warn!(
-                                topic = %ticket.tp.0, partition = ticket.tp.1,
-                                offsets = %format!("{}..={}", ticket.first, ticket.last),
-                                %reason, "batch nacked"
-                            );
-                        }
-                    }
-                }
-            }
-            drop(tracker);
-            shared.unacked.fetch_sub(messages, Ordering::SeqCst);
-            shared.resolved.notify_all();
-            shared.wake.notify_one();
-        })
     }
 
     async fn dead_letter(&self, bad: &[(&OwnedMessage, Reject)]) -> Result<()> {
@@ -676,43 +759,6 @@ impl ConsumerTask {
         }
         self.dead_letters.stage().record_dead_lettered(bad.len());
         Ok(())
-    }
-
-    /// Commits the acknowledged high-water mark of every owned partition that moved.
-    fn commit(&mut self, mode: CommitMode) {
-        let points = self.shared.tracker().commit_points();
-        let mut tpl = TopicPartitionList::new();
-        for (tp, offset) in points {
-            if self.last_committed.get(&tp) != Some(&offset) {
-                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset));
-                self.last_committed.insert(tp, offset);
-            }
-        }
-        if tpl.count() == 0 {
-            return;
-        }
-        if let Err(e) = self.consumer.commit(&tpl, mode) {
-            // The same offsets are retried on the next tick (or redelivered after a restart).
-            self.last_committed.clear();
-            tracing::warn!(error = %e, "offset commit failed");
-        }
-    }
-
-    fn wait_for_acks(&self, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut tracker = self.shared.tracker();
-        while self.shared.unacked.load(Ordering::SeqCst) > 0 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            tracker = self
-                .shared
-                .resolved
-                .wait_timeout(tracker, left.min(Duration::from_millis(100)))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
     }
 }
 
