@@ -557,7 +557,9 @@ async fn message_metadata_is_available_to_prep() {
     produce(&input, &events(4, 5)).await;
     let mut config = source_config(&group, &input);
     config.metadata = true;
-    let seen: Arc<Mutex<Vec<(String, i32, i64, String)>>> = Arc::default();
+    /// topic, partition, offset, key of each row.
+    type Row = (String, i32, i64, String);
+    let seen: Arc<Mutex<Vec<Row>>> = Arc::default();
     let sink = seen.clone();
     let prep = FnPrep::new("inspect", move |batch: &smartcloudops_core::RecordBatch| {
         use arrow::array::{Array, AsArray};
