@@ -91,25 +91,26 @@ async fn produce(topic: &str, events: usize) {
     );
 }
 
-async fn bare_consumer(topic: &str, events: usize) -> f64 {
+/// A consumer in a group of its own, subscribed to `topic` from the beginning.
+fn subscribed(topic: &str) -> StreamConsumer {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
-        .set(
-            "group.id",
-            format!(
-                "bare-{topic}-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            ),
-        )
+        .set("group.id", format!("reader-{topic}-{nanos}"))
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
+async fn bare_consumer(topic: &str, events: usize) -> f64 {
+    let consumer = subscribed(topic);
     let mut first = None;
     let mut n = 0usize;
     let mut bytes = 0usize;
@@ -130,15 +131,7 @@ async fn bare_consumer(topic: &str, events: usize) -> f64 {
 /// A bare consumer that stops for 5 ms after every 4096 messages, like a pipeline that
 /// decodes between batches: shows whether the broker keeps up with a consumer that pauses.
 async fn paced_consumer(topic: &str, events: usize) -> f64 {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("paced-{topic}"))
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let consumer = subscribed(topic);
     let mut first = None;
     let mut n = 0usize;
     while n < events {

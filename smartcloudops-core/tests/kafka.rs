@@ -132,6 +132,22 @@ fn committed(group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
         .collect()
 }
 
+/// A message's headers as text.
+fn headers(m: &OwnedMessage) -> HashMap<String, String> {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn events(series: usize, points: usize) -> Vec<(String, String)> {
     (0..points)
         .flat_map(|t| {
@@ -165,12 +181,14 @@ fn source_config(group: &str, topic: &str) -> KafkaSourceConfig {
     config
 }
 
-/// Records every `(series_id, ts)` it sees; optionally fails its first `fail_first` calls.
+/// Records every `(series_id, ts)` it sees; optionally fails its first `fail_first` calls
+/// and takes `delay` per batch.
 #[derive(Debug, Default)]
 struct Seen {
     rows: Mutex<Vec<(u64, i64)>>,
     calls: AtomicUsize,
     fail_first: usize,
+    delay: Duration,
 }
 
 impl Action for Seen {
@@ -182,6 +200,7 @@ impl Action for Seen {
     }
     fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
             if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
                 return Err(Error::Action {
                     action: "seen".into(),
@@ -256,17 +275,7 @@ async fn every_event_is_scored_published_with_cloudevents_headers_and_committed(
     // A plain consumer reads JSON bodies with CloudEvents attributes in ce_* headers.
     let mut ids = HashSet::new();
     for m in &published {
-        let headers: HashMap<&str, String> = m
-            .headers()
-            .unwrap()
-            .iter()
-            .map(|h| {
-                (
-                    h.key,
-                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                )
-            })
-            .collect();
+        let headers = headers(m);
         assert_eq!(headers["ce_specversion"], "1.0");
         assert_eq!(headers["ce_type"], "io.smartcloudops.scored");
         assert_eq!(headers["ce_source"], "smartcloudops/test");
@@ -326,18 +335,8 @@ async fn poison_messages_go_to_the_dead_letter_topic_with_the_reason() {
         report.metrics.stage("source:kafka").unwrap().dead_lettered,
         5
     );
-    for m in letters {
-        let headers: HashMap<&str, String> = m
-            .headers()
-            .unwrap()
-            .iter()
-            .map(|h| {
-                (
-                    h.key,
-                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                )
-            })
-            .collect();
+    for m in &letters {
+        let headers = headers(m);
         assert!(
             headers["dlq_reason"].contains("not a number"),
             "{headers:?}"
@@ -444,28 +443,6 @@ async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
     assert_eq!(ra.metrics.batches_nacked + rb.metrics.batches_nacked, 0);
 }
 
-/// Takes a fixed time per batch.
-#[derive(Debug)]
-struct Slow {
-    delay: Duration,
-    seen: Seen,
-}
-
-impl Action for Slow {
-    fn name(&self) -> &str {
-        "slow"
-    }
-    fn wants_every_batch(&self) -> bool {
-        true
-    }
-    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            tokio::time::sleep(self.delay).await;
-            self.seen.execute(input).await
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
 async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval() {
@@ -479,9 +456,9 @@ async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval(
     config
         .options
         .insert("max.poll.interval.ms".into(), "6000".into());
-    let slow = Arc::new(Slow {
+    let slow = Arc::new(Seen {
         delay: Duration::from_millis(900),
-        seen: Seen::default(),
+        ..Default::default()
     });
     let handle = Pipeline::builder(KafkaSource::new(config))
         .shared_action(slow.clone())
@@ -493,9 +470,9 @@ async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval(
         .build()
         .spawn();
     assert!(
-        wait_until(Duration::from_secs(60), || slow.seen.distinct() == 1000).await,
+        wait_until(Duration::from_secs(60), || slow.distinct() == 1000).await,
         "saw {} of 1000",
-        slow.seen.distinct()
+        slow.distinct()
     );
     assert!(
         wait_until(Duration::from_secs(10), || committed(&group, &input, 2)
@@ -517,7 +494,7 @@ async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval(
         "no consumer errors (a missed poll interval is one)"
     );
     assert_eq!(
-        slow.seen.rows.lock().unwrap().len(),
+        slow.rows.lock().unwrap().len(),
         1000,
         "no redelivery: the member never left the group"
     );
