@@ -189,6 +189,8 @@ struct Seen {
     calls: AtomicUsize,
     fail_first: usize,
     delay: Duration,
+    /// Extra time taken by the first call only.
+    first_delay: Duration,
 }
 
 impl Action for Seen {
@@ -201,7 +203,11 @@ impl Action for Seen {
     fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
-            if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            if call == 0 {
+                tokio::time::sleep(self.first_delay).await;
+            }
+            if call < self.fail_first {
                 return Err(Error::Action {
                     action: "seen".into(),
                     message: "injected failure".into(),
@@ -396,7 +402,12 @@ async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
     create_topic(&input, 4).await;
     let first_half = events(40, 100);
     let ends_first = produce(&input, &first_half).await;
-    let a = Arc::new(Seen::default());
+    // The first member is slow, so batches are in flight when the second joins and the
+    // revoke has to drain them before committing.
+    let a = Arc::new(Seen {
+        delay: Duration::from_millis(150),
+        ..Default::default()
+    });
     let first = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
         .shared_action(a.clone())
         .build()
@@ -450,14 +461,15 @@ async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval(
     create_topic(&input, 2).await;
     let ends = produce(&input, &events(50, 20)).await;
     let mut config = source_config(&group, &input);
-    config.batch_size = 100;
-    // The pipeline stays blocked for ~9 s, longer than this poll interval: only a source that
-    // keeps polling (with its partitions paused) stays in the group.
+    config.batch_size = 50;
+    // The first action call takes 8 s while every queue behind it is full, longer than this
+    // poll interval: only a source that keeps polling (with its partitions paused) stays in
+    // the group; one that simply waits is kicked out and its batches are redelivered.
     config
         .options
         .insert("max.poll.interval.ms".into(), "6000".into());
     let slow = Arc::new(Seen {
-        delay: Duration::from_millis(900),
+        first_delay: Duration::from_secs(8),
         ..Default::default()
     });
     let handle = Pipeline::builder(KafkaSource::new(config))

@@ -475,6 +475,20 @@ impl PipelineConfig {
                 "",
             );
             check(
+                !k.commit_interval.is_zero() && k.commit_interval <= MAX_DURATION,
+                "source.commit_interval",
+                "must be longer than 0 and at most a day".into(),
+                "e.g. \"1s\"",
+            );
+            for key in ["enable.auto.commit", "enable.auto.offset.store"] {
+                check(
+                    !k.options.contains_key(key),
+                    &format!("source.options.\"{key}\""),
+                    "is managed by the source (offsets are committed only after the pipeline acknowledged them)".into(),
+                    "remove it",
+                );
+            }
+            check(
                 k.max_unacked > 0,
                 "source.max_unacked",
                 "must be at least 1".into(),

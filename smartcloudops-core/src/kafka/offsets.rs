@@ -37,6 +37,9 @@ struct PartitionState {
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
     partitions: HashMap<TopicPartition, PartitionState>,
+    /// Source of epochs, shared by all partitions and assignments, so a late outcome from an
+    /// earlier ownership of a partition can never match a range of the current one.
+    next_epoch: u64,
 }
 
 /// A registered batch's claim on a range of one partition.
@@ -51,7 +54,23 @@ pub(crate) struct RangeTicket {
 impl OffsetTracker {
     /// The consumer now owns `tp`.
     pub(crate) fn assign(&mut self, tp: TopicPartition) {
-        self.partitions.entry(tp).or_default();
+        let epoch = self.new_epoch();
+        self.partitions.entry(tp).or_insert_with(|| PartitionState {
+            epoch,
+            ..PartitionState::default()
+        });
+    }
+
+    fn new_epoch(&mut self) -> u64 {
+        self.next_epoch += 1;
+        self.next_epoch
+    }
+
+    /// Asks again for a rewind whose seek failed.
+    pub(crate) fn retry_rewind(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.rewind = Some(p.rewind.map_or(offset, |r| r.min(offset)));
+        }
     }
 
     /// The consumer gives `tp` up; returns the offset to commit for it, if any moved.
@@ -126,7 +145,9 @@ impl OffsetTracker {
             _ => return None,
         }
         p.ranges.split_off(&t.first);
-        p.epoch += 1;
+        self.next_epoch += 1;
+        let p = self.partitions.get_mut(&t.tp)?;
+        p.epoch = self.next_epoch;
         p.failures = p.failures.saturating_add(1);
         let rewind = p.rewind.map_or(t.first, |r| r.min(t.first));
         p.rewind = Some(rewind);
@@ -205,6 +226,40 @@ mod tests {
     }
 
     #[test]
+    fn outcomes_from_an_earlier_ownership_never_match_the_current_one() {
+        let mut t = OffsetTracker::default();
+        t.assign(tp());
+        let old = t.register(&tp(), 0, 9).unwrap();
+        assert_eq!(t.revoke(&tp()), Some(0));
+        t.assign(tp());
+        let new = t.register(&tp(), 0, 9).unwrap();
+        assert_ne!(old.epoch, new.epoch);
+        assert_eq!(
+            t.nack(&old),
+            None,
+            "a late nack from before the revoke is ignored"
+        );
+        assert_eq!(t.ack(&old), None);
+        assert_eq!(t.ack(&new), Some(10));
+    }
+
+    #[test]
+    fn a_failed_seek_keeps_the_rewind_pending() {
+        let mut t = OffsetTracker::default();
+        t.assign(tp());
+        let a = t.register(&tp(), 0, 9).unwrap();
+        t.nack(&a);
+        assert_eq!(t.take_rewinds().len(), 1);
+        t.retry_rewind(&tp(), 0);
+        assert_eq!(
+            t.register(&tp(), 10, 19),
+            None,
+            "nothing past the failed batch registers"
+        );
+        assert_eq!(t.take_rewinds(), vec![(tp(), 0, 1)]);
+    }
+
+    #[test]
     fn revoked_partitions_refuse_registrations_and_return_their_commit_point() {
         let mut t = OffsetTracker::default();
         t.assign(tp());
@@ -228,16 +283,27 @@ mod tests {
         /// acknowledged in its latest delivery, and the commit point never moves back.
         #[test]
         fn commit_never_passes_an_unacked_offset(
-            steps in proptest::collection::vec((0usize..16, 0u8..4), 1..80)
+            steps in proptest::collection::vec((0usize..16, 0u8..6), 1..80)
         ) {
             let mut t = OffsetTracker::default();
             t.assign(tp());
             let mut live: Vec<RangeTicket> = Vec::new();
+            // Tickets a rewind forgot: their outcomes may still arrive, late, and must not count.
+            let mut stale: Vec<RangeTicket> = Vec::new();
             let mut state: std::collections::HashMap<i64, Model> = Default::default();
             let mut next = 0i64;
             let mut last_commit = 0i64;
             for (pick, op) in steps {
-                if op == 0 || live.is_empty() {
+                if op >= 4 && !stale.is_empty() {
+                    let ticket = stale[pick % stale.len()].clone();
+                    if op == 4 {
+                        prop_assert_eq!(t.ack(&ticket), None, "a late ack moved the commit point");
+                    } else {
+                        prop_assert_eq!(t.nack(&ticket), None, "a late nack rewound");
+                    }
+                    continue;
+                }
+                if op == 0 || op >= 4 || live.is_empty() {
                     for (_, offset, _) in t.take_rewinds() {
                         next = offset;
                     }
@@ -253,6 +319,8 @@ mod tests {
                 let ticket = live.remove(pick % live.len());
                 if op == 3 {
                     prop_assert!(t.nack(&ticket).is_some());
+                    stale.push(ticket.clone());
+                    stale.extend(live.iter().filter(|l| l.first >= ticket.first).cloned());
                     live.retain(|l| l.first < ticket.first);
                     for (o, s) in state.iter_mut() {
                         if *o >= ticket.first {

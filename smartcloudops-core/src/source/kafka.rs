@@ -188,6 +188,11 @@ struct Shared {
     assignments: AtomicUsize,
     /// Wakes the consumer loop when outcomes arrive, so it can resume paused partitions.
     wake: tokio::sync::Notify,
+    /// Partitions revoked since the consumer loop last looked: messages of theirs it still
+    /// buffers predate the revoke and must not be claimed under a later assignment.
+    revoked: Mutex<Vec<TopicPartition>>,
+    /// Set by the commit callback when an asynchronous commit failed.
+    commit_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -216,6 +221,11 @@ impl ConsumerContext for RebalanceContext {
             .collect();
         // Runs on the thread polling the consumer; the pipeline acks on other threads.
         let deadline = std::time::Instant::now() + self.drain_timeout;
+        self.shared
+            .revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(revoked.iter().cloned());
         let mut tracker = self.shared.tracker();
         while revoked.iter().any(|tp| tracker.in_flight(tp) > 0) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -248,6 +258,18 @@ impl ConsumerContext for RebalanceContext {
                     tracing::warn!(error = %e, "revoke: commit failed; the new owner may redeliver")
                 }
             }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            // The same offsets are committed again on the next tick.
+            tracing::warn!(error = %e, "offset commit failed");
+            self.shared.commit_failed.store(true, Ordering::SeqCst);
         }
     }
 
@@ -291,6 +313,9 @@ impl Source for KafkaSource {
             ])
             .set("group.id", &config.group_id)
             .set("auto.offset.reset", reset)
+            // At-least-once rests on these; user options cannot switch them off.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
             .create_with_context(RebalanceContext {
                 shared: shared.clone(),
                 drain_timeout: config.drain_timeout,
@@ -328,10 +353,30 @@ impl Source for KafkaSource {
             last_committed: HashMap::new(),
             config,
         };
-        ctx.tasks.spawn(task.run(claims_tx));
-        ctx.tasks.spawn(decode.run(claims_rx, tx));
+        spawn_watched(&ctx.tasks, "consumer", task.run(claims_tx), tx.clone());
+        spawn_watched(&ctx.tasks, "decode", decode.run(claims_rx, tx.clone()), tx);
         Ok(tokio_stream_from(rx))
     }
+}
+
+/// Runs `task` in `tasks`; if it panics, the pipeline gets an error on `tx` instead of a
+/// stream that silently ends (which would look like the end of the input).
+fn spawn_watched(
+    tasks: &tokio_util::task::TaskTracker,
+    name: &'static str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+    tx: mpsc::Sender<Result<SourceBatch>>,
+) {
+    tasks.spawn(async move {
+        if let Err(e) = tokio::spawn(task).await {
+            let _ = tx
+                .send(Err(Error::Connector {
+                    connector: "kafka".into(),
+                    message: format!("the {name} task failed: {e}"),
+                }))
+                .await;
+        }
+    });
 }
 
 fn tokio_stream_from(mut rx: mpsc::Receiver<Result<SourceBatch>>) -> SourceStream {
@@ -394,13 +439,19 @@ impl ConsumerTask {
                 () = tx.closed() => break,
                 message = consumer.recv(), if ready.is_none() || self.paused => match message {
                     Ok(m) => {
+                        // The poll may have run a rebalance: drop what predates a revoke
+                        // before taking messages fetched after it.
+                        self.forget_revoked(&mut buffer);
                         buffer.push(m.detach());
                         deadline.get_or_insert_with(|| Instant::now() + self.config.batch_timeout);
                         // Take whatever else librdkafka already has without another trip
                         // through the select: the per-message cost of the loop adds up.
                         while buffer.len() < batch_size {
                             match consumer.recv().now_or_never() {
-                                Some(Ok(m)) => buffer.push(m.detach()),
+                                Some(Ok(m)) => {
+                                    self.forget_revoked(&mut buffer);
+                                    buffer.push(m.detach());
+                                }
                                 Some(Err(e)) => {
                                     self.dead_letters.stage().record_error();
                                     tracing::warn!(error = %e, "kafka consumer error");
@@ -417,6 +468,7 @@ impl ConsumerTask {
                 },
                 () = sleep_until(deadline), if deadline.is_some() => {}
                 _ = commit_tick.tick() => self.commit(CommitMode::Async),
+                () = sleep_until(self.backoff.values().min().copied()), if !self.backoff.is_empty() => {}
                 () = self.shared.wake.notified(), if self.paused => {}
                 () = tokio::time::sleep_until(ready_since + BACKPRESSURE_GRACE), if ready.is_some() && !self.paused => {}
             }
@@ -429,8 +481,11 @@ impl ConsumerTask {
             }
         }
         // The pipeline dropped the stream: it drains and resolves every batch it took before
-        // waiting for this task. Commit what was acknowledged, then leave the group.
-        self.wait_for_acks(Duration::from_secs(30));
+        // waiting for this task. A claim never handed over is released (nacked: its offsets
+        // stay uncommitted); then commit what was acknowledged and leave the group.
+        drop(ready.take());
+        drop(buffer);
+        self.wait_for_acks(Duration::from_secs(10));
         self.commit(CommitMode::Sync);
     }
 
@@ -457,7 +512,12 @@ impl ConsumerTask {
                 Offset::Offset(offset),
                 Duration::from_secs(10),
             ) {
-                tracing::error!(error = %e, %topic, partition, offset, "seek for redelivery failed; the offset stays uncommitted");
+                // Keep the rewind pending (and the partition paused): resuming without the
+                // seek would skip the failed batch.
+                tracing::warn!(error = %e, %topic, partition, offset, "seek for redelivery failed; retrying");
+                self.shared
+                    .tracker()
+                    .retry_rewind(&(topic.clone(), partition), offset);
             }
             self.backoff
                 .insert((topic, partition), Instant::now() + delay);
@@ -592,6 +652,9 @@ impl ConsumerTask {
 
     /// Commits the acknowledged high-water mark of every owned partition that moved.
     fn commit(&mut self, mode: CommitMode) {
+        if self.shared.commit_failed.swap(false, Ordering::SeqCst) {
+            self.last_committed.clear(); // resend everything
+        }
         let points = self.shared.tracker().commit_points();
         let mut tpl = TopicPartitionList::new();
         for (tp, offset) in points {
@@ -607,6 +670,34 @@ impl ConsumerTask {
             // The same offsets are retried on the next tick (or redelivered after a restart).
             self.last_committed.clear();
             tracing::warn!(error = %e, "offset commit failed");
+        }
+    }
+
+    /// Drops buffered messages of partitions revoked since the last look (see
+    /// [`Shared::revoked`]); the next owner, possibly this consumer again, refetches them from
+    /// the committed offset.
+    fn forget_revoked(&mut self, buffer: &mut Vec<OwnedMessage>) {
+        let revoked = std::mem::take(
+            &mut *self
+                .shared
+                .revoked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if revoked.is_empty() {
+            return;
+        }
+        let before = buffer.len();
+        buffer.retain(|m| {
+            !revoked
+                .iter()
+                .any(|(t, p)| t == m.topic() && *p == m.partition())
+        });
+        if buffer.len() < before {
+            tracing::debug!(
+                dropped = before - buffer.len(),
+                "dropped messages fetched before a revoke"
+            );
         }
     }
 
