@@ -191,6 +191,8 @@ struct Shared {
     /// Partitions revoked since the consumer loop last looked: messages of theirs it still
     /// buffers predate the revoke and must not be claimed under a later assignment.
     revoked: Mutex<Vec<TopicPartition>>,
+    /// Bumped with every revoke, so the loop checks `revoked` without a lock per message.
+    revocations: AtomicUsize,
     /// Set by the commit callback when an asynchronous commit failed.
     commit_failed: std::sync::atomic::AtomicBool,
 }
@@ -226,6 +228,7 @@ impl ConsumerContext for RebalanceContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(revoked.iter().cloned());
+        self.shared.revocations.fetch_add(1, Ordering::SeqCst);
         let mut tracker = self.shared.tracker();
         while revoked.iter().any(|tp| tracker.in_flight(tp) > 0) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -349,6 +352,7 @@ impl Source for KafkaSource {
             dead_letters: ctx.dead_letters,
             paused: false,
             seen_assignments: 0,
+            seen_revocations: 0,
             backoff: HashMap::new(),
             last_committed: HashMap::new(),
             config,
@@ -401,6 +405,7 @@ struct ConsumerTask {
     dead_letters: DeadLetterQueue,
     paused: bool,
     seen_assignments: usize,
+    seen_revocations: usize,
     /// Partitions held paused until a redelivery backoff expires.
     backoff: HashMap<TopicPartition, Instant>,
     last_committed: HashMap<TopicPartition, i64>,
@@ -677,6 +682,11 @@ impl ConsumerTask {
     /// [`Shared::revoked`]); the next owner, possibly this consumer again, refetches them from
     /// the committed offset.
     fn forget_revoked(&mut self, buffer: &mut Vec<OwnedMessage>) {
+        let revocations = self.shared.revocations.load(Ordering::SeqCst);
+        if revocations == self.seen_revocations {
+            return;
+        }
+        self.seen_revocations = revocations;
         let revoked = std::mem::take(
             &mut *self
                 .shared
