@@ -18,6 +18,8 @@ struct Range {
     last: i64,
     epoch: u64,
     acked: bool,
+    /// Handed to the pipeline (as opposed to claimed and still waiting to be sent).
+    handed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +105,7 @@ impl OffsetTracker {
                 last,
                 epoch: p.epoch,
                 acked: false,
+                handed: false,
             },
         );
         Some(RangeTicket {
@@ -164,7 +167,30 @@ impl OffsetTracker {
 
     /// Ranges in flight for `tp`.
     pub(crate) fn in_flight(&self, tp: &TopicPartition) -> usize {
-        self.partitions.get(tp).map_or(0, |p| p.ranges.len())
+        self.partitions.get(tp).map_or(0, |p| {
+            p.ranges.values().filter(|r| r.handed && !r.acked).count()
+        })
+    }
+
+    /// The ticket's batch was handed to the pipeline: a revoke now waits for its outcome.
+    pub(crate) fn mark_handed(&mut self, t: &RangeTicket) {
+        if let Some(r) = self
+            .partitions
+            .get_mut(&t.tp)
+            .and_then(|p| p.ranges.get_mut(&t.first))
+            .filter(|r| r.epoch == t.epoch)
+        {
+            r.handed = true;
+        }
+    }
+
+    /// Whether the ticket still belongs to the current ownership of its partition (not
+    /// revoked, not forgotten by a rewind).
+    pub(crate) fn is_current(&self, t: &RangeTicket) -> bool {
+        self.partitions
+            .get(&t.tp)
+            .and_then(|p| p.ranges.get(&t.first))
+            .is_some_and(|r| r.epoch == t.epoch)
     }
 
     /// The commit offsets of every owned partition that has one.
@@ -201,6 +227,22 @@ mod tests {
         assert_eq!(t.ack(&b), Some(30), "then jumps over everything acked");
         assert_eq!(t.commit_points(), vec![(tp(), 30)]);
         assert_eq!(t.in_flight(&tp()), 0);
+    }
+
+    #[test]
+    fn only_batches_handed_to_the_pipeline_are_in_flight() {
+        let mut t = OffsetTracker::default();
+        t.assign(tp());
+        let a = t.register(&tp(), 0, 9).unwrap();
+        let b = t.register(&tp(), 10, 19).unwrap();
+        assert_eq!(t.in_flight(&tp()), 0, "claimed, not handed");
+        t.mark_handed(&a);
+        assert_eq!(t.in_flight(&tp()), 1);
+        t.ack(&a);
+        assert_eq!(t.in_flight(&tp()), 0);
+        assert!(t.is_current(&b));
+        t.revoke(&tp());
+        assert!(!t.is_current(&b), "a revoked claim is stale");
     }
 
     #[test]

@@ -221,7 +221,9 @@ impl ConsumerContext for RebalanceContext {
             .iter()
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
-        // Runs on the thread polling the consumer; the pipeline acks on other threads.
+        // Runs on the thread polling the consumer; the pipeline acks on other threads. Only
+        // batches already handed to the pipeline are waited for: claims still queued here
+        // are dropped (their next owner reads them again).
         let deadline = std::time::Instant::now() + self.drain_timeout;
         self.shared
             .revoked
@@ -229,31 +231,34 @@ impl ConsumerContext for RebalanceContext {
             .unwrap_or_else(|p| p.into_inner())
             .extend(revoked.iter().cloned());
         self.shared.revocations.fetch_add(1, Ordering::SeqCst);
-        let mut tracker = self.shared.tracker();
-        while revoked.iter().any(|tp| tracker.in_flight(tp) > 0) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                tracing::warn!(
-                    partitions = ?revoked,
-                    "revoke: in-flight batches did not finish within drain_timeout; \
-                     the new owner will redeliver them"
-                );
-                break;
+        let drain = || {
+            let mut tracker = self.shared.tracker();
+            while revoked.iter().any(|tp| tracker.in_flight(tp) > 0) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    tracing::warn!(
+                        partitions = ?revoked,
+                        "revoke: in-flight batches did not finish within drain_timeout; \
+                         the new owner will redeliver them"
+                    );
+                    break;
+                }
+                tracker = self
+                    .shared
+                    .resolved
+                    .wait_timeout(tracker, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
-            tracker = self
-                .shared
-                .resolved
-                .wait_timeout(tracker, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let mut commit = TopicPartitionList::new();
-        for tp in &revoked {
-            if let Some(offset) = tracker.revoke(tp) {
-                let _ = commit.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset));
+            let mut commit = TopicPartitionList::new();
+            for tp in &revoked {
+                if let Some(offset) = tracker.revoke(tp) {
+                    let _ = commit.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset));
+                }
             }
-        }
-        drop(tracker);
+            commit
+        };
+        let commit = run_blocking(drain);
         if commit.count() > 0 {
             match consumer.commit(&commit, CommitMode::Sync) {
                 Ok(()) => tracing::info!(partitions = ?revoked, "revoke: offsets committed"),
@@ -290,6 +295,18 @@ impl ConsumerContext for RebalanceContext {
 }
 
 type KafkaConsumer = StreamConsumer<RebalanceContext>;
+
+/// Runs a blocking wait from inside the consumer's poll. On a multi-threaded runtime the
+/// worker hands its other tasks (the ones that will ack) to its peers first; on a
+/// current-thread runtime nothing can ack meanwhile, so the wait runs out its timeout.
+fn run_blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
 
 impl Source for KafkaSource {
     fn name(&self) -> &str {
@@ -341,6 +358,7 @@ impl Source for KafkaSource {
         let (tx, rx) = mpsc::channel(1);
         let (claims_tx, claims_rx) = mpsc::channel(1);
         let decode = DecodeTask {
+            shared: shared.clone(),
             decoder: config.format.decoder(config.csv.clone()),
             dead_letters: ctx.dead_letters.clone(),
             dead_letter_producer,
@@ -490,7 +508,7 @@ impl ConsumerTask {
         // stay uncommitted); then commit what was acknowledged and leave the group.
         drop(ready.take());
         drop(buffer);
-        self.wait_for_acks(Duration::from_secs(10));
+        run_blocking(|| self.wait_for_acks(Duration::from_secs(10)));
         self.commit(CommitMode::Sync);
     }
 
@@ -624,8 +642,12 @@ impl ConsumerTask {
         }
         let count = messages.len();
         self.shared.unacked.fetch_add(count, Ordering::SeqCst);
-        let ack = self.ack_for(tickets, count);
-        Some(Claimed { messages, ack })
+        let ack = self.ack_for(tickets.clone(), count);
+        Some(Claimed {
+            messages,
+            tickets,
+            ack,
+        })
     }
 
     fn ack_for(&self, tickets: Vec<RangeTicket>, messages: usize) -> Ack {
@@ -732,12 +754,14 @@ impl ConsumerTask {
 /// Offsets claimed by the consumer task, on their way to being decoded.
 struct Claimed {
     messages: Vec<OwnedMessage>,
+    tickets: Vec<RangeTicket>,
     ack: Ack,
 }
 
 /// Decodes claimed messages into batches, on its own task so that polling Kafka and decoding
 /// run on different cores.
 struct DecodeTask {
+    shared: Arc<Shared>,
     decoder: Box<dyn Decoder>,
     dead_letters: DeadLetterQueue,
     dead_letter_producer: Option<(FutureProducer, String)>,
@@ -758,17 +782,38 @@ impl DecodeTask {
                 },
                 () = tx.closed() => break,
             };
-            if let Some(batch) = self.decode(claimed).await {
-                if tx.send(Ok(batch)).await.is_err() {
-                    break; // the pipeline is gone; the batch's ack nacks as it drops
+            let tickets = claimed.tickets.clone();
+            if !self.is_current(&tickets) {
+                // Every partition of the claim was revoked (or rewound) meanwhile: its next
+                // owner reads it again. Dropping the claim nacks it; the tracker ignores that.
+                tracing::debug!("dropped a claim for partitions this consumer no longer owns");
+                continue;
+            }
+            let Some(batch) = self.decode(claimed).await else {
+                continue;
+            };
+            let Ok(permit) = tx.reserve().await else {
+                break; // the pipeline is gone; the batch's ack nacks as it drops
+            };
+            // From here on a revoke waits for this batch's outcome.
+            {
+                let mut tracker = self.shared.tracker();
+                for ticket in &tickets {
+                    tracker.mark_handed(ticket);
                 }
             }
+            permit.send(Ok(batch));
         }
+    }
+
+    fn is_current(&self, tickets: &[RangeTicket]) -> bool {
+        let tracker = self.shared.tracker();
+        tickets.iter().any(|t| tracker.is_current(t))
     }
 
     /// Decodes one claim into a batch whose ack commits its offsets.
     async fn decode(&mut self, claimed: Claimed) -> Option<SourceBatch> {
-        let Claimed { messages, ack } = claimed;
+        let Claimed { messages, ack, .. } = claimed;
         let count = messages.len();
         let mut builder = MetricsBatchBuilder::with_capacity(count);
         let mut meta = self.metadata.then(|| MetadataColumns::with_capacity(count));
