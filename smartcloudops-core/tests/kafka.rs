@@ -235,6 +235,16 @@ impl Seen {
     }
 }
 
+/// Waits until the group's committed offsets reach `ends` on every partition.
+async fn assert_committed(group: &str, topic: &str, ends: &BTreeMap<i32, i64>, timeout: Duration) {
+    let partitions = ends.keys().max().map_or(0, |p| p + 1);
+    assert!(
+        wait_until(timeout, || committed(group, topic, partitions) == *ends).await,
+        "committed {:?}, produced up to {ends:?}",
+        committed(group, topic, partitions)
+    );
+}
+
 async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -266,13 +276,7 @@ async fn every_event_is_scored_published_with_cloudevents_headers_and_committed(
         .spawn();
     let published = consume(&output, 2000, Duration::from_secs(60)).await;
     assert_eq!(published.len(), 2000, "every event scored and published");
-    assert!(
-        wait_until(Duration::from_secs(10), || committed(&group, &input, 4)
-            == ends)
-        .await,
-        "committed {:?}, produced up to {ends:?}",
-        committed(&group, &input, 4)
-    );
+    assert_committed(&group, &input, &ends, Duration::from_secs(10)).await;
     handle.shutdown();
     let report = handle.wait().await.unwrap();
     assert_eq!(report.metrics.rows_acked, 2000);
@@ -328,13 +332,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_with_the_reason() {
     assert_eq!(letters.len(), 5);
     assert!(wait_until(Duration::from_secs(20), || seen.distinct() == 100).await);
     // Poison does not block the partition: everything, poison included, is committed.
-    assert!(
-        wait_until(Duration::from_secs(10), || committed(&group, &input, 2)
-            == ends)
-        .await,
-        "committed {:?}, produced up to {ends:?}",
-        committed(&group, &input, 2)
-    );
+    assert_committed(&group, &input, &ends, Duration::from_secs(10)).await;
     handle.shutdown();
     let report = handle.wait().await.unwrap();
     assert_eq!(
@@ -379,13 +377,7 @@ async fn a_nacked_batch_is_redelivered_and_never_skipped() {
         "saw {} of 1000",
         seen.distinct()
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || committed(&group, &input, 2)
-            == ends)
-        .await,
-        "committed {:?}, produced up to {ends:?}",
-        committed(&group, &input, 2)
-    );
+    assert_committed(&group, &input, &ends, Duration::from_secs(10)).await;
     handle.shutdown();
     let report = handle.wait().await.unwrap();
     assert_eq!(
@@ -401,7 +393,7 @@ async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
     let (input, group) = (unique("metrics"), unique("group"));
     create_topic(&input, 4).await;
     let first_half = events(40, 100);
-    let ends_first = produce(&input, &first_half).await;
+    produce(&input, &first_half).await;
     // The first member is slow, so batches are in flight when the second joins and the
     // revoke has to drain them before committing.
     let a = Arc::new(Seen {
@@ -436,13 +428,7 @@ async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
         union(&a, &b)
     );
     assert!(b.distinct() > 0, "the second member got partitions");
-    assert!(
-        wait_until(Duration::from_secs(15), || committed(&group, &input, 4)
-            == ends)
-        .await,
-        "committed {:?}, produced up to {ends:?} (first batch {ends_first:?})",
-        committed(&group, &input, 4)
-    );
+    assert_committed(&group, &input, &ends, Duration::from_secs(15)).await;
     first.shutdown();
     second.shutdown();
     let (ra, rb) = (first.wait().await.unwrap(), second.wait().await.unwrap());
@@ -486,13 +472,7 @@ async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval(
         "saw {} of 1000",
         slow.distinct()
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || committed(&group, &input, 2)
-            == ends)
-        .await,
-        "committed {:?}, produced up to {ends:?}",
-        committed(&group, &input, 2)
-    );
+    assert_committed(&group, &input, &ends, Duration::from_secs(10)).await;
     let source = handle
         .metrics()
         .snapshot()
