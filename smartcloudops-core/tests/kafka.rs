@@ -587,3 +587,54 @@ async fn message_metadata_is_available_to_prep() {
         "one row per message, each with its own offset"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn failed_batches_are_not_committed_and_a_restart_processes_them() {
+    let (input, group) = (unique("metrics"), unique("group"));
+    create_topic(&input, 2).await;
+    let ends = produce(&input, &events(20, 50)).await;
+    // A sink that is down: every batch fails, is rewound and retried, never committed.
+    let failing = Arc::new(Seen {
+        fail_first: usize::MAX,
+        ..Default::default()
+    });
+    let handle = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
+        .shared_action(failing.clone())
+        .build()
+        .spawn();
+    assert!(
+        wait_until(Duration::from_secs(30), || failing
+            .calls
+            .load(Ordering::SeqCst)
+            >= 6)
+        .await,
+        "batches were attempted and retried"
+    );
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert!(report.metrics.batches_nacked >= 6);
+    assert_eq!(report.metrics.batches_acked, 0);
+    let after_failure = committed(&group, &input, 2);
+    for (partition, end) in &ends {
+        let at = after_failure.get(partition).copied().unwrap_or(0);
+        assert!(
+            at < *end,
+            "partition {partition} committed to {at} past failed batches"
+        );
+    }
+    // The sink is back: a restart in the same group processes everything that failed.
+    let seen = Arc::new(Seen::default());
+    let handle = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
+        .shared_action(seen.clone())
+        .build()
+        .spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || seen.distinct() == 1000).await,
+        "saw {} of 1000 after the restart",
+        seen.distinct()
+    );
+    assert_committed(&group, &input, &ends, Duration::from_secs(10)).await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+}
