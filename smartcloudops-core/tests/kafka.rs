@@ -179,6 +179,9 @@ fn source_config(group: &str, topic: &str) -> KafkaSourceConfig {
         .options
         .insert("heartbeat.interval.ms".into(), "500".into());
     config
+        .options
+        .insert("statistics.interval.ms".into(), "300".into());
+    config
 }
 
 /// Records every `(series_id, ts)` it sees; optionally fails its first `fail_first` calls
@@ -277,6 +280,29 @@ async fn every_event_is_scored_published_with_cloudevents_headers_and_committed(
     let published = consume(&output, 2000, Duration::from_secs(60)).await;
     assert_eq!(published.len(), 2000, "every event scored and published");
     assert_committed(&group, &input, &ends, Duration::from_secs(10)).await;
+    // Consumer lag per partition, from librdkafka's statistics, on the source's metrics.
+    let lag_partitions = || {
+        let snapshot = handle.metrics().snapshot();
+        let source = snapshot.stage("source:kafka").unwrap();
+        source
+            .gauges
+            .iter()
+            .filter(|g| g.name == "kafka_consumer_lag")
+            .map(|g| (g.labels.clone(), g.value))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || lag_partitions().len() == 4).await,
+        "lag gauges: {:?}",
+        lag_partitions()
+    );
+    assert!(
+        handle
+            .metrics()
+            .render_prometheus()
+            .contains("smartcloudops_kafka_consumer_lag{stage=\"source:kafka\",partition=\"0\"")
+    );
+    println!("consumer lag after catching up: {:?}", lag_partitions());
     handle.shutdown();
     let report = handle.wait().await.unwrap();
     assert_eq!(report.metrics.rows_acked, 2000);

@@ -5,6 +5,7 @@
 //! [`PipelineMetrics::snapshot`] copies them all; [`PipelineMetrics::render_prometheus`]
 //! renders them in the Prometheus text exposition format.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,7 +28,13 @@ pub struct StageMetrics {
     queue_depth: AtomicI64,
     /// Per-batch processing time in nanoseconds.
     latency: Mutex<Histogram<u64>>,
+    /// Gauges a component publishes itself (e.g. Kafka consumer lag per partition), by name
+    /// and sorted labels.
+    gauges: Mutex<BTreeMap<GaugeKey, f64>>,
 }
+
+/// A component gauge's name and sorted labels.
+type GaugeKey = (String, Vec<(String, String)>);
 
 impl StageMetrics {
     /// Metrics for a stage called `name` (e.g. `detector:ewma`).
@@ -47,6 +54,26 @@ impl StageMetrics {
                 Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
                     .expect("static histogram bounds are valid"),
             ),
+            gauges: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Sets a component gauge, rendered as `smartcloudops_<name>{stage="…", labels…}`.
+    pub fn set_gauge(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let mut labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        labels.sort();
+        if let Ok(mut g) = self.gauges.lock() {
+            g.insert((name.to_owned(), labels), value);
+        }
+    }
+
+    /// Removes every gauge called `name` (before republishing a fresh set).
+    pub fn clear_gauges(&self, name: &str) {
+        if let Ok(mut g) = self.gauges.lock() {
+            g.retain(|(n, _), _| n != name);
         }
     }
 
@@ -127,12 +154,36 @@ impl StageMetrics {
             latency_p99_ns: p99,
             latency_p999_ns: p999,
             latency_max_ns: max,
+            gauges: self
+                .gauges
+                .lock()
+                .map(|g| {
+                    g.iter()
+                        .map(|((name, labels), value)| GaugeSnapshot {
+                            name: name.clone(),
+                            labels: labels.clone(),
+                            value: *value,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
 
+/// One component gauge of a stage.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GaugeSnapshot {
+    /// Metric name without the `smartcloudops_` prefix, e.g. `kafka_consumer_lag`.
+    pub name: String,
+    /// Labels besides `stage`, sorted.
+    pub labels: Vec<(String, String)>,
+    /// The value.
+    pub value: f64,
+}
+
 /// A point-in-time copy of a stage's metrics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageSnapshot {
     /// Stage name, e.g. `source:file`, `detector:ewma`, `action:log`.
     pub name: String,
@@ -162,6 +213,8 @@ pub struct StageSnapshot {
     pub latency_p999_ns: u64,
     /// Largest per-batch latency, ns.
     pub latency_max_ns: u64,
+    /// Gauges the stage's component publishes (e.g. Kafka consumer lag per partition).
+    pub gauges: Vec<GaugeSnapshot>,
 }
 
 /// All the metrics of one pipeline.
@@ -401,6 +454,30 @@ impl MetricsSnapshot {
                 s.latency_count
             );
         }
+        // Component gauges, grouped by name so each gets one HELP/TYPE header.
+        let mut by_name: BTreeMap<&str, Vec<(&str, &GaugeSnapshot)>> = BTreeMap::new();
+        for s in &self.stages {
+            for g in &s.gauges {
+                by_name
+                    .entry(g.name.as_str())
+                    .or_default()
+                    .push((s.name.as_str(), g));
+            }
+        }
+        for (name, gauges) in by_name {
+            let _ = writeln!(
+                out,
+                "# HELP smartcloudops_{name} Published by the stage's component."
+            );
+            let _ = writeln!(out, "# TYPE smartcloudops_{name} gauge");
+            for (stage, g) in gauges {
+                let mut labels = format!("stage=\"{}\"", escape_label(stage));
+                for (k, v) in &g.labels {
+                    let _ = write!(labels, ",{k}=\"{}\"", escape_label(v));
+                }
+                let _ = writeln!(out, "smartcloudops_{name}{{{labels}}} {}", g.value);
+            }
+        }
         out
     }
 }
@@ -448,5 +525,32 @@ mod tests {
         assert!(text.contains(
             "smartcloudops_stage_latency_seconds{stage=\"detector:ewma\",quantile=\"0.5\"} 0.00025"
         ));
+    }
+
+    #[test]
+    fn component_gauges_are_rendered_with_their_labels_and_can_be_cleared() {
+        let stage = Arc::new(StageMetrics::new("source:kafka"));
+        let metrics = PipelineMetrics::new(vec![stage.clone()]);
+        stage.set_gauge(
+            "kafka_consumer_lag",
+            &[("topic", "m"), ("partition", "0")],
+            12.0,
+        );
+        stage.set_gauge(
+            "kafka_consumer_lag",
+            &[("topic", "m"), ("partition", "1")],
+            0.0,
+        );
+        let text = metrics.render_prometheus();
+        assert!(
+            text.contains("# TYPE smartcloudops_kafka_consumer_lag gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smartcloudops_kafka_consumer_lag{stage=\"source:kafka\",partition=\"0\",topic=\"m\"} 12\n"),
+            "{text}"
+        );
+        stage.clear_gauges("kafka_consumer_lag");
+        assert!(metrics.snapshot().stages[0].gauges.is_empty());
     }
 }

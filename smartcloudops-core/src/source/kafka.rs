@@ -207,9 +207,33 @@ impl Shared {
 struct RebalanceContext {
     shared: Arc<Shared>,
     drain_timeout: Duration,
+    /// The source's stage metrics, where consumer lag is published.
+    stage: Arc<crate::pipeline::metrics::StageMetrics>,
 }
 
-impl ClientContext for RebalanceContext {}
+/// Gauge name of the per-partition consumer lag.
+const LAG_GAUGE: &str = "kafka_consumer_lag";
+
+impl ClientContext for RebalanceContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): publish the lag of each
+    /// assigned partition (messages between the committed offset and the log end).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.stage.clear_gauges(LAG_GAUGE);
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // librdkafka reports -1 for partitions this member does not consume.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    let partition = partition.to_string();
+                    self.stage.set_gauge(
+                        LAG_GAUGE,
+                        &[("topic", topic), ("partition", &partition)],
+                        p.consumer_lag as f64,
+                    );
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -326,6 +350,8 @@ impl Source for KafkaSource {
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
                 ("enable.partition.eof", "false"),
+                // Statistics feed the consumer-lag gauges.
+                ("statistics.interval.ms", "5000"),
                 // librdkafka waits 1 s before fetching again once its prefetch queue was full;
                 // a consumer that pauses between batches (decoding) then stalls for a second
                 // at a time. Re-check soon instead.
@@ -339,6 +365,7 @@ impl Source for KafkaSource {
             .create_with_context(RebalanceContext {
                 shared: shared.clone(),
                 drain_timeout: config.drain_timeout,
+                stage: ctx.dead_letters.stage().clone(),
             })
             .map_err(|e| kafka_error("creating the Kafka consumer", e))?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
