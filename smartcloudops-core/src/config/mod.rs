@@ -189,6 +189,16 @@ pub struct PipelineConfig {
 
 /// Largest batch a source may be configured to build, in rows or messages.
 const MAX_BATCH: usize = 1_000_000;
+/// Checks a source's `batch_size` against `1..=MAX_BATCH`.
+fn check_batch_size(check: &mut impl FnMut(bool, &str, String, &str), size: usize, hint: &str) {
+    check(
+        (1..=MAX_BATCH).contains(&size),
+        "source.batch_size",
+        format!("must be between 1 and {MAX_BATCH}, got {size}"),
+        hint,
+    );
+}
+
 /// Largest queue capacity or concurrency.
 const MAX_QUEUE: usize = 65_536;
 /// Longest interval or timeout a config may set.
@@ -318,12 +328,7 @@ impl PipelineConfig {
         };
         match &self.source {
             SourceConfig::File(f) => {
-                check(
-                    (1..=MAX_BATCH).contains(&f.batch_size),
-                    "source.batch_size",
-                    format!("must be between 1 and {MAX_BATCH}, got {}", f.batch_size),
-                    "1024 is a good start",
-                );
+                check_batch_size(&mut check, f.batch_size, "1024 is a good start");
                 check(
                     f.speed == 0.0 || (1e-6..=1e9).contains(&f.speed),
                     "source.speed",
@@ -353,12 +358,7 @@ impl PipelineConfig {
                     format!("must be between 1 and 100000000, got {}", g.series),
                     "",
                 );
-                check(
-                    (1..=MAX_BATCH).contains(&g.batch_size),
-                    "source.batch_size",
-                    format!("must be between 1 and {MAX_BATCH}, got {}", g.batch_size),
-                    "",
-                );
+                check_batch_size(&mut check, g.batch_size, "");
                 check(
                     !g.interval.is_zero() && g.interval <= MAX_DURATION,
                     "source.interval",
@@ -468,12 +468,7 @@ impl PipelineConfig {
                 "must list at least one topic".into(),
                 "",
             );
-            check(
-                (1..=MAX_BATCH).contains(&k.batch_size),
-                "source.batch_size",
-                format!("must be between 1 and {MAX_BATCH}, got {}", k.batch_size),
-                "",
-            );
+            check_batch_size(check, k.batch_size, "");
             check(
                 !k.commit_interval.is_zero() && k.commit_interval <= MAX_DURATION,
                 "source.commit_interval",
