@@ -59,6 +59,9 @@ pub enum Error {
     /// A pipeline task panicked or was aborted.
     #[error("pipeline task failed: {0}")]
     Task(String),
+    /// A detector snapshot could not be written or restored.
+    #[error("detector snapshot: {0}")]
+    Snapshot(String),
 }
 
 impl Error {

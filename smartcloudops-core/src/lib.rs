@@ -81,6 +81,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod detector;
 pub mod error;
+pub mod eval;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod pipeline;

@@ -9,7 +9,7 @@
 //! | `series_id` | `UInt64`                      | [`series_id`] of metric + sorted labels         |
 //!
 //! Detectors append the [score columns](scored_schema): `score`, `is_anomaly`, `expected`,
-//! `lower`, `upper`, `detector`.
+//! `lower`, `upper`, `detector`, `anomaly_since`.
 
 use std::sync::{Arc, LazyLock};
 
@@ -45,8 +45,12 @@ pub mod col {
     pub const LOWER: &str = "lower";
     /// Upper edge of the normal band, `Float64`.
     pub const UPPER: &str = "upper";
-    /// Which detector produced the score, `Dictionary(Int32, Utf8)`.
+    /// Which detector produced the score, `Dictionary(Int32, Utf8)`: the detector's name, or
+    /// for an anomalous row the parts that fired, e.g. `seasonal+likelihood`.
     pub const DETECTOR: &str = "detector";
+    /// Start of the anomalous episode a flagged row belongs to, `Timestamp(ms, "UTC")`,
+    /// null on normal rows.
+    pub const ANOMALY_SINCE: &str = "anomaly_since";
 }
 
 /// The time zone of the `ts` column.
@@ -94,6 +98,7 @@ fn score_fields() -> Vec<Field> {
         Field::new(col::LOWER, DataType::Float64, true),
         Field::new(col::UPPER, DataType::Float64, true),
         Field::new(col::DETECTOR, dict_utf8(), false),
+        Field::new(col::ANOMALY_SINCE, ts_type(), true),
     ]
 }
 
@@ -359,6 +364,8 @@ pub struct ScoreColumns<'a> {
     pub detector: &'a DictionaryArray<Int32Type>,
     /// `detector` dictionary values.
     pub detector_names: &'a StringArray,
+    /// `anomaly_since`.
+    pub anomaly_since: &'a TimestampMillisecondArray,
 }
 
 impl<'a> ScoreColumns<'a> {
@@ -378,6 +385,7 @@ impl<'a> ScoreColumns<'a> {
             upper: column(batch, stage, col::UPPER)?,
             detector,
             detector_names,
+            anomaly_since: column(batch, stage, col::ANOMALY_SINCE)?,
         })
     }
 

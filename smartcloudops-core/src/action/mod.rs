@@ -79,8 +79,10 @@ pub struct Alert {
     pub lower: Option<f64>,
     /// Upper edge of the normal band.
     pub upper: Option<f64>,
-    /// The detector that flagged the row.
+    /// The detector that flagged the row, and for an ensemble the parts that fired.
     pub detector: String,
+    /// Start of the anomalous episode, RFC 3339, when the detector tracks episodes.
+    pub since: Option<String>,
     /// A one-line explanation.
     pub reason: String,
 }
@@ -124,6 +126,8 @@ impl Alert {
                 lower: opt(scores.lower, row),
                 upper: opt(scores.upper, row),
                 detector: scores.detector(row).to_owned(),
+                since: arrow::array::Array::is_valid(scores.anomaly_since, row)
+                    .then(|| format_ts(scores.anomaly_since.value(row))),
                 reason: String::new(),
             };
             alert.reason = alert.explain();
@@ -142,9 +146,14 @@ impl Alert {
         format!("{}{{{}}}", self.metric, labels.join(","))
     }
 
-    /// A one-line explanation, e.g. `97.2 above expected 41.0 (band 29.0..53.0), score 1.000
-    /// by ewma`.
+    /// A one-line explanation, e.g. `97.2 above expected 41 (band 29..53) since
+    /// 2026-11-25T10:05:00.000Z, score 1.000 by seasonal+likelihood`.
     pub fn explain(&self) -> String {
+        let since = self
+            .since
+            .as_deref()
+            .map(|s| format!(" since {s}"))
+            .unwrap_or_default();
         match (self.expected, self.lower, self.upper) {
             (Some(expected), Some(lower), Some(upper)) => {
                 let side = if self.value >= expected {
@@ -153,7 +162,7 @@ impl Alert {
                     "below"
                 };
                 format!(
-                    "{} {side} expected {} (band {}..{}), score {:.3} by {}",
+                    "{} {side} expected {} (band {}..{}){since}, score {:.3} by {}",
                     short(self.value),
                     short(expected),
                     short(lower),
@@ -163,7 +172,7 @@ impl Alert {
                 )
             }
             _ => format!(
-                "{} flagged with score {:.3} by {}",
+                "{} flagged{since} with score {:.3} by {}",
                 short(self.value),
                 self.score,
                 self.detector
@@ -211,6 +220,8 @@ mod tests {
             expected: 41.04,
             lower: 29.0,
             upper: 53.0,
+            since_ms: Some(1_764_064_800_000),
+            ..Verdict::NONE
         });
         s.push(Verdict::NONE);
         let scored = s.finish(&batch, "ewma").unwrap();
@@ -221,7 +232,8 @@ mod tests {
         assert_eq!(a.time, "2025-11-25T10:05:00.000Z");
         assert_eq!(
             a.reason,
-            "97.2 above expected 41.04 (band 29..53), score 1.000 by ewma"
+            "97.2 above expected 41.04 (band 29..53) since 2025-11-25T10:00:00.000Z, \
+             score 1.000 by ewma"
         );
         let json = serde_json::to_value(a).unwrap();
         assert_eq!(

@@ -1,6 +1,6 @@
 //! EWMA z-score: an exponentially weighted mean and variance per series.
 //!
-//! For each series the detector keeps `mean`, `var` and a count (24 bytes). A row scores by
+//! For each series the detector keeps `mean`, `var` and a count ([`EwmaState`], 24 bytes). A row scores by
 //! its distance from the mean in standard deviations, `z = |x − mean| / sd`, *before* the row
 //! updates the state (strictly online). `score = erf(z / √2)`, the probability mass of a
 //! normal distribution within `z` sigmas; a row is anomalous when `z ≥ threshold`.
@@ -17,9 +17,8 @@
 use serde::{Deserialize, Serialize};
 use statrs::function::erf::erf;
 
-use super::{Detector, ScoreColumnsBuilder, Verdict};
-use crate::error::Result;
-use crate::schema::MetricsColumns;
+use super::Verdict;
+use super::keyed::{DEFAULT_MAX_SERIES, KeyedDetector, SeriesModel};
 
 /// Configuration of the [`EwmaDetector`] (`[detector] type = "ewma"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,67 +69,63 @@ impl Default for EwmaConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct SeriesState {
+/// The state of one series: 24 bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EwmaState {
     mean: f64,
     var: f64,
     count: u32,
 }
 
-/// The EWMA z-score detector. See the [module docs](self).
-#[derive(Debug)]
-pub struct EwmaDetector {
-    config: EwmaConfig,
-    states: rustc_hash::FxHashMap<u64, SeriesState>,
+/// What one observation looked like to an [`EwmaState`] before it learned from it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Deviation {
+    /// `|x − mean| / sd`.
+    pub z: f64,
+    /// The mean before the row.
+    pub mean: f64,
+    /// The (floored) standard deviation before the row.
+    pub sd: f64,
 }
 
-impl EwmaDetector {
-    /// A detector with no state yet.
-    pub fn new(config: EwmaConfig) -> Self {
-        Self {
-            config,
-            states: Default::default(),
-        }
+impl EwmaState {
+    /// Whether the warm-up is over.
+    pub fn is_warm(&self, config: &EwmaConfig) -> bool {
+        self.count >= config.warmup.max(1)
     }
 
-    /// Scores one value of a series and updates its state.
-    fn observe(config: &EwmaConfig, state: &mut SeriesState, x: f64) -> Verdict {
+    /// Scores `x` against the state, then learns from it. `None` while warming up or for a
+    /// non-finite `x` (which is not learned either).
+    pub fn step(&mut self, config: &EwmaConfig, x: f64) -> Option<Deviation> {
         if !x.is_finite() {
-            return state_band(config, state);
+            return None;
         }
-        if state.count == 0 {
-            *state = SeriesState {
+        if self.count == 0 {
+            *self = EwmaState {
                 mean: x,
                 var: 0.0,
                 count: 1,
             };
-            return Verdict::NONE;
+            return None;
         }
-        let sd = sd_floor(config, state);
-        let diff = x - state.mean;
-        let z = diff.abs() / sd;
-        let warm = state.count >= config.warmup;
-        let verdict = if warm {
-            Verdict {
-                score: erf(z / std::f64::consts::SQRT_2),
-                is_anomaly: z >= config.threshold,
-                expected: state.mean,
-                lower: state.mean - config.threshold * sd,
-                upper: state.mean + config.threshold * sd,
-            }
-        } else {
-            Verdict::NONE
-        };
+        let sd = self.sd(config);
+        let diff = x - self.mean;
+        let warm = self.count >= config.warmup;
+        let seen = warm.then_some(Deviation {
+            z: diff.abs() / sd,
+            mean: self.mean,
+            sd,
+        });
         let alpha = if warm {
             config.alpha
         } else {
-            config.alpha.max(1.0 / f64::from(state.count + 1))
+            config.alpha.max(1.0 / f64::from(self.count + 1))
         };
         // Clip the update so one outlier cannot swamp the variance; looser while warming up,
         // and not at all for the first few rows, when `sd` means little yet.
         let clip = if warm {
             config.threshold * sd
-        } else if state.count >= 5 {
+        } else if self.count >= 5 {
             2.0 * config.threshold * sd
         } else {
             f64::INFINITY
@@ -139,71 +134,91 @@ impl EwmaDetector {
         let clip = clip.max(0.0);
         let step = diff.clamp(-clip, clip);
         let incr = alpha * step;
-        state.mean += incr;
-        state.var = (1.0 - alpha) * (state.var + step * incr);
-        state.count = state.count.saturating_add(1);
-        if !(state.mean.is_finite() && state.var.is_finite()) {
+        self.mean += incr;
+        self.var = (1.0 - alpha) * (self.var + step * incr);
+        self.count = self.count.saturating_add(1);
+        if !(self.mean.is_finite() && self.var.is_finite()) {
             // Overflow from extreme values: relearn rather than stay poisoned forever.
-            *state = SeriesState::default();
+            *self = EwmaState::default();
         }
-        verdict
-    }
-}
-
-fn sd_floor(config: &EwmaConfig, state: &SeriesState) -> f64 {
-    state
-        .var
-        .sqrt()
-        .max(config.min_sd_ratio * state.mean.abs())
-        .max(1e-9)
-}
-
-fn state_band(config: &EwmaConfig, state: &SeriesState) -> Verdict {
-    if state.count < config.warmup.max(1) {
-        return Verdict::NONE;
-    }
-    let sd = sd_floor(config, state);
-    Verdict {
-        expected: state.mean,
-        lower: state.mean - config.threshold * sd,
-        upper: state.mean + config.threshold * sd,
-        ..Verdict::NONE
-    }
-}
-
-impl Detector for EwmaDetector {
-    fn name(&self) -> &str {
-        "ewma"
+        seen
     }
 
-    fn score(
-        &mut self,
-        batch: &arrow::record_batch::RecordBatch,
-    ) -> Result<arrow::record_batch::RecordBatch> {
-        let cols = MetricsColumns::try_new(batch, "detector:ewma")?;
-        let mut out = ScoreColumnsBuilder::with_capacity(batch.num_rows());
-        let ids = cols.series_id.values();
-        let values = cols.value.values();
-        for (id, &x) in ids.iter().zip(values.iter()) {
-            let state = self.states.entry(*id).or_default();
-            out.push(Self::observe(&self.config, state, x));
+    /// Moves the mean to `x` (a change point), keeping the variance and the count.
+    pub fn rebase(&mut self, x: f64) {
+        if x.is_finite() {
+            self.mean = x;
         }
-        out.finish(batch, "ewma")
     }
 
-    fn series_count(&self) -> usize {
-        self.states.len()
+    /// The mean learned so far.
+    pub fn mean(&self) -> f64 {
+        self.mean
     }
 
-    fn state_bytes(&self) -> usize {
-        // Key, value and one control byte per bucket.
-        self.states.capacity() * (std::mem::size_of::<(u64, SeriesState)>() + 1)
+    /// The standard deviation, floored by `min_sd_ratio × |mean|` and 1e-9.
+    pub fn sd(&self, config: &EwmaConfig) -> f64 {
+        self.var
+            .sqrt()
+            .max(config.min_sd_ratio * self.mean.abs())
+            .max(1e-9)
+    }
+
+    fn band(&self, config: &EwmaConfig) -> Verdict {
+        if !self.is_warm(config) {
+            return Verdict::NONE;
+        }
+        let sd = self.sd(config);
+        Verdict {
+            expected: self.mean,
+            lower: self.mean - config.threshold * sd,
+            upper: self.mean + config.threshold * sd,
+            ..Verdict::NONE
+        }
+    }
+}
+
+impl SeriesModel for EwmaState {
+    type Params = EwmaConfig;
+
+    fn new(_: &EwmaConfig) -> Self {
+        Self::default()
+    }
+
+    fn observe(&mut self, config: &EwmaConfig, _ts_ms: i64, x: f64) -> Verdict {
+        match self.step(config, x) {
+            Some(d) => Verdict {
+                score: erf(d.z / std::f64::consts::SQRT_2),
+                is_anomaly: d.z >= config.threshold,
+                expected: d.mean,
+                lower: d.mean - config.threshold * d.sd,
+                upper: d.mean + config.threshold * d.sd,
+                ..Verdict::NONE
+            },
+            None => self.band(config),
+        }
+    }
+}
+
+/// The EWMA z-score detector. See the [module docs](self).
+pub type EwmaDetector = KeyedDetector<EwmaState>;
+
+impl KeyedDetector<EwmaState> {
+    /// A detector with no state yet, holding up to [`DEFAULT_MAX_SERIES`] series.
+    pub fn new(config: EwmaConfig) -> Self {
+        Self::with_max_series(config, DEFAULT_MAX_SERIES)
+    }
+
+    /// A detector holding up to `max_series` series.
+    pub fn with_max_series(config: EwmaConfig, max_series: usize) -> Self {
+        Self::from_parts("ewma", &config.clone(), Vec::new(), config, max_series)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detector::Detector;
     use crate::schema::{MetricsBatchBuilder, ScoreColumns};
     use arrow::record_batch::RecordBatch;
     use proptest::prelude::*;

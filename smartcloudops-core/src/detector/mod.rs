@@ -2,25 +2,54 @@
 //!
 //! A [`Detector`] receives canonical metrics batches and returns them with the score columns
 //! appended (see [`crate::schema::scored_schema`]). It keeps one small state per `series_id`
-//! and must be strictly online: the score of a row depends only on that series' earlier rows.
+//! and is strictly online: the score of a row depends only on that series' earlier rows.
 //! Detectors are plain `&mut self` state machines — no I/O, no async — so they are trivial to
 //! test and to benchmark.
+//!
+//! Most detectors are a [`SeriesModel`] (the per-series state machine) inside a
+//! [`KeyedDetector`], which owns the keyed state store: one state per series, a cap on the
+//! number of series with least-recently-used eviction, memory accounting, and versioned
+//! snapshots. The building blocks:
+//!
+//! | module | what it models | state per series |
+//! |---|---|---|
+//! | [`ewma`] | exponentially weighted mean and variance, z-score | 24 B |
+//! | [`mad`] | streaming median and median absolute deviation | 24 B |
+//! | [`seasonal`] | a baseline per time-of-day slot | 8 B × slots |
+//! | [`cusum`] | two-sided CUSUM change-point on a slow baseline | 48 B |
+//! | [`hst`] | half-space trees over a shingle of recent values | 2 B × trees × nodes |
+//! | [`threshold`] | static rules (`above` / `below`) | none |
+//! | [`postprocess`] | anomaly likelihood, range novelty, alert rest | 40 B – 16 KiB |
+//! | [`ensemble`] | all of the above combined; the `fast` and `precise` presets | sum |
 
+pub mod cusum;
+pub mod ensemble;
 pub mod ewma;
+pub mod hst;
+pub mod keyed;
+pub mod mad;
+pub mod postprocess;
+pub mod seasonal;
+pub mod threshold;
 
 use std::fmt;
 use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BooleanBuilder, DictionaryArray, Float64Array, Int32Array, StringArray,
+    TimestampMillisecondArray,
 };
 use arrow::datatypes::Int32Type;
 use arrow::record_batch::RecordBatch;
+use rustc_hash::FxHashMap;
 
-use crate::error::Result;
-use crate::schema::scored_schema_for;
+use crate::error::{Error, Result};
+use crate::schema::{TIME_ZONE, scored_schema_for};
 
+pub use self::ensemble::{EnsembleConfig, EnsembleDetector, Preset};
 pub use self::ewma::{EwmaConfig, EwmaDetector};
+pub use self::keyed::{KeyedDetector, SeriesModel};
+pub use self::threshold::{ThresholdConfig, ThresholdDetector};
 
 /// Scores batches of canonical metrics. See the [module docs](self).
 pub trait Detector: Send + fmt::Debug {
@@ -35,6 +64,29 @@ pub trait Detector: Send + fmt::Debug {
 
     /// Approximate bytes of state held, for memory accounting.
     fn state_bytes(&self) -> usize;
+
+    /// Series whose state was evicted to respect the series cap, since start.
+    fn evicted_series(&self) -> u64 {
+        0
+    }
+
+    /// All state as versioned bytes, for [`restore`](Detector::restore) after a restart.
+    fn snapshot(&self) -> Result<Vec<u8>> {
+        Err(Error::Snapshot(format!(
+            "detector `{}` keeps no state to snapshot",
+            self.name()
+        )))
+    }
+
+    /// Replaces all state with a [`snapshot`](Detector::snapshot) taken by a detector of the
+    /// same kind and configuration.
+    fn restore(&mut self, snapshot: &[u8]) -> Result<()> {
+        let _ = snapshot;
+        Err(Error::Snapshot(format!(
+            "detector `{}` keeps no state to restore",
+            self.name()
+        )))
+    }
 }
 
 /// One row's verdict.
@@ -50,6 +102,11 @@ pub struct Verdict {
     pub lower: f64,
     /// Upper edge of the normal band.
     pub upper: f64,
+    /// Which parts of the detector fired, one bit per name of
+    /// [`ScoreColumnsBuilder::finish_with_parts`]; 0 names the detector itself.
+    pub fired: u32,
+    /// Start of the anomalous episode this row belongs to (ms since the epoch).
+    pub since_ms: Option<i64>,
 }
 
 impl Verdict {
@@ -60,6 +117,8 @@ impl Verdict {
         expected: f64::NAN,
         lower: f64::NAN,
         upper: f64::NAN,
+        fired: 0,
+        since_ms: None,
     };
 }
 
@@ -71,6 +130,8 @@ pub struct ScoreColumnsBuilder {
     expected: Vec<Option<f64>>,
     lower: Vec<Option<f64>>,
     upper: Vec<Option<f64>>,
+    fired: Vec<u32>,
+    since: Vec<Option<i64>>,
 }
 
 fn finite(v: f64) -> Option<f64> {
@@ -86,6 +147,8 @@ impl ScoreColumnsBuilder {
             expected: Vec::with_capacity(rows),
             lower: Vec::with_capacity(rows),
             upper: Vec::with_capacity(rows),
+            fired: Vec::with_capacity(rows),
+            since: Vec::with_capacity(rows),
         }
     }
 
@@ -102,32 +165,114 @@ impl ScoreColumnsBuilder {
         self.expected.push(finite(v.expected));
         self.lower.push(finite(v.lower));
         self.upper.push(finite(v.upper));
+        self.fired.push(if v.is_anomaly { v.fired } else { 0 });
+        self.since
+            .push(if v.is_anomaly { v.since_ms } else { None });
     }
 
     /// `batch` with the collected columns appended; `detector` fills the `detector` column.
-    pub fn finish(mut self, batch: &RecordBatch, detector: &str) -> Result<RecordBatch> {
+    pub fn finish(self, batch: &RecordBatch, detector: &str) -> Result<RecordBatch> {
+        self.finish_with_parts(batch, detector, &[])
+    }
+
+    /// Like [`finish`](Self::finish), but an anomalous row whose verdict has `fired` bits set
+    /// is attributed to those `parts`, joined with `+` (e.g. `seasonal+likelihood`).
+    pub fn finish_with_parts(
+        mut self,
+        batch: &RecordBatch,
+        detector: &str,
+        parts: &[&str],
+    ) -> Result<RecordBatch> {
         let rows = self.score.len();
-        let names: ArrayRef = Arc::new(StringArray::from(vec![detector]));
-        let keys = Int32Array::from(vec![0; rows]);
-        let detector_col: ArrayRef = Arc::new(DictionaryArray::<Int32Type>::try_new(keys, names)?);
+        let mut names = vec![detector.to_owned()];
+        let mut key_of: FxHashMap<u32, i32> = FxHashMap::default();
+        key_of.insert(0, 0);
+        let keys: Vec<i32> = self
+            .fired
+            .iter()
+            .map(|&mask| {
+                *key_of.entry(mask).or_insert_with(|| {
+                    names.push(part_names(mask, parts, detector));
+                    (names.len() - 1) as i32
+                })
+            })
+            .collect();
+        let names: ArrayRef = Arc::new(StringArray::from(names));
+        let detector_col: ArrayRef = Arc::new(DictionaryArray::<Int32Type>::try_new(
+            Int32Array::from(keys),
+            names,
+        )?);
+        debug_assert_eq!(rows, batch.num_rows());
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(Float64Array::from(std::mem::take(
             &mut self.score,
         ))));
         columns.push(Arc::new(self.is_anomaly.finish()));
-        columns.push(Arc::new(Float64Array::from(std::mem::take(
-            &mut self.expected,
-        ))));
-        columns.push(Arc::new(Float64Array::from(std::mem::take(
-            &mut self.lower,
-        ))));
-        columns.push(Arc::new(Float64Array::from(std::mem::take(
-            &mut self.upper,
-        ))));
+        for v in [&mut self.expected, &mut self.lower, &mut self.upper] {
+            columns.push(Arc::new(Float64Array::from(std::mem::take(v))));
+        }
         columns.push(detector_col);
+        columns.push(Arc::new(
+            TimestampMillisecondArray::from(std::mem::take(&mut self.since))
+                .with_timezone(TIME_ZONE),
+        ));
         Ok(RecordBatch::try_new(
             scored_schema_for(&batch.schema()),
             columns,
         )?)
+    }
+}
+
+fn part_names(mask: u32, parts: &[&str], detector: &str) -> String {
+    let fired: Vec<&str> = (0..parts.len().min(32))
+        .filter(|bit| mask & (1 << bit) != 0)
+        .map(|bit| parts[bit])
+        .collect();
+    if fired.is_empty() {
+        detector.to_owned()
+    } else {
+        fired.join("+")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{MetricsBatchBuilder, ScoreColumns};
+
+    #[test]
+    fn anomalous_rows_name_the_parts_that_fired_and_normal_rows_the_detector() {
+        let mut b = MetricsBatchBuilder::default();
+        for i in 0..3 {
+            b.push(i, "cpu", &[("host", "a")], 1.0);
+        }
+        let mut s = ScoreColumnsBuilder::with_capacity(3);
+        s.push(Verdict {
+            score: 0.9,
+            is_anomaly: true,
+            fired: 0b101,
+            since_ms: Some(0),
+            ..Verdict::NONE
+        });
+        s.push(Verdict {
+            fired: 0b1, // not anomalous: attributed to the detector
+            ..Verdict::NONE
+        });
+        s.push(Verdict {
+            score: f64::NAN,
+            is_anomaly: true,
+            fired: 0b10,
+            ..Verdict::NONE
+        });
+        let out = s
+            .finish_with_parts(&b.finish(), "precise", &["ewma", "mad", "likelihood"])
+            .unwrap();
+        let c = ScoreColumns::try_new(&out, "t").unwrap();
+        assert_eq!(c.detector(0), "ewma+likelihood");
+        assert_eq!(c.detector(1), "precise");
+        assert_eq!(c.detector(2), "mad");
+        assert_eq!(c.score.value(2), 0.0, "NaN scores become 0");
+        assert!(arrow::array::Array::is_valid(c.anomaly_since, 0));
+        assert!(arrow::array::Array::is_null(c.anomaly_since, 1));
     }
 }

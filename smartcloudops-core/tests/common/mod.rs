@@ -97,6 +97,7 @@ impl Detector for FlagAll {
                 expected: 0.0,
                 lower: -1.0,
                 upper: 1.0,
+                ..Verdict::NONE
             });
         }
         out.finish(batch, "flag_all")

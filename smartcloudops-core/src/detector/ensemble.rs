@@ -1,0 +1,524 @@
+//! The ensemble: several detectors per series, one calibrated score, a readable explanation.
+//!
+//! Per row and series:
+//! 1. every enabled part ([`ewma`](super::ewma), [`mad`](super::mad),
+//!    [`seasonal`](super::seasonal), [`cusum`](super::cusum), [`hst`](super::hst)) scores the
+//!    value; a z-score becomes a raw score by a ramp from `z_low` (0) to `z_high` (1);
+//! 2. the raw scores combine by their maximum (each part catches a different kind of
+//!    incident: a spike, a step, a broken daily pattern, an unseen shape);
+//! 3. [anomaly likelihood](super::postprocess) turns the combined raw score into "how
+//!    unusual is this for this series", which is what makes one threshold fit every series;
+//! 4. [range novelty](super::postprocess) raises the score to 1 for a value beyond anything
+//!    the series has shown;
+//! 5. the row is anomalous when the score reaches `threshold`; then, for `rest` rows, the
+//!    series' score is held below the threshold, so one incident raises one alert rather than
+//!    a storm (the episode's start is reported as `anomaly_since`).
+//!
+//! **Cold start**: a new series learns silently. Its parts have their own warm-ups, the
+//! likelihood scores nothing for its first `likelihood.learning` rows and range novelty
+//! waits `range_novelty.warmup` rows, so the first alert of a series can come only after
+//! the largest of these (300 rows with the presets).
+//!
+//! Two presets are tuned on the NAB corpus with one parameter set for all series (see
+//! `docs/detection.md`): [`Preset::Fast`] and [`Preset::Precise`].
+
+use serde::{Deserialize, Serialize};
+
+use super::Verdict;
+use super::cusum::{CusumConfig, CusumState};
+use super::ewma::{EwmaConfig, EwmaState};
+use super::hst::{Forest, HstConfig, HstState};
+use super::keyed::{DEFAULT_MAX_SERIES, KeyedDetector, SeriesModel};
+use super::mad::{MadConfig, MadState};
+use super::postprocess::{
+    LikelihoodConfig, LikelihoodMode, LikelihoodState, RangeNoveltyConfig, RangeState,
+};
+use super::seasonal::{SeasonalConfig, SeasonalState};
+
+/// Names of the parts, in the bit order of [`Verdict::fired`].
+pub const PARTS: [&str; 7] = [
+    "ewma",
+    "mad",
+    "seasonal",
+    "cusum",
+    "hst",
+    "likelihood",
+    "range",
+];
+const EWMA: u32 = 1;
+const MAD: u32 = 1 << 1;
+const SEASONAL: u32 = 1 << 2;
+const CUSUM: u32 = 1 << 3;
+const HST: u32 = 1 << 4;
+const LIKELIHOOD: u32 = 1 << 5;
+const RANGE: u32 = 1 << 6;
+
+/// A named, tuned configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// For millions of series: EWMA, O(1) likelihood and range novelty; ≤ 1 KiB per series.
+    Fast,
+    /// The best quality: every statistical part, windowed likelihood and range novelty.
+    Precise,
+}
+
+impl Preset {
+    /// The preset's configuration.
+    pub fn config(self) -> EnsembleConfig {
+        match self {
+            Preset::Fast => EnsembleConfig {
+                ewma: Some(EwmaConfig::default()),
+                mad: None,
+                seasonal: None,
+                cusum: None,
+                hst: None,
+                likelihood: LikelihoodConfig {
+                    mode: LikelihoodMode::Exponential,
+                    ..LikelihoodConfig::default()
+                },
+                ..EnsembleConfig::default()
+            },
+            Preset::Precise => EnsembleConfig::default(),
+        }
+    }
+
+    /// The preset's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Fast => "fast",
+            Preset::Precise => "precise",
+        }
+    }
+}
+
+/// Configuration of the ensemble (`[detector] type = "ensemble"`; every field defaults to the
+/// `precise` preset).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnsembleConfig {
+    /// EWMA z-score part (`[detector.ewma]`), if enabled.
+    pub ewma: Option<EwmaConfig>,
+    /// Median/MAD part.
+    pub mad: Option<MadConfig>,
+    /// Seasonal part.
+    pub seasonal: Option<SeasonalConfig>,
+    /// CUSUM change-point part.
+    pub cusum: Option<CusumConfig>,
+    /// Half-space-trees part.
+    pub hst: Option<HstConfig>,
+    /// z-score at and below which a part's raw score is 0.
+    pub z_low: f64,
+    /// z-score at and above which a part's raw score is 1.
+    pub z_high: f64,
+    /// Anomaly likelihood.
+    pub likelihood: LikelihoodConfig,
+    /// Range novelty, if enabled.
+    pub range_novelty: Option<RangeNoveltyConfig>,
+    /// Score at or above which a row is anomalous.
+    pub threshold: f64,
+    /// Rows after an alert during which the series does not alert again.
+    pub rest: u32,
+}
+
+impl Default for EnsembleConfig {
+    fn default() -> Self {
+        Self {
+            ewma: Some(EwmaConfig::default()),
+            mad: Some(MadConfig::default()),
+            seasonal: Some(SeasonalConfig::default()),
+            cusum: Some(CusumConfig::default()),
+            hst: None,
+            z_low: 2.0,
+            z_high: 6.0,
+            likelihood: LikelihoodConfig::default(),
+            range_novelty: Some(RangeNoveltyConfig::default()),
+            threshold: 0.5,
+            rest: 100,
+        }
+    }
+}
+
+impl EnsembleConfig {
+    /// Problems with the values, as `(field, message)` pairs (field paths relative to
+    /// `[detector]`); empty when valid.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut nested = |part: &str, problems: Vec<(&'static str, String)>| {
+            out.extend(
+                problems
+                    .into_iter()
+                    .map(|(f, m)| (format!("{part}.{f}"), m)),
+            );
+        };
+        if let Some(c) = &self.ewma {
+            nested("ewma", c.problems());
+        }
+        if let Some(c) = &self.mad {
+            nested("mad", c.problems());
+        }
+        if let Some(c) = &self.seasonal {
+            nested("seasonal", c.problems());
+        }
+        if let Some(c) = &self.cusum {
+            nested("cusum", c.problems());
+        }
+        if let Some(c) = &self.hst {
+            nested("hst", c.problems());
+        }
+        nested("likelihood", self.likelihood.problems());
+        if !(self.z_low >= 0.0 && self.z_high > self.z_low && self.z_high.is_finite()) {
+            out.push((
+                "z_high".to_owned(),
+                format!(
+                    "must be above z_low ({}) and finite, got {}",
+                    self.z_low, self.z_high
+                ),
+            ));
+        }
+        if !(self.threshold > 0.0 && self.threshold <= 1.0) {
+            out.push((
+                "threshold".to_owned(),
+                format!("must be in (0, 1], got {}", self.threshold),
+            ));
+        }
+        let parts = [
+            self.ewma.is_some(),
+            self.mad.is_some(),
+            self.seasonal.is_some(),
+            self.cusum.is_some(),
+            self.hst.is_some(),
+        ];
+        if !parts.iter().any(|p| *p) && self.range_novelty.is_none() {
+            out.push(("ewma".to_owned(), "enable at least one part".to_owned()));
+        }
+        out
+    }
+
+    /// The alert threshold for a sensitivity in `[0, 1]`: 0.5 keeps the tuned threshold,
+    /// 1 halves it (more alerts), 0 raises it by half (fewer).
+    pub fn threshold_for_sensitivity(&self, sensitivity: f64) -> f64 {
+        (self.threshold * (1.5 - sensitivity.clamp(0.0, 1.0))).clamp(1e-6, 1.0)
+    }
+}
+
+/// What the ensemble shares between series: its configuration and the HST forest.
+#[derive(Debug)]
+pub struct EnsembleParams {
+    config: EnsembleConfig,
+    forest: Option<Forest>,
+}
+
+impl EnsembleParams {
+    /// Builds the shared parts of `config`.
+    pub fn new(config: EnsembleConfig) -> Self {
+        let forest = config.hst.clone().map(Forest::new);
+        Self { config, forest }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EnsembleConfig {
+        &self.config
+    }
+}
+
+/// The state of one series: each enabled part's state plus the post-processing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleState {
+    ewma: EwmaState,
+    mad: MadState,
+    cusum: CusumState,
+    seasonal: Option<Box<SeasonalState>>,
+    hst: Option<Box<HstState>>,
+    likelihood: LikelihoodState,
+    range: RangeState,
+    /// Rows still to rest after the last alert.
+    rest_left: u32,
+    /// Start of the current anomalous episode.
+    episode_start: Option<i64>,
+}
+
+fn ramp(z: f64, low: f64, high: f64) -> f64 {
+    if z.is_nan() {
+        return 0.0;
+    }
+    ((z - low) / (high - low)).clamp(0.0, 1.0)
+}
+
+impl SeriesModel for EnsembleState {
+    type Params = EnsembleParams;
+
+    fn new(params: &EnsembleParams) -> Self {
+        Self {
+            seasonal: params.config.seasonal.as_ref().map(|_| Box::default()),
+            hst: params.config.hst.as_ref().map(|_| Box::default()),
+            ..Self::default()
+        }
+    }
+
+    fn observe(&mut self, params: &EnsembleParams, ts_ms: i64, x: f64) -> Verdict {
+        let c = &params.config;
+        if !x.is_finite() {
+            return Verdict::NONE;
+        }
+        let mut raw = 0.0f64;
+        let mut fired = 0u32;
+        // The best opinion of the expected value: seasonal, then robust, then mean.
+        let mut band: Option<(f64, f64)> = None;
+        let mut take = |part_raw: f64, bit: u32, fired: &mut u32| {
+            if part_raw >= 0.5 {
+                *fired |= bit;
+            }
+            raw = raw.max(part_raw);
+        };
+        if let (Some(cfg), Some(state)) = (&c.seasonal, self.seasonal.as_mut()) {
+            if let Some(r) = state.step(cfg, ts_ms, x) {
+                take(ramp(r.z, c.z_low, c.z_high), SEASONAL, &mut fired);
+                band = band.or(Some((r.expected, r.sd)));
+            }
+        }
+        if let Some(cfg) = &c.mad {
+            if let Some(r) = self.mad.step(cfg, x) {
+                take(ramp(r.z, c.z_low, c.z_high), MAD, &mut fired);
+                band = band.or(Some((r.median, r.scale)));
+            }
+        }
+        if let Some(cfg) = &c.ewma {
+            if let Some(r) = self.ewma.step(cfg, x) {
+                take(ramp(r.z, c.z_low, c.z_high), EWMA, &mut fired);
+                band = band.or(Some((r.mean, r.sd)));
+            }
+        }
+        if let Some(cfg) = &c.cusum {
+            if let Some(r) = self.cusum.step(cfg, x) {
+                take(if r.level >= 1.0 { 1.0 } else { 0.0 }, CUSUM, &mut fired);
+                band = band.or(Some((r.mean, r.sd)));
+            }
+        }
+        if let (Some(forest), Some(state)) = (&params.forest, self.hst.as_mut()) {
+            if let Some(score) = state.step(forest, x) {
+                let threshold = forest_threshold(c);
+                take(ramp(score, threshold - 0.3, threshold), HST, &mut fired);
+            }
+        }
+        let likely = self.likelihood.update(&c.likelihood, raw);
+        let mut score = likely;
+        if likely >= c.threshold {
+            fired |= LIKELIHOOD;
+        }
+        if let Some(cfg) = &c.range_novelty {
+            if self.range.update(cfg, x) {
+                score = 1.0;
+                fired |= RANGE;
+            }
+        }
+        let resting = self.rest_left > 0;
+        if resting {
+            self.rest_left -= 1;
+            // Held just below the threshold: the incident is still visible in the score
+            // without alerting again.
+            score = score.min(c.threshold * 0.999);
+        }
+        let is_anomaly = score >= c.threshold;
+        if is_anomaly {
+            self.rest_left = c.rest;
+            if !resting || self.episode_start.is_none() {
+                self.episode_start = Some(ts_ms);
+            }
+        } else if !resting {
+            self.episode_start = None;
+        }
+        let (expected, spread) = band.unwrap_or((f64::NAN, f64::NAN));
+        Verdict {
+            score,
+            is_anomaly,
+            expected,
+            lower: expected - c.z_high * spread,
+            upper: expected + c.z_high * spread,
+            fired: if is_anomaly { fired } else { 0 },
+            since_ms: if is_anomaly { self.episode_start } else { None },
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.likelihood.heap_bytes()
+            + self
+                .seasonal
+                .as_ref()
+                .map_or(0, |s| std::mem::size_of::<SeasonalState>() + s.heap_bytes())
+            + self
+                .hst
+                .as_ref()
+                .map_or(0, |s| std::mem::size_of::<HstState>() + s.heap_bytes())
+    }
+}
+
+fn forest_threshold(c: &EnsembleConfig) -> f64 {
+    c.hst.as_ref().map_or(0.7, |h| h.threshold)
+}
+
+/// The ensemble detector. See the [module docs](self).
+pub type EnsembleDetector = KeyedDetector<EnsembleState>;
+
+impl KeyedDetector<EnsembleState> {
+    /// An ensemble named `name` (the `detector` column of normal rows).
+    pub fn new(name: &str, config: EnsembleConfig, max_series: usize) -> Self {
+        Self::from_parts(
+            name,
+            &config.clone(),
+            PARTS.to_vec(),
+            EnsembleParams::new(config),
+            max_series,
+        )
+    }
+
+    /// A preset with the default series cap.
+    pub fn preset(preset: Preset) -> Self {
+        Self::new(preset.name(), preset.config(), DEFAULT_MAX_SERIES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detector::Detector;
+    use crate::schema::{MetricsBatchBuilder, ScoreColumns};
+    use arrow::record_batch::RecordBatch;
+    use proptest::prelude::*;
+
+    const MIN: i64 = 60_000;
+
+    fn batch(values: &[f64]) -> RecordBatch {
+        let mut b = MetricsBatchBuilder::default();
+        for (i, v) in values.iter().enumerate() {
+            b.push(i as i64 * 5 * MIN, "cpu", &[("host", "a")], *v);
+        }
+        b.finish()
+    }
+
+    fn scores(d: &mut EnsembleDetector, values: &[f64]) -> Vec<f64> {
+        let out = d.score(&batch(values)).unwrap();
+        ScoreColumns::try_new(&out, "t")
+            .unwrap()
+            .score
+            .values()
+            .to_vec()
+    }
+
+    fn noisy(n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|i| 40.0 + ((i * 7919) % 13) as f64 - 6.0)
+            .collect()
+    }
+
+    #[test]
+    fn an_incident_raises_one_explained_alert_and_the_cold_start_none() {
+        for preset in [Preset::Fast, Preset::Precise] {
+            let mut d = EnsembleDetector::preset(preset);
+            let mut values = noisy(1500);
+            values[3] = 500.0; // cold start: never an alert
+            for v in &mut values[1200..1230] {
+                *v = 97.0;
+            }
+            let out = d.score(&batch(&values)).unwrap();
+            let s = ScoreColumns::try_new(&out, "t").unwrap();
+            let alerts: Vec<usize> = (0..values.len())
+                .filter(|&i| s.is_anomaly.value(i))
+                .collect();
+            assert_eq!(alerts, vec![1200], "{preset:?}");
+            let why = s.detector(1200);
+            assert!(why.contains("range"), "{preset:?}: {why}");
+            assert_eq!(s.anomaly_since.value(1200), 1200 * 5 * MIN);
+            assert!((s.expected.value(1200) - 40.0).abs() < 3.0);
+        }
+    }
+
+    #[test]
+    fn snapshot_and_restore_continue_exactly_where_the_series_left_off() {
+        let values: Vec<f64> = (0..3000)
+            .map(|i| {
+                50.0 + 10.0 * ((i as f64) / 40.0).sin() + if i % 700 == 0 { 30.0 } else { 0.0 }
+            })
+            .collect();
+        let mut config = Preset::Precise.config();
+        config.hst = Some(HstConfig::default());
+        let mut whole = EnsembleDetector::new("p", config.clone(), 100);
+        let expected = scores(&mut whole, &values);
+
+        let mut before = EnsembleDetector::new("p", config.clone(), 100);
+        let mut got = scores(&mut before, &values[..1700]);
+        let bytes = before.snapshot().unwrap();
+        drop(before);
+        let mut after = EnsembleDetector::new("p", config.clone(), 100);
+        after.restore(&bytes).unwrap();
+        got.extend(scores(&mut after, &values[1700..]));
+        assert_eq!(got, expected);
+
+        let mut other = EnsembleDetector::new("p", Preset::Fast.config(), 100);
+        let err = other.restore(&bytes).unwrap_err().to_string();
+        assert!(err.contains("another configuration"), "{err}");
+        assert!(other.restore(b"garbage").is_err());
+    }
+
+    #[test]
+    fn the_fast_preset_fits_in_a_kibibyte_per_series() {
+        let mut d = EnsembleDetector::preset(Preset::Fast);
+        let mut b = MetricsBatchBuilder::default();
+        for i in 0..50_000 {
+            let host = format!("h{}", i % 5000);
+            b.push(i, "cpu", &[("host", host.as_str())], (i % 7) as f64);
+        }
+        d.score(&b.finish()).unwrap();
+        assert_eq!(d.series_count(), 5000);
+        let per_series = d.state_bytes() / 5000;
+        assert!(per_series <= 1024, "{per_series} B per series");
+    }
+
+    #[test]
+    fn eviction_bounds_the_memory_of_an_ensemble() {
+        let mut d = EnsembleDetector::new("precise", Preset::Precise.config(), 1000);
+        let mut b = MetricsBatchBuilder::default();
+        for i in 0..20_000 {
+            let host = format!("h{i}");
+            b.push(0, "cpu", &[("host", host.as_str())], 1.0);
+        }
+        d.score(&b.finish()).unwrap();
+        assert!(d.series_count() <= 1000);
+        assert_eq!(d.evicted_series() as usize + d.series_count(), 20_000);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn scores_are_in_the_unit_interval_and_online(values in proptest::collection::vec(
+            prop_oneof![
+                any::<f64>(), Just(f64::NAN), Just(f64::INFINITY), Just(0.0), -1e3..1e3f64,
+            ],
+            1..700,
+        ), cut in 0usize..700) {
+            let mut config = Preset::Precise.config();
+            config.hst = Some(HstConfig { window: 20, ..HstConfig::default() });
+            config.likelihood.learning = 20;
+            if let Some(r) = config.range_novelty.as_mut() { r.warmup = 20; }
+            let mut whole = EnsembleDetector::new("p", config.clone(), 10);
+            let all = scores(&mut whole, &values);
+            for s in &all {
+                prop_assert!((0.0..=1.0).contains(s), "{}", s);
+            }
+            let cut = cut.min(values.len());
+            let mut prefix = EnsembleDetector::new("p", config, 10);
+            let first = scores(&mut prefix, &values[..cut]);
+            prop_assert_eq!(&all[..cut], &first[..]);
+        }
+
+        #[test]
+        fn a_constant_series_never_alerts(c in -1e9..1e9f64, n in 1usize..1000) {
+            for preset in [Preset::Fast, Preset::Precise] {
+                let mut d = EnsembleDetector::preset(preset);
+                let out = d.score(&batch(&vec![c; n])).unwrap();
+                let s = ScoreColumns::try_new(&out, "t").unwrap();
+                prop_assert_eq!(s.is_anomaly.true_count(), 0);
+            }
+        }
+    }
+}
