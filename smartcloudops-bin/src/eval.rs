@@ -22,6 +22,7 @@ pub(crate) struct EvalArgs {
     pub threshold: Option<f64>,
     pub write_scores: Option<PathBuf>,
     pub plot: Option<PathBuf>,
+    pub ensemble: Option<PathBuf>,
     pub jobs: usize,
 }
 
@@ -48,7 +49,38 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             bail!("--threshold must be in (0, 1], got {t}");
         }
     }
-    let mut config = args.preset.config();
+    let mut config = match &args.ensemble {
+        None => args.preset.config(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut table: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            // Unset fields keep the preset's values: merge the file over the preset.
+            let mut merged: toml::Table = toml::Table::try_from(args.preset.config())?;
+            let mut disabled = Vec::new();
+            merge(&mut merged, std::mem::take(&mut table), &mut disabled);
+            let mut config: smartcloudops_core::detector::EnsembleConfig =
+                toml::Value::Table(merged).try_into().with_context(|| format!("{}", path.display()))?;
+            for part in disabled {
+                match part.as_str() {
+                    "ewma" => config.ewma = None,
+                    "mad" => config.mad = None,
+                    "seasonal" => config.seasonal = None,
+                    "cusum" => config.cusum = None,
+                    "hst" => config.hst = None,
+                    "context" => config.context = None,
+                    "range_novelty" => config.range_novelty = None,
+                    other => bail!("{}: `{other}` cannot be disabled", path.display()),
+                }
+            }
+            let problems = config.problems();
+            if let Some((field, message)) = problems.first() {
+                bail!("{}: {field}: {message}", path.display());
+            }
+            config
+        }
+    };
     if let Some(t) = args.threshold {
         config.threshold = t;
     }
@@ -113,6 +145,29 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         eprintln!("plots written under {}", out.display());
     }
     Ok(())
+}
+
+/// Merges `over` into `base`, table by table; `enabled = false` in a part's table removes it.
+fn merge(base: &mut toml::Table, over: toml::Table, disabled: &mut Vec<String>) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (_, toml::Value::Table(t)) if t.get("enabled") == Some(&toml::Value::Boolean(false)) => {
+                base.remove(&key);
+                disabled.push(key);
+            }
+            (Some(toml::Value::Table(b)), toml::Value::Table(mut t)) => {
+                t.remove("enabled");
+                merge(b, t, &mut Vec::new());
+            }
+            (_, toml::Value::Table(mut t)) => {
+                t.remove("enabled");
+                base.insert(key, toml::Value::Table(t));
+            }
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
 }
 
 /// Scores every file with a fresh detector, `jobs` files at a time.

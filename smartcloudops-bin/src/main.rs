@@ -80,6 +80,11 @@ enum Command {
         #[arg(long, value_name = "OUT")]
         plot: Option<PathBuf>,
 
+        /// Score a custom ensemble instead of a preset: a TOML file with the fields of
+        /// `[detector] type = "ensemble"` (unset fields keep the preset's values).
+        #[arg(long, value_name = "FILE")]
+        ensemble: Option<PathBuf>,
+
         /// Files scored in parallel (default: one per core).
         #[arg(long)]
         jobs: Option<usize>,
@@ -124,6 +129,7 @@ fn main() -> ExitCode {
             threshold,
             write_scores,
             plot,
+            ensemble,
             jobs,
         } => {
             let args = eval::EvalArgs {
@@ -135,6 +141,7 @@ fn main() -> ExitCode {
                 threshold,
                 write_scores,
                 plot,
+                ensemble,
                 jobs: jobs.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
                 }),

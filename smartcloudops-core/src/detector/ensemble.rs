@@ -25,6 +25,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Verdict;
+use super::context::{ContextConfig, ContextState};
 use super::cusum::{CusumConfig, CusumState};
 use super::ewma::{EwmaConfig, EwmaState};
 use super::hst::{Forest, HstConfig, HstState};
@@ -36,7 +37,7 @@ use super::postprocess::{
 use super::seasonal::{SeasonalConfig, SeasonalState};
 
 /// Names of the parts, in the bit order of [`Verdict::fired`].
-pub const PARTS: [&str; 7] = [
+pub const PARTS: [&str; 8] = [
     "ewma",
     "mad",
     "seasonal",
@@ -44,6 +45,7 @@ pub const PARTS: [&str; 7] = [
     "hst",
     "likelihood",
     "range",
+    "context",
 ];
 const EWMA: u32 = 1;
 const MAD: u32 = 1 << 1;
@@ -52,6 +54,7 @@ const CUSUM: u32 = 1 << 3;
 const HST: u32 = 1 << 4;
 const LIKELIHOOD: u32 = 1 << 5;
 const RANGE: u32 = 1 << 6;
+const CONTEXT: u32 = 1 << 7;
 
 /// A named, tuned configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,14 +72,18 @@ impl Preset {
         match self {
             Preset::Fast => EnsembleConfig {
                 ewma: Some(EwmaConfig::default()),
-                mad: None,
+                mad: Some(MadConfig::default()),
+                cusum: Some(CusumConfig::default()),
                 seasonal: None,
-                cusum: None,
-                hst: None,
+                context: Some(ContextConfig {
+                    bits_log2: 12,
+                    ..ContextConfig::default()
+                }),
                 likelihood: LikelihoodConfig {
                     mode: LikelihoodMode::Exponential,
                     ..LikelihoodConfig::default()
                 },
+                threshold: 0.7,
                 ..EnsembleConfig::default()
             },
             Preset::Precise => EnsembleConfig::default(),
@@ -90,6 +97,16 @@ impl Preset {
             Preset::Precise => "precise",
         }
     }
+}
+
+/// How the parts' raw scores combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// The highest raw score: any part can raise an alert.
+    Max,
+    /// The mean raw score of the parts with an opinion: parts must agree.
+    Mean,
 }
 
 /// Configuration of the ensemble (`[detector] type = "ensemble"`; every field defaults to the
@@ -107,6 +124,13 @@ pub struct EnsembleConfig {
     pub cusum: Option<CusumConfig>,
     /// Half-space-trees part.
     pub hst: Option<HstConfig>,
+    /// Context-novelty part.
+    pub context: Option<ContextConfig>,
+    /// One likelihood per part (the maximum is the score) instead of one for the combined
+    /// raw score.
+    pub likelihood_per_part: bool,
+    /// How the parts' raw scores combine.
+    pub combine: Combine,
     /// z-score at and below which a part's raw score is 0.
     pub z_low: f64,
     /// z-score at and above which a part's raw score is 1.
@@ -123,17 +147,25 @@ pub struct EnsembleConfig {
 
 impl Default for EnsembleConfig {
     fn default() -> Self {
+        // The `precise` preset. EWMA, MAD, CUSUM and HST are available as parts but, tuned
+        // on NAB, added false positives without finding more windows (docs/detection.md).
         Self {
-            ewma: Some(EwmaConfig::default()),
-            mad: Some(MadConfig::default()),
-            seasonal: Some(SeasonalConfig::default()),
-            cusum: Some(CusumConfig::default()),
+            ewma: None,
+            mad: None,
+            seasonal: Some(SeasonalConfig {
+                weekly: true,
+                ..SeasonalConfig::default()
+            }),
+            cusum: None,
             hst: None,
+            context: Some(ContextConfig::default()),
+            likelihood_per_part: false,
+            combine: Combine::Mean,
             z_low: 2.0,
             z_high: 6.0,
             likelihood: LikelihoodConfig::default(),
             range_novelty: Some(RangeNoveltyConfig::default()),
-            threshold: 0.5,
+            threshold: 0.8,
             rest: 100,
         }
     }
@@ -230,7 +262,9 @@ pub struct EnsembleState {
     cusum: CusumState,
     seasonal: Option<Box<SeasonalState>>,
     hst: Option<Box<HstState>>,
+    context: Option<Box<ContextState>>,
     likelihood: LikelihoodState,
+    part_likelihoods: Vec<LikelihoodState>,
     range: RangeState,
     /// Rows still to rest after the last alert.
     rest_left: u32,
@@ -252,6 +286,7 @@ impl SeriesModel for EnsembleState {
         Self {
             seasonal: params.config.seasonal.as_ref().map(|_| Box::default()),
             hst: params.config.hst.as_ref().map(|_| Box::default()),
+            context: params.config.context.as_ref().map(|_| Box::default()),
             ..Self::default()
         }
     }
@@ -262,7 +297,12 @@ impl SeriesModel for EnsembleState {
             return Verdict::NONE;
         }
         let mut raw = 0.0f64;
+        let mut raw_sum = 0.0f64;
+        let mut opinions = 0u32;
         let mut fired = 0u32;
+        let per_part = c.likelihood_per_part;
+        let mut part_likely = 0.0f64;
+        let part_likelihoods = &mut self.part_likelihoods;
         // The best opinion of the expected value: seasonal, then robust, then mean.
         let mut band: Option<(f64, f64)> = None;
         let mut take = |part_raw: f64, bit: u32, fired: &mut u32| {
@@ -270,6 +310,15 @@ impl SeriesModel for EnsembleState {
                 *fired |= bit;
             }
             raw = raw.max(part_raw);
+            raw_sum += part_raw;
+            if per_part {
+                let slot = bit.trailing_zeros() as usize;
+                if part_likelihoods.len() <= slot {
+                    part_likelihoods.resize_with(slot + 1, LikelihoodState::default);
+                }
+                part_likely = part_likely.max(part_likelihoods[slot].update(&c.likelihood, part_raw));
+            }
+            opinions += 1;
         };
         if let (Some(cfg), Some(state)) = (&c.seasonal, self.seasonal.as_mut()) {
             if let Some(r) = state.step(cfg, ts_ms, x) {
@@ -301,7 +350,19 @@ impl SeriesModel for EnsembleState {
                 take(ramp(score, threshold - 0.3, threshold), HST, &mut fired);
             }
         }
-        let likely = self.likelihood.update(&c.likelihood, raw);
+        if let (Some(cfg), Some(state)) = (&c.context, self.context.as_mut()) {
+            if let Some(novelty) = state.step(cfg, x) {
+                take(novelty, CONTEXT, &mut fired);
+            }
+        }
+        if c.combine == Combine::Mean && opinions > 0 {
+            raw = raw_sum / f64::from(opinions);
+        }
+        let likely = if per_part {
+            part_likely
+        } else {
+            self.likelihood.update(&c.likelihood, raw)
+        };
         let mut score = likely;
         if likely >= c.threshold {
             fired |= LIKELIHOOD;
@@ -342,6 +403,11 @@ impl SeriesModel for EnsembleState {
 
     fn heap_bytes(&self) -> usize {
         self.likelihood.heap_bytes()
+            + self.part_likelihoods.iter().map(|l| l.heap_bytes() + 64).sum::<usize>()
+            + self
+                .context
+                .as_ref()
+                .map_or(0, |s| std::mem::size_of::<ContextState>() + s.heap_bytes())
             + self
                 .seasonal
                 .as_ref()

@@ -22,6 +22,7 @@
 //! | [`postprocess`] | anomaly likelihood, range novelty, alert rest | 40 B – 16 KiB |
 //! | [`ensemble`] | all of the above combined; the `fast` and `precise` presets | sum |
 
+pub mod context;
 pub mod cusum;
 pub mod ensemble;
 pub mod ewma;

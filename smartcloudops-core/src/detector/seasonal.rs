@@ -38,6 +38,9 @@ pub struct SeasonalConfig {
     pub min_cycles: u32,
     /// Floor of the residual's sd, relative to the slot mean's magnitude.
     pub min_sd_ratio: f64,
+    /// Also learn a slot per day of a seven-period week, and use it once seen: weekends
+    /// and weekdays get their own baseline (7 × more slots).
+    pub weekly: bool,
 }
 
 impl Default for SeasonalConfig {
@@ -49,6 +52,7 @@ impl Default for SeasonalConfig {
             threshold: 4.0,
             min_cycles: 1,
             min_sd_ratio: 0.001,
+            weekly: false,
         }
     }
 }
@@ -103,6 +107,8 @@ impl SeasonalConfig {
 pub struct SeasonalState {
     means: Vec<f32>,
     counts: Vec<u8>,
+    week_means: Vec<f32>,
+    week_counts: Vec<u8>,
     first_ts: Option<i64>,
     offset: f64,
     resid_var: f64,
@@ -130,11 +136,40 @@ impl SeasonalState {
         if self.means.len() != slots {
             self.means = vec![0.0; slots];
             self.counts = vec![0; slots];
+            let week = if config.weekly { 7 * slots } else { 0 };
+            self.week_means = vec![0.0; week];
+            self.week_counts = vec![0; week];
         }
         let first = *self.first_ts.get_or_insert(ts_ms);
         let slot = config.slot_of(ts_ms);
-        let count = self.counts[slot];
-        let base = f64::from(self.means[slot]);
+        let week_slot = config.weekly.then(|| {
+            let day = ts_ms.div_euclid(config.period_ms()).rem_euclid(7) as usize;
+            day * slots + slot
+        });
+        // The weekly slot once it has been seen, else the daily one.
+        let (means, counts, slot) = match week_slot {
+            Some(w) if self.week_counts[w] > 0 => {
+                // Keep the daily slot learning too, for the slots the week has not seen.
+                let count = self.counts[slot];
+                let daily = f64::from(self.means[slot]);
+                let r = x - self.offset - daily;
+                self.means[slot] = if count == 0 {
+                    (x - self.offset) as f32
+                } else {
+                    (daily + config.alpha.max(1.0 / (f64::from(count) + 1.0)) * r) as f32
+                };
+                self.counts[slot] = count.saturating_add(1);
+                (&mut self.week_means, &mut self.week_counts, w)
+            }
+            Some(w) => {
+                self.week_means[w] = (x - self.offset) as f32;
+                self.week_counts[w] = 1;
+                (&mut self.means, &mut self.counts, slot)
+            }
+            None => (&mut self.means, &mut self.counts, slot),
+        };
+        let count = counts[slot];
+        let base = f64::from(means[slot]);
         let expected = base + self.offset;
         let resid = x - expected;
         let sd = self
@@ -160,10 +195,10 @@ impl SeasonalState {
         };
         let r = resid.clamp(-clip, clip);
         if count == 0 {
-            self.means[slot] = (x - self.offset) as f32;
+            means[slot] = (x - self.offset) as f32;
         } else {
             let alpha = config.alpha.max(1.0 / (f64::from(count) + 1.0));
-            self.means[slot] = (base + alpha * r) as f32;
+            means[slot] = (base + alpha * r) as f32;
             // The residual after the slot's own update is what is left for the level: a
             // small share of it moves every slot.
             self.offset += 0.01 * (1.0 - alpha) * r;
@@ -171,9 +206,8 @@ impl SeasonalState {
             self.resid_var = (1.0 - a) * (self.resid_var + a * r * r);
             self.resid_count = self.resid_count.saturating_add(1);
         }
-        self.counts[slot] = count.saturating_add(1);
-        if !(self.offset.is_finite() && self.resid_var.is_finite() && self.means[slot].is_finite())
-        {
+        counts[slot] = count.saturating_add(1);
+        if !(self.offset.is_finite() && self.resid_var.is_finite() && means[slot].is_finite()) {
             *self = SeasonalState::default();
         }
         seen
@@ -202,7 +236,9 @@ impl SeriesModel for SeasonalState {
     }
 
     fn heap_bytes(&self) -> usize {
-        self.means.capacity() * 4 + self.counts.capacity()
+        (self.means.capacity() + self.week_means.capacity()) * 4
+            + self.counts.capacity()
+            + self.week_counts.capacity()
     }
 }
 

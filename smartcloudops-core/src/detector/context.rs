@@ -1,0 +1,117 @@
+//! Context novelty: has this series ever shown this short shape before?
+//!
+//! The idea of the NAB leaders (CAD OSE, ARTime), strictly online. Each value is quantised
+//! into one of `levels` levels of the range seen so far; the last `length` levels form a
+//! context, and every suffix of it (the last 1, 2, … `length` levels) is looked up in a
+//! fixed-size bit set of contexts already seen (hashed). The raw score is the share of
+//! those suffixes never seen before: 0 for a familiar shape, 1 for a value in a level the
+//! series never visited. Familiar shapes stay familiar whatever their level or spread, so
+//! a noisy series and a smooth one are judged alike, and a broken rhythm (a flat stretch in
+//! a wave, a new oscillation) stands out even when every value lies in the usual range.
+//! State: `bits / 8` bytes of bit set plus 40 bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// Configuration of context novelty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    /// Quantisation levels of the range seen so far.
+    pub levels: u32,
+    /// Longest context, in values (1 to 16).
+    pub length: u32,
+    /// Size of the seen-context bit set, as a power of two (10 to 20).
+    pub bits_log2: u32,
+    /// Rows learned before the part has an opinion.
+    pub warmup: u32,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            levels: 10,
+            length: 4,
+            bits_log2: 15,
+            warmup: 100,
+        }
+    }
+}
+
+impl ContextConfig {
+    /// Problems with the values, as `(field, message)` pairs; empty when valid.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if !(2..=256).contains(&self.levels) {
+            out.push(("levels", format!("must be between 2 and 256, got {}", self.levels)));
+        }
+        if !(1..=16).contains(&self.length) {
+            out.push(("length", format!("must be between 1 and 16, got {}", self.length)));
+        }
+        if !(10..=20).contains(&self.bits_log2) {
+            out.push(("bits_log2", format!("must be between 10 and 20, got {}", self.bits_log2)));
+        }
+        out
+    }
+}
+
+/// Per-series state of context novelty.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ContextState {
+    seen: Vec<u64>,
+    recent: u64,
+    filled: u32,
+    min: f64,
+    max: f64,
+    count: u32,
+}
+
+impl ContextState {
+    /// The share of the row's contexts never seen before, in `[0, 1]`; `None` while warming
+    /// up or for a non-finite `x`.
+    pub fn step(&mut self, config: &ContextConfig, x: f64) -> Option<f64> {
+        if !x.is_finite() {
+            return None;
+        }
+        let bits = 1usize << config.bits_log2.clamp(10, 20);
+        if self.seen.len() != bits / 64 {
+            *self = ContextState {
+                seen: vec![0; bits / 64],
+                min: x,
+                max: x,
+                ..ContextState::default()
+            };
+        }
+        self.min = self.min.min(x);
+        self.max = self.max.max(x);
+        let levels = config.levels.clamp(2, 256);
+        let span = self.max - self.min;
+        let level = if span > 0.0 {
+            (((x - self.min) / span) * f64::from(levels)).floor().clamp(0.0, f64::from(levels - 1))
+                as u64
+        } else {
+            0
+        };
+        // 8 bits per level, the most recent in the low byte.
+        let length = config.length.clamp(1, 8);
+        self.recent = (self.recent << 8) | level;
+        self.filled = (self.filled + 1).min(length);
+        let mut novel = 0u32;
+        for k in 1..=self.filled {
+            let mask = if k == 8 { u64::MAX } else { (1u64 << (8 * k)) - 1 };
+            let context = (self.recent & mask) ^ (u64::from(k) << 60);
+            let h = xxhash_rust::xxh3::xxh3_64(&context.to_le_bytes()) as usize & (bits - 1);
+            let (word, bit) = (h / 64, h % 64);
+            if self.seen[word] & (1 << bit) == 0 {
+                novel += 1;
+                self.seen[word] |= 1 << bit;
+            }
+        }
+        self.count = self.count.saturating_add(1);
+        (self.count > config.warmup).then(|| f64::from(novel) / f64::from(self.filled.max(1)))
+    }
+
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.seen.capacity() * 8
+    }
+}
