@@ -61,7 +61,9 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             let mut disabled = Vec::new();
             merge(&mut merged, std::mem::take(&mut table), &mut disabled);
             let mut config: smartcloudops_core::detector::EnsembleConfig =
-                toml::Value::Table(merged).try_into().with_context(|| format!("{}", path.display()))?;
+                toml::Value::Table(merged)
+                    .try_into()
+                    .with_context(|| format!("{}", path.display()))?;
             for part in disabled {
                 match part.as_str() {
                     "ewma" => config.ewma = None,
@@ -151,7 +153,9 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 fn merge(base: &mut toml::Table, over: toml::Table, disabled: &mut Vec<String>) {
     for (key, value) in over {
         match (base.get_mut(&key), value) {
-            (_, toml::Value::Table(t)) if t.get("enabled") == Some(&toml::Value::Boolean(false)) => {
+            (_, toml::Value::Table(t))
+                if t.get("enabled") == Some(&toml::Value::Boolean(false)) =>
+            {
                 base.remove(&key);
                 disabled.push(key);
             }

@@ -121,6 +121,7 @@ mod tests {
             lower: Some(30.0),
             upper: Some(50.0),
             detector: "ewma".into(),
+            since: None,
             reason: "99 above expected 40".into(),
         };
         let input = ActionInput {

@@ -36,13 +36,22 @@ mod env;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::action::{Action, JsonlAction, JsonlActionConfig, LogAction, LogActionConfig};
 use crate::dead_letter::{DeadLetterSink, JsonlDeadLetters, LogDeadLetters};
-use crate::detector::{Detector, EwmaConfig, EwmaDetector};
+use crate::detector::cusum::{CusumConfig, CusumDetector};
+use crate::detector::hst::{HstConfig, HstDetector};
+use crate::detector::keyed::DEFAULT_MAX_SERIES;
+use crate::detector::mad::{MadConfig, MadDetector};
+use crate::detector::seasonal::{SeasonalConfig, SeasonalDetector};
+use crate::detector::{
+    Detector, EnsembleConfig, EnsembleDetector, EwmaConfig, EwmaDetector, Preset, ThresholdConfig,
+    ThresholdDetector,
+};
 use crate::error::{Error, Result};
 use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::prep::{MetricFilter, MetricFilterConfig, Prep};
@@ -133,14 +142,162 @@ pub enum PrepConfig {
     Filter(MetricFilterConfig),
 }
 
-/// The detector (`[detector]`).
+/// The detector (`[detector]`): which one, with its own fields.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum DetectorConfig {
     /// EWMA z-score.
     Ewma(EwmaConfig),
+    /// Streaming median/MAD robust z-score.
+    Mad(MadConfig),
+    /// Seasonal (time-of-day) baseline.
+    Seasonal(SeasonalConfig),
+    /// CUSUM change points.
+    Cusum(CusumConfig),
+    /// Half-space trees.
+    Hst(HstConfig),
+    /// Static threshold rules.
+    Threshold(ThresholdConfig),
+    /// The `fast` preset.
+    Fast(PresetConfig),
+    /// The `precise` preset.
+    Precise(PresetConfig),
+    /// A custom ensemble (unset fields are the `precise` preset's).
+    Ensemble(Box<EnsembleConfig>),
 }
+
+/// Adjustments of a preset (`[detector] type = "fast"` or `"precise"`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresetConfig {
+    /// 0 to 1: above 0.5 alerts more readily than the tuned default, below less.
+    pub sensitivity: Option<f64>,
+    /// The alert threshold on the score, overriding `sensitivity`.
+    pub threshold: Option<f64>,
+}
+
+/// Every `[detector]` type.
+const DETECTOR_TYPES: [&str; 9] = [
+    "ewma",
+    "mad",
+    "seasonal",
+    "cusum",
+    "hst",
+    "threshold",
+    "fast",
+    "precise",
+    "ensemble",
+];
+
+impl DetectorConfig {
+    /// The `type` name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DetectorConfig::Ewma(_) => "ewma",
+            DetectorConfig::Mad(_) => "mad",
+            DetectorConfig::Seasonal(_) => "seasonal",
+            DetectorConfig::Cusum(_) => "cusum",
+            DetectorConfig::Hst(_) => "hst",
+            DetectorConfig::Threshold(_) => "threshold",
+            DetectorConfig::Fast(_) => "fast",
+            DetectorConfig::Precise(_) => "precise",
+            DetectorConfig::Ensemble(_) => "ensemble",
+        }
+    }
+
+    /// The ensemble configuration of a preset or custom ensemble, with sensitivity applied.
+    pub fn ensemble_config(&self) -> Option<EnsembleConfig> {
+        let (preset, adjust) = match self {
+            DetectorConfig::Fast(a) => (Preset::Fast, a),
+            DetectorConfig::Precise(a) => (Preset::Precise, a),
+            DetectorConfig::Ensemble(c) => return Some(c.as_ref().clone()),
+            _ => return None,
+        };
+        let mut config = preset.config();
+        if let Some(s) = adjust.sensitivity {
+            config.threshold = config.threshold_for_sensitivity(s);
+        }
+        if let Some(t) = adjust.threshold {
+            config.threshold = t;
+        }
+        Some(config)
+    }
+
+    /// Problems with the values, as `(field, message)` pairs relative to `[detector]`.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let owned = |v: Vec<(&'static str, String)>| -> Vec<(String, String)> {
+            v.into_iter().map(|(f, m)| (f.to_owned(), m)).collect()
+        };
+        match self {
+            DetectorConfig::Ewma(c) => owned(c.problems()),
+            DetectorConfig::Mad(c) => owned(c.problems()),
+            DetectorConfig::Seasonal(c) => owned(c.problems()),
+            DetectorConfig::Cusum(c) => owned(c.problems()),
+            DetectorConfig::Hst(c) => owned(c.problems()),
+            DetectorConfig::Threshold(c) => c.problems(),
+            DetectorConfig::Fast(a) | DetectorConfig::Precise(a) => {
+                let mut out = Vec::new();
+                if a.sensitivity.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
+                    out.push((
+                        "sensitivity".to_owned(),
+                        format!(
+                            "must be between 0 and 1, got {}",
+                            a.sensitivity.unwrap_or(0.0)
+                        ),
+                    ));
+                }
+                if a.threshold.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
+                    out.push((
+                        "threshold".to_owned(),
+                        format!("must be in (0, 1], got {}", a.threshold.unwrap_or(0.0)),
+                    ));
+                }
+                out
+            }
+            DetectorConfig::Ensemble(c) => c.problems(),
+        }
+    }
+
+    /// Builds the detector, holding state for at most `max_series` series.
+    pub fn build(&self, max_series: usize) -> Box<dyn Detector> {
+        if let Some(config) = self.ensemble_config() {
+            return Box::new(EnsembleDetector::new(self.type_name(), config, max_series));
+        }
+        match self {
+            DetectorConfig::Ewma(c) => {
+                Box::new(EwmaDetector::with_max_series(c.clone(), max_series))
+            }
+            DetectorConfig::Mad(c) => Box::new(MadDetector::new(c.clone(), max_series)),
+            DetectorConfig::Seasonal(c) => Box::new(SeasonalDetector::new(c.clone(), max_series)),
+            DetectorConfig::Cusum(c) => Box::new(CusumDetector::new(c.clone(), max_series)),
+            DetectorConfig::Hst(c) => Box::new(HstDetector::new(c.clone(), max_series)),
+            DetectorConfig::Threshold(c) => Box::new(ThresholdDetector::new(c.clone())),
+            DetectorConfig::Fast(_) | DetectorConfig::Precise(_) | DetectorConfig::Ensemble(_) => {
+                unreachable!("ensembles are built above")
+            }
+        }
+    }
+}
+
+/// `[detector]`: the detector and how its state is kept.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DetectorSection {
+    /// The detector.
+    #[serde(flatten)]
+    pub detector: DetectorConfig,
+    /// Most series with state; beyond, the least recently used are evicted (and counted).
+    pub max_series: usize,
+    /// File the state is restored from at start, and saved to every `snapshot_interval` and
+    /// at shutdown, so a restart does not relearn from scratch.
+    pub snapshot: Option<PathBuf>,
+    /// How often the snapshot is saved while running.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+}
+
+/// Most series a detector may be configured to hold.
+const MAX_SERIES: usize = 100_000_000;
 
 /// An action (`[[action]]`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -178,7 +335,7 @@ pub struct PipelineConfig {
     /// `[[prep]]`, in order.
     pub prep: Vec<PrepConfig>,
     /// `[detector]`, if any.
-    pub detector: Option<DetectorConfig>,
+    pub detector: Option<DetectorSection>,
     /// `[[action]]`, in order.
     pub actions: Vec<ActionConfig>,
     /// `[dead_letter]`.
@@ -313,6 +470,9 @@ impl PipelineConfig {
         if let DeadLetterConfig::File { path } = &mut self.dead_letter {
             resolve(path);
         }
+        if let Some(path) = self.detector.as_mut().and_then(|d| d.snapshot.as_mut()) {
+            resolve(path);
+        }
     }
 
     /// Checks values serde cannot: ranges, files that must exist, cross references.
@@ -411,15 +571,35 @@ impl PipelineConfig {
         }
         #[cfg(feature = "kafka")]
         self.validate_kafka(&mut check);
-        if let Some(DetectorConfig::Ewma(e)) = &self.detector {
-            for (field, message) in e.problems() {
-                let hint = match field {
-                    "alpha" => "0.05 remembers about 40 samples",
-                    "threshold" => "in standard deviations, e.g. 4",
+        if let Some(section) = &self.detector {
+            for (field, message) in section.detector.problems() {
+                let hint = match (section.detector.type_name(), field.as_str()) {
+                    ("ewma", "alpha") => "0.05 remembers about 40 samples",
+                    ("ewma", "threshold") => "in standard deviations, e.g. 4",
+                    ("fast" | "precise", "sensitivity") => "0.5 is the tuned default",
                     _ => "",
                 };
                 check(false, &format!("detector.{field}"), message, hint);
             }
+            check(
+                (1..=MAX_SERIES).contains(&section.max_series),
+                "detector.max_series",
+                format!(
+                    "must be between 1 and {MAX_SERIES}, got {}",
+                    section.max_series
+                ),
+                "",
+            );
+            check(
+                section.snapshot_interval >= Duration::from_secs(1)
+                    && section.snapshot_interval <= MAX_DURATION,
+                "detector.snapshot_interval",
+                format!(
+                    "must be between 1s and {}",
+                    humantime::format_duration(MAX_DURATION)
+                ),
+                "",
+            );
         }
         check(
             (1..=MAX_QUEUE).contains(&self.runtime.channel_capacity),
@@ -541,10 +721,12 @@ impl PipelineConfig {
             };
             builder = builder.boxed_prep(prep);
         }
-        if let Some(d) = &self.detector {
-            let detector: Box<dyn Detector> = match d {
-                DetectorConfig::Ewma(c) => Box::new(EwmaDetector::new(c.clone())),
-            };
+        if let Some(section) = &self.detector {
+            let mut detector = section.detector.build(section.max_series);
+            if let Some(path) = &section.snapshot {
+                restore_snapshot(detector.as_mut(), path);
+                builder = builder.detector_snapshot(path.clone(), section.snapshot_interval);
+            }
             builder = builder.boxed_detector(detector);
         }
         for a in &self.actions {
@@ -572,10 +754,10 @@ impl PipelineConfig {
                 k.topics.join(",")
             ),
         };
-        let detector = match &self.detector {
-            Some(DetectorConfig::Ewma(_)) => "ewma",
-            None => "none",
-        };
+        let detector = self
+            .detector
+            .as_ref()
+            .map_or("none", |d| d.detector.type_name());
         let actions: Vec<&str> = self
             .actions
             .iter()
@@ -730,9 +912,71 @@ fn parse_prep(
     deserialize_at(rest, path, errors).map(PrepConfig::Filter)
 }
 
-fn parse_detector(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<DetectorConfig> {
-    let (_, rest) = tagged(value, "detector", &["ewma"], errors)?;
-    deserialize_at(rest, "detector", errors).map(DetectorConfig::Ewma)
+fn parse_detector(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<DetectorSection> {
+    /// The state-keeping fields every detector takes.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct StateFields {
+        max_series: Option<usize>,
+        snapshot: Option<PathBuf>,
+        #[serde(default, with = "humantime_serde")]
+        snapshot_interval: Option<Duration>,
+    }
+    let (kind, mut rest) = tagged(value, "detector", &DETECTOR_TYPES, errors)?;
+    let mut state = toml::Table::new();
+    if let toml::Value::Table(t) = &mut rest {
+        for key in ["max_series", "snapshot", "snapshot_interval"] {
+            if let Some(v) = t.remove(key) {
+                state.insert(key.to_owned(), v);
+            }
+        }
+    }
+    let state: Option<StateFields> = deserialize_at(toml::Value::Table(state), "detector", errors);
+    let path = "detector";
+    let detector = match kind.as_str() {
+        "ewma" => deserialize_at(rest, path, errors).map(DetectorConfig::Ewma),
+        "mad" => deserialize_at(rest, path, errors).map(DetectorConfig::Mad),
+        "seasonal" => deserialize_at(rest, path, errors).map(DetectorConfig::Seasonal),
+        "cusum" => deserialize_at(rest, path, errors).map(DetectorConfig::Cusum),
+        "hst" => deserialize_at(rest, path, errors).map(DetectorConfig::Hst),
+        "threshold" => deserialize_at(rest, path, errors).map(DetectorConfig::Threshold),
+        "fast" => deserialize_at(rest, path, errors).map(DetectorConfig::Fast),
+        "precise" => deserialize_at(rest, path, errors).map(DetectorConfig::Precise),
+        _ => deserialize_at(rest, path, errors).map(|c| DetectorConfig::Ensemble(Box::new(c))),
+    }?;
+    let state = state?;
+    Some(DetectorSection {
+        detector,
+        max_series: state.max_series.unwrap_or(DEFAULT_MAX_SERIES),
+        snapshot: state.snapshot,
+        snapshot_interval: state.snapshot_interval.unwrap_or(Duration::from_secs(60)),
+    })
+}
+
+/// Restores `detector` from the snapshot at `path`, if there is one. A snapshot that does
+/// not fit (another detector or configuration, a newer format) is reported and ignored: the
+/// detector starts fresh and the next save replaces the file.
+fn restore_snapshot(detector: &mut dyn Detector, path: &Path) {
+    match std::fs::read(path) {
+        Ok(bytes) => match detector.restore(&bytes) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                series = detector.series_count(),
+                "detector state restored"
+            ),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                "starting with fresh detector state: {e}"
+            ),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(path = %path.display(), "no detector snapshot yet: starting fresh");
+        }
+        Err(e) => tracing::warn!(
+            path = %path.display(),
+            "starting with fresh detector state: cannot read the snapshot: {e}"
+        ),
+    }
 }
 
 fn parse_action(

@@ -59,8 +59,8 @@ fn a_full_config_parses_with_defaults_and_env() {
     assert_eq!(g.interval, std::time::Duration::from_secs(60));
     assert_eq!(g.anomalies[0].magnitude, 10.0, "default magnitude");
     assert_eq!(
-        config.detector,
-        Some(DetectorConfig::Ewma(EwmaConfig {
+        config.detector.as_ref().map(|d| &d.detector),
+        Some(&DetectorConfig::Ewma(EwmaConfig {
             threshold: 5.0,
             ..EwmaConfig::default()
         }))

@@ -42,13 +42,22 @@ impl ContextConfig {
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         if !(2..=256).contains(&self.levels) {
-            out.push(("levels", format!("must be between 2 and 256, got {}", self.levels)));
+            out.push((
+                "levels",
+                format!("must be between 2 and 256, got {}", self.levels),
+            ));
         }
         if !(1..=16).contains(&self.length) {
-            out.push(("length", format!("must be between 1 and 16, got {}", self.length)));
+            out.push((
+                "length",
+                format!("must be between 1 and 16, got {}", self.length),
+            ));
         }
         if !(10..=20).contains(&self.bits_log2) {
-            out.push(("bits_log2", format!("must be between 10 and 20, got {}", self.bits_log2)));
+            out.push((
+                "bits_log2",
+                format!("must be between 10 and 20, got {}", self.bits_log2),
+            ));
         }
         out
     }
@@ -86,8 +95,9 @@ impl ContextState {
         let levels = config.levels.clamp(2, 256);
         let span = self.max - self.min;
         let level = if span > 0.0 {
-            (((x - self.min) / span) * f64::from(levels)).floor().clamp(0.0, f64::from(levels - 1))
-                as u64
+            (((x - self.min) / span) * f64::from(levels))
+                .floor()
+                .clamp(0.0, f64::from(levels - 1)) as u64
         } else {
             0
         };
@@ -97,7 +107,11 @@ impl ContextState {
         self.filled = (self.filled + 1).min(length);
         let mut novel = 0u32;
         for k in 1..=self.filled {
-            let mask = if k == 8 { u64::MAX } else { (1u64 << (8 * k)) - 1 };
+            let mask = if k == 8 {
+                u64::MAX
+            } else {
+                (1u64 << (8 * k)) - 1
+            };
             let context = (self.recent & mask) ^ (u64::from(k) << 60);
             let h = xxhash_rust::xxh3::xxh3_64(&context.to_le_bytes()) as usize & (bits - 1);
             let (word, bit) = (h / 64, h % 64);

@@ -265,7 +265,7 @@ mod tests {
         let mut s = LikelihoodState::default();
         (0..3000)
             .map(|i| {
-                let raw = if i >= 2500 && i < 2505 {
+                let raw = if (2500..2505).contains(&i) {
                     1.0
                 } else if i % 97 == 0 {
                     0.3

@@ -162,7 +162,13 @@ impl SeasonalState {
                 (&mut self.week_means, &mut self.week_counts, w)
             }
             Some(w) => {
-                self.week_means[w] = (x - self.offset) as f32;
+                // A weekday slot starts from its time-of-day slot (never from this row
+                // alone, which may be the incident) and learns from the next visits.
+                self.week_means[w] = if self.counts[slot] > 0 {
+                    self.means[slot]
+                } else {
+                    (x - self.offset) as f32
+                };
                 self.week_counts[w] = 1;
                 (&mut self.means, &mut self.counts, slot)
             }

@@ -86,6 +86,7 @@ pub struct Pipeline {
     source: Box<dyn Source>,
     preps: Vec<Box<dyn Prep>>,
     detector: Option<Box<dyn Detector>>,
+    snapshot: Option<SnapshotFile>,
     actions: Vec<Arc<dyn Action>>,
     dead_letters: Arc<dyn DeadLetterSink>,
     options: PipelineOptions,
@@ -107,9 +108,17 @@ pub struct PipelineBuilder {
     source: Box<dyn Source>,
     preps: Vec<Box<dyn Prep>>,
     detector: Option<Box<dyn Detector>>,
+    snapshot: Option<SnapshotFile>,
     actions: Vec<Arc<dyn Action>>,
     dead_letters: Arc<dyn DeadLetterSink>,
     options: PipelineOptions,
+}
+
+/// Where and how often the detector's state is saved.
+#[derive(Debug, Clone)]
+struct SnapshotFile {
+    path: std::path::PathBuf,
+    every: Duration,
 }
 
 impl PipelineBuilder {
@@ -134,6 +143,15 @@ impl PipelineBuilder {
     /// Sets a boxed detector.
     pub fn boxed_detector(mut self, detector: Box<dyn Detector>) -> Self {
         self.detector = Some(detector);
+        self
+    }
+
+    /// Saves the detector's [snapshot](Detector::snapshot) to `path` every `every` and when
+    /// the pipeline stops (written to a temporary file, then renamed, so a crash mid-write
+    /// leaves the previous snapshot intact). Restoring is the caller's part, before
+    /// [`detector`](Self::detector): see [`Detector::restore`].
+    pub fn detector_snapshot(mut self, path: std::path::PathBuf, every: Duration) -> Self {
+        self.snapshot = Some(SnapshotFile { path, every });
         self
     }
 
@@ -193,6 +211,7 @@ impl PipelineBuilder {
             source: self.source,
             preps: self.preps,
             detector: self.detector,
+            snapshot: self.snapshot,
             actions: self.actions,
             dead_letters: self.dead_letters,
             options: self.options,
@@ -320,6 +339,7 @@ impl Pipeline {
             source,
             preps: Vec::new(),
             detector: None,
+            snapshot: None,
             actions: Vec::new(),
             dead_letters: Arc::new(LogDeadLetters),
             options: PipelineOptions::default(),
@@ -354,6 +374,7 @@ impl Pipeline {
             source,
             preps,
             detector,
+            snapshot,
             actions,
             dead_letters,
             options,
@@ -417,6 +438,7 @@ impl Pipeline {
                 .zip(stages.preps.iter().cloned())
                 .collect(),
             detector: detector.zip(stages.detector.clone()),
+            snapshot: snapshot.map(|file| (file, Instant::now())),
             dead_letters,
             has_every_batch_action: actions.iter().any(|a| a.wants_every_batch()),
             has_actions: !actions.is_empty(),
@@ -569,6 +591,8 @@ struct TransformTask {
     tx: mpsc::Sender<Scored>,
     preps: Vec<(Box<dyn Prep>, Arc<StageMetrics>)>,
     detector: Option<(Box<dyn Detector>, Arc<StageMetrics>)>,
+    /// The snapshot file and when it was last written.
+    snapshot: Option<(SnapshotFile, Instant)>,
     dead_letters: Arc<dyn DeadLetterSink>,
     has_every_batch_action: bool,
     has_actions: bool,
@@ -589,9 +613,50 @@ struct StageFailure {
 }
 
 async fn transform_task(mut t: TransformTask) -> Result<()> {
+    let result = transform_loop(&mut t).await;
+    // At shutdown, whatever ended the loop: the state learned so far is worth keeping.
+    save_snapshot(&mut t);
+    result
+}
+
+/// Writes the detector's snapshot (temporary file, then rename). A failure is logged, not
+/// fatal: scoring goes on, and the next save tries again.
+fn save_snapshot(t: &mut TransformTask) {
+    let (Some((file, last)), Some((detector, _))) = (t.snapshot.as_mut(), t.detector.as_ref())
+    else {
+        return;
+    };
+    *last = Instant::now();
+    let started = Instant::now();
+    let written = detector.snapshot().and_then(|bytes| {
+        let tmp = file.path.with_extension("tmp");
+        std::fs::write(&tmp, &bytes)
+            .and_then(|()| std::fs::rename(&tmp, &file.path))
+            .map_err(|e| Error::io(format!("saving {}", file.path.display()), e))
+            .map(|()| bytes.len())
+    });
+    match written {
+        Ok(bytes) => tracing::debug!(
+            path = %file.path.display(),
+            bytes,
+            series = detector.series_count(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "detector snapshot saved"
+        ),
+        Err(e) => tracing::error!("detector snapshot not saved: {e}"),
+    }
+}
+
+async fn transform_loop(t: &mut TransformTask) -> Result<()> {
     while let Some(Pending { batch, ack }) = t.rx.recv().await {
         t.queue_stage.queue_pop();
-        let scored = match transform(&mut t, batch) {
+        if t.snapshot
+            .as_ref()
+            .is_some_and(|(file, last)| last.elapsed() >= file.every)
+        {
+            save_snapshot(t);
+        }
+        let scored = match transform(t, batch) {
             Ok(scored) => scored,
             Err(StageFailure {
                 stage,
