@@ -202,3 +202,147 @@ fn sigterm_drains_and_exits_cleanly() {
     assert_eq!(report["timed_out"], false);
     assert!(stderr.contains("shutting down"), "{stderr}");
 }
+
+fn mini_corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nab-mini")
+}
+
+#[test]
+fn eval_scores_a_corpus_and_writes_scores_and_plots() {
+    let out = tempfile::tempdir().unwrap();
+    let scores = out.path().join("scores");
+    let plots = out.path().join("plots");
+    let result = bin()
+        .args(["eval", "--corpus"])
+        .arg(mini_corpus())
+        .args(["--preset", "precise", "--write-scores"])
+        .arg(&scores)
+        .arg("--plot")
+        .arg(&plots)
+        .output()
+        .unwrap();
+    let stdout = text(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{stdout}\n{}",
+        text(&result.stderr)
+    );
+    // The one labelled spike is found, with no false positive: the standard profile's
+    // normalized score is the sigmoid weight of a detection mid-window, far above the null
+    // detector's 0.
+    let standard = stdout
+        .lines()
+        .find(|l| l.starts_with("standard"))
+        .expect("a standard line");
+    let fields: Vec<&str> = standard.split_whitespace().collect();
+    let score: f64 = fields[2].parse().unwrap();
+    assert!(score > 85.0, "{standard}");
+    assert_eq!(&fields[3..6], ["1", "0", "0"], "TP FN FP: {standard}");
+    assert!(stdout.contains("reward_low_FP_rate") && stdout.contains("reward_low_FN_rate"));
+    assert!(stdout.contains("synthetic"), "per-category line: {stdout}");
+
+    let csv = std::fs::read_to_string(scores.join("synthetic/spike.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("timestamp,value,anomaly_score"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 2000);
+    assert!(rows[0].starts_with("2026-01-01 00:00:00,"));
+    let svg = std::fs::read_to_string(plots.join("synthetic/spike.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<circle"),
+        "alerts drawn"
+    );
+    assert!(plots.join("synthetic/quiet.svg").exists());
+}
+
+#[test]
+fn eval_with_a_fixed_threshold_says_so_and_uses_it() {
+    let result = bin()
+        .args([
+            "eval",
+            "--preset",
+            "fast",
+            "--threshold",
+            "0.99",
+            "--corpus",
+        ])
+        .arg(mini_corpus())
+        .output()
+        .unwrap();
+    let stdout = text(&result.stdout);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    assert!(stdout.contains("fixed threshold"), "{stdout}");
+    assert!(stdout.contains(" 0.9900 "), "{stdout}");
+    let bad = bin()
+        .args(["eval", "--threshold", "1.5", "--corpus"])
+        .arg(mini_corpus())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("--threshold"));
+}
+
+#[test]
+fn eval_refuses_a_data_file_without_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data/c")).unwrap();
+    std::fs::create_dir_all(dir.path().join("labels")).unwrap();
+    std::fs::write(dir.path().join("data/c/x.csv"), "timestamp,value\n").unwrap();
+    std::fs::write(dir.path().join("labels/combined_windows.json"), "{}").unwrap();
+    let result = bin()
+        .args(["eval", "--corpus"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    assert!(
+        text(&result.stderr).contains("no labels for c/x.csv"),
+        "{}",
+        text(&result.stderr)
+    );
+}
+
+#[test]
+fn detector_state_survives_a_restart_through_the_snapshot_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut lines = String::new();
+    for i in 0..400 {
+        lines.push_str(&format!(
+            "{{\"ts\":{},\"metric\":\"cpu\",\"labels\":{{\"host\":\"a\"}},\"value\":{}}}\n",
+            1_764_000_000_000i64 + i * 60_000,
+            40 + i % 5
+        ));
+    }
+    std::fs::write(&input, lines).unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n\n[detector]\ntype = \"precise\"\n\
+         snapshot = \"state/detector.snapshot\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    let first = bin().arg("run").arg(&config).output().unwrap();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(text(&first.stderr).contains("no detector snapshot yet"));
+    let snapshot = dir.path().join("state/detector.snapshot");
+    assert!(std::fs::metadata(&snapshot).unwrap().len() > 100);
+    let second = bin().arg("run").arg(&config).output().unwrap();
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert!(
+        text(&second.stderr).contains("detector state restored"),
+        "{}",
+        text(&second.stderr)
+    );
+    // Another detector type cannot take this state: it starts fresh, and says so.
+    std::fs::write(
+        &config,
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n\n[detector]\ntype = \"fast\"\n\
+         snapshot = \"state/detector.snapshot\"\n",
+    )
+    .unwrap();
+    let third = bin().arg("run").arg(&config).output().unwrap();
+    assert!(third.status.success());
+    assert!(text(&third.stderr).contains("starting with fresh detector state"));
+}

@@ -209,3 +209,106 @@ fn relative_paths_resolve_against_the_config_directory() {
         }
     );
 }
+
+const GENERATOR: &str = "[source]\ntype = \"generator\"\n";
+
+#[test]
+fn every_detector_type_parses_and_builds() {
+    for (kind, extra) in [
+        ("ewma", ""),
+        ("mad", "rate = 0.02"),
+        ("seasonal", "period = \"7d\"\nslots = 168"),
+        ("cusum", "drift = 0.5"),
+        ("hst", "trees = 5"),
+        (
+            "threshold",
+            "[[detector.rule]]\nmetric = \"cpu\"\nabove = 90.0",
+        ),
+        ("fast", "sensitivity = 0.8"),
+        ("precise", "threshold = 0.9"),
+        (
+            "ensemble",
+            "rest = 10\n[detector.likelihood]\nmode = \"exponential\"",
+        ),
+    ] {
+        let config = parse(&format!(
+            "{GENERATOR}[detector]\ntype = \"{kind}\"\n{extra}\n"
+        ))
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        let section = config.detector.as_ref().unwrap();
+        assert_eq!(section.detector.type_name(), kind);
+        let detector = section.detector.build(section.max_series);
+        assert_eq!(detector.name(), kind);
+        assert!(config.summary().contains(&format!("detector: {kind}")));
+    }
+}
+
+#[test]
+fn preset_sensitivity_moves_the_threshold_and_an_explicit_threshold_wins() {
+    let threshold = |extra: &str| {
+        let config = parse(&format!(
+            "{GENERATOR}[detector]\ntype = \"precise\"\n{extra}"
+        ))
+        .unwrap();
+        config
+            .detector
+            .unwrap()
+            .detector
+            .ensemble_config()
+            .unwrap()
+            .threshold
+    };
+    let tuned = Preset::Precise.config().threshold;
+    assert_eq!(threshold(""), tuned);
+    assert_eq!(threshold("sensitivity = 0.5"), tuned);
+    assert!(threshold("sensitivity = 0.9") < tuned);
+    assert!(threshold("sensitivity = 0.1") > tuned);
+    assert_eq!(threshold("sensitivity = 0.9\nthreshold = 0.3"), 0.3);
+}
+
+#[test]
+fn detector_state_fields_are_validated_and_paths_resolved() {
+    let config = parse(&format!(
+        "{GENERATOR}[detector]\ntype = \"fast\"\nmax_series = 5000\nsnapshot = \"s/d.snap\"\n\
+         snapshot_interval = \"5m\"\n"
+    ))
+    .unwrap();
+    let section = config.detector.unwrap();
+    assert_eq!(section.max_series, 5000);
+    assert_eq!(
+        section.snapshot,
+        Some(std::env::temp_dir().join("s/d.snap"))
+    );
+    assert_eq!(section.snapshot_interval, Duration::from_secs(300));
+    assert_eq!(
+        error_paths(&format!(
+            "{GENERATOR}[detector]\ntype = \"precise\"\nmax_series = 0\nsensitivity = 2.0\n\
+             snapshot_interval = \"1ms\"\n"
+        )),
+        [
+            "detector.sensitivity",
+            "detector.max_series",
+            "detector.snapshot_interval"
+        ]
+    );
+    assert_eq!(
+        error_paths(&format!(
+            "{GENERATOR}[detector]\ntype = \"ensemble\"\nz_high = 0.5\n[detector.seasonal]\nslots = 0\n"
+        )),
+        ["detector.seasonal.slots", "detector.z_high"]
+    );
+    assert_eq!(
+        error_paths(&format!(
+            "{GENERATOR}[detector]\ntype = \"threshold\"\n[[detector.rule]]\nmetric = \"cpu\"\n"
+        )),
+        ["detector.rule[0]"]
+    );
+}
+
+#[test]
+fn an_unknown_detector_type_gets_a_suggestion() {
+    let errors = parse(&format!("{GENERATOR}[detector]\ntype = \"presice\"\n")).unwrap_err();
+    let e = &errors.0[0];
+    assert_eq!(e.path, "detector.type");
+    assert!(e.to_string().contains("did you mean \"precise\""), "{e}");
+}

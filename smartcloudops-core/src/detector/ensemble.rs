@@ -262,7 +262,7 @@ pub struct EnsembleState {
     cusum: CusumState,
     seasonal: Option<Box<SeasonalState>>,
     hst: Option<Box<HstState>>,
-    context: Option<Box<ContextState>>,
+    context: Option<ContextState>,
     likelihood: LikelihoodState,
     part_likelihoods: Vec<LikelihoodState>,
     range: RangeState,
@@ -286,7 +286,11 @@ impl SeriesModel for EnsembleState {
         Self {
             seasonal: params.config.seasonal.as_ref().map(|_| Box::default()),
             hst: params.config.hst.as_ref().map(|_| Box::default()),
-            context: params.config.context.as_ref().map(|_| Box::default()),
+            context: params
+                .config
+                .context
+                .as_ref()
+                .map(|_| ContextState::default()),
             ..Self::default()
         }
     }
@@ -409,10 +413,7 @@ impl SeriesModel for EnsembleState {
                 .iter()
                 .map(|l| l.heap_bytes() + 64)
                 .sum::<usize>()
-            + self
-                .context
-                .as_ref()
-                .map_or(0, |s| std::mem::size_of::<ContextState>() + s.heap_bytes())
+            + self.context.as_ref().map_or(0, ContextState::heap_bytes)
             + self
                 .seasonal
                 .as_ref()

@@ -64,7 +64,7 @@ impl Default for LikelihoodConfig {
 }
 
 /// Longest raw-score average.
-pub const MAX_AVERAGE: u32 = 64;
+pub const MAX_AVERAGE: u32 = 16;
 /// Longest history window.
 pub const MAX_HISTORY: u32 = 100_000;
 
@@ -109,7 +109,9 @@ pub fn log_score(tail: f64) -> f64 {
 /// Per-series state of the anomaly likelihood.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LikelihoodState {
-    recent: Vec<f32>,
+    /// Ring of the last `average` raw scores, inline: no pointer to chase per row.
+    recent: [f32; MAX_AVERAGE as usize],
+    recent_len: u8,
     recent_sum: f64,
     history: Vec<f32>,
     next: u32,
@@ -129,14 +131,14 @@ impl LikelihoodState {
         let average_len = config.average.clamp(1, MAX_AVERAGE) as usize;
         // The short moving average, over a ring.
         let slot = self.seen as usize % average_len;
-        if self.recent.len() < average_len {
-            self.recent.push(raw as f32);
+        if usize::from(self.recent_len) < average_len {
+            self.recent_len += 1;
         } else {
             self.recent_sum -= f64::from(self.recent[slot]);
-            self.recent[slot] = raw as f32;
         }
+        self.recent[slot] = raw as f32;
         self.recent_sum += raw;
-        let average = (self.recent_sum / self.recent.len() as f64).max(0.0);
+        let average = (self.recent_sum / f64::from(self.recent_len)).max(0.0);
         self.seen = self.seen.saturating_add(1);
 
         let history = config.history.clamp(10, MAX_HISTORY);
@@ -197,7 +199,7 @@ impl LikelihoodState {
 
     /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
-        (self.recent.capacity() + self.history.capacity()) * 4
+        self.history.capacity() * 4
     }
 }
 
