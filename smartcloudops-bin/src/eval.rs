@@ -57,7 +57,29 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             let mut table: toml::Table =
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
             // Unset fields keep the preset's values: merge the file over the preset.
-            let mut merged: toml::Table = toml::Table::try_from(args.preset.config())?;
+            let preset = args.preset.config();
+            // Parts the preset leaves out stay out unless the file configures them: a missing
+            // table would otherwise deserialize to the default (`precise`) part.
+            for (part, absent) in [
+                ("ewma", preset.ewma.is_none()),
+                ("mad", preset.mad.is_none()),
+                ("seasonal", preset.seasonal.is_none()),
+                ("cusum", preset.cusum.is_none()),
+                ("hst", preset.hst.is_none()),
+                ("context", preset.context.is_none()),
+                ("range_novelty", preset.range_novelty.is_none()),
+            ] {
+                if absent && !table.contains_key(part) {
+                    table.insert(
+                        part.to_owned(),
+                        toml::Value::Table(toml::Table::from_iter([(
+                            "enabled".to_owned(),
+                            toml::Value::Boolean(false),
+                        )])),
+                    );
+                }
+            }
+            let mut merged: toml::Table = toml::Table::try_from(preset)?;
             let mut disabled = Vec::new();
             merge(&mut merged, std::mem::take(&mut table), &mut disabled);
             let mut config: smartcloudops_core::detector::EnsembleConfig =

@@ -70,20 +70,26 @@ impl Preset {
     /// The preset's configuration.
     pub fn config(self) -> EnsembleConfig {
         match self {
+            // One O(1) likelihood over the mean raw score of EWMA, CUSUM, an hourly seasonal
+            // baseline and a small context bit set (1 Kibit): < 1 KiB per series.
             Preset::Fast => EnsembleConfig {
                 ewma: Some(EwmaConfig::default()),
-                mad: Some(MadConfig::default()),
                 cusum: Some(CusumConfig::default()),
-                seasonal: None,
+                seasonal: Some(SeasonalConfig {
+                    slots: 24,
+                    ..SeasonalConfig::default()
+                }),
                 context: Some(ContextConfig {
-                    bits_log2: 11,
+                    length: 4,
+                    bits_log2: 10,
                     ..ContextConfig::default()
                 }),
                 likelihood: LikelihoodConfig {
                     mode: LikelihoodMode::Exponential,
                     ..LikelihoodConfig::default()
                 },
-                threshold: 0.7,
+                likelihood_per_part: false,
+                threshold: 0.6,
                 ..EnsembleConfig::default()
             },
             Preset::Precise => EnsembleConfig::default(),
@@ -141,6 +147,10 @@ pub struct EnsembleConfig {
     pub range_novelty: Option<RangeNoveltyConfig>,
     /// Score at or above which a row is anomalous.
     pub threshold: f64,
+    /// Model `sign(x)·ln(1 + |x|)` instead of `x` (range novelty still sees `x`): for
+    /// heavy-tailed metrics (bytes, request counts), where a spread learned on the raw
+    /// values makes every burst look alike.
+    pub log_scale: bool,
     /// Rows after an alert during which the series does not alert again.
     pub rest: u32,
 }
@@ -158,15 +168,19 @@ impl Default for EnsembleConfig {
             }),
             cusum: None,
             hst: None,
-            context: Some(ContextConfig::default()),
-            likelihood_per_part: false,
+            context: Some(ContextConfig {
+                length: 6,
+                ..ContextConfig::default()
+            }),
+            likelihood_per_part: true,
             combine: Combine::Mean,
             z_low: 2.0,
             z_high: 6.0,
             likelihood: LikelihoodConfig::default(),
             range_novelty: Some(RangeNoveltyConfig::default()),
-            threshold: 0.8,
-            rest: 100,
+            threshold: 0.5,
+            log_scale: false,
+            rest: 30,
         }
     }
 }
@@ -300,12 +314,19 @@ impl SeriesModel for EnsembleState {
         if !x.is_finite() {
             return Verdict::NONE;
         }
+        let original = x;
+        let x = if c.log_scale {
+            x.signum() * x.abs().ln_1p()
+        } else {
+            x
+        };
         let mut raw = 0.0f64;
         let mut raw_sum = 0.0f64;
         let mut opinions = 0u32;
         let mut fired = 0u32;
         let per_part = c.likelihood_per_part;
         let mut part_likely = 0.0f64;
+        let mut part_likely_sum = 0.0f64;
         let part_likelihoods = &mut self.part_likelihoods;
         // The best opinion of the expected value: seasonal, then robust, then mean.
         let mut band: Option<(f64, f64)> = None;
@@ -320,8 +341,9 @@ impl SeriesModel for EnsembleState {
                 if part_likelihoods.len() <= slot {
                     part_likelihoods.resize_with(slot + 1, LikelihoodState::default);
                 }
-                part_likely =
-                    part_likely.max(part_likelihoods[slot].update(&c.likelihood, part_raw));
+                let l = part_likelihoods[slot].update(&c.likelihood, part_raw);
+                part_likely = part_likely.max(l);
+                part_likely_sum += l;
             }
             opinions += 1;
         };
@@ -364,7 +386,10 @@ impl SeriesModel for EnsembleState {
             raw = raw_sum / f64::from(opinions);
         }
         let likely = if per_part {
-            part_likely
+            match c.combine {
+                Combine::Max => part_likely,
+                Combine::Mean => part_likely_sum / f64::from(opinions.max(1)),
+            }
         } else {
             self.likelihood.update(&c.likelihood, raw)
         };
@@ -373,7 +398,7 @@ impl SeriesModel for EnsembleState {
             fired |= LIKELIHOOD;
         }
         if let Some(cfg) = &c.range_novelty {
-            if self.range.update(cfg, x) {
+            if self.range.update(cfg, original) {
                 score = 1.0;
                 fired |= RANGE;
             }
@@ -395,12 +420,26 @@ impl SeriesModel for EnsembleState {
             self.episode_start = None;
         }
         let (expected, spread) = band.unwrap_or((f64::NAN, f64::NAN));
+        let (expected, lower, upper) = if c.log_scale {
+            let back = |v: f64| v.signum() * v.abs().exp_m1();
+            (
+                back(expected),
+                back(expected - c.z_high * spread),
+                back(expected + c.z_high * spread),
+            )
+        } else {
+            (
+                expected,
+                expected - c.z_high * spread,
+                expected + c.z_high * spread,
+            )
+        };
         Verdict {
             score,
             is_anomaly,
             expected,
-            lower: expected - c.z_high * spread,
-            upper: expected + c.z_high * spread,
+            lower,
+            upper,
             fired: if is_anomaly { fired } else { 0 },
             since_ms: if is_anomaly { self.episode_start } else { None },
         }

@@ -86,6 +86,11 @@ pub struct RobustDeviation {
 }
 
 impl MadState {
+    /// The median estimate.
+    pub fn median(&self) -> f64 {
+        self.median
+    }
+
     /// The floored scale.
     pub fn scale(&self, config: &MadConfig) -> f64 {
         (1.4826 * self.mad)
