@@ -89,6 +89,7 @@ impl Preset {
                     ..LikelihoodConfig::default()
                 },
                 likelihood_per_part: false,
+                z_high: 6.0,
                 threshold: 0.6,
                 ..EnsembleConfig::default()
             },
@@ -164,6 +165,7 @@ impl Default for EnsembleConfig {
             mad: None,
             seasonal: Some(SeasonalConfig {
                 weekly: true,
+                slots: 96,
                 ..SeasonalConfig::default()
             }),
             cusum: None,
@@ -175,8 +177,11 @@ impl Default for EnsembleConfig {
             likelihood_per_part: true,
             combine: Combine::Mean,
             z_low: 2.0,
-            z_high: 6.0,
-            likelihood: LikelihoodConfig::default(),
+            z_high: 8.0,
+            likelihood: LikelihoodConfig {
+                history: 4000,
+                ..LikelihoodConfig::default()
+            },
             range_novelty: Some(RangeNoveltyConfig::default()),
             threshold: 0.5,
             log_scale: false,
