@@ -154,6 +154,9 @@ pub struct EnsembleConfig {
     pub log_scale: bool,
     /// Rows after an alert during which the series does not alert again.
     pub rest: u32,
+    /// Restart the rest on every row that would have alerted: an incident longer than
+    /// `rest` rows (and its recovery) still raises one alert.
+    pub extend_rest: bool,
 }
 
 impl Default for EnsembleConfig {
@@ -185,7 +188,8 @@ impl Default for EnsembleConfig {
             range_novelty: Some(RangeNoveltyConfig::default()),
             threshold: 0.5,
             log_scale: false,
-            rest: 30,
+            rest: 20,
+            extend_rest: true,
         }
     }
 }
@@ -411,6 +415,10 @@ impl SeriesModel for EnsembleState {
         let resting = self.rest_left > 0;
         if resting {
             self.rest_left -= 1;
+            if c.extend_rest && score >= c.threshold {
+                // Still anomalous: the same incident goes on, and so does the rest.
+                self.rest_left = c.rest;
+            }
             // Held just below the threshold: the incident is still visible in the score
             // without alerting again.
             score = score.min(c.threshold * 0.999);
