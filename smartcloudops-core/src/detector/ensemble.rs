@@ -281,11 +281,11 @@ impl EnsembleParams {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EnsembleState {
     ewma: EwmaState,
-    mad: MadState,
+    mad: Option<Box<MadState>>,
     cusum: CusumState,
     seasonal: Option<Box<SeasonalState>>,
     hst: Option<Box<HstState>>,
-    context: Option<ContextState>,
+    context: Option<Box<ContextState>>,
     likelihood: LikelihoodState,
     part_likelihoods: Vec<LikelihoodState>,
     range: RangeState,
@@ -309,11 +309,7 @@ impl SeriesModel for EnsembleState {
         Self {
             seasonal: params.config.seasonal.as_ref().map(|_| Box::default()),
             hst: params.config.hst.as_ref().map(|_| Box::default()),
-            context: params
-                .config
-                .context
-                .as_ref()
-                .map(|_| ContextState::default()),
+            context: params.config.context.as_ref().map(|_| Box::default()),
             ..Self::default()
         }
     }
@@ -363,7 +359,7 @@ impl SeriesModel for EnsembleState {
             }
         }
         if let Some(cfg) = &c.mad {
-            if let Some(r) = self.mad.step(cfg, x) {
+            if let Some(r) = self.mad.get_or_insert_with(Box::default).step(cfg, x) {
                 take(ramp(r.z, c.z_low, c.z_high), MAD, &mut fired);
                 band = band.or(Some((r.median, r.scale)));
             }
@@ -465,7 +461,14 @@ impl SeriesModel for EnsembleState {
                 .iter()
                 .map(|l| l.heap_bytes() + 64)
                 .sum::<usize>()
-            + self.context.as_ref().map_or(0, ContextState::heap_bytes)
+            + self
+                .mad
+                .as_ref()
+                .map_or(0, |_| std::mem::size_of::<MadState>())
+            + self
+                .context
+                .as_ref()
+                .map_or(0, |s| std::mem::size_of::<ContextState>() + s.heap_bytes())
             + self
                 .seasonal
                 .as_ref()
@@ -617,6 +620,21 @@ mod tests {
         assert_eq!(d.series_count(), 5000);
         let per_series = d.state_bytes() / 5000;
         assert!(per_series <= 1024, "{per_series} B per series");
+    }
+
+    #[test]
+    fn a_long_lived_precise_series_stays_under_48_kibibytes() {
+        // Steady state: every ring full, every weekly slot seen.
+        let mut d = EnsembleDetector::preset(Preset::Precise);
+        let values: Vec<f64> = (0..10_000).map(|i| (i % 97) as f64).collect();
+        d.score(&batch(&values)).unwrap();
+        let bytes = d.state_bytes();
+        eprintln!("precise, steady state: {bytes} B per series");
+        assert!(
+            bytes > 32 * 1024,
+            "the likelihood windows are full: {bytes}"
+        );
+        assert!(bytes <= 48 * 1024, "{bytes} B for one series");
     }
 
     #[test]
