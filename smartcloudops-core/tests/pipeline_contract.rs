@@ -159,6 +159,29 @@ async fn batches_without_alerts_are_acked_after_the_detector() {
 }
 
 #[tokio::test]
+async fn the_detectors_memory_is_published_as_gauges() {
+    let log: Log = Arc::default();
+    let pipeline = Pipeline::builder(TestSource::new(Some(4), log.clone()))
+        .detector(EwmaDetector::with_max_series(EwmaConfig::default(), 1))
+        .build();
+    let metrics = pipeline.metrics();
+    pipeline.run(CancellationToken::new()).await.unwrap();
+    let text = metrics.render_prometheus();
+    let gauge = |name: &str| -> f64 {
+        let prefix = format!("smartcloudops_{name}{{stage=\"detector:ewma\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    // The test source's batches hold more than one series; the cap keeps one.
+    assert_eq!(gauge("detector_series"), 1.0);
+    assert!(gauge("detector_state_bytes") > 0.0);
+    assert!(gauge("detector_evicted_series") >= 1.0);
+}
+
+#[tokio::test]
 async fn a_stalled_action_stalls_the_source_with_bounded_memory() {
     let log: Log = Arc::default();
     let gate = Arc::new(Semaphore::new(0));

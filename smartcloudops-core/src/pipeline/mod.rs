@@ -439,6 +439,7 @@ impl Pipeline {
                 .collect(),
             detector: detector.zip(stages.detector.clone()),
             snapshot: snapshot.map(|file| (file, Instant::now())),
+            gauges_at: None,
             dead_letters,
             has_every_batch_action: actions.iter().any(|a| a.wants_every_batch()),
             has_actions: !actions.is_empty(),
@@ -593,6 +594,8 @@ struct TransformTask {
     detector: Option<(Box<dyn Detector>, Arc<StageMetrics>)>,
     /// The snapshot file and when it was last written.
     snapshot: Option<(SnapshotFile, Instant)>,
+    /// When the detector's state gauges were last published.
+    gauges_at: Option<Instant>,
     dead_letters: Arc<dyn DeadLetterSink>,
     has_every_batch_action: bool,
     has_actions: bool,
@@ -616,7 +619,26 @@ async fn transform_task(mut t: TransformTask) -> Result<()> {
     let result = transform_loop(&mut t).await;
     // At shutdown, whatever ended the loop: the state learned so far is worth keeping.
     save_snapshot(&mut t);
+    publish_detector_gauges(&mut t);
     result
+}
+
+/// How often the detector's state gauges are refreshed: `state_bytes` walks every series.
+const DETECTOR_GAUGES_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes the detector's memory accounting as gauges of its stage:
+/// `smartcloudops_detector_series`, `…_detector_state_bytes`, `…_detector_evicted_series`.
+fn publish_detector_gauges(t: &mut TransformTask) {
+    if let Some((detector, stage)) = &t.detector {
+        stage.set_gauge("detector_series", &[], detector.series_count() as f64);
+        stage.set_gauge("detector_state_bytes", &[], detector.state_bytes() as f64);
+        stage.set_gauge(
+            "detector_evicted_series",
+            &[],
+            detector.evicted_series() as f64,
+        );
+        t.gauges_at = Some(Instant::now());
+    }
 }
 
 /// Writes the detector's snapshot (temporary file, then rename). A failure is logged, not
@@ -655,6 +677,11 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
             .is_some_and(|(file, last)| last.elapsed() >= file.every)
         {
             save_snapshot(t);
+        }
+        if t.gauges_at
+            .is_none_or(|at| at.elapsed() >= DETECTOR_GAUGES_EVERY)
+        {
+            publish_detector_gauges(t);
         }
         let scored = match transform(t, batch) {
             Ok(scored) => scored,
