@@ -387,6 +387,7 @@ impl SeriesModel for EnsembleState {
                 take(novelty, CONTEXT, &mut fired);
             }
         }
+        let raw_max = raw;
         if c.combine == Combine::Mean && opinions > 0 {
             raw = raw_sum / f64::from(opinions);
         }
@@ -403,7 +404,7 @@ impl SeriesModel for EnsembleState {
             fired |= LIKELIHOOD;
         }
         if let Some(cfg) = &c.range_novelty {
-            if self.range.update(cfg, original) {
+            if self.range.update(cfg, original) && raw_max >= cfg.min_raw {
                 score = 1.0;
                 fired |= RANGE;
             }

@@ -55,7 +55,7 @@ impl Default for LikelihoodConfig {
             mode: LikelihoodMode::Window,
             average: 10,
             history: 2000,
-            learning: 300,
+            learning: 150,
             refit: 50,
             min_mean: 0.03,
             min_sd: 0.0173,
@@ -210,13 +210,17 @@ pub struct RangeNoveltyConfig {
     pub margin: f64,
     /// Rows learned before a new extreme counts.
     pub warmup: u32,
+    /// Raw score (of the ensemble's parts) a new extreme also needs: a pure-noise series
+    /// sets a new record now and then, and that alone is no incident.
+    pub min_raw: f64,
 }
 
 impl Default for RangeNoveltyConfig {
     fn default() -> Self {
         Self {
-            margin: 0.05,
-            warmup: 300,
+            margin: 0.02,
+            warmup: 150,
+            min_raw: 0.1,
         }
     }
 }
@@ -306,6 +310,7 @@ mod tests {
         let config = RangeNoveltyConfig {
             margin: 0.1,
             warmup: 3,
+            min_raw: 0.0,
         };
         let mut r = RangeState::default();
         let flags: Vec<bool> = [0.0, 10.0, 100.0, 5.0, 10.5, 101.0, 120.0, -20.0]
