@@ -179,8 +179,8 @@ impl Default for EnsembleConfig {
             }),
             likelihood_per_part: true,
             combine: Combine::Mean,
-            z_low: 2.0,
-            z_high: 8.0,
+            z_low: 1.5,
+            z_high: 12.0,
             likelihood: LikelihoodConfig {
                 history: 4000,
                 ..LikelihoodConfig::default()
