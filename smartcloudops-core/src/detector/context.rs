@@ -129,3 +129,40 @@ impl ContextState {
         self.seen.capacity() * 8
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_repeated_shape_becomes_familiar_and_a_new_one_stands_out() {
+        let config = ContextConfig::default();
+        let mut s = ContextState::default();
+        let wave = [0.0, 3.0, 6.0, 9.0, 6.0, 3.0];
+        let mut last = None;
+        for i in 0..600 {
+            last = s.step(&config, wave[i % wave.len()]);
+        }
+        assert_eq!(last, Some(0.0), "the wave is familiar");
+        // Flat in the middle of the range: every context with it is new except level 1.
+        let flat = s.step(&config, 4.5).unwrap();
+        assert!(flat > 0.5, "{flat}");
+        assert!(s.step(&config, f64::NAN).is_none());
+        assert_eq!(s.heap_bytes(), (1 << 15) / 8);
+    }
+
+    proptest! {
+        #[test]
+        fn novelty_stays_in_the_unit_interval(values in proptest::collection::vec(
+            prop_oneof![any::<f64>(), Just(f64::NAN), -1e6..1e6f64], 1..400)) {
+            let config = ContextConfig { warmup: 0, ..ContextConfig::default() };
+            let mut s = ContextState::default();
+            for x in values {
+                if let Some(n) = s.step(&config, x) {
+                    prop_assert!((0.0..=1.0).contains(&n), "{}", n);
+                }
+            }
+        }
+    }
+}
