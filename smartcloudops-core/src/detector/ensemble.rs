@@ -638,6 +638,32 @@ mod tests {
         assert!(bytes <= 48 * 1024, "{bytes} B for one series");
     }
 
+    /// A million series through the `fast` preset: the brief's "1 million series in under
+    /// 1 GiB". Slow in debug builds:
+    /// `cargo test --release -p smartcloudops-core --lib a_million -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a million series: run in release"]
+    fn a_million_fast_series_fit_in_a_gibibyte() {
+        let mut d = EnsembleDetector::preset(Preset::Fast);
+        let series = 1_000_000u64;
+        for round in 0..4 {
+            let mut b = MetricsBatchBuilder::with_capacity(series as usize);
+            for id in 0..series {
+                let ts = (round * 300_000) as i64;
+                b.push_with_id(ts, "cpu", &[("host", "h")], (id % 97) as f64, id);
+            }
+            d.score(&b.finish()).unwrap();
+        }
+        assert_eq!(d.series_count(), series as usize);
+        let bytes = d.state_bytes();
+        eprintln!(
+            "fast: {bytes} B for {series} series ({:.0} B/series, EnsembleState {} B inline)",
+            bytes as f64 / series as f64,
+            std::mem::size_of::<EnsembleState>()
+        );
+        assert!(bytes < 1 << 30, "{bytes} B");
+    }
+
     #[test]
     fn eviction_bounds_the_memory_of_an_ensemble() {
         let mut d = EnsembleDetector::new("precise", Preset::Precise.config(), 1000);
