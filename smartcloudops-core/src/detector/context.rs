@@ -12,13 +12,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Problems;
+
 /// Configuration of context novelty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContextConfig {
     /// Quantisation levels of the range seen so far.
     pub levels: u32,
-    /// Longest context, in values (1 to 16).
+    /// Longest context, in values (1 to 8).
     pub length: u32,
     /// Size of the seen-context bit set, as a power of two (10 to 20).
     pub bits_log2: u32,
@@ -40,28 +42,18 @@ impl Default for ContextConfig {
 impl ContextConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if !(2..=256).contains(&self.levels) {
-            out.push((
-                "levels",
-                format!("must be between 2 and 256, got {}", self.levels),
-            ));
-        }
-        if !(1..=16).contains(&self.length) {
-            out.push((
-                "length",
-                format!("must be between 1 and 16, got {}", self.length),
-            ));
-        }
-        if !(10..=20).contains(&self.bits_log2) {
-            out.push((
-                "bits_log2",
-                format!("must be between 10 and 20, got {}", self.bits_log2),
-            ));
-        }
-        out
+        Problems::default()
+            .within("levels", self.levels, 2..=MAX_LEVELS)
+            .within("length", self.length, 1..=MAX_LENGTH)
+            .within("bits_log2", self.bits_log2, 10..=20)
+            .into_vec()
     }
 }
+
+/// Most quantisation levels (a level is one byte of a context).
+pub const MAX_LEVELS: u32 = 256;
+/// Longest context: eight one-byte levels in a `u64`.
+pub const MAX_LENGTH: u32 = 8;
 
 /// Per-series state of context novelty.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -92,7 +84,7 @@ impl ContextState {
         }
         self.min = self.min.min(x);
         self.max = self.max.max(x);
-        let levels = config.levels.clamp(2, 256);
+        let levels = config.levels.clamp(2, MAX_LEVELS);
         let span = self.max - self.min;
         let level = if span > 0.0 {
             (((x - self.min) / span) * f64::from(levels))
@@ -102,7 +94,7 @@ impl ContextState {
             0
         };
         // 8 bits per level, the most recent in the low byte.
-        let length = config.length.clamp(1, 8);
+        let length = config.length.clamp(1, MAX_LENGTH);
         self.recent = (self.recent << 8) | level;
         self.filled = (self.filled + 1).min(length);
         let mut novel = 0u32;

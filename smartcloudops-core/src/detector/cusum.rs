@@ -11,9 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Verdict;
 use super::ewma::{EwmaConfig, EwmaState};
 use super::keyed::{KeyedDetector, SeriesModel};
+use super::{Problems, Verdict};
 
 /// Configuration of the CUSUM detector (`[detector] type = "cusum"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,23 +53,11 @@ impl CusumConfig {
 
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            out.push(("alpha", format!("must be in (0, 1], got {}", self.alpha)));
-        }
-        if !(self.drift >= 0.0 && self.drift.is_finite()) {
-            out.push((
-                "drift",
-                format!("must be 0 or positive, got {}", self.drift),
-            ));
-        }
-        if !(self.threshold > 0.0 && self.threshold.is_finite()) {
-            out.push((
-                "threshold",
-                format!("must be positive, got {}", self.threshold),
-            ));
-        }
-        out
+        Problems::default()
+            .weight("alpha", self.alpha)
+            .non_negative("drift", self.drift)
+            .positive("threshold", self.threshold)
+            .into_vec()
     }
 }
 

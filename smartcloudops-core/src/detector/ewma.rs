@@ -15,10 +15,9 @@
 //! - **Non-finite values** (NaN, ±Inf) are not scored (score 0) and do not touch the state.
 
 use serde::{Deserialize, Serialize};
-use statrs::function::erf::erf;
 
-use super::Verdict;
 use super::keyed::{DEFAULT_MAX_SERIES, KeyedDetector, SeriesModel};
+use super::{Problems, Verdict};
 
 /// Configuration of the [`EwmaDetector`] (`[detector] type = "ewma"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,23 +37,11 @@ impl EwmaConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid. The detector
     /// never panics on invalid values, but they make its scores meaningless.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            out.push(("alpha", format!("must be in (0, 1], got {}", self.alpha)));
-        }
-        if !(self.threshold > 0.0 && self.threshold.is_finite()) {
-            out.push((
-                "threshold",
-                format!("must be positive, got {}", self.threshold),
-            ));
-        }
-        if !(self.min_sd_ratio >= 0.0 && self.min_sd_ratio.is_finite()) {
-            out.push((
-                "min_sd_ratio",
-                format!("must be 0 or positive, got {}", self.min_sd_ratio),
-            ));
-        }
-        out
+        Problems::default()
+            .weight("alpha", self.alpha)
+            .positive("threshold", self.threshold)
+            .non_negative("min_sd_ratio", self.min_sd_ratio)
+            .into_vec()
     }
 }
 
@@ -187,14 +174,7 @@ impl SeriesModel for EwmaState {
 
     fn observe(&mut self, config: &EwmaConfig, _ts_ms: i64, x: f64) -> Verdict {
         match self.step(config, x) {
-            Some(d) => Verdict {
-                score: erf(d.z / std::f64::consts::SQRT_2),
-                is_anomaly: d.z >= config.threshold,
-                expected: d.mean,
-                lower: d.mean - config.threshold * d.sd,
-                upper: d.mean + config.threshold * d.sd,
-                ..Verdict::NONE
-            },
+            Some(d) => Verdict::from_z(d.z, d.mean, d.sd, config.threshold),
             None => self.band(config),
         }
     }

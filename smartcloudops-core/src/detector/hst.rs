@@ -19,8 +19,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::Verdict;
 use super::keyed::{KeyedDetector, SeriesModel};
+use super::{Problems, Verdict};
 
 /// Configuration of the half-space-trees detector (`[detector] type = "hst"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +53,8 @@ impl Default for HstConfig {
     }
 }
 
+/// Most trees accepted.
+pub const MAX_TREES: u32 = 100;
 /// Largest tree depth accepted.
 pub const MAX_DEPTH: u32 = 12;
 /// Longest shingle accepted.
@@ -61,32 +63,12 @@ pub const MAX_SHINGLE: u32 = 16;
 impl HstConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if !(1..=100).contains(&self.trees) {
-            out.push((
-                "trees",
-                format!("must be between 1 and 100, got {}", self.trees),
-            ));
-        }
-        if !(1..=MAX_DEPTH).contains(&self.depth) {
-            out.push((
-                "depth",
-                format!("must be between 1 and {MAX_DEPTH}, got {}", self.depth),
-            ));
-        }
-        if !(10..=u32::from(u16::MAX)).contains(&self.window) {
-            out.push((
-                "window",
-                format!("must be between 10 and 65535, got {}", self.window),
-            ));
-        }
-        if !(1..=MAX_SHINGLE).contains(&self.shingle) {
-            out.push((
-                "shingle",
-                format!("must be between 1 and {MAX_SHINGLE}, got {}", self.shingle),
-            ));
-        }
-        out
+        Problems::default()
+            .within("trees", self.trees, 1..=MAX_TREES)
+            .within("depth", self.depth, 1..=MAX_DEPTH)
+            .within("window", self.window, 10..=u32::from(u16::MAX))
+            .within("shingle", self.shingle, 1..=MAX_SHINGLE)
+            .into_vec()
     }
 }
 
@@ -106,7 +88,7 @@ impl Forest {
     pub fn new(config: HstConfig) -> Self {
         let depth = config.depth.clamp(1, MAX_DEPTH);
         let shingle = config.shingle.clamp(1, MAX_SHINGLE) as usize;
-        let trees = config.trees.clamp(1, 100) as usize;
+        let trees = config.trees.clamp(1, MAX_TREES) as usize;
         let nodes_per_tree = (1usize << (depth + 1)) - 1;
         let internal = (1usize << depth) - 1;
         let mut rng = SmallRng::seed_from_u64(config.seed);

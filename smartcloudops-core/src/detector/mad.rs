@@ -13,10 +13,9 @@
 //!   scale has a floor of `min_scale_ratio × |median|` so a flat series does not alert on jitter.
 
 use serde::{Deserialize, Serialize};
-use statrs::function::erf::erf;
 
-use super::Verdict;
 use super::keyed::{DEFAULT_MAX_SERIES, KeyedDetector, SeriesModel};
+use super::{Problems, Verdict};
 
 /// Configuration of the median/MAD detector (`[detector] type = "mad"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,23 +45,15 @@ impl Default for MadConfig {
 impl MadConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if !(self.rate > 0.0 && self.rate < 1.0) {
-            out.push(("rate", format!("must be in (0, 1), got {}", self.rate)));
-        }
-        if !(self.threshold > 0.0 && self.threshold.is_finite()) {
-            out.push((
-                "threshold",
-                format!("must be positive, got {}", self.threshold),
-            ));
-        }
-        if !(self.min_scale_ratio >= 0.0 && self.min_scale_ratio.is_finite()) {
-            out.push((
-                "min_scale_ratio",
-                format!("must be 0 or positive, got {}", self.min_scale_ratio),
-            ));
-        }
-        out
+        Problems::default()
+            .check(
+                self.rate > 0.0 && self.rate < 1.0,
+                "rate",
+                format!("must be in (0, 1), got {}", self.rate),
+            )
+            .positive("threshold", self.threshold)
+            .non_negative("min_scale_ratio", self.min_scale_ratio)
+            .into_vec()
     }
 }
 
@@ -144,14 +135,7 @@ impl SeriesModel for MadState {
 
     fn observe(&mut self, config: &MadConfig, _ts_ms: i64, x: f64) -> Verdict {
         match self.step(config, x) {
-            Some(d) => Verdict {
-                score: erf(d.z / std::f64::consts::SQRT_2),
-                is_anomaly: d.z >= config.threshold,
-                expected: d.median,
-                lower: d.median - config.threshold * d.scale,
-                upper: d.median + config.threshold * d.scale,
-                ..Verdict::NONE
-            },
+            Some(d) => Verdict::from_z(d.z, d.median, d.scale, config.threshold),
             None => Verdict::NONE,
         }
     }

@@ -90,6 +90,60 @@ pub trait Detector: Send + fmt::Debug {
     }
 }
 
+/// Builds the `(field, message)` list a detector configuration's `problems()` returns. The
+/// detectors never panic on invalid values, but such values make their scores meaningless,
+/// so configurations are checked before a detector is built.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<(&'static str, String)>);
+
+impl Problems {
+    /// Records `message` for `field` unless `ok`.
+    pub fn check(mut self, ok: bool, field: &'static str, message: impl Into<String>) -> Self {
+        if !ok {
+            self.0.push((field, message.into()));
+        }
+        self
+    }
+
+    /// A weight: in `(0, 1]`.
+    pub fn weight(self, field: &'static str, value: f64) -> Self {
+        let ok = value > 0.0 && value <= 1.0;
+        self.check(ok, field, format!("must be in (0, 1], got {value}"))
+    }
+
+    /// A positive, finite number.
+    pub fn positive(self, field: &'static str, value: f64) -> Self {
+        let ok = value > 0.0 && value.is_finite();
+        self.check(ok, field, format!("must be positive, got {value}"))
+    }
+
+    /// Zero or a positive, finite number.
+    pub fn non_negative(self, field: &'static str, value: f64) -> Self {
+        let ok = value >= 0.0 && value.is_finite();
+        self.check(ok, field, format!("must be 0 or positive, got {value}"))
+    }
+
+    /// A count within `range`.
+    pub fn within(
+        self,
+        field: &'static str,
+        value: u32,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> Self {
+        let message = format!(
+            "must be between {} and {}, got {value}",
+            range.start(),
+            range.end()
+        );
+        self.check(range.contains(&value), field, message)
+    }
+
+    /// The problems found.
+    pub fn into_vec(self) -> Vec<(&'static str, String)> {
+        self.0
+    }
+}
+
 /// One row's verdict.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Verdict {
@@ -111,6 +165,19 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// The verdict of a z-score detector: score `erf(z / √2)` (the normal probability mass
+    /// within `z` sds), anomalous at `z ≥ threshold`, band `expected ± threshold · sd`.
+    pub fn from_z(z: f64, expected: f64, sd: f64, threshold: f64) -> Verdict {
+        Verdict {
+            score: statrs::function::erf::erf(z / std::f64::consts::SQRT_2),
+            is_anomaly: z >= threshold,
+            expected,
+            lower: expected - threshold * sd,
+            upper: expected + threshold * sd,
+            ..Verdict::NONE
+        }
+    }
+
     /// No opinion (warm-up, a non-finite value): score 0, no band.
     pub const NONE: Verdict = Verdict {
         score: 0.0,

@@ -19,6 +19,8 @@
 use serde::{Deserialize, Serialize};
 use statrs::function::erf::erfc;
 
+use super::Problems;
+
 /// How the likelihood remembers the distribution of averaged scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -71,26 +73,12 @@ pub const MAX_HISTORY: u32 = 100_000;
 impl LikelihoodConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if !(1..=MAX_AVERAGE).contains(&self.average) {
-            out.push((
-                "average",
-                format!("must be between 1 and {MAX_AVERAGE}, got {}", self.average),
-            ));
-        }
-        if !(10..=MAX_HISTORY).contains(&self.history) {
-            out.push((
-                "history",
-                format!("must be between 10 and {MAX_HISTORY}, got {}", self.history),
-            ));
-        }
-        if self.refit == 0 {
-            out.push(("refit", "must be at least 1".to_owned()));
-        }
-        if !(self.min_sd > 0.0 && self.min_sd.is_finite()) {
-            out.push(("min_sd", format!("must be positive, got {}", self.min_sd)));
-        }
-        out
+        Problems::default()
+            .within("average", self.average, 1..=MAX_AVERAGE)
+            .within("history", self.history, 10..=MAX_HISTORY)
+            .check(self.refit > 0, "refit", "must be at least 1")
+            .positive("min_sd", self.min_sd)
+            .into_vec()
     }
 }
 

@@ -16,10 +16,9 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use statrs::function::erf::erf;
 
-use super::Verdict;
 use super::keyed::{KeyedDetector, SeriesModel};
+use super::{Problems, Verdict};
 
 /// Configuration of the seasonal detector (`[detector] type = "seasonal"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,29 +62,16 @@ pub const MAX_SLOTS: u32 = 1008;
 impl SeasonalConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if self.period.as_millis() < u128::from(self.slots.max(1)) {
-            out.push((
+        Problems::default()
+            .check(
+                self.period.as_millis() >= u128::from(self.slots.max(1)),
                 "period",
-                "must be at least one millisecond per slot".to_owned(),
-            ));
-        }
-        if !(1..=MAX_SLOTS).contains(&self.slots) {
-            out.push((
-                "slots",
-                format!("must be between 1 and {MAX_SLOTS}, got {}", self.slots),
-            ));
-        }
-        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            out.push(("alpha", format!("must be in (0, 1], got {}", self.alpha)));
-        }
-        if !(self.threshold > 0.0 && self.threshold.is_finite()) {
-            out.push((
-                "threshold",
-                format!("must be positive, got {}", self.threshold),
-            ));
-        }
-        out
+                "must be at least one millisecond per slot",
+            )
+            .within("slots", self.slots, 1..=MAX_SLOTS)
+            .weight("alpha", self.alpha)
+            .positive("threshold", self.threshold)
+            .into_vec()
     }
 
     fn period_ms(&self) -> i64 {
@@ -229,14 +215,7 @@ impl SeriesModel for SeasonalState {
 
     fn observe(&mut self, config: &SeasonalConfig, ts_ms: i64, x: f64) -> Verdict {
         match self.step(config, ts_ms, x) {
-            Some(r) => Verdict {
-                score: erf(r.z / std::f64::consts::SQRT_2),
-                is_anomaly: r.z >= config.threshold,
-                expected: r.expected,
-                lower: r.expected - config.threshold * r.sd,
-                upper: r.expected + config.threshold * r.sd,
-                ..Verdict::NONE
-            },
+            Some(r) => Verdict::from_z(r.z, r.expected, r.sd, config.threshold),
             None => Verdict::NONE,
         }
     }
