@@ -41,10 +41,13 @@ fn svg(series: &LabelledSeries, scores: &[f64], threshold: f64) -> String {
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(*v), hi.max(*v))
     });
-    let (lo, hi) = if lo.is_finite() && hi > lo {
+    // A flat, empty or overflowing range gets a unit band so coordinates stay finite.
+    let (lo, hi) = if lo.is_finite() && hi > lo && (hi - lo).is_finite() {
         (lo, hi)
-    } else {
+    } else if lo.is_finite() {
         (lo - 1.0, lo + 1.0)
+    } else {
+        (0.0, 1.0)
     };
     let y_value = |v: f64| VALUE_TOP + VALUE_HEIGHT * (1.0 - (v - lo) / (hi - lo));
     let y_score = |s: f64| SCORE_TOP + SCORE_HEIGHT * (1.0 - s.clamp(0.0, 1.0));

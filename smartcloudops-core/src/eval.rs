@@ -254,25 +254,33 @@ pub fn read_series(path: &Path) -> Result<(Vec<i64>, Vec<f64>)> {
 
 /// Parses NAB's `YYYY-MM-DD HH:MM:SS[.ffffff]` (UTC) to ms since the epoch.
 pub fn parse_nab_ts(text: &str) -> Option<i64> {
-    let text = text.trim();
+    let text = text.trim().trim_end_matches('Z');
     let (date, time) = text.split_once([' ', 'T'])?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    // Unsigned parts: a sign anywhere is malformed.
+    let mut d = date.split('-').map(|p| p.parse::<u32>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time
-        .trim_end_matches('Z')
-        .split_once('.')
-        .unwrap_or((time, ""));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.split(':').map(|p| p.parse::<u32>().ok());
     let (hh, mm, ss) = (t.next()??, t.next()??, t.next().unwrap_or(Some(0))?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+    if y > 9999
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || hh > 23
+        || mm > 59
+        || ss > 60
+    {
         return None;
     }
     let millis = if frac.is_empty() {
         0
-    } else {
+    } else if frac.bytes().all(|b| b.is_ascii_digit()) {
         let digits: String = frac.chars().chain("000".chars()).take(3).collect();
         digits.parse::<i64>().ok()?
+    } else {
+        return None;
     };
+    let (y, m, day) = (i64::from(y), i64::from(m), i64::from(day));
+    let (hh, mm, ss) = (i64::from(hh), i64::from(mm), i64::from(ss));
     let days = days_from_civil(y, m, day);
     Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + millis)
 }
@@ -491,7 +499,8 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// `100 · (raw − null) / (perfect − null)`; 0 when there is nothing to find.
+    /// `100 · (raw − null) / (perfect − null)`. With no window to find, 100 without a false
+    /// positive and 0 with one.
     pub fn normalized(&self) -> f64 {
         let span = self.perfect - self.null;
         if span.abs() < f64::EPSILON {
@@ -720,5 +729,9 @@ mod tests {
         assert_eq!(parse_nab_ts("2014-02-19 10:50:00"), Some(t));
         assert_eq!(parse_nab_ts("1969-12-31 23:59:59"), Some(-1000));
         assert!(parse_nab_ts("yesterday").is_none());
+        assert_eq!(parse_nab_ts("2014-02-19T10:50:00Z"), Some(t));
+        assert!(parse_nab_ts("2014-02-19 -5:-3:-1").is_none());
+        assert!(parse_nab_ts("2014-02-19 10:50:00.-5").is_none());
+        assert!(parse_nab_ts("99999999999-01-01 00:00:00").is_none());
     }
 }

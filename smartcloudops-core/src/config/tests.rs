@@ -303,6 +303,17 @@ fn detector_state_fields_are_validated_and_paths_resolved() {
         )),
         ["detector.rule[0]"]
     );
+    assert_eq!(
+        error_paths(&format!(
+            "{GENERATOR}[detector]\ntype = \"ensemble\"\n[detector.context]\nlevels = 1000\n\
+             [detector.range_novelty]\nmargin = -1.0\nmin_raw = 2.0\n"
+        )),
+        [
+            "detector.context.levels",
+            "detector.range_novelty.margin",
+            "detector.range_novelty.min_raw"
+        ]
+    );
 }
 
 #[test]

@@ -4,20 +4,22 @@
 //! 1. every enabled part ([`ewma`](super::ewma), [`mad`](super::mad),
 //!    [`seasonal`](super::seasonal), [`cusum`](super::cusum), [`hst`](super::hst)) scores the
 //!    value; a z-score becomes a raw score by a ramp from `z_low` (0) to `z_high` (1);
-//! 2. the raw scores combine by their maximum (each part catches a different kind of
-//!    incident: a spike, a step, a broken daily pattern, an unseen shape);
-//! 3. [anomaly likelihood](super::postprocess) turns the combined raw score into "how
-//!    unusual is this for this series", which is what makes one threshold fit every series;
-//! 4. [range novelty](super::postprocess) raises the score to 1 for a value beyond anything
-//!    the series has shown;
-//! 5. the row is anomalous when the score reaches `threshold`; then, for `rest` rows, the
-//!    series' score is held below the threshold, so one incident raises one alert rather than
-//!    a storm (the episode's start is reported as `anomaly_since`).
+//!    (and [`context`](super::context) novelty gives its share of unseen shapes);
+//! 2. [anomaly likelihood](super::postprocess) turns raw scores into "how unusual is this
+//!    for this series", which is what makes one threshold fit every series: either one
+//!    likelihood for the parts' combined raw score (`combine`: mean or maximum), or one per
+//!    part, combined the same way (`likelihood_per_part`, as in `precise`);
+//! 3. [range novelty](super::postprocess) raises the score to 1 for a value beyond anything
+//!    the series has shown, if some part finds it at least a little unusual;
+//! 4. the row is anomalous when the score reaches `threshold`; then, for `rest` rows (restarted
+//!    while the series stays anomalous, with `extend_rest`), the series' score is held just
+//!    below the threshold, so one incident raises one alert rather than a storm. The
+//!    episode's first alert is reported as `anomaly_since` until the series is quiet again.
 //!
 //! **Cold start**: a new series learns silently. Its parts have their own warm-ups, the
 //! likelihood scores nothing for its first `likelihood.learning` rows and range novelty
-//! waits `range_novelty.warmup` rows, so the first alert of a series can come only after
-//! the largest of these (300 rows with the presets).
+//! waits `range_novelty.warmup` rows, so with the presets no series alerts on its first 150
+//! rows.
 //!
 //! Two presets are tuned on the NAB corpus with one parameter set for all series (see
 //! `docs/detection.md`): [`Preset::Fast`] and [`Preset::Precise`].
@@ -60,9 +62,11 @@ const CONTEXT: u32 = 1 << 7;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
-    /// For millions of series: EWMA, O(1) likelihood and range novelty; ≤ 1 KiB per series.
+    /// For millions of series: EWMA, CUSUM, hourly seasonal slots and a small context set,
+    /// one O(1) likelihood and range novelty; under 1 KiB per series.
     Fast,
-    /// The best quality: every statistical part, windowed likelihood and range novelty.
+    /// The best quality: weekly seasonal slots and context novelty, a windowed likelihood per
+    /// part, range novelty; about 42 KiB per long-lived series.
     Precise,
 }
 
@@ -221,6 +225,12 @@ impl EnsembleConfig {
         if let Some(c) = &self.hst {
             nested("hst", c.problems());
         }
+        if let Some(c) = &self.context {
+            nested("context", c.problems());
+        }
+        if let Some(c) = &self.range_novelty {
+            nested("range_novelty", c.problems());
+        }
         nested("likelihood", self.likelihood.problems());
         if !(self.z_low >= 0.0 && self.z_high > self.z_low && self.z_high.is_finite()) {
             out.push((
@@ -243,9 +253,14 @@ impl EnsembleConfig {
             self.seasonal.is_some(),
             self.cusum.is_some(),
             self.hst.is_some(),
+            self.context.is_some(),
         ];
-        if !parts.iter().any(|p| *p) && self.range_novelty.is_none() {
-            out.push(("ewma".to_owned(), "enable at least one part".to_owned()));
+        // Range novelty needs a part's raw score too: alone it could never alert.
+        if !parts.iter().any(|p| *p) {
+            out.push((
+                "seasonal".to_owned(),
+                "enable at least one part (ewma, mad, seasonal, cusum, hst, context)".to_owned(),
+            ));
         }
         out
     }
@@ -423,10 +438,10 @@ impl SeriesModel for EnsembleState {
         let is_anomaly = score >= c.threshold;
         if is_anomaly {
             self.rest_left = c.rest;
-            if !resting || self.episode_start.is_none() {
-                self.episode_start = Some(ts_ms);
-            }
+            // An alert right after a rest (or with no rest) continues the episode.
+            self.episode_start.get_or_insert(ts_ms);
         } else if !resting {
+            // Quiet: neither anomalous nor resting. The episode is over.
             self.episode_start = None;
         }
         let (expected, spread) = band.unwrap_or((f64::NAN, f64::NAN));
@@ -578,6 +593,33 @@ mod tests {
                 (expected - 40.0).abs() < 6.0,
                 "{preset:?}: expected {expected}"
             );
+        }
+    }
+
+    #[test]
+    fn every_alert_of_an_episode_names_its_first_alert_as_the_start() {
+        // No rest: every anomalous row alerts, and they are one episode until a quiet row.
+        let config = EnsembleConfig {
+            rest: 0,
+            ..Preset::Fast.config()
+        };
+        let mut d = EnsembleDetector::new("fast", config, 10);
+        let mut values = noisy(1200);
+        for v in &mut values[1000..1010] {
+            *v = 1000.0;
+        }
+        let out = d.score(&batch(&values)).unwrap();
+        let s = ScoreColumns::try_new(&out, "t").unwrap();
+        let alerts: Vec<usize> = (0..values.len())
+            .filter(|&i| s.is_anomaly.value(i))
+            .collect();
+        let back_to_back = alerts.windows(2).filter(|w| w[1] == w[0] + 1).count();
+        assert!(back_to_back > 0, "consecutive alerts expected: {alerts:?}");
+        let first = alerts[0];
+        for &i in &alerts {
+            if alerts.contains(&(i.wrapping_sub(1))) || i == first {
+                assert_eq!(s.anomaly_since.value(i), first as i64 * 5 * MIN, "row {i}");
+            }
         }
     }
 

@@ -173,7 +173,7 @@ impl HstState {
             return None;
         }
         let cells = forest.trees() * forest.nodes_per_tree;
-        if self.reference.len() != cells {
+        if self.reference.len() != cells || self.latest.len() != cells {
             *self = HstState {
                 reference: vec![0; cells],
                 latest: vec![0; cells],
@@ -185,7 +185,7 @@ impl HstState {
         self.min = self.min.min(x);
         self.max = self.max.max(x);
         self.seen += 1;
-        if self.recent.len() == forest.shingle {
+        while self.recent.len() >= forest.shingle {
             self.recent.remove(0);
         }
         self.recent.push(x);

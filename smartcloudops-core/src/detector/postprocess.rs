@@ -14,7 +14,8 @@
 //!
 //! **Range novelty** flags a value outside `[min − m, max + m]` of everything the series has
 //! shown so far, with `m = margin × (max − min)`: a new extreme is worth a look whatever a
-//! model says. 16 bytes; strictly online (the range is learned, never given).
+//! model says. A series that has been constant so far has no range to leave; its first move
+//! is for the models to judge. 24 bytes; strictly online (the range is learned, never given).
 
 use serde::{Deserialize, Serialize};
 use statrs::function::erf::erfc;
@@ -37,7 +38,7 @@ pub enum LikelihoodMode {
 pub struct LikelihoodConfig {
     /// Distribution kept of the averaged scores.
     pub mode: LikelihoodMode,
-    /// Rows of raw score averaged (1 to 64).
+    /// Rows of raw score averaged (1 to 16).
     pub average: u32,
     /// Rows of averaged scores the distribution describes.
     pub history: u32,
@@ -77,6 +78,7 @@ impl LikelihoodConfig {
             .within("average", self.average, 1..=MAX_AVERAGE)
             .within("history", self.history, 10..=MAX_HISTORY)
             .check(self.refit > 0, "refit", "must be at least 1")
+            .within("learning", self.learning, 0..=MAX_HISTORY)
             .positive("min_sd", self.min_sd)
             .into_vec()
     }
@@ -103,7 +105,7 @@ pub struct LikelihoodState {
     recent_len: u8,
     history: Vec<f32>,
     next: u32,
-    seen: u32,
+    seen: u64,
     mean: f64,
     var: f64,
 }
@@ -118,18 +120,18 @@ impl LikelihoodState {
         };
         let average_len = config.average.clamp(1, MAX_AVERAGE) as usize;
         // The short moving average, over a ring.
-        let slot = self.seen as usize % average_len;
-        if usize::from(self.recent_len) < average_len {
-            self.recent_len += 1;
-        }
+        let slot = (self.seen % average_len as u64) as usize;
+        // `min` also guards against a snapshot that decoded into nonsense.
+        let recent_len = (usize::from(self.recent_len) + 1).min(average_len);
+        self.recent_len = recent_len as u8;
         self.recent[slot] = (raw * 255.0).round() as u8;
-        let filled = &self.recent[..usize::from(self.recent_len)];
+        let filled = &self.recent[..recent_len];
         let sum: u32 = filled.iter().map(|&r| u32::from(r)).sum();
         let average = f64::from(sum) / 255.0 / f64::from(self.recent_len);
         self.seen = self.seen.saturating_add(1);
 
         let history = config.history.clamp(10, MAX_HISTORY);
-        let learned = self.seen > config.learning;
+        let learned = self.seen > u64::from(config.learning);
         let score = if learned && self.var > 0.0 {
             let mean = self.mean.max(config.min_mean);
             let sd = self.var.sqrt().max(config.min_sd);
@@ -144,7 +146,8 @@ impl LikelihoodState {
         };
         match config.mode {
             LikelihoodMode::Exponential => {
-                let alpha = (1.0 / f64::from(self.seen.min(history))).max(2.0 / f64::from(history));
+                let alpha =
+                    (1.0 / self.seen.min(u64::from(history)) as f64).max(2.0 / f64::from(history));
                 let diff = average - self.mean;
                 let incr = alpha * diff;
                 self.mean += incr;
@@ -157,13 +160,14 @@ impl LikelihoodState {
                 if self.history.len() < history as usize {
                     self.history.push(average as f32);
                 } else {
-                    let i = self.next as usize % self.history.len();
+                    let i = self.next as usize % self.history.len().max(1);
                     self.history[i] = average as f32;
                 }
                 self.next = (self.next + 1) % history;
                 // Refit every `refit` rows, and at the end of learning; O(history / refit)
                 // per row.
-                if self.seen % config.refit.max(1) == 0 || self.seen == config.learning + 1 {
+                let refit = self.seen % u64::from(config.refit.max(1)) == 0;
+                if refit || self.seen == u64::from(config.learning) + 1 {
                     let n = self.history.len() as f64;
                     let mean = self.history.iter().map(|v| f64::from(*v)).sum::<f64>() / n;
                     let var = self
@@ -201,6 +205,20 @@ pub struct RangeNoveltyConfig {
     /// Raw score (of the ensemble's parts) a new extreme also needs: a pure-noise series
     /// sets a new record now and then, and that alone is no incident.
     pub min_raw: f64,
+}
+
+impl RangeNoveltyConfig {
+    /// Problems with the values, as `(field, message)` pairs; empty when valid.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        Problems::default()
+            .non_negative("margin", self.margin)
+            .check(
+                (0.0..=1.0).contains(&self.min_raw),
+                "min_raw",
+                format!("must be between 0 and 1, got {}", self.min_raw),
+            )
+            .into_vec()
+    }
 }
 
 impl Default for RangeNoveltyConfig {

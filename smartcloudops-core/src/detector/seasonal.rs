@@ -119,15 +119,21 @@ impl SeasonalState {
             return None;
         }
         let slots = config.slots.clamp(1, MAX_SLOTS) as usize;
-        if self.means.len() != slots {
+        let week = if config.weekly { 7 * slots } else { 0 };
+        // Also catches a snapshot whose vectors decoded at inconsistent lengths.
+        if self.means.len() != slots
+            || self.counts.len() != slots
+            || self.week_means.len() != week
+            || self.week_counts.len() != week
+        {
             self.means = vec![0.0; slots];
             self.counts = vec![0; slots];
-            let week = if config.weekly { 7 * slots } else { 0 };
             self.week_means = vec![0.0; week];
             self.week_counts = vec![0; week];
         }
         let first = *self.first_ts.get_or_insert(ts_ms);
         let slot = config.slot_of(ts_ms);
+        let daily_slot = slot;
         let week_slot = config.weekly.then(|| {
             let day = ts_ms.div_euclid(config.period_ms()).rem_euclid(7) as usize;
             day * slots + slot
@@ -138,7 +144,15 @@ impl SeasonalState {
                 // Keep the daily slot learning too, for the slots the week has not seen.
                 let count = self.counts[slot];
                 let daily = f64::from(self.means[slot]);
-                let r = x - self.offset - daily;
+                // Clipped like the main update below, so an incident cannot rewrite the
+                // daily slot that seeds new weekday slots.
+                let clip = if self.resid_count >= 10 {
+                    // `max` maps a NaN (an invalid threshold) to 0: `clamp` panics on NaN.
+                    (config.threshold * self.resid_var.sqrt()).max(0.0)
+                } else {
+                    f64::INFINITY
+                };
+                let r = (x - self.offset - daily).clamp(-clip, clip);
                 self.means[slot] = if count == 0 {
                     (x - self.offset) as f32
                 } else {
@@ -181,7 +195,7 @@ impl SeasonalState {
         });
         // Learn: clip the residual so an incident does not rewrite the slot.
         let clip = if warm {
-            config.threshold * sd
+            (config.threshold * sd).max(0.0)
         } else {
             f64::INFINITY
         };
@@ -194,12 +208,17 @@ impl SeasonalState {
             // The residual after the slot's own update is what is left for the level: a
             // small share of it moves every slot.
             self.offset += 0.01 * (1.0 - alpha) * r;
-            let a = (1.0 / f64::from(self.resid_count + 1)).max(0.01);
+            let a = (1.0 / f64::from(self.resid_count.saturating_add(1))).max(0.01);
             self.resid_var = (1.0 - a) * (self.resid_var + a * r * r);
             self.resid_count = self.resid_count.saturating_add(1);
         }
         counts[slot] = count.saturating_add(1);
-        if !(self.offset.is_finite() && self.resid_var.is_finite() && means[slot].is_finite()) {
+        let learned_finite = means[slot].is_finite();
+        if !(learned_finite
+            && self.means[daily_slot].is_finite()
+            && self.offset.is_finite()
+            && self.resid_var.is_finite())
+        {
             *self = SeasonalState::default();
         }
         seen
