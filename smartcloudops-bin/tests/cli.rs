@@ -348,3 +348,47 @@ fn detector_state_survives_a_restart_through_the_snapshot_file() {
     assert!(third.status.success());
     assert!(text(&third.stderr).contains("starting with fresh detector state"));
 }
+
+#[test]
+fn the_fleet_example_alerts_on_its_incidents_without_a_cold_start_storm() {
+    let state = tempfile::tempdir().unwrap();
+    let result = bin()
+        .arg("run")
+        .arg(repo().join("examples/fleet-precise.toml"))
+        .env("SMARTCLOUDOPS_STATE", state.path())
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let stdout = text(&result.stdout);
+    let alerts: Vec<&str> = stdout.lines().filter(|l| l.starts_with("ALERT ")).collect();
+    // The first day is the cold start of every series: learning, no alert at all.
+    assert!(
+        alerts.iter().all(|a| !a.starts_with("ALERT 2026-01-01")),
+        "first-day alerts: {:?}",
+        alerts
+            .iter()
+            .filter(|a| a.starts_with("ALERT 2026-01-01"))
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    // The injected spike (step 1700 = day 2, 04:20) on series 3 and 17, and the drop (step
+    // 2400 = 16:00) on series 99, are flagged when they happen, explained.
+    for (host, at) in [
+        ("host-00003", "2026-01-02T04:20:00.000Z"),
+        ("host-00017", "2026-01-02T04:20:00.000Z"),
+        ("host-00099", "2026-01-02T16:00:00.000Z"),
+    ] {
+        let alert = alerts
+            .iter()
+            .find(|a| a.contains(host) && a.contains(at))
+            .unwrap_or_else(|| panic!("no alert for {host} at {at}"));
+        assert!(
+            alert.contains("expected") && alert.contains(" by "),
+            "{alert}"
+        );
+    }
+    // New records of the noise on day 2 are flagged too (range novelty), but 200 series give
+    // well under one alert each.
+    assert!(alerts.len() < 150, "{} alerts", alerts.len());
+    assert!(state.path().join("detector.snapshot").exists());
+}

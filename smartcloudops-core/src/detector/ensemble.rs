@@ -350,9 +350,15 @@ impl SeriesModel for EnsembleState {
         let part_likelihoods = &mut self.part_likelihoods;
         // The best opinion of the expected value: seasonal, then robust, then mean.
         let mut band: Option<(f64, f64)> = None;
+        // The highest raw score of the statistical parts (those with a baseline and a spread):
+        // what range novelty needs behind a new record.
+        let mut statistical_raw = 0.0f64;
         let mut take = |part_raw: f64, bit: u32, fired: &mut u32| {
             if part_raw >= 0.5 {
                 *fired |= bit;
+            }
+            if bit & (EWMA | MAD | SEASONAL | CUSUM) != 0 {
+                statistical_raw = statistical_raw.max(part_raw);
             }
             raw = raw.max(part_raw);
             raw_sum += part_raw;
@@ -402,7 +408,6 @@ impl SeriesModel for EnsembleState {
                 take(novelty, CONTEXT, &mut fired);
             }
         }
-        let raw_max = raw;
         if c.combine == Combine::Mean && opinions > 0 {
             raw = raw_sum / f64::from(opinions);
         }
@@ -419,7 +424,7 @@ impl SeriesModel for EnsembleState {
             fired |= LIKELIHOOD;
         }
         if let Some(cfg) = &c.range_novelty {
-            if self.range.update(cfg, original) && raw_max >= cfg.min_raw {
+            if self.range.update(cfg, original) && statistical_raw >= cfg.min_raw {
                 score = 1.0;
                 fired |= RANGE;
             }

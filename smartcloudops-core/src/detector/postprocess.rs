@@ -202,8 +202,9 @@ pub struct RangeNoveltyConfig {
     pub margin: f64,
     /// Rows learned before a new extreme counts.
     pub warmup: u32,
-    /// Raw score (of the ensemble's parts) a new extreme also needs: a pure-noise series
-    /// sets a new record now and then, and that alone is no incident.
+    /// Raw score a statistical part of the ensemble (EWMA, MAD, seasonal, CUSUM) must also
+    /// give a new extreme: a series whose cycle is not complete yet, or that is pure noise,
+    /// sets new records, and that alone is no incident.
     pub min_raw: f64,
 }
 

@@ -652,6 +652,10 @@ fn save_snapshot(t: &mut TransformTask) {
     let started = Instant::now();
     let written = detector.snapshot().and_then(|bytes| {
         let tmp = file.path.with_extension("tmp");
+        if let Some(dir) = file.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
         std::fs::write(&tmp, &bytes)
             .and_then(|()| std::fs::rename(&tmp, &file.path))
             .map_err(|e| Error::io(format!("saving {}", file.path.display()), e))
