@@ -351,11 +351,21 @@ fn detector_state_survives_a_restart_through_the_snapshot_file() {
 
 #[test]
 fn the_fleet_example_alerts_on_its_incidents_without_a_cold_start_storm() {
-    let state = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(repo().join("examples/fleet-precise.toml")).unwrap();
+    for preset in ["precise", "fast"] {
+        let state = tempfile::tempdir().unwrap();
+        let config = state.path().join("fleet.toml");
+        let text = example.replace("type = \"precise\"", &format!("type = \"{preset}\""));
+        std::fs::write(&config, text).unwrap();
+        fleet_alerts_as_expected(preset, &config, state.path());
+    }
+}
+
+fn fleet_alerts_as_expected(preset: &str, config: &Path, state: &Path) {
     let result = bin()
         .arg("run")
-        .arg(repo().join("examples/fleet-precise.toml"))
-        .env("SMARTCLOUDOPS_STATE", state.path())
+        .arg(config)
+        .env("SMARTCLOUDOPS_STATE", state)
         .output()
         .unwrap();
     assert!(result.status.success(), "{}", text(&result.stderr));
@@ -364,7 +374,7 @@ fn the_fleet_example_alerts_on_its_incidents_without_a_cold_start_storm() {
     // The first day is the cold start of every series: learning, no alert at all.
     assert!(
         alerts.iter().all(|a| !a.starts_with("ALERT 2026-01-01")),
-        "first-day alerts: {:?}",
+        "{preset}: first-day alerts: {:?}",
         alerts
             .iter()
             .filter(|a| a.starts_with("ALERT 2026-01-01"))
@@ -381,7 +391,7 @@ fn the_fleet_example_alerts_on_its_incidents_without_a_cold_start_storm() {
         let alert = alerts
             .iter()
             .find(|a| a.contains(host) && a.contains(at))
-            .unwrap_or_else(|| panic!("no alert for {host} at {at}"));
+            .unwrap_or_else(|| panic!("{preset}: no alert for {host} at {at}"));
         assert!(
             alert.contains("expected") && alert.contains(" by "),
             "{alert}"
@@ -389,6 +399,6 @@ fn the_fleet_example_alerts_on_its_incidents_without_a_cold_start_storm() {
     }
     // New records of the noise on day 2 are flagged too (range novelty), but 200 series give
     // well under one alert each.
-    assert!(alerts.len() < 150, "{} alerts", alerts.len());
-    assert!(state.path().join("detector.snapshot").exists());
+    assert!(alerts.len() < 150, "{preset}: {} alerts", alerts.len());
+    assert!(state.join("detector.snapshot").exists());
 }

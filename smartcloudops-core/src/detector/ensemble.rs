@@ -351,13 +351,20 @@ impl SeriesModel for EnsembleState {
         // The best opinion of the expected value: seasonal, then robust, then mean.
         let mut band: Option<(f64, f64)> = None;
         // The highest raw score of the statistical parts (those with a baseline and a spread):
-        // what range novelty needs behind a new record.
+        // what range novelty needs behind a new record. With a seasonal part, only its
+        // opinion counts: before a full cycle, every part without seasons sees the daily
+        // rise as a trend of new records.
         let mut statistical_raw = 0.0f64;
+        let statistical = if c.seasonal.is_some() {
+            SEASONAL
+        } else {
+            EWMA | MAD | CUSUM
+        };
         let mut take = |part_raw: f64, bit: u32, fired: &mut u32| {
             if part_raw >= 0.5 {
                 *fired |= bit;
             }
-            if bit & (EWMA | MAD | SEASONAL | CUSUM) != 0 {
+            if bit & statistical != 0 {
                 statistical_raw = statistical_raw.max(part_raw);
             }
             raw = raw.max(part_raw);
