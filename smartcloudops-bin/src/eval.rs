@@ -54,48 +54,20 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let mut table: toml::Table =
+            let table: toml::Table =
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-            // Unset fields keep the preset's values: merge the file over the preset.
-            let preset = args.preset.config();
-            // Parts the preset leaves out stay out unless the file configures them: a missing
-            // table would otherwise deserialize to the default (`precise`) part.
-            for (part, absent) in [
-                ("ewma", preset.ewma.is_none()),
-                ("mad", preset.mad.is_none()),
-                ("seasonal", preset.seasonal.is_none()),
-                ("cusum", preset.cusum.is_none()),
-                ("hst", preset.hst.is_none()),
-                ("context", preset.context.is_none()),
-                ("range_novelty", preset.range_novelty.is_none()),
-            ] {
-                if absent && !table.contains_key(part) {
-                    table.insert(
-                        part.to_owned(),
-                        toml::Value::Table(toml::Table::from_iter([(
-                            "enabled".to_owned(),
-                            toml::Value::Boolean(false),
-                        )])),
-                    );
-                }
-            }
-            let mut merged: toml::Table = toml::Table::try_from(preset)?;
-            let mut disabled = Vec::new();
-            merge(&mut merged, std::mem::take(&mut table), &mut disabled);
+            // Unset fields keep the preset's values.
+            let (merged, disabled) = args.preset.config().overlay(table);
             let mut config: smartcloudops_core::detector::EnsembleConfig =
                 toml::Value::Table(merged)
                     .try_into()
                     .with_context(|| format!("{}", path.display()))?;
             for part in disabled {
-                match part.as_str() {
-                    "ewma" => config.ewma = None,
-                    "mad" => config.mad = None,
-                    "seasonal" => config.seasonal = None,
-                    "cusum" => config.cusum = None,
-                    "hst" => config.hst = None,
-                    "context" => config.context = None,
-                    "range_novelty" => config.range_novelty = None,
-                    other => bail!("{}: `{other}` cannot be disabled", path.display()),
+                if !config.disable(&part) {
+                    bail!(
+                        "{}: `{part}` is not a part that can be disabled",
+                        path.display()
+                    );
                 }
             }
             let problems = config.problems();
@@ -169,31 +141,6 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         eprintln!("plots written under {}", out.display());
     }
     Ok(())
-}
-
-/// Merges `over` into `base`, table by table; `enabled = false` in a part's table removes it.
-fn merge(base: &mut toml::Table, over: toml::Table, disabled: &mut Vec<String>) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (_, toml::Value::Table(t))
-                if t.get("enabled") == Some(&toml::Value::Boolean(false)) =>
-            {
-                base.remove(&key);
-                disabled.push(key);
-            }
-            (Some(toml::Value::Table(b)), toml::Value::Table(mut t)) => {
-                t.remove("enabled");
-                merge(b, t, &mut Vec::new());
-            }
-            (_, toml::Value::Table(mut t)) => {
-                t.remove("enabled");
-                base.insert(key, toml::Value::Table(t));
-            }
-            (_, v) => {
-                base.insert(key, v);
-            }
-        }
-    }
 }
 
 /// Scores every file with a fresh detector, `jobs` files at a time.

@@ -942,7 +942,28 @@ fn parse_detector(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<
         "threshold" => deserialize_at(rest, path, errors).map(DetectorConfig::Threshold),
         "fast" => deserialize_at(rest, path, errors).map(DetectorConfig::Fast),
         "precise" => deserialize_at(rest, path, errors).map(DetectorConfig::Precise),
-        _ => deserialize_at(rest, path, errors).map(|c| DetectorConfig::Ensemble(Box::new(c))),
+        _ => {
+            // Over the `precise` preset; `enabled = false` in a part's table removes it.
+            let over = match rest {
+                toml::Value::Table(t) => t,
+                _ => toml::Table::new(),
+            };
+            let (merged, disabled) = Preset::Precise.config().overlay(over);
+            deserialize_at::<EnsembleConfig>(toml::Value::Table(merged), path, errors).and_then(
+                |mut c| {
+                    for part in &disabled {
+                        if !c.disable(part) {
+                            errors.push(
+                                ConfigError::new(format!("{path}.{part}.enabled"), "unknown part")
+                                    .hint("parts: ewma, mad, seasonal, cusum, hst, context, range_novelty"),
+                            );
+                            return None;
+                        }
+                    }
+                    Some(DetectorConfig::Ensemble(Box::new(c)))
+                },
+            )
+        }
     }?;
     let state = state?;
     Some(DetectorSection {

@@ -244,6 +244,39 @@ fn every_detector_type_parses_and_builds() {
 }
 
 #[test]
+fn a_custom_ensemble_adds_adjusts_and_removes_parts_of_precise() {
+    let config = parse(&format!(
+        "{GENERATOR}[detector]\ntype = \"ensemble\"\nrest = 5\n[detector.cusum]\n\
+         [detector.range_novelty]\nenabled = false\n[detector.seasonal]\nslots = 24\n"
+    ))
+    .unwrap();
+    let c = config.detector.unwrap().detector.ensemble_config().unwrap();
+    let precise = Preset::Precise.config();
+    assert_eq!(c.rest, 5);
+    assert_eq!(
+        c.cusum,
+        Some(CusumConfig::default()),
+        "added with its defaults"
+    );
+    assert_eq!(c.range_novelty, None, "removed");
+    let seasonal = c.seasonal.unwrap();
+    assert_eq!(seasonal.slots, 24, "adjusted");
+    assert_eq!(
+        seasonal.weekly,
+        precise.seasonal.unwrap().weekly,
+        "the rest kept"
+    );
+    assert_eq!(c.context, precise.context);
+    assert_eq!(c.ewma, None, "parts precise leaves out stay out");
+    assert_eq!(
+        error_paths(&format!(
+            "{GENERATOR}[detector]\ntype = \"ensemble\"\n[detector.nope]\nenabled = false\n"
+        )),
+        ["detector.nope.enabled"]
+    );
+}
+
+#[test]
 fn preset_sensitivity_moves_the_threshold_and_an_explicit_threshold_wins() {
     let threshold = |extra: &str| {
         let config = parse(&format!(

@@ -265,6 +265,68 @@ impl EnsembleConfig {
         out
     }
 
+    /// Removes the optional part called `name` (as in its TOML table); `false` if there is
+    /// no such part.
+    pub fn disable(&mut self, name: &str) -> bool {
+        match name {
+            "ewma" => self.ewma = None,
+            "mad" => self.mad = None,
+            "seasonal" => self.seasonal = None,
+            "cusum" => self.cusum = None,
+            "hst" => self.hst = None,
+            "context" => self.context = None,
+            "range_novelty" => self.range_novelty = None,
+            _ => return false,
+        }
+        true
+    }
+
+    /// Lays the TOML fields `over` (those of `[detector] type = "ensemble"`) over this
+    /// configuration: unset fields keep their values, a part's table adds or adjusts that
+    /// part, and `enabled = false` in a part's table removes it. Returns the merged table, to
+    /// deserialize (with whatever error reporting the caller wants), and the parts to
+    /// [`disable`](Self::disable) afterwards — a part absent from a table would otherwise
+    /// come back with the default configuration's value.
+    pub fn overlay(&self, over: toml::Table) -> (toml::Table, Vec<String>) {
+        let mut base = toml::Table::try_from(self).unwrap_or_default();
+        let mut disabled = Vec::new();
+        for (part, absent) in [
+            ("ewma", self.ewma.is_none()),
+            ("mad", self.mad.is_none()),
+            ("seasonal", self.seasonal.is_none()),
+            ("cusum", self.cusum.is_none()),
+            ("hst", self.hst.is_none()),
+            ("context", self.context.is_none()),
+            ("range_novelty", self.range_novelty.is_none()),
+        ] {
+            if absent && !over.contains_key(part) {
+                disabled.push(part.to_owned());
+            }
+        }
+        for (key, value) in over {
+            match (base.get_mut(&key), value) {
+                (_, toml::Value::Table(t))
+                    if t.get("enabled") == Some(&toml::Value::Boolean(false)) =>
+                {
+                    base.remove(&key);
+                    disabled.push(key);
+                }
+                (Some(toml::Value::Table(b)), toml::Value::Table(mut t)) => {
+                    t.remove("enabled");
+                    b.extend(t);
+                }
+                (_, toml::Value::Table(mut t)) => {
+                    t.remove("enabled");
+                    base.insert(key, toml::Value::Table(t));
+                }
+                (_, v) => {
+                    base.insert(key, v);
+                }
+            }
+        }
+        (base, disabled)
+    }
+
     /// The alert threshold for a sensitivity in `[0, 1]`: 0.5 keeps the tuned threshold,
     /// 1 halves it (more alerts), 0 raises it by half (fewer).
     pub fn threshold_for_sensitivity(&self, sensitivity: f64) -> f64 {
