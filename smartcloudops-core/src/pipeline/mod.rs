@@ -642,7 +642,9 @@ fn publish_detector_gauges(t: &mut TransformTask) {
 }
 
 /// Writes the detector's snapshot (temporary file, then rename). A failure is logged, not
-/// fatal: scoring goes on, and the next save tries again.
+/// fatal: scoring goes on, and the next save tries again. Encoding and writing block this
+/// task (the detector cannot score meanwhile) but, on a multi-threaded runtime, not the
+/// others: the source and the actions keep running.
 fn save_snapshot(t: &mut TransformTask) {
     let (Some((file, last)), Some((detector, _))) = (t.snapshot.as_mut(), t.detector.as_ref())
     else {
@@ -650,7 +652,8 @@ fn save_snapshot(t: &mut TransformTask) {
     };
     *last = Instant::now();
     let started = Instant::now();
-    let written = detector.snapshot().and_then(|bytes| {
+    let write = || -> Result<usize> {
+        let bytes = detector.snapshot()?;
         let tmp = file.path.with_extension("tmp");
         if let Some(dir) = file.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -658,9 +661,10 @@ fn save_snapshot(t: &mut TransformTask) {
         }
         std::fs::write(&tmp, &bytes)
             .and_then(|()| std::fs::rename(&tmp, &file.path))
-            .map_err(|e| Error::io(format!("saving {}", file.path.display()), e))
-            .map(|()| bytes.len())
-    });
+            .map_err(|e| Error::io(format!("saving {}", file.path.display()), e))?;
+        Ok(bytes.len())
+    };
+    let written = crate::util::run_blocking(write);
     match written {
         Ok(bytes) => tracing::debug!(
             path = %file.path.display(),

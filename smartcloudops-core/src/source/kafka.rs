@@ -48,6 +48,7 @@ use crate::error::{Error, Result};
 use crate::kafka::KafkaClientConfig;
 use crate::kafka::offsets::{OffsetTracker, RangeTicket, TopicPartition};
 use crate::schema::{MetricsBatchBuilder, TIME_ZONE};
+use crate::util::run_blocking;
 
 /// Where a new consumer group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -319,18 +320,6 @@ impl ConsumerContext for RebalanceContext {
 }
 
 type KafkaConsumer = StreamConsumer<RebalanceContext>;
-
-/// Runs a blocking wait from inside the consumer's poll. On a multi-threaded runtime the
-/// worker hands its other tasks (the ones that will ack) to its peers first; on a
-/// current-thread runtime nothing can ack meanwhile, so the wait runs out its timeout.
-fn run_blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
-}
 
 impl Source for KafkaSource {
     fn name(&self) -> &str {
