@@ -31,6 +31,18 @@ pub(crate) fn batch_to_json_lines(batch: &RecordBatch) -> String {
     out
 }
 
+/// Runs blocking work (a wait, a large write) from inside an async task. On a multi-threaded
+/// runtime the worker first hands its other tasks to its peers, so they keep running; on a
+/// current-thread runtime there is no peer, and `f` simply runs.
+pub(crate) fn run_blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,17 +58,5 @@ mod tests {
         assert_eq!(row["value"], "1.5");
         assert_eq!(row["ts"], "1970-01-01T00:00:00Z");
         assert_eq!(row["labels"], "{host: a}");
-    }
-}
-
-/// Runs blocking work (a wait, a large write) from inside an async task. On a multi-threaded
-/// runtime the worker first hands its other tasks to its peers, so they keep running; on a
-/// current-thread runtime there is no peer, and `f` simply runs.
-pub(crate) fn run_blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
     }
 }
