@@ -818,6 +818,31 @@ mod tests {
         }
 
         #[test]
+        fn a_damaged_snapshot_is_refused_or_scores_without_panicking(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            fast in any::<bool>(),
+        ) {
+            let preset = if fast { Preset::Fast } else { Preset::Precise };
+            let values: Vec<f64> = (0..400).map(|i| ((i * 37) % 101) as f64).collect();
+            let mut d = EnsembleDetector::new("p", preset.config(), 10);
+            scores(&mut d, &values);
+            let mut bytes = d.snapshot().unwrap();
+            for (at, byte) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= byte;
+            }
+            let keep = cut.index(bytes.len() + 1).max(bytes.len() / 2);
+            bytes.truncate(keep);
+            let mut restored = EnsembleDetector::new("p", preset.config(), 10);
+            if restored.restore(&bytes).is_ok() {
+                for s in scores_from(&mut restored, 400, &values) {
+                    prop_assert!((0.0..=1.0).contains(&s));
+                }
+            }
+        }
+
+        #[test]
         fn a_constant_series_never_alerts(c in -1e9..1e9f64, n in 1usize..1000) {
             for preset in [Preset::Fast, Preset::Precise] {
                 let mut d = EnsembleDetector::preset(preset);
