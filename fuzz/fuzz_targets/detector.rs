@@ -10,8 +10,14 @@ use smartcloudops_core::detector::{EnsembleDetector, Preset};
 use smartcloudops_core::schema::{MetricsBatchBuilder, ScoreColumns};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
-    let preset = if mode & 1 == 0 { Preset::Fast } else { Preset::Precise };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let preset = if mode & 1 == 0 {
+        Preset::Fast
+    } else {
+        Preset::Precise
+    };
     let mut detector = EnsembleDetector::new(preset.name(), preset.config(), 4);
     let rows = if mode & 2 != 0 {
         // Some bytes as a snapshot, the rest as rows.
@@ -28,9 +34,17 @@ fuzz_target!(|data: &[u8]| {
         let host = ["a", "b", "c", "d", "e"][usize::from(chunk[16] % 5)];
         batch.push(ts, "cpu", &[("host", host)], value);
     }
-    let scored = detector.score(&batch.finish()).expect("a canonical batch scores");
+    let scored = detector
+        .score(&batch.finish())
+        .expect("a canonical batch scores");
     let scores = ScoreColumns::try_new(&scored, "fuzz").expect("score columns");
-    assert!(scores.score.values().iter().all(|s| (0.0..=1.0).contains(s)));
+    assert!(
+        scores
+            .score
+            .values()
+            .iter()
+            .all(|s| (0.0..=1.0).contains(s))
+    );
     let snapshot = detector.snapshot().expect("a snapshot encodes");
     let mut again = EnsembleDetector::new(preset.name(), preset.config(), 4);
     again.restore(&snapshot).expect("its own snapshot restores");
