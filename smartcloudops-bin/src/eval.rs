@@ -6,7 +6,8 @@ use std::sync::Mutex;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use smartcloudops_core::detector::{EnsembleDetector, Preset};
+use smartcloudops_core::config::{DetectorConfig, PipelineConfig};
+use smartcloudops_core::detector::Preset;
 use smartcloudops_core::eval::{
     Corpus, CostProfile, ScoredSeries, Tally, format_nab_ts, optimize_threshold, score_series,
     tally_all,
@@ -23,6 +24,7 @@ pub(crate) struct EvalArgs {
     pub write_scores: Option<PathBuf>,
     pub plot: Option<PathBuf>,
     pub ensemble: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     pub jobs: usize,
 }
 
@@ -49,9 +51,32 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             bail!("--threshold must be in (0, 1], got {t}");
         }
     }
-    let mut config = match &args.ensemble {
-        None => args.preset.config(),
-        Some(path) => {
+    let (name, detector) = match (&args.config, &args.ensemble) {
+        (Some(path), _) => {
+            let pipeline = PipelineConfig::load(path)
+                .map_err(|errors| anyhow::anyhow!("{}: {errors}", path.display()))?;
+            let Some(section) = pipeline.detector else {
+                bail!("{}: no [detector] to evaluate", path.display());
+            };
+            let mut detector = section.detector;
+            if let (Some(t), Some(mut c)) = (args.threshold, detector.ensemble_config()) {
+                // The rest holds scores just below the configured threshold: keep them equal.
+                c.threshold = t;
+                detector = DetectorConfig::Ensemble(Box::new(c));
+            }
+            (section_name(&detector, path), detector)
+        }
+        (None, None) => {
+            let mut config = args.preset.config();
+            if let Some(t) = args.threshold {
+                config.threshold = t;
+            }
+            (
+                format!("preset {}", args.preset.name()),
+                DetectorConfig::Ensemble(Box::new(config)),
+            )
+        }
+        (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let table: toml::Table =
@@ -74,21 +99,27 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             if let Some((field, message)) = problems.first() {
                 bail!("{}: {field}: {message}", path.display());
             }
-            config
+            if let Some(t) = args.threshold {
+                config.threshold = t;
+            }
+            (
+                format!(
+                    "ensemble {} over preset {}",
+                    path.display(),
+                    args.preset.name()
+                ),
+                DetectorConfig::Ensemble(Box::new(config)),
+            )
         }
     };
-    if let Some(t) = args.threshold {
-        config.threshold = t;
-    }
     eprintln!(
-        "scoring {} files ({} rows, {} windows) with the `{}` preset",
+        "scoring {} files ({} rows, {} windows) with {name}",
         corpus.series.len(),
         corpus.row_count(),
         corpus.window_count(),
-        args.preset.name()
     );
     let started = std::time::Instant::now();
-    let scored = score_corpus(&corpus, args, &config)?;
+    let scored = score_corpus(&corpus, args, &detector)?;
     let elapsed = started.elapsed().as_secs_f64();
 
     let results: Vec<ProfileResult> = corpus
@@ -120,7 +151,7 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
-    print!("{}", report(&results, args));
+    print!("{}", report(&results, args, &name));
     eprintln!(
         "scored {} rows in {elapsed:.2} s ({:.0} rows/s)",
         corpus.row_count(),
@@ -131,7 +162,7 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         eprintln!("scores written under {}", out.display());
     }
     if let Some(out) = &args.plot {
-        let threshold = results.first().map_or(config.threshold, |r| r.threshold);
+        let threshold = results.first().map_or(0.5, |r| r.threshold);
         for (series, s) in corpus.series.iter().zip(&scored) {
             let path = out
                 .join(&series.category)
@@ -143,11 +174,16 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `detector <type> from <file>`, for the report.
+fn section_name(detector: &DetectorConfig, path: &Path) -> String {
+    format!("detector {} from {}", detector.type_name(), path.display())
+}
+
 /// Scores every file with a fresh detector, `jobs` files at a time.
 fn score_corpus(
     corpus: &Corpus,
     args: &EvalArgs,
-    config: &smartcloudops_core::detector::EnsembleConfig,
+    detector: &DetectorConfig,
 ) -> anyhow::Result<Vec<ScoredSeries>> {
     let bar = ProgressBar::new(corpus.series.len() as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed} {msg}")
@@ -169,8 +205,8 @@ fn score_corpus(
                     let Some(series) = corpus.series.get(i) else {
                         return;
                     };
-                    let mut detector = EnsembleDetector::new(args.preset.name(), config.clone(), 1);
-                    let result = score_series(&mut detector, series, 1024)
+                    let mut detector = detector.build(1);
+                    let result = score_series(detector.as_mut(), series, 1024)
                         .and_then(|scores| ScoredSeries::new(series, scores))
                         .with_context(|| format!("scoring {}", series.key()));
                     bar.set_message(series.key());
@@ -189,18 +225,14 @@ fn score_corpus(
         .collect()
 }
 
-fn report(results: &[ProfileResult], args: &EvalArgs) -> String {
+fn report(results: &[ProfileResult], args: &EvalArgs, name: &str) -> String {
     let mut out = String::new();
     let how = if args.threshold.is_some() {
         "fixed"
     } else {
         "optimized"
     };
-    let _ = writeln!(
-        out,
-        "preset {} — NAB normalized scores ({how} threshold)",
-        args.preset.name()
-    );
+    let _ = writeln!(out, "{name} — NAB normalized scores ({how} threshold)");
     let _ = writeln!(
         out,
         "{:<22} {:>9} {:>8} {:>5} {:>5} {:>6}",

@@ -82,8 +82,14 @@ enum Command {
 
         /// Score a custom ensemble instead of a preset: a TOML file with the fields of
         /// `[detector] type = "ensemble"` (unset fields keep the preset's values).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with = "config")]
         ensemble: Option<PathBuf>,
+
+        /// Score the `[detector]` of a pipeline configuration instead of a preset: any type
+        /// (`ewma`, `mad`, `seasonal`, `cusum`, `hst`, `threshold`, an ensemble, a preset
+        /// with its sensitivity).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
 
         /// Files scored in parallel (default: one per core).
         #[arg(long)]
@@ -130,6 +136,7 @@ fn main() -> ExitCode {
             write_scores,
             plot,
             ensemble,
+            config,
             jobs,
         } => {
             let args = eval::EvalArgs {
@@ -142,6 +149,7 @@ fn main() -> ExitCode {
                 write_scores,
                 plot,
                 ensemble,
+                config,
                 jobs: jobs.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
                 }),

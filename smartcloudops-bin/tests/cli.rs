@@ -285,6 +285,40 @@ fn eval_with_a_fixed_threshold_says_so_and_uses_it() {
 }
 
 #[test]
+fn eval_scores_the_detector_of_a_pipeline_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        "[source]\ntype = \"generator\"\n[detector]\ntype = \"ensemble\"\n\
+         [detector.context]\nenabled = false\n",
+    )
+    .unwrap();
+    let result = bin()
+        .args(["eval", "--corpus"])
+        .arg(mini_corpus())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = text(&result.stdout);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    assert!(stdout.starts_with("detector ensemble from "), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("standard")));
+    // A pipeline without a detector has nothing to evaluate.
+    std::fs::write(&config, "[source]\ntype = \"generator\"\n").unwrap();
+    let none = bin()
+        .args(["eval", "--corpus"])
+        .arg(mini_corpus())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!none.status.success());
+    assert!(text(&none.stderr).contains("no [detector]"));
+}
+
+#[test]
 fn eval_refuses_a_data_file_without_labels() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("data/c")).unwrap();
