@@ -52,7 +52,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         report: ReportFormat,
     },
-    /// Score a detector preset on a labelled corpus in NAB layout, NAB-style.
+    /// Score a detector (a preset, or any configured one) on a labelled corpus, NAB-style.
     ///
     /// Reads DIR/data/<category>/<file>.csv (timestamp,value), DIR/labels/combined_windows.json
     /// and DIR/config/profiles.json; streams every file through the detector (a fresh one
