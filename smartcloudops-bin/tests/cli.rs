@@ -1,5 +1,6 @@
 //! The `smartcloudops` binary, end to end.
 
+use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -207,20 +208,29 @@ fn mini_corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nab-mini")
 }
 
+/// `smartcloudops eval --corpus <the bundled two-file corpus> ARGS…`
+fn eval_mini<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
+    bin()
+        .args(["eval", "--corpus"])
+        .arg(mini_corpus())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn eval_scores_a_corpus_and_writes_scores_and_plots() {
     let out = tempfile::tempdir().unwrap();
     let scores = out.path().join("scores");
     let plots = out.path().join("plots");
-    let result = bin()
-        .args(["eval", "--corpus"])
-        .arg(mini_corpus())
-        .args(["--preset", "precise", "--write-scores"])
-        .arg(&scores)
-        .arg("--plot")
-        .arg(&plots)
-        .output()
-        .unwrap();
+    let result = eval_mini([
+        OsStr::new("--preset"),
+        OsStr::new("precise"),
+        OsStr::new("--write-scores"),
+        scores.as_os_str(),
+        OsStr::new("--plot"),
+        plots.as_os_str(),
+    ]);
     let stdout = text(&result.stdout);
     assert!(
         result.status.success(),
@@ -275,11 +285,7 @@ fn eval_with_a_fixed_threshold_says_so_and_uses_it() {
     assert!(result.status.success(), "{}", text(&result.stderr));
     assert!(stdout.contains("fixed threshold"), "{stdout}");
     assert!(stdout.contains(" 0.9900 "), "{stdout}");
-    let bad = bin()
-        .args(["eval", "--threshold", "1.5", "--corpus"])
-        .arg(mini_corpus())
-        .output()
-        .unwrap();
+    let bad = eval_mini(["--threshold", "1.5"]);
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("--threshold"));
 }
@@ -294,26 +300,14 @@ fn eval_scores_the_detector_of_a_pipeline_config() {
          [detector.context]\nenabled = false\n",
     )
     .unwrap();
-    let result = bin()
-        .args(["eval", "--corpus"])
-        .arg(mini_corpus())
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let result = eval_mini([OsStr::new("--config"), config.as_os_str()]);
     let stdout = text(&result.stdout);
     assert!(result.status.success(), "{}", text(&result.stderr));
     assert!(stdout.starts_with("detector ensemble from "), "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("standard")));
     // A pipeline without a detector has nothing to evaluate.
     std::fs::write(&config, "[source]\ntype = \"generator\"\n").unwrap();
-    let none = bin()
-        .args(["eval", "--corpus"])
-        .arg(mini_corpus())
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let none = eval_mini([OsStr::new("--config"), config.as_os_str()]);
     assert!(!none.status.success());
     assert!(text(&none.stderr).contains("no [detector]"));
 }
