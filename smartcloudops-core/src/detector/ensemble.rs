@@ -202,36 +202,37 @@ impl EnsembleConfig {
     /// Problems with the values, as `(field, message)` pairs (field paths relative to
     /// `[detector]`); empty when valid.
     pub fn problems(&self) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = Vec::new();
-        let mut nested = |part: &str, problems: Vec<(&'static str, String)>| {
-            out.extend(
+        // Each enabled part's own problems, under its table's name.
+        let nested = [
+            ("ewma", self.ewma.as_ref().map(EwmaConfig::problems)),
+            ("mad", self.mad.as_ref().map(MadConfig::problems)),
+            (
+                "seasonal",
+                self.seasonal.as_ref().map(SeasonalConfig::problems),
+            ),
+            ("cusum", self.cusum.as_ref().map(CusumConfig::problems)),
+            ("hst", self.hst.as_ref().map(HstConfig::problems)),
+            (
+                "context",
+                self.context.as_ref().map(ContextConfig::problems),
+            ),
+            (
+                "range_novelty",
+                self.range_novelty
+                    .as_ref()
+                    .map(RangeNoveltyConfig::problems),
+            ),
+            ("likelihood", Some(self.likelihood.problems())),
+        ];
+        let mut out: Vec<(String, String)> = nested
+            .into_iter()
+            .flat_map(|(part, problems)| {
                 problems
                     .into_iter()
-                    .map(|(f, m)| (format!("{part}.{f}"), m)),
-            );
-        };
-        if let Some(c) = &self.ewma {
-            nested("ewma", c.problems());
-        }
-        if let Some(c) = &self.mad {
-            nested("mad", c.problems());
-        }
-        if let Some(c) = &self.seasonal {
-            nested("seasonal", c.problems());
-        }
-        if let Some(c) = &self.cusum {
-            nested("cusum", c.problems());
-        }
-        if let Some(c) = &self.hst {
-            nested("hst", c.problems());
-        }
-        if let Some(c) = &self.context {
-            nested("context", c.problems());
-        }
-        if let Some(c) = &self.range_novelty {
-            nested("range_novelty", c.problems());
-        }
-        nested("likelihood", self.likelihood.problems());
+                    .flatten()
+                    .map(move |(field, message)| (format!("{part}.{field}"), message))
+            })
+            .collect();
         if !(self.z_low >= 0.0 && self.z_high > self.z_low && self.z_high.is_finite()) {
             out.push((
                 "z_high".to_owned(),
