@@ -86,6 +86,8 @@ pub mod eval;
 pub mod kafka;
 pub mod pipeline;
 pub mod prep;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod schema;
 pub mod source;
 mod util;

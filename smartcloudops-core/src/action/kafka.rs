@@ -15,21 +15,12 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
-use super::{Action, ActionInput};
+use super::{Action, ActionInput, Event, SinkPayload};
 use crate::error::{Error, Result};
 use crate::kafka::KafkaClientConfig;
-use crate::schema::{MetricsColumns, ScoreColumns, format_ts};
 
-/// What the sink publishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KafkaSinkPayload {
-    /// One message per alert (CloudEvents type `io.smartcloudops.anomaly`).
-    #[default]
-    Alerts,
-    /// One message per scored row, anomalous or not (type `io.smartcloudops.scored`).
-    Scored,
-}
+/// What the sink publishes (kept under its old name).
+pub type KafkaSinkPayload = SinkPayload;
 
 /// Configuration of a [`KafkaSink`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,7 +32,7 @@ pub struct KafkaSinkConfig {
     pub topic: String,
     /// Alerts only, or every scored row.
     #[serde(default)]
-    pub payload: KafkaSinkPayload,
+    pub payload: SinkPayload,
     /// The CloudEvents `source` attribute.
     #[serde(default = "default_ce_source")]
     pub event_source: String,
@@ -67,7 +58,7 @@ impl KafkaSinkConfig {
         Self {
             brokers: brokers.into(),
             topic: topic.into(),
-            payload: KafkaSinkPayload::Alerts,
+            payload: SinkPayload::Alerts,
             event_source: default_ce_source(),
             delivery_timeout: default_delivery_timeout(),
             options: BTreeMap::new(),
@@ -88,14 +79,6 @@ impl std::fmt::Debug for KafkaSink {
             .field("payload", &self.config.payload)
             .finish()
     }
-}
-
-/// One message to publish.
-struct Event {
-    key: String,
-    id: String,
-    time: String,
-    body: Vec<u8>,
 }
 
 impl KafkaSink {
@@ -119,84 +102,6 @@ impl KafkaSink {
             })?;
         Ok(Self { producer, config })
     }
-
-    fn events(&self, input: &ActionInput) -> Result<Vec<Event>> {
-        let json = |v: &dyn erased::Json| v.to_vec();
-        match self.config.payload {
-            KafkaSinkPayload::Alerts => input
-                .alerts
-                .iter()
-                .map(|a| {
-                    Ok(Event {
-                        key: a.series_id.to_string(),
-                        id: format!("{:016x}-{}-{}", a.series_id, a.ts_ms, a.detector),
-                        time: a.time.clone(),
-                        body: json(a)?,
-                    })
-                })
-                .collect(),
-            KafkaSinkPayload::Scored => {
-                let batch = &input.batch;
-                let cols = MetricsColumns::try_new(batch, "action:kafka")?;
-                let scores = ScoreColumns::try_new(batch, "action:kafka").ok();
-                (0..batch.num_rows())
-                    .map(|row| {
-                        let series_id = cols.series_id.value(row);
-                        let ts = cols.ts.value(row);
-                        let time = format_ts(ts);
-                        let mut object = serde_json::json!({
-                            "time": time,
-                            "ts_ms": ts,
-                            "series_id": series_id.to_string(),
-                            "metric": cols.metric(row),
-                            "labels": cols.labels(row).into_iter().collect::<BTreeMap<_, _>>(),
-                            "value": finite(cols.value.value(row)),
-                        });
-                        if let Some(s) = &scores {
-                            let opt = |a: &arrow::array::Float64Array| {
-                                arrow::array::Array::is_valid(a, row).then(|| a.value(row))
-                            };
-                            object["score"] = s.score.value(row).into();
-                            object["is_anomaly"] = s.is_anomaly.value(row).into();
-                            object["expected"] = opt(s.expected).into();
-                            object["lower"] = opt(s.lower).into();
-                            object["upper"] = opt(s.upper).into();
-                            object["detector"] = s.detector(row).into();
-                        }
-                        Ok(Event {
-                            key: series_id.to_string(),
-                            id: format!("{series_id:016x}-{ts}"),
-                            time,
-                            body: json(&object)?,
-                        })
-                    })
-                    .collect()
-            }
-        }
-    }
-}
-
-fn finite(v: f64) -> Option<f64> {
-    v.is_finite().then_some(v)
-}
-
-/// Serialization to JSON bytes for both payload kinds, with the error mapped once.
-mod erased {
-    use crate::error::{Error, Result};
-
-    pub(super) trait Json {
-        fn to_vec(&self) -> Result<Vec<u8>>;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn to_vec(&self) -> Result<Vec<u8>> {
-            serde_json::to_vec(self).map_err(|e| Error::Action {
-                action: "kafka".into(),
-                message: format!("serializing an event: {e}"),
-                retryable: false,
-            })
-        }
-    }
 }
 
 impl Action for KafkaSink {
@@ -205,16 +110,13 @@ impl Action for KafkaSink {
     }
 
     fn wants_every_batch(&self) -> bool {
-        self.config.payload == KafkaSinkPayload::Scored
+        self.config.payload == SinkPayload::Scored
     }
 
     fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let events = self.events(input)?;
-            let ce_type = match self.config.payload {
-                KafkaSinkPayload::Alerts => "io.smartcloudops.anomaly",
-                KafkaSinkPayload::Scored => "io.smartcloudops.scored",
-            };
+            let events = Event::from_input(input, self.config.payload, "kafka")?;
+            let ce_type = self.config.payload.ce_type();
             let mut deliveries = Vec::with_capacity(events.len());
             for event in &events {
                 let headers = OwnedHeaders::new_with_capacity(6)

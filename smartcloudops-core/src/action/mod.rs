@@ -6,10 +6,13 @@
 //! sinks that want every scored row say so with [`Action::wants_every_batch`]. An `Err`
 //! nacks the batch.
 
+pub mod event;
 pub mod jsonl;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod log;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,10 +24,13 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::schema::{MetricsColumns, ScoreColumns, format_ts};
 
+pub use self::event::{Event, SinkPayload};
 pub use self::jsonl::{JsonlAction, JsonlActionConfig};
 #[cfg(feature = "kafka")]
 pub use self::kafka::{KafkaSink, KafkaSinkConfig, KafkaSinkPayload};
 pub use self::log::{LogAction, LogActionConfig, LogFormat};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig};
 
 /// Consumes scored batches. See the [module docs](self).
 pub trait Action: Send + Sync + fmt::Debug {
@@ -106,34 +112,36 @@ impl Alert {
             return Ok(Vec::new());
         }
         let cols = MetricsColumns::try_new(batch, "alerts")?;
-        let opt = |a: &arrow::array::Float64Array, i: usize| {
-            arrow::array::Array::is_valid(a, i).then(|| a.value(i))
+        Ok((0..batch.num_rows())
+            .filter(|&row| scores.is_anomaly.value(row))
+            .map(|row| Alert::at(&cols, &scores, row))
+            .collect())
+    }
+
+    /// The alert for `row` of a scored batch, anomalous or not (for a normal row the
+    /// explanation tells how far within the band it was).
+    pub fn at(cols: &MetricsColumns<'_>, scores: &ScoreColumns<'_>, row: usize) -> Alert {
+        let opt = |a: &arrow::array::Float64Array| {
+            arrow::array::Array::is_valid(a, row).then(|| a.value(row))
         };
-        let mut alerts = Vec::new();
-        for row in 0..batch.num_rows() {
-            if !scores.is_anomaly.value(row) {
-                continue;
-            }
-            let mut alert = Alert {
-                time: format_ts(cols.ts.value(row)),
-                ts_ms: cols.ts.value(row),
-                series_id: cols.series_id.value(row),
-                metric: cols.metric(row).to_owned(),
-                labels: cols.labels(row).into_iter().collect(),
-                value: cols.value.value(row),
-                score: scores.score.value(row),
-                expected: opt(scores.expected, row),
-                lower: opt(scores.lower, row),
-                upper: opt(scores.upper, row),
-                detector: scores.detector(row).to_owned(),
-                since: arrow::array::Array::is_valid(scores.anomaly_since, row)
-                    .then(|| format_ts(scores.anomaly_since.value(row))),
-                reason: String::new(),
-            };
-            alert.reason = alert.explain();
-            alerts.push(alert);
-        }
-        Ok(alerts)
+        let mut alert = Alert {
+            time: format_ts(cols.ts.value(row)),
+            ts_ms: cols.ts.value(row),
+            series_id: cols.series_id.value(row),
+            metric: cols.metric(row).to_owned(),
+            labels: cols.labels(row).into_iter().collect(),
+            value: cols.value.value(row),
+            score: scores.score.value(row),
+            expected: opt(scores.expected),
+            lower: opt(scores.lower),
+            upper: opt(scores.upper),
+            detector: scores.detector(row).to_owned(),
+            since: arrow::array::Array::is_valid(scores.anomaly_since, row)
+                .then(|| format_ts(scores.anomaly_since.value(row))),
+            reason: String::new(),
+        };
+        alert.reason = alert.explain();
+        alert
     }
 
     /// `metric{k="v",…}`, the series as Prometheus writes it.

@@ -64,6 +64,8 @@ pub struct KeyedStates<S> {
     max_series: usize,
     tick: u64,
     evicted: u64,
+    /// The tick of the last export of changed states: a slot used after it changed since.
+    exported_tick: u64,
 }
 
 impl<S> KeyedStates<S> {
@@ -74,7 +76,13 @@ impl<S> KeyedStates<S> {
             max_series: max_series.max(1),
             tick: 0,
             evicted: 0,
+            exported_tick: 0,
         }
+    }
+
+    /// Whether a state for `id` is held.
+    pub fn contains(&self, id: u64) -> bool {
+        self.map.contains_key(&id)
     }
 
     /// The state of `id`, created by `init` if absent (evicting first if the store is full).
@@ -208,6 +216,17 @@ impl<M: SeriesModel> KeyedDetector<M> {
     }
 }
 
+impl<M: SeriesModel> KeyedDetector<M> {
+    fn decode_state(&self, id: u64, bytes: &[u8]) -> Result<M> {
+        postcard::from_bytes(bytes).map_err(|e| {
+            Error::Snapshot(format!(
+                "state of series {id} for `{}` does not decode: {e}",
+                self.name
+            ))
+        })
+    }
+}
+
 impl<M: SeriesModel> Detector for KeyedDetector<M> {
     fn name(&self) -> &str {
         &self.name
@@ -241,6 +260,60 @@ impl<M: SeriesModel> Detector for KeyedDetector<M> {
 
     fn evicted_series(&self) -> u64 {
         self.states.evicted()
+    }
+
+    fn series_state_namespace(&self) -> Option<String> {
+        let config = xxhash_rust::xxh3::xxh3_64(self.config_json.as_bytes());
+        Some(format!(
+            "v{SNAPSHOT_FORMAT_VERSION}:{}:{config:016x}",
+            self.name
+        ))
+    }
+
+    fn unknown_series(&self, ids: &[u64]) -> Vec<u64> {
+        let mut seen = rustc_hash::FxHashSet::default();
+        ids.iter()
+            .copied()
+            .filter(|id| !self.states.contains(*id) && seen.insert(*id))
+            .collect()
+    }
+
+    fn import_series_states(&mut self, states: Vec<(u64, Vec<u8>)>) -> Result<usize> {
+        let mut installed = 0;
+        let mut first_error = None;
+        for (id, bytes) in states {
+            if self.states.contains(id) {
+                continue;
+            }
+            match self.decode_state(id, &bytes) {
+                Ok(state) => {
+                    self.states.get_or_insert_with(id, || state);
+                    installed += 1;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(installed),
+        }
+    }
+
+    fn export_changed_series(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let since = self.states.exported_tick;
+        let mut out = Vec::new();
+        for (id, slot) in &self.states.map {
+            if slot.last_used > since {
+                let bytes = postcard::to_allocvec(&slot.state).map_err(|e| {
+                    Error::Snapshot(format!("cannot encode series {id} of `{}`: {e}", self.name))
+                })?;
+                out.push((*id, bytes));
+            }
+        }
+        self.states.exported_tick = self.states.tick;
+        Ok(out)
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {

@@ -42,6 +42,7 @@ use arrow::array::{
 };
 use arrow::datatypes::Int32Type;
 use arrow::record_batch::RecordBatch;
+use futures::future::BoxFuture;
 use rustc_hash::FxHashMap;
 
 use crate::error::{Error, Result};
@@ -88,6 +89,56 @@ pub trait Detector: Send + fmt::Debug {
             self.name()
         )))
     }
+
+    /// Where this detector's per-series states may be shared with other processes: the
+    /// snapshot format version, the detector's name and a hash of its configuration, e.g.
+    /// `v1:ewma:9f2c…`. States are only exchanged within one namespace. `None` (the default)
+    /// means the detector keeps no per-series state to hand off. See [`SeriesStateStore`].
+    fn series_state_namespace(&self) -> Option<String> {
+        None
+    }
+
+    /// The series of `ids` this detector holds no state for, each once, in first-seen order.
+    fn unknown_series(&self, ids: &[u64]) -> Vec<u64> {
+        let _ = ids;
+        Vec::new()
+    }
+
+    /// Installs per-series states exported by a detector of the same namespace, for series
+    /// it does not hold yet; returns how many were installed. A state that does not decode is
+    /// skipped and reported in the error after the others were installed.
+    fn import_series_states(&mut self, states: Vec<(u64, Vec<u8>)>) -> Result<usize> {
+        let _ = states;
+        Ok(0)
+    }
+
+    /// The encoded states of the series that learned something since the last call, which
+    /// marks them saved.
+    fn export_changed_series(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+}
+
+/// Keeps per-series detector states outside the process (Redis, say), so a replica that
+/// restarts or takes over another replica's series resumes where it left off instead of
+/// learning again.
+///
+/// The pipeline asks the store for the series a batch brings that the detector does not
+/// hold, before scoring it, and saves the states that changed periodically and at shutdown.
+pub trait SeriesStateStore: Send + Sync + fmt::Debug {
+    /// A short name for logs, e.g. `redis`.
+    fn name(&self) -> &str;
+
+    /// The stored states of `ids` within `namespace`; series without one are left out.
+    fn load<'a>(
+        &'a self,
+        namespace: &'a str,
+        ids: &'a [u64],
+    ) -> BoxFuture<'a, Result<Vec<(u64, Vec<u8>)>>>;
+
+    /// Stores `states` within `namespace`, replacing older ones.
+    fn save<'a>(&'a self, namespace: &'a str, states: &'a [(u64, Vec<u8>)])
+    -> BoxFuture<'a, Result<()>>;
 }
 
 /// Builds the `(field, message)` list a detector configuration's `problems()` returns. The

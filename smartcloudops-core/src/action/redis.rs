@@ -1,0 +1,245 @@
+//! Redis sinks: publish alerts (or every scored row) to a pub/sub channel or append them to a
+//! stream.
+//!
+//! - **`redis_publish`** sends each event as one `PUBLISH`, the CloudEvents attributes in the
+//!   JSON body (structured mode). Pub/sub is fire-and-forget: a message published while no
+//!   one subscribes is gone; the number of such messages is kept by
+//!   [`RedisPublish::unheard`]. Use `redis_stream` when receivers must not miss events.
+//! - **`redis_stream`** appends each event with `XADD … MAXLEN ~ N`, the attributes as `ce_*`
+//!   fields and the body in `data` (binary mode, like the Kafka sink's headers), so the
+//!   stream stays about `maxlen` entries long.
+//!
+//! Both pipeline every event of a batch in one round trip (in chunks) on a connection that
+//! reconnects by itself, and complete only when Redis answered every command: a failure fails
+//! the action, which nacks the batch.
+//!
+//! The result cache, the third Redis action, is [`crate::redis::ResultCache`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use super::{Action, ActionInput, Event, SinkPayload};
+use crate::error::{Error, Result};
+use crate::redis::{LazyConnection, RedisConnection};
+
+pub use crate::redis::{CachedResult, ResultCache, ResultCacheConfig};
+
+/// Events per pipelined round trip.
+const CHUNK: usize = 1000;
+
+fn default_ce_source() -> String {
+    "smartcloudops".to_owned()
+}
+
+/// `[[action]] type = "redis_publish"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisPublishConfig {
+    /// The connection; without it, the pipeline's `[redis]` section (or the default).
+    #[serde(default)]
+    pub redis: Option<RedisConnection>,
+    /// Channel to publish to.
+    pub channel: String,
+    /// Alerts only, or every scored row.
+    #[serde(default)]
+    pub payload: SinkPayload,
+    /// The CloudEvents `source` attribute.
+    #[serde(default = "default_ce_source")]
+    pub event_source: String,
+}
+
+impl RedisPublishConfig {
+    /// A sink of alerts to `channel` with defaults.
+    pub fn new(channel: impl Into<String>) -> Self {
+        Self {
+            redis: None,
+            channel: channel.into(),
+            payload: SinkPayload::Alerts,
+            event_source: default_ce_source(),
+        }
+    }
+}
+
+/// Publishes to a Redis pub/sub channel. See the [module docs](self).
+#[derive(Debug)]
+pub struct RedisPublish {
+    config: RedisPublishConfig,
+    connection: LazyConnection,
+    unheard: AtomicU64,
+}
+
+impl RedisPublish {
+    /// A sink for `config`, connecting through `connection` unless the config has its own.
+    pub fn new(config: RedisPublishConfig, connection: RedisConnection) -> Self {
+        let connection = LazyConnection::new(config.redis.clone().unwrap_or(connection));
+        Self {
+            config,
+            connection,
+            unheard: AtomicU64::new(0),
+        }
+    }
+
+    /// Messages published while no client subscribed to the channel (Redis dropped them).
+    pub fn unheard(&self) -> u64 {
+        self.unheard.load(Ordering::Relaxed)
+    }
+}
+
+impl Action for RedisPublish {
+    fn name(&self) -> &str {
+        "redis_publish"
+    }
+
+    fn wants_every_batch(&self) -> bool {
+        self.config.payload == SinkPayload::Scored
+    }
+
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let events = Event::from_input(input, self.config.payload, self.name())?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            let ce_type = self.config.payload.ce_type();
+            let mut con = self.connection.get().await?;
+            for chunk in events.chunks(CHUNK) {
+                let mut pipe = redis::pipe();
+                for event in chunk {
+                    pipe.cmd("PUBLISH")
+                        .arg(&self.config.channel)
+                        .arg(event.structured(ce_type, &self.config.event_source));
+                }
+                let receivers: Vec<u64> = pipe
+                    .query_async(&mut con)
+                    .await
+                    .map_err(|e| sink_error(self.name(), &self.config.channel, e))?;
+                let unheard = receivers.iter().filter(|&&n| n == 0).count() as u64;
+                if unheard > 0 {
+                    self.unheard.fetch_add(unheard, Ordering::Relaxed);
+                    tracing::debug!(
+                        channel = %self.config.channel,
+                        unheard,
+                        "published with no subscriber listening"
+                    );
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `[[action]] type = "redis_stream"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStreamSinkConfig {
+    /// The connection; without it, the pipeline's `[redis]` section (or the default).
+    #[serde(default)]
+    pub redis: Option<RedisConnection>,
+    /// Stream to append to (created by the first append).
+    pub stream: String,
+    /// Approximate length the stream is trimmed to (`MAXLEN ~`); 0 never trims.
+    #[serde(default = "default_maxlen")]
+    pub maxlen: usize,
+    /// Alerts only, or every scored row.
+    #[serde(default)]
+    pub payload: SinkPayload,
+    /// The CloudEvents `source` attribute.
+    #[serde(default = "default_ce_source")]
+    pub event_source: String,
+}
+
+fn default_maxlen() -> usize {
+    100_000
+}
+
+impl RedisStreamSinkConfig {
+    /// A sink of alerts to `stream` with defaults.
+    pub fn new(stream: impl Into<String>) -> Self {
+        Self {
+            redis: None,
+            stream: stream.into(),
+            maxlen: default_maxlen(),
+            payload: SinkPayload::Alerts,
+            event_source: default_ce_source(),
+        }
+    }
+}
+
+/// Appends to a Redis stream. See the [module docs](self).
+#[derive(Debug)]
+pub struct RedisStreamSink {
+    config: RedisStreamSinkConfig,
+    connection: LazyConnection,
+}
+
+impl RedisStreamSink {
+    /// A sink for `config`, connecting through `connection` unless the config has its own.
+    pub fn new(config: RedisStreamSinkConfig, connection: RedisConnection) -> Self {
+        let connection = LazyConnection::new(config.redis.clone().unwrap_or(connection));
+        Self { config, connection }
+    }
+}
+
+impl Action for RedisStreamSink {
+    fn name(&self) -> &str {
+        "redis_stream"
+    }
+
+    fn wants_every_batch(&self) -> bool {
+        self.config.payload == SinkPayload::Scored
+    }
+
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let events = Event::from_input(input, self.config.payload, self.name())?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            let ce_type = self.config.payload.ce_type();
+            let mut con = self.connection.get().await?;
+            for chunk in events.chunks(CHUNK) {
+                let mut pipe = redis::pipe();
+                for event in chunk {
+                    let cmd = pipe.cmd("XADD").arg(&self.config.stream);
+                    if self.config.maxlen > 0 {
+                        cmd.arg("MAXLEN").arg("~").arg(self.config.maxlen);
+                    }
+                    cmd.arg("*")
+                        .arg("ce_specversion")
+                        .arg("1.0")
+                        .arg("ce_id")
+                        .arg(&event.id)
+                        .arg("ce_source")
+                        .arg(&self.config.event_source)
+                        .arg("ce_type")
+                        .arg(ce_type)
+                        .arg("ce_time")
+                        .arg(&event.time)
+                        .arg("content-type")
+                        .arg("application/json")
+                        .arg("key")
+                        .arg(&event.key)
+                        .arg("data")
+                        .arg(event.body.as_slice())
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut con)
+                    .await
+                    .map_err(|e| sink_error(self.name(), &self.config.stream, e))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+fn sink_error(action: &str, target: &str, e: redis::RedisError) -> Error {
+    // A wrong type or a refused command will fail again; a dropped connection may not.
+    let retryable = e.is_io_error() || e.is_timeout() || e.is_connection_dropped();
+    Error::Action {
+        action: action.into(),
+        message: format!("sending to {target}: {e}"),
+        retryable,
+    }
+}
