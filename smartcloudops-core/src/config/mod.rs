@@ -32,6 +32,8 @@
 //! for secrets rather than writing them into the file.
 
 mod env;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -131,6 +133,12 @@ pub enum SourceConfig {
     /// A Kafka consumer group.
     #[cfg(feature = "kafka")]
     Kafka(crate::source::KafkaSourceConfig),
+    /// Redis pub/sub channels and patterns.
+    #[cfg(feature = "redis")]
+    RedisPubsub(crate::source::RedisPubSubSourceConfig),
+    /// Redis streams through a consumer group.
+    #[cfg(feature = "redis")]
+    RedisStream(crate::source::RedisStreamSourceConfig),
 }
 
 /// A prep stage (`[[prep]]`).
@@ -294,6 +302,10 @@ pub struct DetectorSection {
     /// How often the snapshot is saved while running.
     #[serde(with = "humantime_serde")]
     pub snapshot_interval: Duration,
+    /// Per-series state kept in Redis (`[detector.redis_state]`), so a restarted replica, or
+    /// one that takes over another's series, resumes where it left off.
+    #[cfg(feature = "redis")]
+    pub redis_state: Option<crate::redis::RedisStateStoreConfig>,
 }
 
 /// Most series a detector may be configured to hold.
@@ -311,6 +323,15 @@ pub enum ActionConfig {
     /// Publish alerts or scored rows to Kafka.
     #[cfg(feature = "kafka")]
     Kafka(crate::action::KafkaSinkConfig),
+    /// Publish alerts or scored rows to a Redis pub/sub channel.
+    #[cfg(feature = "redis")]
+    RedisPublish(crate::action::RedisPublishConfig),
+    /// Append alerts or scored rows to a Redis stream.
+    #[cfg(feature = "redis")]
+    RedisStream(crate::action::RedisStreamSinkConfig),
+    /// Keep the latest score and explanation per series in Redis.
+    #[cfg(feature = "redis")]
+    RedisCache(crate::redis::ResultCacheConfig),
 }
 
 /// Where dead letters go (`[dead_letter]`).
@@ -342,6 +363,9 @@ pub struct PipelineConfig {
     pub dead_letter: DeadLetterConfig,
     /// `[runtime]`.
     pub runtime: PipelineOptions,
+    /// `[redis]`: the connection of every Redis stage without one of its own.
+    #[cfg(feature = "redis")]
+    pub redis: Option<crate::redis::RedisConnection>,
 }
 
 /// Largest batch a source may be configured to build, in rows or messages.
@@ -368,6 +392,7 @@ const SECTIONS: &[&str] = &[
     "action",
     "dead_letter",
     "runtime",
+    "redis",
 ];
 
 impl PipelineConfig {
@@ -431,6 +456,14 @@ impl PipelineConfig {
             .get("runtime")
             .and_then(|v| deserialize_at::<PipelineOptions>(v.clone(), "runtime", &mut errors))
             .unwrap_or_default();
+        #[cfg(feature = "redis")]
+        let redis = table
+            .get("redis")
+            .and_then(|v| deserialize_at(v.clone(), "redis", &mut errors));
+        #[cfg(not(feature = "redis"))]
+        if table.contains_key("redis") {
+            errors.push(not_built("redis", "redis"));
+        }
 
         // Validate every section that parsed, even when others did not, so one typo does not
         // hide the next problem. A source that failed to parse is stood in for by a valid
@@ -443,6 +476,8 @@ impl PipelineConfig {
             actions,
             dead_letter,
             runtime,
+            #[cfg(feature = "redis")]
+            redis,
         };
         config.resolve_paths(base_dir);
         config.validate(&mut errors);
@@ -568,9 +603,13 @@ impl PipelineConfig {
             }
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(_) => {} // validate_kafka
+            #[cfg(feature = "redis")]
+            SourceConfig::RedisPubsub(_) | SourceConfig::RedisStream(_) => {} // redis::validate
         }
         #[cfg(feature = "kafka")]
         self.validate_kafka(&mut check);
+        #[cfg(feature = "redis")]
+        redis::validate(self, &mut check);
         if let Some(section) = &self.detector {
             for (field, message) in section.detector.problems() {
                 let hint = match (section.detector.type_name(), field.as_str()) {
@@ -707,6 +746,16 @@ impl PipelineConfig {
             SourceConfig::Generator(c) => Box::new(GeneratorSource::new(c.clone())),
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(c) => Box::new(crate::source::KafkaSource::new(c.clone())),
+            #[cfg(feature = "redis")]
+            SourceConfig::RedisPubsub(c) => Box::new(crate::source::RedisPubSubSource::new(
+                c.clone(),
+                self.redis_connection(),
+            )),
+            #[cfg(feature = "redis")]
+            SourceConfig::RedisStream(c) => Box::new(crate::source::RedisStreamSource::new(
+                c.clone(),
+                self.redis_connection(),
+            )),
         };
         let dead_letters: Arc<dyn DeadLetterSink> = match &self.dead_letter {
             DeadLetterConfig::Log => Arc::new(LogDeadLetters),
@@ -727,6 +776,11 @@ impl PipelineConfig {
                 restore_snapshot(detector.as_mut(), path);
                 builder = builder.detector_snapshot(path.clone(), section.snapshot_interval);
             }
+            #[cfg(feature = "redis")]
+            if let Some(state) = &section.redis_state {
+                let store = crate::redis::RedisStateStore::new(state, self.redis_connection());
+                builder = builder.series_state_store(Arc::new(store), state.interval);
+            }
             builder = builder.boxed_detector(detector);
         }
         for a in &self.actions {
@@ -735,6 +789,21 @@ impl PipelineConfig {
                 ActionConfig::Jsonl(c) => Arc::new(JsonlAction::new(c.clone())),
                 #[cfg(feature = "kafka")]
                 ActionConfig::Kafka(c) => Arc::new(crate::action::KafkaSink::new(c.clone())?),
+                #[cfg(feature = "redis")]
+                ActionConfig::RedisPublish(c) => Arc::new(crate::action::RedisPublish::new(
+                    c.clone(),
+                    self.redis_connection(),
+                )),
+                #[cfg(feature = "redis")]
+                ActionConfig::RedisStream(c) => Arc::new(crate::action::RedisStreamSink::new(
+                    c.clone(),
+                    self.redis_connection(),
+                )),
+                #[cfg(feature = "redis")]
+                ActionConfig::RedisCache(c) => Arc::new(crate::redis::ResultCache::new(
+                    c,
+                    self.redis_connection(),
+                )),
             };
             builder = builder.shared_action(action);
         }
@@ -753,6 +822,23 @@ impl PipelineConfig {
                 k.group_id,
                 k.topics.join(",")
             ),
+            #[cfg(feature = "redis")]
+            SourceConfig::RedisPubsub(r) => {
+                let url = r.redis.clone().unwrap_or_else(|| self.redis_connection());
+                let mut subs = r.channels.clone();
+                subs.extend(r.patterns.iter().cloned());
+                format!("redis pub/sub {} ({})", url.redacted_url(), subs.join(","))
+            }
+            #[cfg(feature = "redis")]
+            SourceConfig::RedisStream(r) => {
+                let url = r.redis.clone().unwrap_or_else(|| self.redis_connection());
+                format!(
+                    "redis streams {} (group {}, streams {})",
+                    url.redacted_url(),
+                    r.group,
+                    r.streams.join(",")
+                )
+            }
         };
         let detector = self
             .detector
@@ -766,6 +852,12 @@ impl PipelineConfig {
                 ActionConfig::Jsonl(_) => "jsonl",
                 #[cfg(feature = "kafka")]
                 ActionConfig::Kafka(_) => "kafka",
+                #[cfg(feature = "redis")]
+                ActionConfig::RedisPublish(_) => "redis_publish",
+                #[cfg(feature = "redis")]
+                ActionConfig::RedisStream(_) => "redis_stream",
+                #[cfg(feature = "redis")]
+                ActionConfig::RedisCache(_) => "redis_cache",
             })
             .collect();
         format!(
@@ -860,12 +952,21 @@ fn tagged(
 }
 
 fn parse_source(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<SourceConfig> {
-    let (kind, rest) = tagged(value, "source", &["file", "generator", "kafka"], errors)?;
+    let (kind, rest) = tagged(
+        value,
+        "source",
+        &["file", "generator", "kafka", "redis_pubsub", "redis_stream"],
+        errors,
+    )?;
     match kind.as_str() {
         "file" => deserialize_at(rest, "source", errors).map(SourceConfig::File),
         "generator" => deserialize_at(rest, "source", errors).map(SourceConfig::Generator),
         #[cfg(feature = "kafka")]
         "kafka" => deserialize_at(rest, "source", errors).map(SourceConfig::Kafka),
+        #[cfg(feature = "redis")]
+        "redis_pubsub" => deserialize_at(rest, "source", errors).map(SourceConfig::RedisPubsub),
+        #[cfg(feature = "redis")]
+        "redis_stream" => deserialize_at(rest, "source", errors).map(SourceConfig::RedisStream),
         other => {
             errors.push(not_built("source.type", other));
             None
@@ -875,8 +976,9 @@ fn parse_source(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<So
 
 /// A component this build was compiled without.
 fn not_built(path: &str, kind: &str) -> ConfigError {
+    let feature = if kind.starts_with("redis") { "redis" } else { kind };
     ConfigError::new(path, format!("this build has no \"{kind}\" support")).hint(format!(
-        "rebuild with the `{kind}` cargo feature (the smartcloudops binary has it)"
+        "rebuild with the `{feature}` cargo feature (the smartcloudops binary has it)"
     ))
 }
 
@@ -921,15 +1023,21 @@ fn parse_detector(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<
         snapshot: Option<PathBuf>,
         #[serde(default, with = "humantime_serde")]
         snapshot_interval: Option<Duration>,
+        #[cfg(feature = "redis")]
+        redis_state: Option<crate::redis::RedisStateStoreConfig>,
     }
     let (kind, mut rest) = tagged(value, "detector", &DETECTOR_TYPES, errors)?;
     let mut state = toml::Table::new();
     if let toml::Value::Table(t) = &mut rest {
-        for key in ["max_series", "snapshot", "snapshot_interval"] {
+        for key in ["max_series", "snapshot", "snapshot_interval", "redis_state"] {
             if let Some(v) = t.remove(key) {
                 state.insert(key.to_owned(), v);
             }
         }
+    }
+    #[cfg(not(feature = "redis"))]
+    if state.remove("redis_state").is_some() {
+        errors.push(not_built("detector.redis_state", "redis"));
     }
     let state: Option<StateFields> = deserialize_at(toml::Value::Table(state), "detector", errors);
     let path = "detector";
@@ -971,6 +1079,8 @@ fn parse_detector(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<
         max_series: state.max_series.unwrap_or(DEFAULT_MAX_SERIES),
         snapshot: state.snapshot,
         snapshot_interval: state.snapshot_interval.unwrap_or(Duration::from_secs(60)),
+        #[cfg(feature = "redis")]
+        redis_state: state.redis_state,
     })
 }
 
@@ -1005,12 +1115,30 @@ fn parse_action(
     path: &str,
     errors: &mut Vec<ConfigError>,
 ) -> Option<ActionConfig> {
-    let (kind, rest) = tagged(value, path, &["log", "jsonl", "kafka"], errors)?;
+    let (kind, rest) = tagged(
+        value,
+        path,
+        &[
+            "log",
+            "jsonl",
+            "kafka",
+            "redis_publish",
+            "redis_stream",
+            "redis_cache",
+        ],
+        errors,
+    )?;
     match kind.as_str() {
         "log" => deserialize_at(rest, path, errors).map(ActionConfig::Log),
         "jsonl" => deserialize_at(rest, path, errors).map(ActionConfig::Jsonl),
         #[cfg(feature = "kafka")]
         "kafka" => deserialize_at(rest, path, errors).map(ActionConfig::Kafka),
+        #[cfg(feature = "redis")]
+        "redis_publish" => deserialize_at(rest, path, errors).map(ActionConfig::RedisPublish),
+        #[cfg(feature = "redis")]
+        "redis_stream" => deserialize_at(rest, path, errors).map(ActionConfig::RedisStream),
+        #[cfg(feature = "redis")]
+        "redis_cache" => deserialize_at(rest, path, errors).map(ActionConfig::RedisCache),
         other => {
             errors.push(not_built(&format!("{path}.type"), other));
             None

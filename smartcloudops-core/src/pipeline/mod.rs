@@ -18,6 +18,7 @@
 //!   in-flight batches drain through every stage and are acknowledged. If draining takes longer
 //!   than `shutdown_timeout`, the remaining tasks are aborted and their batches nacked.
 
+mod handoff;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -35,7 +36,9 @@ use tokio_util::task::TaskTracker;
 use crate::ack::{Ack, AckOutcome};
 use crate::action::{Action, ActionInput, Alert};
 use crate::dead_letter::{DeadLetterQueue, DeadLetterSink, LogDeadLetters};
-use crate::detector::Detector;
+use crate::detector::{Detector, SeriesStateStore};
+
+use self::handoff::{StateHandoff, StateStoreSettings};
 use crate::error::{Error, Result};
 use crate::prep::Prep;
 use crate::source::{Source, SourceContext};
@@ -87,6 +90,7 @@ pub struct Pipeline {
     preps: Vec<Box<dyn Prep>>,
     detector: Option<Box<dyn Detector>>,
     snapshot: Option<SnapshotFile>,
+    state_store: Option<StateStoreSettings>,
     actions: Vec<Arc<dyn Action>>,
     dead_letters: Arc<dyn DeadLetterSink>,
     options: PipelineOptions,
@@ -109,6 +113,7 @@ pub struct PipelineBuilder {
     preps: Vec<Box<dyn Prep>>,
     detector: Option<Box<dyn Detector>>,
     snapshot: Option<SnapshotFile>,
+    state_store: Option<StateStoreSettings>,
     actions: Vec<Arc<dyn Action>>,
     dead_letters: Arc<dyn DeadLetterSink>,
     options: PipelineOptions,
@@ -152,6 +157,14 @@ impl PipelineBuilder {
     /// [`detector`](Self::detector): see [`Detector::restore`].
     pub fn detector_snapshot(mut self, path: std::path::PathBuf, every: Duration) -> Self {
         self.snapshot = Some(SnapshotFile { path, every });
+        self
+    }
+
+    /// Keeps the detector's per-series states in `store`: series a batch brings that the
+    /// detector does not hold are looked up there before the batch is scored, and the states
+    /// that changed are saved every `every` and at shutdown. See [`SeriesStateStore`].
+    pub fn series_state_store(mut self, store: Arc<dyn SeriesStateStore>, every: Duration) -> Self {
+        self.state_store = Some(StateStoreSettings { store, every });
         self
     }
 
@@ -212,6 +225,7 @@ impl PipelineBuilder {
             preps: self.preps,
             detector: self.detector,
             snapshot: self.snapshot,
+            state_store: self.state_store,
             actions: self.actions,
             dead_letters: self.dead_letters,
             options: self.options,
@@ -340,6 +354,7 @@ impl Pipeline {
             preps: Vec::new(),
             detector: None,
             snapshot: None,
+            state_store: None,
             actions: Vec::new(),
             dead_letters: Arc::new(LogDeadLetters),
             options: PipelineOptions::default(),
@@ -375,12 +390,14 @@ impl Pipeline {
             preps,
             detector,
             snapshot,
+            state_store,
             actions,
             dead_letters,
             options,
             stages,
             metrics,
         } = self;
+        let handoff = state_store.and_then(|s| StateHandoff::new(s, detector.as_deref()));
         let capacity = options.channel_capacity.max(1);
         let (pending_tx, pending_rx) = mpsc::channel::<Pending>(capacity);
         let (scored_tx, scored_rx) = mpsc::channel::<Scored>(capacity);
@@ -439,6 +456,7 @@ impl Pipeline {
                 .collect(),
             detector: detector.zip(stages.detector.clone()),
             snapshot: snapshot.map(|file| (file, Instant::now())),
+            handoff,
             gauges_at: None,
             dead_letters,
             has_every_batch_action: actions.iter().any(|a| a.wants_every_batch()),
@@ -594,6 +612,8 @@ struct TransformTask {
     detector: Option<(Box<dyn Detector>, Arc<StageMetrics>)>,
     /// The snapshot file and when it was last written.
     snapshot: Option<(SnapshotFile, Instant)>,
+    /// Per-series states kept in a store outside the process.
+    handoff: Option<StateHandoff>,
     /// When the detector's state gauges were last published.
     gauges_at: Option<Instant>,
     dead_letters: Arc<dyn DeadLetterSink>,
@@ -619,6 +639,9 @@ async fn transform_task(mut t: TransformTask) -> Result<()> {
     let result = transform_loop(&mut t).await;
     // At shutdown, whatever ended the loop: the state learned so far is worth keeping.
     save_snapshot(&mut t);
+    if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut()) {
+        handoff.save(detector.as_mut(), stage).await;
+    }
     publish_detector_gauges(&mut t);
     result
 }
@@ -691,7 +714,28 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
         {
             publish_detector_gauges(t);
         }
-        let scored = match transform(t, batch) {
+        if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut())
+        {
+            if handoff.save_due() {
+                handoff.save(detector.as_mut(), stage).await;
+            }
+        }
+        let batch = match run_preps(t, batch) {
+            Ok(batch) => batch,
+            Err(StageFailure {
+                stage,
+                batch,
+                error,
+            }) => {
+                dead_letter_batch(&t.dead_letters, &stage, &batch, &error, ack);
+                continue;
+            }
+        };
+        if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut())
+        {
+            handoff.load_unknown(detector.as_mut(), stage, &batch).await;
+        }
+        let scored = match run_detector(t, batch) {
             Ok(scored) => scored,
             Err(StageFailure {
                 stage,
@@ -752,7 +796,7 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
     Ok(())
 }
 
-fn transform(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatch, StageFailure> {
+fn run_preps(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatch, StageFailure> {
     for (prep, stage) in &mut t.preps {
         let started = Instant::now();
         stage.record_in(batch.num_rows());
@@ -771,6 +815,10 @@ fn transform(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatc
             }
         }
     }
+    Ok(batch)
+}
+
+fn run_detector(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatch, StageFailure> {
     if let Some((detector, stage)) = &mut t.detector {
         let started = Instant::now();
         stage.record_in(batch.num_rows());

@@ -29,7 +29,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{Field, Int32Type, Schema};
 use arrow::record_batch::RecordBatch;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Source, SourceBatch, SourceContext, SourceStream};
+use super::{Source, SourceBatch, SourceContext, SourceStream, spawn_watched, stream_from};
 use crate::ack::{Ack, AckOutcome};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{CsvOptions, Decoder, Format, Reject};
@@ -391,34 +391,10 @@ impl Source for KafkaSource {
             last_committed: HashMap::new(),
             config,
         };
-        spawn_watched(&ctx.tasks, "consumer", task.run(claims_tx), tx.clone());
-        spawn_watched(&ctx.tasks, "decode", decode.run(claims_rx, tx.clone()), tx);
-        Ok(tokio_stream_from(rx))
+        spawn_watched(&ctx.tasks, "kafka", "consumer", task.run(claims_tx), tx.clone());
+        spawn_watched(&ctx.tasks, "kafka", "decode", decode.run(claims_rx, tx.clone()), tx);
+        Ok(stream_from(rx))
     }
-}
-
-/// Runs `task` in `tasks`; if it panics, the pipeline gets an error on `tx` instead of a
-/// stream that silently ends (which would look like the end of the input).
-fn spawn_watched(
-    tasks: &tokio_util::task::TaskTracker,
-    name: &'static str,
-    task: impl std::future::Future<Output = ()> + Send + 'static,
-    tx: mpsc::Sender<Result<SourceBatch>>,
-) {
-    tasks.spawn(async move {
-        if let Err(e) = tokio::spawn(task).await {
-            let _ = tx
-                .send(Err(Error::Connector {
-                    connector: "kafka".into(),
-                    message: format!("the {name} task failed: {e}"),
-                }))
-                .await;
-        }
-    });
-}
-
-fn tokio_stream_from(mut rx: mpsc::Receiver<Result<SourceBatch>>) -> SourceStream {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
 fn kafka_error(context: &str, e: rdkafka::error::KafkaError) -> Error {

@@ -9,6 +9,10 @@ pub mod file;
 pub mod generator;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "redis")]
+pub mod redis_pubsub;
+#[cfg(feature = "redis")]
+pub mod redis_stream;
 
 use std::fmt;
 
@@ -25,6 +29,10 @@ pub use self::file::{FileSource, FileSourceConfig};
 pub use self::generator::{GeneratorConfig, GeneratorSource};
 #[cfg(feature = "kafka")]
 pub use self::kafka::{KafkaSource, KafkaSourceConfig};
+#[cfg(feature = "redis")]
+pub use self::redis_pubsub::{RedisPubSubSource, RedisPubSubSourceConfig};
+#[cfg(feature = "redis")]
+pub use self::redis_stream::{RedisStreamSource, RedisStreamSourceConfig, StreamStart};
 
 /// A batch from a source and the acknowledgement that tells the source its fate.
 #[derive(Debug)]
@@ -78,4 +86,35 @@ pub trait Source: Send + fmt::Debug {
 
     /// Starts the source. Called once, from inside the pipeline's tokio runtime.
     fn open(self: Box<Self>, ctx: SourceContext) -> Result<SourceStream>;
+}
+
+/// Runs `task` in `tasks`; if it panics, the pipeline gets an error on `tx` instead of a
+/// stream that silently ends (which would look like the end of the input).
+#[cfg(any(feature = "kafka", feature = "redis"))]
+pub(crate) fn spawn_watched(
+    tasks: &TaskTracker,
+    connector: &'static str,
+    name: &'static str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+    tx: tokio::sync::mpsc::Sender<Result<SourceBatch>>,
+) {
+    tasks.spawn(async move {
+        if let Err(e) = tokio::spawn(task).await {
+            let _ = tx
+                .send(Err(crate::error::Error::Connector {
+                    connector: connector.into(),
+                    message: format!("the {name} task failed: {e}"),
+                }))
+                .await;
+        }
+    });
+}
+
+/// The stream of a source whose batches come from a background task.
+#[cfg(any(feature = "kafka", feature = "redis"))]
+pub(crate) fn stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<SourceBatch>>,
+) -> SourceStream {
+    use futures::StreamExt;
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }

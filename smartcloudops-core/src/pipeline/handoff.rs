@@ -1,0 +1,158 @@
+//! Per-series detector state kept in a [`SeriesStateStore`]: looked up for series a batch
+//! brings that the detector does not hold, saved periodically and at shutdown.
+//!
+//! The store is a cache of learned state, not a source of truth: if it fails, the pipeline
+//! keeps scoring (a series whose state could not be loaded starts learning again) and the
+//! failure is logged and counted as an error of the detector stage. Lookups pause for a
+//! while after a failure, so an outage does not add a timeout to every batch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, UInt64Array};
+use arrow::record_batch::RecordBatch;
+use tokio::time::Instant;
+
+use super::metrics::StageMetrics;
+use crate::detector::{Detector, SeriesStateStore};
+use crate::schema::col;
+
+/// How long lookups pause after the store failed.
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// The store and how often to save to it, as configured on the builder.
+#[derive(Debug, Clone)]
+pub(super) struct StateStoreSettings {
+    pub(super) store: Arc<dyn SeriesStateStore>,
+    pub(super) every: Duration,
+}
+
+#[derive(Debug)]
+pub(super) struct StateHandoff {
+    store: Arc<dyn SeriesStateStore>,
+    every: Duration,
+    namespace: String,
+    last_save: Instant,
+    paused_until: Option<Instant>,
+    /// States exported but not stored (the store failed); retried with the next save.
+    unsaved: Vec<(u64, Vec<u8>)>,
+    loaded: u64,
+    saved: u64,
+}
+
+impl StateHandoff {
+    /// The hand-off for `detector`, or `None` (with a warning) if it has no per-series state.
+    pub(super) fn new(settings: StateStoreSettings, detector: Option<&dyn Detector>) -> Option<Self> {
+        let Some(namespace) = detector.and_then(|d| d.series_state_namespace()) else {
+            tracing::warn!(
+                store = settings.store.name(),
+                "the detector keeps no per-series state: the state store is not used"
+            );
+            return None;
+        };
+        Some(Self {
+            store: settings.store,
+            every: settings.every,
+            namespace,
+            last_save: Instant::now(),
+            paused_until: None,
+            unsaved: Vec::new(),
+            loaded: 0,
+            saved: 0,
+        })
+    }
+
+    fn publish(&self, stage: &StageMetrics) {
+        stage.set_gauge("detector_states_loaded_total", &[], self.loaded as f64);
+        stage.set_gauge("detector_states_saved_total", &[], self.saved as f64);
+    }
+
+    fn failed(&mut self, stage: &StageMetrics, what: &str, e: &crate::Error) {
+        stage.record_error();
+        tracing::warn!(store = self.store.name(), "{what}: {e}");
+        self.paused_until = Some(Instant::now() + PAUSE_AFTER_FAILURE);
+    }
+
+    /// Installs stored states for the series of `batch` the detector does not hold.
+    pub(super) async fn load_unknown(
+        &mut self,
+        detector: &mut dyn Detector,
+        stage: &StageMetrics,
+        batch: &RecordBatch,
+    ) {
+        if self.paused_until.is_some_and(|until| Instant::now() < until) {
+            return;
+        }
+        let Some(ids) = batch
+            .column_by_name(col::SERIES_ID)
+            .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+        else {
+            return; // the detector reports the schema error
+        };
+        if ids.null_count() > 0 {
+            return;
+        }
+        let unknown = detector.unknown_series(ids.values());
+        if unknown.is_empty() {
+            return;
+        }
+        match self.store.load(&self.namespace, &unknown).await {
+            Ok(states) if states.is_empty() => {}
+            Ok(states) => {
+                match detector.import_series_states(states) {
+                    Ok(n) => self.loaded += n as u64,
+                    Err(e) => {
+                        stage.record_error();
+                        tracing::warn!("a stored detector state was skipped: {e}");
+                    }
+                }
+                self.publish(stage);
+            }
+            Err(e) => self.failed(stage, "loading detector states failed; those series start fresh", &e),
+        }
+    }
+
+    pub(super) fn save_due(&self) -> bool {
+        self.last_save.elapsed() >= self.every
+    }
+
+    /// Saves the states that changed since the last save (and any a failed save left).
+    pub(super) async fn save(&mut self, detector: &mut dyn Detector, stage: &StageMetrics) {
+        self.last_save = Instant::now();
+        let mut states = match detector.export_changed_series() {
+            Ok(states) => states,
+            Err(e) => {
+                stage.record_error();
+                tracing::error!("detector states not exported: {e}");
+                return;
+            }
+        };
+        if !self.unsaved.is_empty() {
+            let fresh: rustc_hash::FxHashSet<u64> = states.iter().map(|(id, _)| *id).collect();
+            states.extend(
+                std::mem::take(&mut self.unsaved)
+                    .into_iter()
+                    .filter(|(id, _)| !fresh.contains(id)),
+            );
+        }
+        if states.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        match self.store.save(&self.namespace, &states).await {
+            Ok(()) => {
+                self.saved += states.len() as u64;
+                self.publish(stage);
+                tracing::debug!(
+                    series = states.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "detector states saved"
+                );
+            }
+            Err(e) => {
+                self.unsaved = states;
+                self.failed(stage, "saving detector states failed; retrying with the next save", &e);
+            }
+        }
+    }
+}
