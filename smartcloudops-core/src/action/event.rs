@@ -50,7 +50,11 @@ pub struct Event {
 
 impl Event {
     /// The events of `input` for `payload`; `action` names the sink in errors.
-    pub fn from_input(input: &ActionInput, payload: SinkPayload, action: &str) -> Result<Vec<Event>> {
+    pub fn from_input(
+        input: &ActionInput,
+        payload: SinkPayload,
+        action: &str,
+    ) -> Result<Vec<Event>> {
         let json = |v: &dyn erased::Json| v.to_vec(action);
         match payload {
             SinkPayload::Alerts => input

@@ -800,10 +800,9 @@ impl PipelineConfig {
                     self.redis_connection(),
                 )),
                 #[cfg(feature = "redis")]
-                ActionConfig::RedisCache(c) => Arc::new(crate::redis::ResultCache::new(
-                    c,
-                    self.redis_connection(),
-                )),
+                ActionConfig::RedisCache(c) => {
+                    Arc::new(crate::redis::ResultCache::new(c, self.redis_connection()))
+                }
             };
             builder = builder.shared_action(action);
         }
@@ -976,7 +975,11 @@ fn parse_source(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<So
 
 /// A component this build was compiled without.
 fn not_built(path: &str, kind: &str) -> ConfigError {
-    let feature = if kind.starts_with("redis") { "redis" } else { kind };
+    let feature = if kind.starts_with("redis") {
+        "redis"
+    } else {
+        kind
+    };
     ConfigError::new(path, format!("this build has no \"{kind}\" support")).hint(format!(
         "rebuild with the `{feature}` cargo feature (the smartcloudops binary has it)"
     ))

@@ -95,7 +95,11 @@ pub(super) fn validate(config: &PipelineConfig, check: &mut impl FnMut(bool, &st
         }
         _ => {}
     }
-    if let Some(state) = config.detector.as_ref().and_then(|d| d.redis_state.as_ref()) {
+    if let Some(state) = config
+        .detector
+        .as_ref()
+        .and_then(|d| d.redis_state.as_ref())
+    {
         report(check, "detector.redis_state", state.problems());
     }
     for (i, a) in config.actions.iter().enumerate() {

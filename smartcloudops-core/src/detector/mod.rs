@@ -137,8 +137,11 @@ pub trait SeriesStateStore: Send + Sync + fmt::Debug {
     ) -> BoxFuture<'a, Result<Vec<(u64, Vec<u8>)>>>;
 
     /// Stores `states` within `namespace`, replacing older ones.
-    fn save<'a>(&'a self, namespace: &'a str, states: &'a [(u64, Vec<u8>)])
-    -> BoxFuture<'a, Result<()>>;
+    fn save<'a>(
+        &'a self,
+        namespace: &'a str,
+        states: &'a [(u64, Vec<u8>)],
+    ) -> BoxFuture<'a, Result<()>>;
 }
 
 /// Builds the `(field, message)` list a detector configuration's `problems()` returns. The

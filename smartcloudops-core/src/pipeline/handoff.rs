@@ -42,7 +42,10 @@ pub(super) struct StateHandoff {
 
 impl StateHandoff {
     /// The hand-off for `detector`, or `None` (with a warning) if it has no per-series state.
-    pub(super) fn new(settings: StateStoreSettings, detector: Option<&dyn Detector>) -> Option<Self> {
+    pub(super) fn new(
+        settings: StateStoreSettings,
+        detector: Option<&dyn Detector>,
+    ) -> Option<Self> {
         let Some(namespace) = detector.and_then(|d| d.series_state_namespace()) else {
             tracing::warn!(
                 store = settings.store.name(),
@@ -80,7 +83,10 @@ impl StateHandoff {
         stage: &StageMetrics,
         batch: &RecordBatch,
     ) {
-        if self.paused_until.is_some_and(|until| Instant::now() < until) {
+        if self
+            .paused_until
+            .is_some_and(|until| Instant::now() < until)
+        {
             return;
         }
         let Some(ids) = batch
@@ -108,7 +114,11 @@ impl StateHandoff {
                 }
                 self.publish(stage);
             }
-            Err(e) => self.failed(stage, "loading detector states failed; those series start fresh", &e),
+            Err(e) => self.failed(
+                stage,
+                "loading detector states failed; those series start fresh",
+                &e,
+            ),
         }
     }
 
@@ -151,7 +161,11 @@ impl StateHandoff {
             }
             Err(e) => {
                 self.unsaved = states;
-                self.failed(stage, "saving detector states failed; retrying with the next save", &e);
+                self.failed(
+                    stage,
+                    "saving detector states failed; retrying with the next save",
+                    &e,
+                );
             }
         }
     }

@@ -818,7 +818,10 @@ fn run_preps(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatc
     Ok(batch)
 }
 
-fn run_detector(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatch, StageFailure> {
+fn run_detector(
+    t: &mut TransformTask,
+    mut batch: RecordBatch,
+) -> Result<RecordBatch, StageFailure> {
     if let Some((detector, stage)) = &mut t.detector {
         let started = Instant::now();
         stage.record_in(batch.num_rows());

@@ -225,16 +225,15 @@ impl ResultCache {
                 entry.0 = row;
             }
             if scores.is_anomaly.value(row)
-                && entry.1.is_none_or(|a| cols.ts.value(row) >= cols.ts.value(a))
+                && entry
+                    .1
+                    .is_none_or(|a| cols.ts.value(row) >= cols.ts.value(a))
             {
                 entry.1 = Some(row);
             }
         }
         let cached = |row: usize| {
-            CachedResult::from_alert(
-                Alert::at(&cols, &scores, row),
-                scores.is_anomaly.value(row),
-            )
+            CachedResult::from_alert(Alert::at(&cols, &scores, row), scores.is_anomaly.value(row))
         };
         Ok(last
             .into_iter()

@@ -302,10 +302,7 @@ mod tests {
             redact_url("redis://app:s3cret@cache:6379/2"),
             "redis://app:***@cache:6379/2"
         );
-        assert_eq!(
-            redact_url("rediss://:s3cret@cache"),
-            "rediss://:***@cache"
-        );
+        assert_eq!(redact_url("rediss://:s3cret@cache"), "rediss://:***@cache");
         assert_eq!(redact_url("redis://s3cret@cache"), "redis://***@cache");
         assert_eq!(
             redact_url("redis://127.0.0.1:6379"),

@@ -391,8 +391,20 @@ impl Source for KafkaSource {
             last_committed: HashMap::new(),
             config,
         };
-        spawn_watched(&ctx.tasks, "kafka", "consumer", task.run(claims_tx), tx.clone());
-        spawn_watched(&ctx.tasks, "kafka", "decode", decode.run(claims_rx, tx.clone()), tx);
+        spawn_watched(
+            &ctx.tasks,
+            "kafka",
+            "consumer",
+            task.run(claims_tx),
+            tx.clone(),
+        );
+        spawn_watched(
+            &ctx.tasks,
+            "kafka",
+            "decode",
+            decode.run(claims_rx, tx.clone()),
+            tx,
+        );
         Ok(stream_from(rx))
     }
 }

@@ -264,7 +264,10 @@ impl Subscriber {
             pubsub.subscribe(&self.config.channels).await.map_err(err)?;
         }
         if !self.config.patterns.is_empty() {
-            pubsub.psubscribe(&self.config.patterns).await.map_err(err)?;
+            pubsub
+                .psubscribe(&self.config.patterns)
+                .await
+                .map_err(err)?;
         }
         Ok(pubsub)
     }
@@ -305,13 +308,18 @@ impl Subscriber {
 
     fn decode(&mut self, message: &redis::Msg) {
         self.rejects.clear();
-        self.decoder
-            .decode(message.get_payload_bytes(), &mut self.builder, &mut self.rejects);
+        self.decoder.decode(
+            message.get_payload_bytes(),
+            &mut self.builder,
+            &mut self.rejects,
+        );
         for reject in self.rejects.drain(..) {
             let origin = format!("{}#{}", message.get_channel_name(), reject.record);
             if let Err(e) = self.dead_letters.send(origin, reject.reason, reject.raw) {
                 // Nothing can be nacked upstream: pub/sub has no redelivery.
-                tracing::error!("redis pub/sub: a record was neither decoded nor dead-lettered: {e}");
+                tracing::error!(
+                    "redis pub/sub: a record was neither decoded nor dead-lettered: {e}"
+                );
             }
         }
     }

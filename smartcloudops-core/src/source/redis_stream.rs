@@ -6,8 +6,9 @@
 //!   (with the stream, `MKSTREAM`) if missing, at the stream's end or beginning (`start`).
 //! - **At-least-once**: an entry is acknowledged (`XACK`) only after the pipeline
 //!   acknowledged the batch holding it. Until then it stays in the group's pending entries
-//!   list (PEL). A nacked batch is claimed again (`XCLAIM`) after `retry_backoff` (doubling
-//!   per consecutive failure, up to 30 s) and redelivered.
+//!   list (PEL). The entries of a nacked batch are claimed again (`XCLAIM`) after
+//!   `retry_backoff` (doubling per consecutive failure, up to 30 s) and redelivered one per
+//!   batch, so one bad entry cannot keep failing the entries that shared its batch.
 //! - **Dead consumers**: entries pending for longer than `claim_idle` with any consumer (one
 //!   that crashed, or this one's previous run) are taken over with `XAUTOCLAIM` every
 //!   `claim_interval`. At start, the consumer first re-reads its own pending entries (they
@@ -235,7 +236,13 @@ impl Source for RedisStreamSource {
             claim_cursors: vec!["0-0".to_owned(); self.config.streams.len()],
             config: self.config,
         };
-        spawn_watched(&ctx.tasks, "redis", "stream reader", reader.run(), tx.clone());
+        spawn_watched(
+            &ctx.tasks,
+            "redis",
+            "stream reader",
+            reader.run(),
+            tx.clone(),
+        );
         spawn_watched(&ctx.tasks, "redis", "stream acker", acker.run(), tx);
         Ok(stream_from(rx))
     }
@@ -391,7 +398,11 @@ impl Acker {
         }
     }
 
-    async fn ack(&self, con: &mut Option<MultiplexedConnection>, entries: &[EntryRef]) -> Result<()> {
+    async fn ack(
+        &self,
+        con: &mut Option<MultiplexedConnection>,
+        entries: &[EntryRef],
+    ) -> Result<()> {
         if con.is_none() {
             *con = Some(self.connection.connect().await?);
         }
@@ -580,8 +591,11 @@ impl Reader {
                     .query_async(con)
                     .await
                     .map_err(|e| error(format!("claiming entries of {key} again"), e))?;
-                let entries = parse_entries(&reply, &self.config.field);
-                self.deliver(stream, entries, Delivery::Again).await?;
+                // One batch per entry: a poison entry then fails alone, and the entries that
+                // only shared its batch pass.
+                for entry in parse_entries(&reply, &self.config.field) {
+                    self.deliver(stream, vec![entry], Delivery::Again).await?;
+                }
             }
         }
         Ok(())
@@ -698,7 +712,11 @@ impl Reader {
     }
 
     /// How often each of `ids` (pending with this consumer) has been delivered.
-    async fn delivery_counts(&mut self, stream: usize, ids: &[&str]) -> Result<HashMap<String, u64>> {
+    async fn delivery_counts(
+        &mut self,
+        stream: usize,
+        ids: &[&str],
+    ) -> Result<HashMap<String, u64>> {
         let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
             return Ok(HashMap::new());
         };
@@ -822,7 +840,12 @@ impl Reader {
         let backoff = self.config.retry_backoff;
         let ack = Ack::new(move |outcome| shared.resolve(in_batch, outcome, backoff));
         let batch = builder.finish();
-        if self.tx.send(Ok(SourceBatch::new(batch, ack))).await.is_err() {
+        if self
+            .tx
+            .send(Ok(SourceBatch::new(batch, ack)))
+            .await
+            .is_err()
+        {
             // The pipeline is gone; the ack dropped with the batch nacks it.
         }
         self.shared.publish();
@@ -830,7 +853,11 @@ impl Reader {
     }
 
     /// Stores dead letters: in `dead_letter_stream`, or the pipeline's dead-letter output.
-    async fn dead_letter(&mut self, stream: &str, letters: &[(String, String, String, u64)]) -> Result<()> {
+    async fn dead_letter(
+        &mut self,
+        stream: &str,
+        letters: &[(String, String, String, u64)],
+    ) -> Result<()> {
         if letters.is_empty() {
             return Ok(());
         }
@@ -865,7 +892,9 @@ impl Reader {
         pipe.query_async::<()>(con)
             .await
             .map_err(|e| Error::DeadLetter(format!("appending to {dlq}: {e}")))?;
-        self.dead_letters.stage().record_dead_lettered(letters.len());
+        self.dead_letters
+            .stage()
+            .record_dead_lettered(letters.len());
         Ok(())
     }
 }
@@ -874,7 +903,10 @@ impl Reader {
 fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
     let parse = |id: &str| {
         let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
     };
     parse(a).cmp(&parse(b))
 }
@@ -917,7 +949,10 @@ fn parse_entry(v: &Value, field: &str) -> Option<Entry> {
 }
 
 fn parse_entries(v: &Value, field: &str) -> Vec<Entry> {
-    items(v).iter().filter_map(|e| parse_entry(e, field)).collect()
+    items(v)
+        .iter()
+        .filter_map(|e| parse_entry(e, field))
+        .collect()
 }
 
 /// An `XREADGROUP` reply: `[[key, [entry, …]], …]` (RESP2) or a map (RESP3); nil on timeout.
@@ -940,8 +975,14 @@ fn parse_read(v: &Value, field: &str) -> Vec<(String, Vec<Entry>)> {
 /// An `XAUTOCLAIM` reply: `[next cursor, [entry, …], [deleted id, …]]`.
 fn parse_autoclaim(v: &Value, field: &str) -> (String, Vec<Entry>, Vec<String>) {
     let parts = items(v);
-    let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".to_owned());
-    let entries = parts.get(1).map(|e| parse_entries(e, field)).unwrap_or_default();
+    let next = parts
+        .first()
+        .and_then(text)
+        .unwrap_or_else(|| "0-0".to_owned());
+    let entries = parts
+        .get(1)
+        .map(|e| parse_entries(e, field))
+        .unwrap_or_default();
     let deleted = parts
         .get(2)
         .map(|d| items(d).iter().filter_map(text).collect())

@@ -1,0 +1,766 @@
+//! The Redis connectors against a real Redis on 127.0.0.1:6379 (`SMARTCLOUDOPS_REDIS_URL`
+//! overrides it; `scripts/redis.sh start` starts one if none answers).
+//!
+//! Every test works on keys, channels and streams of its own (a random suffix) and deletes
+//! them at the end, so tests run in parallel against one Redis.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use redis::AsyncCommands;
+use smartcloudops_core::action::{
+    RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig, SinkPayload,
+};
+use smartcloudops_core::dead_letter::{DeadLetter, DeadLetterSink};
+use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
+use smartcloudops_core::redis::{
+    RedisConnection, RedisStateStore, RedisStateStoreConfig, ResultCache, ResultCacheConfig,
+};
+use smartcloudops_core::schema::MetricsColumns;
+use smartcloudops_core::source::generator::{GeneratorConfig, GeneratorSource, InjectedAnomaly};
+use smartcloudops_core::source::{
+    FileSource, FileSourceConfig, RedisPubSubSource, RedisPubSubSourceConfig, RedisStreamSource,
+    RedisStreamSourceConfig, StreamStart,
+};
+use smartcloudops_core::{Action, ActionInput, Detector, Pipeline, PipelineHandle, Result};
+use tokio::sync::Mutex as AsyncMutex;
+
+fn url() -> String {
+    std::env::var("SMARTCLOUDOPS_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn connection() -> RedisConnection {
+    RedisConnection::new(url())
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    connection()
+        .connect()
+        .await
+        .expect("Redis on 127.0.0.1:6379 (scripts/redis.sh start)")
+}
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("sco-test:{name}:{}-{nanos}", std::process::id())
+}
+
+/// Pub/sub tests kill pub/sub clients: they take turns.
+static PUBSUB: AsyncMutex<()> = AsyncMutex::const_new(());
+
+/// Records every row it sees as `(metric, value)`; fails batches holding a `fail` metric.
+#[derive(Debug, Default)]
+struct Rows {
+    seen: Mutex<Vec<(String, f64)>>,
+    fail_metric: Option<String>,
+    /// Stop completing (hang) after this many batches: a consumer killed mid-batch.
+    hang_after: Option<usize>,
+    batches: AtomicUsize,
+}
+
+impl Rows {
+    fn values(&self) -> Vec<f64> {
+        self.seen.lock().unwrap().iter().map(|(_, v)| *v).collect()
+    }
+    fn len(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+impl Action for Rows {
+    fn name(&self) -> &str {
+        "rows"
+    }
+    fn wants_every_batch(&self) -> bool {
+        true
+    }
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let cols = MetricsColumns::try_new(&input.batch, "rows")?;
+            let rows: Vec<(String, f64)> = (0..input.batch.num_rows())
+                .map(|r| (cols.metric(r).to_owned(), cols.value.value(r)))
+                .collect();
+            let n = self.batches.fetch_add(1, Ordering::SeqCst);
+            self.seen.lock().unwrap().extend(rows.iter().cloned());
+            if self.hang_after.is_some_and(|h| n >= h) {
+                futures::future::pending::<()>().await;
+            }
+            if let Some(fail) = &self.fail_metric {
+                if rows.iter().any(|(m, _)| m == fail) {
+                    return Err(smartcloudops_core::Error::Action {
+                        action: "rows".into(),
+                        message: "refusing the poison row".into(),
+                        retryable: true,
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct MemoryDeadLetters(Mutex<Vec<DeadLetter>>);
+
+impl DeadLetterSink for MemoryDeadLetters {
+    fn send(&self, letter: DeadLetter) -> Result<()> {
+        self.0.lock().unwrap().push(letter);
+        Ok(())
+    }
+}
+
+async fn eventually(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn line(metric: &str, value: f64) -> String {
+    format!(r#"{{"ts":1764000000000,"metric":"{metric}","labels":{{"host":"a"}},"value":{value}}}"#)
+}
+
+async fn subscribers(con: &mut redis::aio::MultiplexedConnection, channel: &str) -> i64 {
+    let reply: (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(con)
+        .await
+        .unwrap();
+    reply.1
+}
+
+fn gauge(handle: &PipelineHandle, stage: &str, name: &str) -> f64 {
+    handle
+        .metrics()
+        .stage(stage)
+        .unwrap()
+        .snapshot()
+        .gauges
+        .iter()
+        .find(|g| g.name == name)
+        .map_or(f64::NAN, |g| g.value)
+}
+
+fn spawn_pubsub(channel: &str, rows: Arc<Rows>, letters: Arc<MemoryDeadLetters>) -> PipelineHandle {
+    let mut config = RedisPubSubSourceConfig::new(vec![channel.to_owned()]);
+    config.batch_timeout = Duration::from_millis(20);
+    config.reconnect_backoff = Duration::from_millis(20);
+    Pipeline::builder(RedisPubSubSource::new(config, connection()))
+        .shared_action(rows)
+        .dead_letters(letters)
+        .build()
+        .spawn()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_round_trip_decodes_and_dead_letters_bad_records() {
+    let _turn = PUBSUB.lock().await;
+    let channel = unique("pubsub");
+    let rows = Arc::new(Rows::default());
+    let letters = Arc::new(MemoryDeadLetters::default());
+    let handle = spawn_pubsub(&channel, rows.clone(), letters.clone());
+    let mut con = raw().await;
+    eventually("the subscription", Duration::from_secs(5), || true).await;
+    while subscribers(&mut con, &channel).await == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two records in one message, one bad record, one good message.
+    let two = format!("{}\n{}", line("cpu", 1.0), line("cpu", 2.0));
+    let _: i64 = con.publish(&channel, two).await.unwrap();
+    let _: i64 = con.publish(&channel, "{not json").await.unwrap();
+    let _: i64 = con.publish(&channel, line("mem", 3.0)).await.unwrap();
+    eventually("three rows", Duration::from_secs(5), || rows.len() == 3).await;
+    eventually("one dead letter", Duration::from_secs(5), || {
+        letters.0.lock().unwrap().len() == 1
+    })
+    .await;
+    assert_eq!(rows.values(), vec![1.0, 2.0, 3.0]);
+    let letter = letters.0.lock().unwrap()[0].clone();
+    assert_eq!(letter.stage, "source:redis_pubsub");
+    assert!(letter.origin.starts_with(&channel), "{letter:?}");
+    assert_eq!(letter.payload, "{not json");
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert_eq!(
+        report
+            .metrics
+            .stage("source:redis_pubsub")
+            .unwrap()
+            .dead_lettered,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_source_resubscribes_after_client_kill_and_counts_the_outage() {
+    let _turn = PUBSUB.lock().await;
+    let channel = unique("pubsub-kill");
+    let rows = Arc::new(Rows::default());
+    let handle = spawn_pubsub(&channel, rows.clone(), Arc::default());
+    let mut con = raw().await;
+    while subscribers(&mut con, &channel).await == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _: i64 = con.publish(&channel, line("cpu", 1.0)).await.unwrap();
+    eventually("the first row", Duration::from_secs(5), || rows.len() == 1).await;
+
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(killed >= 1);
+    // Subscribed again, by itself.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if subscribers(&mut con, &channel).await == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never resubscribed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for v in 2..=10 {
+        let _: i64 = con
+            .publish(&channel, line("cpu", f64::from(v)))
+            .await
+            .unwrap();
+    }
+    eventually("the rows after the kill", Duration::from_secs(5), || {
+        rows.len() == 10
+    })
+    .await;
+    assert_eq!(rows.values(), (1..=10).map(f64::from).collect::<Vec<_>>());
+    assert_eq!(
+        gauge(&handle, "source:redis_pubsub", "redis_reconnects_total"),
+        1.0
+    );
+    assert!(
+        gauge(
+            &handle,
+            "source:redis_pubsub",
+            "redis_disconnected_seconds_total"
+        ) >= 0.0
+    );
+    handle.shutdown();
+    handle.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_sink_sends_cloudevents_in_the_body() {
+    let _turn = PUBSUB.lock().await;
+    let channel = unique("alerts");
+    let client = connection().client().unwrap();
+    let mut sub = client.get_async_pubsub().await.unwrap();
+    sub.subscribe(&channel).await.unwrap();
+    let sink = Arc::new(RedisPublish::new(
+        RedisPublishConfig::new(&channel),
+        connection(),
+    ));
+    let report = Pipeline::builder(incident_generator())
+        .detector(EwmaDetector::new(EwmaConfig::default()))
+        .shared_action(sink.clone())
+        .build()
+        .spawn()
+        .wait()
+        .await
+        .unwrap();
+    assert!(report.metrics.alerts > 0);
+    let mut messages = sub.on_message();
+    let mut events = Vec::new();
+    while events.len() < report.metrics.alerts as usize {
+        let msg = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::StreamExt::next(&mut messages),
+        )
+        .await
+        .expect("every alert is published")
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
+        events.push(v);
+    }
+    let e = &events[0];
+    assert_eq!(e["specversion"], "1.0");
+    assert_eq!(e["type"], "io.smartcloudops.anomaly");
+    assert_eq!(e["source"], "smartcloudops");
+    assert_eq!(e["datacontenttype"], "application/json");
+    assert!(
+        e["data"]["reason"].as_str().unwrap().contains("by ewma"),
+        "{e}"
+    );
+    assert_eq!(e["time"], e["data"]["time"]);
+    assert_eq!(sink.unheard(), 0);
+}
+
+fn incident_generator() -> GeneratorSource {
+    GeneratorSource::new(GeneratorConfig {
+        series: 5,
+        points: 300,
+        anomalies: vec![InjectedAnomaly {
+            series: vec![2],
+            at: 250,
+            duration: 1,
+            magnitude: 40.0,
+            kind: Default::default(),
+        }],
+        ..GeneratorConfig::default()
+    })
+}
+
+async fn xadd_lines(con: &mut redis::aio::MultiplexedConnection, stream: &str, lines: &[String]) {
+    let mut pipe = redis::pipe();
+    for l in lines {
+        pipe.cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("data")
+            .arg(l)
+            .ignore();
+    }
+    pipe.query_async::<()>(con).await.unwrap();
+}
+
+async fn pending(con: &mut redis::aio::MultiplexedConnection, stream: &str, group: &str) -> i64 {
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(con)
+        .await
+        .unwrap();
+    match summary {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            other => panic!("unexpected XPENDING reply {other:?}"),
+        },
+        other => panic!("unexpected XPENDING reply {other:?}"),
+    }
+}
+
+fn stream_config(stream: &str, group: &str, consumer: &str) -> RedisStreamSourceConfig {
+    let mut c = RedisStreamSourceConfig::new(vec![stream.to_owned()], group);
+    c.consumer = Some(consumer.to_owned());
+    c.start = StreamStart::Earliest;
+    c.batch_size = 100;
+    c.block = Duration::from_millis(50);
+    c.claim_idle = Duration::from_millis(500);
+    c.claim_interval = Duration::from_millis(100);
+    c.retry_backoff = Duration::from_millis(20);
+    c
+}
+
+#[test]
+fn streams_deliver_every_entry_at_least_once_across_a_consumer_killed_mid_batch() {
+    let stream = unique("stream");
+    let group = "pipeline";
+    let total = 2_000usize;
+    let bad = [17usize, 444, 1999];
+    let lines: Vec<String> = (0..total)
+        .map(|i| {
+            if bad.contains(&i) {
+                format!("garbage {i}")
+            } else {
+                line("cpu", i as f64)
+            }
+        })
+        .collect();
+    let setup = tokio::runtime::Runtime::new().unwrap();
+    setup.block_on(async {
+        let mut con = raw().await;
+        xadd_lines(&mut con, &stream, &lines).await;
+    });
+
+    // Consumer A completes three batches, then hangs in the middle of the fourth; its
+    // process then dies (the runtime is dropped without any shutdown).
+    let first = Arc::new(Rows {
+        hang_after: Some(3),
+        ..Rows::default()
+    });
+    let letters_a = Arc::new(MemoryDeadLetters::default());
+    {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let handle = runtime.block_on(async {
+            let h = Pipeline::builder(RedisStreamSource::new(
+                stream_config(&stream, group, "consumer-a"),
+                connection(),
+            ))
+            .shared_action(first.clone())
+            .dead_letters(letters_a.clone())
+            .build()
+            .spawn();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while first.batches.load(Ordering::SeqCst) < 4 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "consumer A never got going"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // Let the acker acknowledge the three finished batches.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            h
+        });
+        std::mem::forget(handle); // no orderly shutdown: the "process" just dies
+        runtime.shutdown_background();
+    }
+    let seen_by_a = first.len();
+    assert!(seen_by_a >= 300 && seen_by_a < total, "A saw {seen_by_a}");
+
+    // Consumer B takes over A's pending entries once they are idle, and reads the rest.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut con = raw().await;
+        assert!(
+            pending(&mut con, &stream, group).await > 0,
+            "A left entries pending"
+        );
+        let second = Arc::new(Rows::default());
+        let letters = Arc::new(MemoryDeadLetters::default());
+        let handle = Pipeline::builder(RedisStreamSource::new(
+            stream_config(&stream, group, "consumer-b"),
+            connection(),
+        ))
+        .shared_action(second.clone())
+        .dead_letters(letters.clone())
+        .build()
+        .spawn();
+        let good: BTreeSet<u64> = (0..total)
+            .filter(|i| !bad.contains(i))
+            .map(|i| i as u64)
+            .collect();
+        let covered = |a: &Rows, b: &Rows| -> BTreeSet<u64> {
+            a.values()
+                .into_iter()
+                .chain(b.values())
+                .map(|v| v as u64)
+                .collect()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while covered(&first, &second) != good || pending(&mut con, &stream, group).await != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not every entry was processed and acknowledged: {} of {} rows, {} pending",
+                covered(&first, &second).len(),
+                good.len(),
+                pending(&mut con, &stream, group).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            gauge(&handle, "source:redis_stream", "redis_stream_claimed_total") > 0.0,
+            "B claimed A's entries"
+        );
+        handle.shutdown();
+        let report = handle.wait().await.unwrap();
+        let dead: usize = letters_a.0.lock().unwrap().len() + letters.0.lock().unwrap().len();
+        assert!(
+            dead >= bad.len(),
+            "every bad record is dead-lettered ({dead})"
+        );
+        let b_letters: Vec<String> = letters
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l.payload.clone())
+            .collect();
+        let a_letters: Vec<String> = letters_a
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l.payload.clone())
+            .collect();
+        for i in bad {
+            let text = format!("garbage {i}");
+            assert!(
+                b_letters.contains(&text) || a_letters.contains(&text),
+                "{text} dead-lettered"
+            );
+        }
+        assert_eq!(report.metrics.batches_nacked, 0);
+        assert_eq!(pending(&mut con, &stream, group).await, 0);
+        let _: () = con.del(&stream).await.unwrap();
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_entry_goes_to_the_dead_letter_stream_after_max_deliveries() {
+    let stream = unique("poison");
+    let dlq = format!("{stream}:dead");
+    let group = "pipeline";
+    let mut con = raw().await;
+    let mut lines: Vec<String> = (0..20).map(|i| line("cpu", f64::from(i))).collect();
+    lines.insert(7, line("poison", 666.0));
+    xadd_lines(&mut con, &stream, &lines).await;
+
+    let rows = Arc::new(Rows {
+        fail_metric: Some("poison".into()),
+        ..Rows::default()
+    });
+    let mut config = stream_config(&stream, group, "c1");
+    config.max_deliveries = 3;
+    config.dead_letter_stream = Some(dlq.clone());
+    let handle = Pipeline::builder(RedisStreamSource::new(config, connection()))
+        .shared_action(rows.clone())
+        .build()
+        .spawn();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let dead: i64 = con.xlen(&dlq).await.unwrap();
+        if dead == 1 && pending(&mut con, &stream, group).await == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "poison entry not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The good entries read with the poison one were redelivered one by one and passed.
+    let good: BTreeSet<u64> = rows
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _)| m == "cpu")
+        .map(|(_, v)| *v as u64)
+        .collect();
+    assert_eq!(good, (0..20).collect());
+    let poison_tries = rows
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _)| m == "poison")
+        .count();
+    assert_eq!(
+        poison_tries, 3,
+        "processed max_deliveries times, then dead-lettered"
+    );
+    let reply: redis::streams::StreamRangeReply = con.xrange_all(&dlq).await.unwrap();
+    let entry = &reply.ids[0];
+    let field = |k: &str| -> String { entry.get(k).unwrap() };
+    assert_eq!(field("dlq_deliveries"), "4");
+    assert!(
+        field("dlq_reason").contains("max_deliveries = 3"),
+        "{}",
+        field("dlq_reason")
+    );
+    assert_eq!(field("dlq_stream"), stream);
+    assert!(field("data").contains("poison"));
+    assert_eq!(
+        gauge(&handle, "source:redis_stream", "redis_stream_poison_total"),
+        1.0
+    );
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    let _: () = con.del(&[&stream, &dlq]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_sink_appends_cloudevents_fields_and_trims_to_about_maxlen() {
+    let stream = unique("scored");
+    let mut config = RedisStreamSinkConfig::new(&stream);
+    config.maxlen = 200;
+    config.payload = SinkPayload::Scored;
+    let report = Pipeline::builder(incident_generator())
+        .detector(EwmaDetector::new(EwmaConfig::default()))
+        .action(RedisStreamSink::new(config, connection()))
+        .build()
+        .spawn()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(report.metrics.rows_acked, 1_500);
+    let mut con = raw().await;
+    let len: usize = con.xlen(&stream).await.unwrap();
+    // `~` trims whole radix-tree nodes (100 entries each by default): about maxlen, never
+    // fewer.
+    assert!((200..=400).contains(&len), "stream length {len}");
+    let reply: redis::streams::StreamRangeReply =
+        con.xrevrange_count(&stream, "+", "-", 1).await.unwrap();
+    let last = &reply.ids[0];
+    let get = |k: &str| -> String { last.get(k).unwrap() };
+    assert_eq!(get("ce_specversion"), "1.0");
+    assert_eq!(get("ce_type"), "io.smartcloudops.scored");
+    assert_eq!(get("content-type"), "application/json");
+    let data: serde_json::Value = serde_json::from_str(&get("data")).unwrap();
+    assert_eq!(data["series_id"].as_str().unwrap(), get("key"));
+    assert!(data["score"].is_number());
+    let _: () = con.del(&stream).await.unwrap();
+}
+
+/// Writes `rows` as JSON lines: three series of a noisy level with a slow cycle.
+fn series_file(
+    dir: &std::path::Path,
+    name: &str,
+    range: std::ops::Range<usize>,
+) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let mut text = String::new();
+    for i in range {
+        for host in ["a", "b", "c"] {
+            let v = 50.0 + 10.0 * ((i as f64) / 30.0).sin() + ((i * 7919 + host.len()) % 13) as f64;
+            text.push_str(&format!(
+                r#"{{"ts":{},"metric":"cpu","labels":{{"host":"{host}"}},"value":{v}}}"#,
+                1_764_000_000_000i64 + i as i64 * 60_000
+            ));
+            text.push('\n');
+        }
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Every score of every row the pipeline saw, in order.
+#[derive(Debug, Default)]
+struct Scores(Mutex<Vec<(u64, i64, f64)>>);
+
+impl Action for Scores {
+    fn name(&self) -> &str {
+        "scores"
+    }
+    fn wants_every_batch(&self) -> bool {
+        true
+    }
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        let cols = MetricsColumns::try_new(&input.batch, "scores").unwrap();
+        let scores =
+            smartcloudops_core::schema::ScoreColumns::try_new(&input.batch, "scores").unwrap();
+        let mut out = self.0.lock().unwrap();
+        for r in 0..input.batch.num_rows() {
+            out.push((
+                cols.series_id.value(r),
+                cols.ts.value(r),
+                scores.score.value(r),
+            ));
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_resumes_from_per_series_state_in_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let first_half = series_file(dir.path(), "first.jsonl", 0..400);
+    let second_half = series_file(dir.path(), "second.jsonl", 400..800);
+    let whole = series_file(dir.path(), "whole.jsonl", 0..800);
+    let prefix = unique("state");
+    let store_config = RedisStateStoreConfig {
+        key_prefix: prefix.clone(),
+        ttl: Duration::from_secs(600),
+        interval: Duration::from_secs(3600), // only the save at shutdown
+        ..RedisStateStoreConfig::default()
+    };
+    let detector = || EwmaDetector::new(EwmaConfig::default());
+    let run = |path: std::path::PathBuf, store: bool| {
+        let store_config = store_config.clone();
+        async move {
+            let scores = Arc::new(Scores::default());
+            let mut builder = Pipeline::builder(FileSource::new(FileSourceConfig::new(path)))
+                .detector(detector())
+                .shared_action(scores.clone());
+            if store {
+                builder = builder.series_state_store(
+                    Arc::new(RedisStateStore::new(&store_config, connection())),
+                    store_config.interval,
+                );
+            }
+            let report = builder.build().spawn().wait().await.unwrap();
+            (
+                Arc::try_unwrap(scores).unwrap().0.into_inner().unwrap(),
+                report,
+            )
+        }
+    };
+    let (uninterrupted, _) = run(whole, false).await;
+    let (mut resumed, _) = run(first_half, true).await;
+    let (after_restart, report) = run(second_half.clone(), true).await;
+    resumed.extend(after_restart);
+    assert_eq!(resumed.len(), uninterrupted.len());
+    assert_eq!(
+        resumed, uninterrupted,
+        "scores after the restart equal scores without it"
+    );
+    let gauges = &report.metrics.stage("detector:ewma").unwrap().gauges;
+    let loaded = gauges
+        .iter()
+        .find(|g| g.name == "detector_states_loaded_total")
+        .unwrap();
+    assert_eq!(loaded.value, 3.0);
+
+    // Without the store, the restarted detector relearns: its scores differ.
+    let (cold, _) = run(second_half, false).await;
+    assert_ne!(cold, uninterrupted[uninterrupted.len() - cold.len()..]);
+
+    // One key per series, versioned, with the TTL set.
+    let mut con = raw().await;
+    let namespace = detector().series_state_namespace().unwrap();
+    assert!(namespace.starts_with("v1:ewma:"), "{namespace}");
+    let keys: Vec<String> = con
+        .keys(format!("{prefix}:state:{namespace}:*"))
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 3);
+    for key in &keys {
+        let ttl: i64 = con.ttl(key).await.unwrap();
+        assert!(ttl > 0 && ttl <= 600, "ttl {ttl}");
+    }
+    let _: () = con.del(&keys).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_cache_holds_the_latest_score_and_last_anomaly_per_series() {
+    let prefix = unique("cache");
+    let config = ResultCacheConfig {
+        key_prefix: prefix.clone(),
+        ..ResultCacheConfig::default()
+    };
+    let cache = Arc::new(ResultCache::new(&config, connection()));
+    let report = Pipeline::builder(incident_generator())
+        .detector(EwmaDetector::new(EwmaConfig::default()))
+        .shared_action(cache.clone())
+        .build()
+        .spawn()
+        .wait()
+        .await
+        .unwrap();
+    assert!(report.metrics.alerts > 0);
+    let recent = cache.recent(10).await.unwrap();
+    assert_eq!(recent.len(), 5, "one entry per series");
+    let by_host: HashMap<String, _> = recent
+        .iter()
+        .map(|r| (r.labels["host"].clone(), r.clone()))
+        .collect();
+    let hit = &by_host["host-00002"];
+    let (latest, anomaly) = cache.get(hit.series_id).await.unwrap();
+    let latest = latest.unwrap();
+    assert_eq!(latest.ts_ms, recent.iter().map(|r| r.ts_ms).max().unwrap());
+    assert_eq!(latest.detector, "ewma");
+    assert!(!latest.explanation.is_empty());
+    let anomaly = anomaly.expect("the incident is cached as the last anomaly");
+    assert!(anomaly.is_anomaly);
+    assert!(
+        anomaly.explanation.contains("above expected"),
+        "{}",
+        anomaly.explanation
+    );
+    let mut con = raw().await;
+    let key = format!("{prefix}:result:{}", hit.series_id);
+    let ttl: i64 = con.ttl(&key).await.unwrap();
+    assert!(ttl > 0);
+    let keys: Vec<String> = con.keys(format!("{prefix}:*")).await.unwrap();
+    let _: () = con.del(&keys).await.unwrap();
+}
