@@ -1,5 +1,9 @@
 //! The Redis connectors against a real Redis on 127.0.0.1:6379 (`SMARTCLOUDOPS_REDIS_URL`
-//! overrides it; `scripts/redis.sh start` starts one if none answers).
+//! overrides it; `scripts/redis.sh start` starts one if none answers):
+//!
+//! ```sh
+//! cargo test -p smartcloudops-core --features redis --test redis -- --ignored
+//! ```
 //!
 //! Every test works on keys, channels and streams of its own (a random suffix) and deletes
 //! them at the end, so tests run in parallel against one Redis.
@@ -164,6 +168,7 @@ fn spawn_pubsub(channel: &str, rows: Arc<Rows>, letters: Arc<MemoryDeadLetters>)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
 async fn pubsub_round_trip_decodes_and_dead_letters_bad_records() {
     let _turn = PUBSUB.lock().await;
     let channel = unique("pubsub");
@@ -203,6 +208,7 @@ async fn pubsub_round_trip_decodes_and_dead_letters_bad_records() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
 async fn pubsub_source_resubscribes_after_client_kill_and_counts_the_outage() {
     let _turn = PUBSUB.lock().await;
     let channel = unique("pubsub-kill");
@@ -259,6 +265,7 @@ async fn pubsub_source_resubscribes_after_client_kill_and_counts_the_outage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
 async fn publish_sink_sends_cloudevents_in_the_body() {
     let _turn = PUBSUB.lock().await;
     let channel = unique("alerts");
@@ -361,6 +368,7 @@ fn stream_config(stream: &str, group: &str, consumer: &str) -> RedisStreamSource
 }
 
 #[test]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
 fn streams_deliver_every_entry_at_least_once_across_a_consumer_killed_mid_batch() {
     let stream = unique("stream");
     let group = "pipeline";
@@ -496,6 +504,7 @@ fn streams_deliver_every_entry_at_least_once_across_a_consumer_killed_mid_batch(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
 async fn a_poison_entry_goes_to_the_dead_letter_stream_after_max_deliveries() {
     let stream = unique("poison");
     let dlq = format!("{stream}:dead");
@@ -570,6 +579,7 @@ async fn a_poison_entry_goes_to_the_dead_letter_stream_after_max_deliveries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
 async fn stream_sink_appends_cloudevents_fields_and_trims_to_about_maxlen() {
     let stream = unique("scored");
     let mut config = RedisStreamSinkConfig::new(&stream);
@@ -652,6 +662,7 @@ impl Action for Scores {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
 async fn a_restarted_replica_resumes_from_per_series_state_in_redis() {
     let dir = tempfile::tempdir().unwrap();
     let first_half = series_file(dir.path(), "first.jsonl", 0..400);
@@ -722,6 +733,7 @@ async fn a_restarted_replica_resumes_from_per_series_state_in_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
 async fn result_cache_holds_the_latest_score_and_last_anomaly_per_series() {
     let prefix = unique("cache");
     let config = ResultCacheConfig {

@@ -23,7 +23,7 @@ use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Detector, ScoreColumnsBuilder, Verdict};
+use super::{Detector, ScoreColumnsBuilder, SeriesStates, Verdict};
 use crate::error::{Error, Result};
 use crate::schema::MetricsColumns;
 
@@ -278,7 +278,7 @@ impl<M: SeriesModel> Detector for KeyedDetector<M> {
             .collect()
     }
 
-    fn import_series_states(&mut self, states: Vec<(u64, Vec<u8>)>) -> Result<usize> {
+    fn import_series_states(&mut self, states: SeriesStates) -> Result<usize> {
         let mut installed = 0;
         let mut first_error = None;
         for (id, bytes) in states {
@@ -301,7 +301,7 @@ impl<M: SeriesModel> Detector for KeyedDetector<M> {
         }
     }
 
-    fn export_changed_series(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
+    fn export_changed_series(&mut self) -> Result<SeriesStates> {
         let since = self.states.exported_tick;
         let mut out = Vec::new();
         for (id, slot) in &self.states.map {

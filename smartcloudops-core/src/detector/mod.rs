@@ -107,17 +107,20 @@ pub trait Detector: Send + fmt::Debug {
     /// Installs per-series states exported by a detector of the same namespace, for series
     /// it does not hold yet; returns how many were installed. A state that does not decode is
     /// skipped and reported in the error after the others were installed.
-    fn import_series_states(&mut self, states: Vec<(u64, Vec<u8>)>) -> Result<usize> {
+    fn import_series_states(&mut self, states: SeriesStates) -> Result<usize> {
         let _ = states;
         Ok(0)
     }
 
     /// The encoded states of the series that learned something since the last call, which
     /// marks them saved.
-    fn export_changed_series(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
+    fn export_changed_series(&mut self) -> Result<SeriesStates> {
         Ok(Vec::new())
     }
 }
+
+/// Encoded per-series states: `(series_id, state)` pairs.
+pub type SeriesStates = Vec<(u64, Vec<u8>)>;
 
 /// Keeps per-series detector states outside the process (Redis, say), so a replica that
 /// restarts or takes over another replica's series resumes where it left off instead of
@@ -134,7 +137,7 @@ pub trait SeriesStateStore: Send + Sync + fmt::Debug {
         &'a self,
         namespace: &'a str,
         ids: &'a [u64],
-    ) -> BoxFuture<'a, Result<Vec<(u64, Vec<u8>)>>>;
+    ) -> BoxFuture<'a, Result<SeriesStates>>;
 
     /// Stores `states` within `namespace`, replacing older ones.
     fn save<'a>(

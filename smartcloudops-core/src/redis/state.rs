@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use super::{LazyConnection, RedisConnection, error};
-use crate::detector::SeriesStateStore;
+use crate::detector::{SeriesStateStore, SeriesStates};
 use crate::error::Result;
 
 /// `[detector.redis_state]`: where and how long per-series states are kept.
@@ -120,7 +120,7 @@ impl SeriesStateStore for RedisStateStore {
         &'a self,
         namespace: &'a str,
         ids: &'a [u64],
-    ) -> BoxFuture<'a, Result<Vec<(u64, Vec<u8>)>>> {
+    ) -> BoxFuture<'a, Result<SeriesStates>> {
         Box::pin(async move {
             let mut con = self.connection.get().await?;
             let mut found = Vec::new();
