@@ -776,3 +776,239 @@ async fn result_cache_holds_the_latest_score_and_last_anomaly_per_series() {
     let keys: Vec<String> = con.keys(format!("{prefix}:*")).await.unwrap();
     let _: () = con.del(&keys).await.unwrap();
 }
+
+/// A private `redis-server` on a free loopback port, for tests that restart Redis or need
+/// TLS; killed when dropped.
+struct PrivateRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    fn start(args: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = PrivateRedis {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let args: Vec<String> = self
+            .args
+            .iter()
+            .map(|a| a.replace("{port}", &self.port.to_string()))
+            .collect();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no save, no goodbye to the clients.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: scripts/redis.sh start installs it"]
+async fn streams_survive_a_redis_restart_without_losing_entries() {
+    // Every write is on disk before Redis answers, so a SIGKILL loses nothing acknowledged.
+    let mut server = PrivateRedis::start(&[
+        "--port",
+        "{port}",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]);
+    let conn = RedisConnection::new(server.url());
+    let mut con = conn.connect().await.unwrap();
+    let (stream, group) = ("metrics", "pipeline");
+    xadd_lines(
+        &mut con,
+        stream,
+        &(0..1000)
+            .map(|i| line("cpu", f64::from(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+
+    let rows = Arc::new(Rows::default());
+    let mut config = stream_config(stream, group, "c1");
+    config.claim_idle = Duration::from_secs(1);
+    let handle = Pipeline::builder(RedisStreamSource::new(config, conn.clone()))
+        .shared_action(rows.clone())
+        .build()
+        .spawn();
+    eventually("the first entries", Duration::from_secs(10), || {
+        rows.len() >= 1000
+    })
+    .await;
+
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await; // the pipeline sees it down
+    server.spawn();
+    let mut con = conn.connect().await.unwrap();
+    xadd_lines(
+        &mut con,
+        stream,
+        &(1000..2000)
+            .map(|i| line("cpu", f64::from(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+
+    let all: BTreeSet<u64> = (0..2000).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen: BTreeSet<u64> = rows.values().into_iter().map(|v| v as u64).collect();
+        if seen == all && pending(&mut con, stream, group).await == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after the restart: {} of 2000 rows, {} pending",
+            seen.len(),
+            pending(&mut con, stream, group).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert!(
+        report.metrics.stage("source:redis_stream").unwrap().errors > 0,
+        "the outage was noticed and counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and openssl: scripts/redis.sh start installs redis-server"]
+async fn tls_and_a_password_from_a_file_connect_and_the_password_is_never_printed() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let server = PrivateRedis::start(&[
+        "--port",
+        "0",
+        "--tls-port",
+        "{port}",
+        "--tls-cert-file",
+        &cert_s,
+        "--tls-key-file",
+        &key_s,
+        "--tls-ca-cert-file",
+        &cert_s,
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        "s3cret-pw",
+    ]);
+    let password_file = certs.path().join("password");
+    std::fs::write(&password_file, "s3cret-pw\n").unwrap();
+    let tls = RedisConnection {
+        tls: true,
+        tls_insecure: true, // self-signed
+        password_file: Some(password_file),
+        ..RedisConnection::new(server.url())
+    };
+    let mut con = tls.connect().await.unwrap();
+    let pong: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
+    assert_eq!(pong, "PONG");
+
+    // The stream sink over TLS, read back.
+    let sink = RedisStreamSink::new(RedisStreamSinkConfig::new("alerts"), tls.clone());
+    let report = Pipeline::builder(incident_generator())
+        .detector(EwmaDetector::new(EwmaConfig::default()))
+        .action(sink)
+        .build()
+        .spawn()
+        .wait()
+        .await
+        .unwrap();
+    let len: u64 = con.xlen("alerts").await.unwrap();
+    assert_eq!(len, report.metrics.alerts);
+
+    // Without the password, or without TLS, it fails, and says why without the secret.
+    let no_password = RedisConnection {
+        password_file: None,
+        ..tls.clone()
+    };
+    let mut c = no_password.connect().await;
+    if let Ok(con) = c.as_mut() {
+        // Some servers accept the connection and refuse the first command.
+        let err = redis::cmd("PING")
+            .query_async::<String>(con)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().to_lowercase().contains("auth"), "{err}");
+    }
+    let plain = RedisConnection {
+        tls: false,
+        connect_timeout: Duration::from_secs(1),
+        response_timeout: Duration::from_secs(1),
+        ..tls.clone()
+    };
+    let err = plain.connect().await.unwrap_err().to_string();
+    assert!(!err.contains("s3cret-pw"), "{err}");
+    let with_url_password =
+        RedisConnection::new(format!("rediss://:s3cret-pw@127.0.0.1:{}", server.port));
+    assert!(!format!("{with_url_password:?}").contains("s3cret-pw"));
+}

@@ -356,3 +356,134 @@ fn an_unknown_detector_type_gets_a_suggestion() {
     assert_eq!(e.path, "detector.type");
     assert!(e.to_string().contains("did you mean \"precise\""), "{e}");
 }
+
+#[cfg(feature = "redis")]
+#[test]
+fn redis_sections_parse_share_one_connection_and_never_print_the_password() {
+    let config = parse(
+        r#"
+        [redis]
+        url = "redis://app:s3cret@cache.internal:6380/2"
+        response_timeout = "2s"
+
+        [source]
+        type = "redis_stream"
+        streams = ["metrics"]
+        group = "detect"
+        start = "earliest"
+        max_deliveries = 3
+        dead_letter_stream = "metrics:dead"
+
+        [detector]
+        type = "ewma"
+
+        [detector.redis_state]
+        ttl = "1h"
+
+        [[action]]
+        type = "redis_stream"
+        stream = "anomalies"
+        maxlen = 1000
+
+        [[action]]
+        type = "redis_publish"
+        channel = "anomalies"
+        redis = { url = "redis://other:6379" }
+
+        [[action]]
+        type = "redis_cache"
+        "#,
+    )
+    .unwrap();
+    let SourceConfig::RedisStream(s) = &config.source else {
+        panic!("redis_stream expected")
+    };
+    assert_eq!(s.max_deliveries, 3);
+    assert_eq!(s.start, crate::source::StreamStart::Earliest);
+    assert_eq!(s.claim_idle, Duration::from_secs(60), "default");
+    let state = config
+        .detector
+        .as_ref()
+        .unwrap()
+        .redis_state
+        .as_ref()
+        .unwrap();
+    assert_eq!(state.ttl, Duration::from_secs(3600));
+    assert_eq!(state.interval, Duration::from_secs(10), "default");
+    assert_eq!(
+        config.redis_connection().response_timeout,
+        Duration::from_secs(2)
+    );
+    let ActionConfig::RedisPublish(p) = &config.actions[1] else {
+        panic!("redis_publish expected")
+    };
+    assert_eq!(p.redis.as_ref().unwrap().url, "redis://other:6379");
+
+    let summary = config.summary();
+    assert!(
+        summary.contains("redis streams redis://app:***@cache.internal:6380/2"),
+        "{summary}"
+    );
+    assert!(!summary.contains("s3cret"), "{summary}");
+    assert!(!format!("{config:?}").contains("s3cret"));
+    config.build().unwrap();
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn redis_mistakes_are_reported_with_their_paths() {
+    let paths = error_paths(
+        r#"
+        [redis]
+        url = "http://nope"
+        password_env = "A"
+        password_file = "/run/secret"
+
+        [source]
+        type = "redis_stream"
+        streams = []
+        group = " "
+        max_deliveries = 0
+        block = "2s"
+        claim_idle = "1s"
+
+        [detector]
+        type = "ewma"
+
+        [detector.redis_state]
+        ttl = "0s"
+
+        [[action]]
+        type = "redis_publish"
+        channel = ""
+
+        [[action]]
+        type = "redis_stream"
+        stream = "x"
+        maxlenn = 5
+        "#,
+    );
+    for expected in [
+        "redis.url",
+        "redis.password_env",
+        "source.streams",
+        "source.group",
+        "source.max_deliveries",
+        "source.claim_idle",
+        "detector.redis_state.ttl",
+        "action[0].channel",
+        "action[1].maxlenn",
+    ] {
+        assert!(
+            paths.iter().any(|p| p == expected),
+            "{expected} missing from {paths:?}"
+        );
+    }
+    let paths = error_paths(
+        r#"
+        [source]
+        type = "redis_pubsub"
+        "#,
+    );
+    assert_eq!(paths, vec!["source.channels"]);
+}

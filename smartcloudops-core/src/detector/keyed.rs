@@ -415,4 +415,77 @@ mod tests {
         assert_eq!(s.get(2), Some(&2));
         assert_eq!(s.evicted(), 1);
     }
+
+    fn batch(rows: &[(&str, i64, f64)]) -> RecordBatch {
+        let mut b = crate::schema::MetricsBatchBuilder::default();
+        for (host, ts, v) in rows {
+            b.push(*ts, "cpu", &[("host", *host)], *v);
+        }
+        b.finish()
+    }
+
+    fn scores(d: &mut dyn Detector, b: &RecordBatch) -> Vec<f64> {
+        let out = d.score(b).unwrap();
+        let s = crate::schema::ScoreColumns::try_new(&out, "test").unwrap();
+        s.score.values().to_vec()
+    }
+
+    #[test]
+    fn per_series_states_hand_off_to_a_fresh_detector_and_only_changes_are_exported() {
+        use crate::detector::{EwmaConfig, EwmaDetector};
+        let rows = |from: i64, to: i64| -> Vec<(&'static str, i64, f64)> {
+            (from..to)
+                .flat_map(|i| {
+                    let v = 10.0 + (i % 5) as f64;
+                    [("a", i * 1000, v), ("b", i * 1000, 2.0 * v)]
+                })
+                .collect()
+        };
+        let (first, second) = (batch(&rows(0, 100)), batch(&rows(100, 130)));
+        let mut whole = EwmaDetector::new(EwmaConfig::default());
+        scores(&mut whole, &first);
+        let expected = scores(&mut whole, &second);
+
+        let mut old = EwmaDetector::new(EwmaConfig::default());
+        scores(&mut old, &first);
+        let exported = old.export_changed_series().unwrap();
+        assert_eq!(exported.len(), 2);
+        assert!(
+            old.export_changed_series().unwrap().is_empty(),
+            "nothing changed since"
+        );
+
+        let mut fresh = EwmaDetector::new(EwmaConfig::default());
+        let ids = crate::schema::MetricsColumns::try_new(&second, "t")
+            .unwrap()
+            .series_id
+            .values()
+            .to_vec();
+        assert_eq!(
+            fresh.unknown_series(&ids).len(),
+            2,
+            "each unknown series once"
+        );
+        assert_eq!(fresh.import_series_states(exported.clone()).unwrap(), 2);
+        assert!(fresh.unknown_series(&ids).is_empty());
+        assert_eq!(scores(&mut fresh, &second), expected);
+        assert_eq!(fresh.series_state_namespace(), old.series_state_namespace());
+
+        // Another configuration lives in another namespace; a damaged state is refused.
+        let other = EwmaDetector::new(EwmaConfig {
+            alpha: 0.2,
+            ..EwmaConfig::default()
+        });
+        assert_ne!(other.series_state_namespace(), old.series_state_namespace());
+        let mut damaged = EwmaDetector::new(EwmaConfig::default());
+        let err = damaged
+            .import_series_states(vec![(exported[0].0, vec![0xff; 3]), exported[1].clone()])
+            .unwrap_err();
+        assert!(err.to_string().contains("does not decode"), "{err}");
+        assert_eq!(
+            damaged.series_count(),
+            1,
+            "the good state was still installed"
+        );
+    }
 }
