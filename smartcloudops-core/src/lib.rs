@@ -78,6 +78,7 @@ pub mod ack;
 pub mod action;
 pub mod config;
 pub mod dead_letter;
+pub mod decision;
 pub mod decode;
 pub mod detector;
 pub mod error;

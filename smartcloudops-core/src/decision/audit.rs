@@ -1,0 +1,202 @@
+//! The audit log: append-only JSON lines linking each trigger to its decisions, executions and
+//! results.
+//!
+//! Every record has a `kind` and the ids that link it:
+//!
+//! | kind | written when | links |
+//! |---|---|---|
+//! | `trigger` | an alert fires, resolves or starts flapping | `fingerprint`, `rule` |
+//! | `decision` | a notification is sent on, or held back (silenced, inhibited, flapping, duplicate, cooldown, rate limit, open circuit, suggest, dry run, invalid parameters) | `notification`, `receiver`, `key`, `fingerprints` |
+//! | `execution` | one attempt starts | `notification`, `receiver`, `key`, `attempt` |
+//! | `result` | an attempt ends, or the notification ends in a fallback, an escalation or a dead letter | `notification`, `receiver`, `attempt`, `outcome` |
+//!
+//! Records are written through and synced (`fdatasync`) before the engine moves on, so what
+//! the log says happened did happen. Secrets never reach it: receivers describe their target
+//! with credentials masked.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditRecord {
+    /// Wall-clock time of the record, RFC 3339.
+    pub time: String,
+    /// `trigger`, `decision`, `execution` or `result`.
+    pub kind: &'static str,
+    /// The rule concerned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The notification concerned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notification: Option<String>,
+    /// The receiver concerned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<String>,
+    /// The idempotency key of the execution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The attempt number (1-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// What was decided or what came of it, e.g. `notify`, `silenced`, `delivered`.
+    pub outcome: String,
+    /// Why, in words.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Everything else (the alert, the masked target, a command's output …).
+    #[serde(skip_serializing_if = "Value::is_null")]
+    pub details: Value,
+}
+
+impl AuditRecord {
+    /// A record of `kind` with `outcome`, stamped now.
+    pub fn new(kind: &'static str, outcome: impl Into<String>) -> Self {
+        Self {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            kind,
+            rule: None,
+            notification: None,
+            receiver: None,
+            key: None,
+            attempt: None,
+            outcome: outcome.into(),
+            reason: String::new(),
+            details: Value::Null,
+        }
+    }
+}
+
+/// Where audit records go.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: Option<PathBuf>,
+    file: Option<Mutex<std::fs::File>>,
+    /// The last records, for tests and the API.
+    recent: Mutex<std::collections::VecDeque<AuditRecord>>,
+}
+
+/// Records kept in memory for [`AuditLog::recent`].
+const RECENT: usize = 10_000;
+
+impl AuditLog {
+    /// A log appending to `path` (created with its directories).
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening the audit log {}", path.display()), e))?;
+        Ok(Self {
+            path: Some(path.to_owned()),
+            file: Some(Mutex::new(file)),
+            recent: Mutex::default(),
+        })
+    }
+
+    /// A log kept in memory only (its recent records), for tests and embedding.
+    pub fn in_memory() -> Self {
+        Self {
+            path: None,
+            file: None,
+            recent: Mutex::default(),
+        }
+    }
+
+    /// Appends `records` and syncs them to disk. An error means they are not durable.
+    pub fn write(&self, records: &[AuditRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        if let Some(file) = &self.file {
+            let mut bytes = Vec::with_capacity(records.len() * 256);
+            for r in records {
+                serde_json::to_writer(&mut bytes, r)
+                    .map_err(|e| Error::Action {
+                        action: "decision".into(),
+                        message: format!("encoding an audit record: {e}"),
+                        retryable: false,
+                    })?;
+                bytes.push(b'\n');
+            }
+            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+            let path = self.path.as_deref().unwrap_or(Path::new("audit log"));
+            file.write_all(&bytes)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| Error::io(format!("writing the audit log {}", path.display()), e))?;
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(r.clone());
+        }
+        Ok(())
+    }
+
+    /// The most recent records (up to 10 000), oldest first.
+    pub fn recent(&self) -> Vec<AuditRecord> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// A URL with its credentials hidden: userinfo, query string and path are masked, since
+/// Slack and other webhook URLs carry their secret in the path.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let host = rest[..end].rsplit_once('@').map_or(&rest[..end], |(_, h)| h);
+    let masked_path = if end < rest.len() { "/***" } else { "" };
+    format!("{scheme}://{host}{masked_path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_masked_down_to_scheme_and_host() {
+        assert_eq!(
+            mask_url("https://hooks.slack.com/services/T000/B000/XXXX"),
+            "https://hooks.slack.com/***"
+        );
+        assert_eq!(mask_url("https://user:pw@host:8443?token=1"), "https://host:8443/***");
+        assert_eq!(mask_url("http://127.0.0.1:9000"), "http://127.0.0.1:9000");
+    }
+
+    #[test]
+    fn records_are_appended_as_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit/audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        let mut r = AuditRecord::new("decision", "silenced");
+        r.rule = Some("cpu".into());
+        log.write(&[r.clone(), AuditRecord::new("result", "delivered")]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["kind"], "decision");
+        assert_eq!(lines[0]["rule"], "cpu");
+        assert!(lines[1].get("rule").is_none());
+        assert_eq!(log.recent().len(), 2);
+    }
+}
