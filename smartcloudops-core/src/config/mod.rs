@@ -363,6 +363,8 @@ pub struct PipelineConfig {
     pub dead_letter: DeadLetterConfig,
     /// `[runtime]`.
     pub runtime: PipelineOptions,
+    /// `[decision]`: rules, receivers, silences and the audit log; runs after the actions.
+    pub decision: Option<crate::decision::DecisionConfig>,
     /// `[redis]`: the connection of every Redis stage without one of its own.
     #[cfg(feature = "redis")]
     pub redis: Option<crate::redis::RedisConnection>,
@@ -393,6 +395,7 @@ const SECTIONS: &[&str] = &[
     "dead_letter",
     "runtime",
     "redis",
+    "decision",
 ];
 
 impl PipelineConfig {
@@ -456,6 +459,9 @@ impl PipelineConfig {
             .get("runtime")
             .and_then(|v| deserialize_at::<PipelineOptions>(v.clone(), "runtime", &mut errors))
             .unwrap_or_default();
+        let decision = table
+            .get("decision")
+            .and_then(|v| deserialize_at(v.clone(), "decision", &mut errors));
         #[cfg(feature = "redis")]
         let redis = table
             .get("redis")
@@ -476,6 +482,7 @@ impl PipelineConfig {
             actions,
             dead_letter,
             runtime,
+            decision,
             #[cfg(feature = "redis")]
             redis,
         };
@@ -507,6 +514,12 @@ impl PipelineConfig {
         }
         if let Some(path) = self.detector.as_mut().and_then(|d| d.snapshot.as_mut()) {
             resolve(path);
+        }
+        if let Some(d) = &mut self.decision {
+            if let Some(path) = &mut d.audit_log {
+                resolve(path);
+            }
+            resolve(&mut d.idempotency.path);
         }
     }
 
@@ -610,6 +623,11 @@ impl PipelineConfig {
         self.validate_kafka(&mut check);
         #[cfg(feature = "redis")]
         redis::validate(self, &mut check);
+        if let Some(d) = &self.decision {
+            for (path, message) in d.problems() {
+                check(false, &format!("decision.{path}"), message, "");
+            }
+        }
         if let Some(section) = &self.detector {
             for (field, message) in section.detector.problems() {
                 let hint = match (section.detector.type_name(), field.as_str()) {
@@ -806,6 +824,15 @@ impl PipelineConfig {
             };
             builder = builder.shared_action(action);
         }
+        if let Some(decision) = &self.decision {
+            let options = crate::decision::EngineOptions {
+                #[cfg(feature = "redis")]
+                redis: Some(self.redis_connection()),
+                ..Default::default()
+            };
+            let engine = crate::decision::DecisionEngine::with_options(decision.clone(), options)?;
+            builder = builder.shared_action(Arc::new(engine));
+        }
         Ok(builder.build())
     }
 
@@ -859,8 +886,15 @@ impl PipelineConfig {
                 ActionConfig::RedisCache(_) => "redis_cache",
             })
             .collect();
+        let decision = self.decision.as_ref().map_or(String::new(), |d| {
+            format!(
+                "; decision: {} rules → {} receivers",
+                d.rules.len(),
+                d.receivers.len()
+            )
+        });
         format!(
-            "source: {source}; prep stages: {}; detector: {detector}; actions: [{}]",
+            "source: {source}; prep stages: {}; detector: {detector}; actions: [{}]{decision}",
             self.prep.len(),
             actions.join(", ")
         )

@@ -121,12 +121,11 @@ impl AuditLog {
         if let Some(file) = &self.file {
             let mut bytes = Vec::with_capacity(records.len() * 256);
             for r in records {
-                serde_json::to_writer(&mut bytes, r)
-                    .map_err(|e| Error::Action {
-                        action: "decision".into(),
-                        message: format!("encoding an audit record: {e}"),
-                        retryable: false,
-                    })?;
+                serde_json::to_writer(&mut bytes, r).map_err(|e| Error::Action {
+                    action: "decision".into(),
+                    message: format!("encoding an audit record: {e}"),
+                    retryable: false,
+                })?;
                 bytes.push(b'\n');
             }
             let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
@@ -163,7 +162,9 @@ pub fn mask_url(url: &str) -> String {
         return "***".to_owned();
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let host = rest[..end].rsplit_once('@').map_or(&rest[..end], |(_, h)| h);
+    let host = rest[..end]
+        .rsplit_once('@')
+        .map_or(&rest[..end], |(_, h)| h);
     let masked_path = if end < rest.len() { "/***" } else { "" };
     format!("{scheme}://{host}{masked_path}")
 }
@@ -178,7 +179,10 @@ mod tests {
             mask_url("https://hooks.slack.com/services/T000/B000/XXXX"),
             "https://hooks.slack.com/***"
         );
-        assert_eq!(mask_url("https://user:pw@host:8443?token=1"), "https://host:8443/***");
+        assert_eq!(
+            mask_url("https://user:pw@host:8443?token=1"),
+            "https://host:8443/***"
+        );
         assert_eq!(mask_url("http://127.0.0.1:9000"), "http://127.0.0.1:9000");
     }
 
@@ -189,10 +193,13 @@ mod tests {
         let log = AuditLog::open(&path).unwrap();
         let mut r = AuditRecord::new("decision", "silenced");
         r.rule = Some("cpu".into());
-        log.write(&[r.clone(), AuditRecord::new("result", "delivered")]).unwrap();
+        log.write(&[r.clone(), AuditRecord::new("result", "delivered")])
+            .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["kind"], "decision");
         assert_eq!(lines[0]["rule"], "cpu");

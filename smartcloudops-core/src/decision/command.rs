@@ -96,7 +96,10 @@ fn default_cwd() -> PathBuf {
     PathBuf::from("/")
 }
 fn default_env() -> BTreeMap<String, String> {
-    BTreeMap::from([("PATH".to_owned(), "/usr/sbin:/usr/bin:/sbin:/bin".to_owned())])
+    BTreeMap::from([(
+        "PATH".to_owned(),
+        "/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+    )])
 }
 fn default_max_output() -> usize {
     64 * 1024
@@ -123,7 +126,9 @@ fn placeholders(arg: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = arg;
     while let Some(open) = rest.find('{') {
-        let Some(close) = rest[open..].find('}') else { break };
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
         out.push(&rest[open + 1..open + close]);
         rest = &rest[open + close + 1..];
     }
@@ -132,7 +137,11 @@ fn placeholders(arg: &str) -> Vec<&str> {
 
 impl CommandReceiver {
     /// A receiver for `config`; `allowed` is the allowlist of programs.
-    pub fn new(config: CommandConfig, allowed: &[PathBuf], timeout: Duration) -> Result<Self, String> {
+    pub fn new(
+        config: CommandConfig,
+        allowed: &[PathBuf],
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let program = config.argv.first().ok_or("argv must name a program")?;
         if !program.starts_with('/') {
             return Err(format!("`{program}`: the program must be an absolute path"));
@@ -156,7 +165,9 @@ impl CommandReceiver {
                             .map_err(|e| format!("parameter `{name}`: {e}"))?,
                     )
                 }
-                ParamType::Integer => Check::Range(spec.min.unwrap_or(i64::MIN), spec.max.unwrap_or(i64::MAX)),
+                ParamType::Integer => {
+                    Check::Range(spec.min.unwrap_or(i64::MIN), spec.max.unwrap_or(i64::MAX))
+                }
                 ParamType::Enum => {
                     if spec.values.is_empty() {
                         return Err(format!("parameter `{name}`: an enum needs `values`"));
@@ -164,7 +175,10 @@ impl CommandReceiver {
                     Check::OneOf(spec.values.clone())
                 }
             };
-            params.insert(name.clone(), (spec.label.clone().unwrap_or_else(|| name.clone()), check));
+            params.insert(
+                name.clone(),
+                (spec.label.clone().unwrap_or_else(|| name.clone()), check),
+            );
         }
         for arg in &config.argv {
             for p in placeholders(arg) {
@@ -173,7 +187,11 @@ impl CommandReceiver {
                 }
             }
         }
-        Ok(Self { config, params, timeout })
+        Ok(Self {
+            config,
+            params,
+            timeout,
+        })
     }
 
     /// The argv for `n`, with every parameter validated.
@@ -182,15 +200,21 @@ impl CommandReceiver {
         let mut values = BTreeMap::new();
         for (name, (label, check)) in &self.params {
             let value = labels.get(label).ok_or_else(|| {
-                format!("parameter `{name}`: label `{label}` is not shared by every alert of the group")
+                format!(
+                    "parameter `{name}`: label `{label}` is not shared by every alert of the group"
+                )
             })?;
             let ok = match check {
                 Check::Pattern(re) => re.is_match(value),
-                Check::Range(min, max) => value.parse::<i64>().is_ok_and(|v| (*min..=*max).contains(&v)),
+                Check::Range(min, max) => value
+                    .parse::<i64>()
+                    .is_ok_and(|v| (*min..=*max).contains(&v)),
                 Check::OneOf(allowed) => allowed.contains(value),
             };
             if !ok {
-                return Err(format!("parameter `{name}`: {value:?} is not a valid value"));
+                return Err(format!(
+                    "parameter `{name}`: {value:?} is not a valid value"
+                ));
             }
             values.insert(name.as_str(), value.as_str());
         }
@@ -283,7 +307,8 @@ impl Receiver for CommandReceiver {
                         )));
                     }
                 };
-            let status = status.map_err(|e| DeliveryError::permanent(format!("waiting for the command: {e}")))?;
+            let status = status
+                .map_err(|e| DeliveryError::permanent(format!("waiting for the command: {e}")))?;
             let report = json!({
                 "exit": status.code(),
                 "stdout": out,
@@ -294,7 +319,9 @@ impl Receiver for CommandReceiver {
             if status.success() {
                 Ok(report)
             } else {
-                Err(DeliveryError::permanent(format!("command failed: {report}")))
+                Err(DeliveryError::permanent(format!(
+                    "command failed: {report}"
+                )))
             }
         })
     }

@@ -59,7 +59,12 @@ pub struct Silence {
 
 impl Silence {
     /// A silence from `config` at `now_ms`; its end is capped at `max` after its start.
-    pub fn new(id: String, config: SilenceConfig, now_ms: i64, max: Duration) -> Result<Self, String> {
+    pub fn new(
+        id: String,
+        config: SilenceConfig,
+        now_ms: i64,
+        max: Duration,
+    ) -> Result<Self, String> {
         if config.matchers.is_empty() {
             return Err("a silence needs at least one matcher".into());
         }
@@ -70,11 +75,18 @@ impl Silence {
         let parse = |s: &str| {
             crate::schema::parse_ts(s).ok_or_else(|| format!("`{s}` is not an RFC 3339 time"))
         };
-        let starts_ms = config.starts_at.as_deref().map(parse).transpose()?.unwrap_or(now_ms);
+        let starts_ms = config
+            .starts_at
+            .as_deref()
+            .map(parse)
+            .transpose()?
+            .unwrap_or(now_ms);
         let max_ms = i64::try_from(max.as_millis()).unwrap_or(i64::MAX);
         let ends_ms = match (&config.ends_at, config.duration) {
             (Some(end), None) => parse(end)?,
-            (None, Some(d)) => starts_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            (None, Some(d)) => {
+                starts_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            }
             _ => return Err("give exactly one of `ends_at` and `duration`".into()),
         };
         if ends_ms <= starts_ms {
@@ -151,6 +163,23 @@ struct Group {
     sequence: u32,
 }
 
+impl Group {
+    /// When the group's next notification falls due (`i64::MAX`: none pending).
+    fn due_at(&self, rule: &RuleConfig) -> i64 {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let firing = self
+            .alerts
+            .values()
+            .any(|a| a.status == AlertStatus::Firing);
+        match self.last_notified_ms {
+            None => self.created_ms.saturating_add(ms(rule.group_wait)),
+            Some(last) if self.dirty => last.saturating_add(ms(rule.group_interval)),
+            Some(last) if firing => last.saturating_add(ms(rule.repeat_interval)),
+            Some(_) => i64::MAX,
+        }
+    }
+}
+
 /// All groups and the muting rules. See the [module docs](self).
 #[derive(Debug, Default)]
 pub(crate) struct Dispatcher {
@@ -168,7 +197,11 @@ fn label_set(labels: &BTreeMap<String, String>) -> String {
 impl Dispatcher {
     /// Whether `alert` is muted now: silenced, or inhibited by a firing alert.
     pub(crate) fn muted(&self, alert: &AlertRecord, now_ms: i64) -> Option<Muted> {
-        if let Some(s) = self.silences.iter().find(|s| s.mutes(&alert.labels, now_ms)) {
+        if let Some(s) = self
+            .silences
+            .iter()
+            .find(|s| s.mutes(&alert.labels, now_ms))
+        {
             return Some(Muted::Silenced(s.id.clone()));
         }
         for inhibit in &self.inhibits {
@@ -183,7 +216,10 @@ impl Dispatcher {
                     s.status == AlertStatus::Firing
                         && s.fingerprint != alert.fingerprint
                         && inhibit.source.matches(&s.labels)
-                        && inhibit.equal.iter().all(|l| s.labels.get(l) == alert.labels.get(l))
+                        && inhibit
+                            .equal
+                            .iter()
+                            .all(|l| s.labels.get(l) == alert.labels.get(l))
                 });
             if let Some(source) = source {
                 return Some(Muted::Inhibited(source.fingerprint.clone()));
@@ -193,7 +229,13 @@ impl Dispatcher {
     }
 
     /// Takes a fired or resolved alert into its group.
-    pub(crate) fn update(&mut self, rule_index: usize, rule: &RuleConfig, alert: AlertRecord, now_ms: i64) {
+    pub(crate) fn update(
+        &mut self,
+        rule_index: usize,
+        rule: &RuleConfig,
+        alert: AlertRecord,
+        now_ms: i64,
+    ) {
         let labels: BTreeMap<String, String> = rule
             .group_by
             .iter()
@@ -210,7 +252,10 @@ impl Dispatcher {
             epoch_ms: alert.starts_at_ms,
             sequence: 0,
         });
-        let had_firing = group.alerts.values().any(|a| a.status == AlertStatus::Firing);
+        let had_firing = group
+            .alerts
+            .values()
+            .any(|a| a.status == AlertStatus::Firing);
         if alert.status == AlertStatus::Firing && !had_firing {
             // A new episode for this group: new idempotency keys for its notifications.
             group.epoch_ms = alert.starts_at_ms;
@@ -224,18 +269,16 @@ impl Dispatcher {
     }
 
     /// The notifications due at `now_ms` (all pending ones with `flush`, at shutdown).
-    pub(crate) fn due(&mut self, rules: &[RuleConfig], now_ms: i64, flush: bool) -> Vec<Notification> {
+    pub(crate) fn due(
+        &mut self,
+        rules: &[RuleConfig],
+        now_ms: i64,
+        flush: bool,
+    ) -> Vec<Notification> {
         let mut out = Vec::new();
-        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         for (key, group) in &mut self.groups {
             let rule = &rules[group.rule];
-            let firing = group.alerts.values().any(|a| a.status == AlertStatus::Firing);
-            let due_at = match group.last_notified_ms {
-                None => group.created_ms.saturating_add(ms(rule.group_wait)),
-                Some(last) if group.dirty => last.saturating_add(ms(rule.group_interval)),
-                Some(last) if firing => last.saturating_add(ms(rule.repeat_interval)),
-                Some(_) => i64::MAX,
-            };
+            let due_at = group.due_at(rule);
             let due = if flush { group.dirty } else { now_ms >= due_at };
             if !due || group.alerts.is_empty() {
                 continue;
@@ -260,24 +303,6 @@ impl Dispatcher {
         }
         self.groups.retain(|_, g| !g.alerts.is_empty());
         out
-    }
-
-    /// When the next notification falls due, if any is pending.
-    pub(crate) fn next_due(&self, rules: &[RuleConfig]) -> Option<i64> {
-        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        self.groups
-            .values()
-            .filter_map(|g| {
-                let rule = &rules[g.rule];
-                let firing = g.alerts.values().any(|a| a.status == AlertStatus::Firing);
-                match g.last_notified_ms {
-                    None => Some(g.created_ms.saturating_add(ms(rule.group_wait))),
-                    Some(last) if g.dirty => Some(last.saturating_add(ms(rule.group_interval))),
-                    Some(last) if firing => Some(last.saturating_add(ms(rule.repeat_interval))),
-                    Some(_) => None,
-                }
-            })
-            .min()
     }
 
     /// Alerts currently firing, for the API.

@@ -162,7 +162,8 @@ impl CircuitBreaker {
 /// runs the same one twice. `claim` is atomic: of two claims of one key, one wins.
 pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
     /// Claims `key` for `ttl`; false if it was claimed before and has not expired.
-    fn claim<'a>(&'a self, key: &'a str, ttl: Duration, now_ms: i64) -> BoxFuture<'a, Result<bool>>;
+    fn claim<'a>(&'a self, key: &'a str, ttl: Duration, now_ms: i64)
+    -> BoxFuture<'a, Result<bool>>;
 }
 
 /// Keys in memory: deduplicates within one process only.
@@ -170,7 +171,12 @@ pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
 pub struct MemoryIdempotency(Mutex<HashMap<String, i64>>);
 
 impl IdempotencyStore for MemoryIdempotency {
-    fn claim<'a>(&'a self, key: &'a str, ttl: Duration, now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool>> {
         let mut keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let won = claim_in(&mut keys, key, ttl, now_ms);
         Box::pin(async move { Ok(won) })
@@ -208,7 +214,8 @@ impl FileIdempotency {
     pub fn open(path: impl Into<PathBuf>, now_ms: i64) -> Result<Self> {
         let path = path.into();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let mut keys = HashMap::new();
         if let Ok(file) = std::fs::File::open(&path) {
@@ -225,7 +232,13 @@ impl FileIdempotency {
         let tmp = path.with_extension("tmp");
         let mut text = String::new();
         for (key, expires_ms) in &keys {
-            text.push_str(&serde_json::to_string(&ClaimLine { key: key.clone(), expires_ms: *expires_ms }).unwrap_or_default());
+            text.push_str(
+                &serde_json::to_string(&ClaimLine {
+                    key: key.clone(),
+                    expires_ms: *expires_ms,
+                })
+                .unwrap_or_default(),
+            );
             text.push('\n');
         }
         std::fs::write(&tmp, text)
@@ -243,7 +256,12 @@ impl FileIdempotency {
 }
 
 impl IdempotencyStore for FileIdempotency {
-    fn claim<'a>(&'a self, key: &'a str, ttl: Duration, now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool>> {
         let result = (|| {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let (keys, file) = &mut *state;
@@ -258,7 +276,9 @@ impl IdempotencyStore for FileIdempotency {
             bytes.push(b'\n');
             file.write_all(&bytes)
                 .and_then(|()| file.sync_data())
-                .map_err(|e| Error::io(format!("recording a claim in {}", self.path.display()), e))?;
+                .map_err(|e| {
+                    Error::io(format!("recording a claim in {}", self.path.display()), e)
+                })?;
             Ok(true)
         })();
         Box::pin(async move { result })
@@ -286,7 +306,12 @@ impl RedisIdempotency {
 
 #[cfg(feature = "redis")]
 impl IdempotencyStore for RedisIdempotency {
-    fn claim<'a>(&'a self, key: &'a str, ttl: Duration, _now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+        _now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let mut con = self.connection.get().await?;
             let set: Option<String> = redis::cmd("SET")
@@ -326,7 +351,10 @@ mod tests {
         assert!(c.record(false, 2), "third failure opens");
         assert!(!c.allows(30_000));
         assert!(c.allows(60_002), "half-open: one trial");
-        assert!(c.record(false, 60_003), "a failed trial opens it again at once");
+        assert!(
+            c.record(false, 60_003),
+            "a failed trial opens it again at once"
+        );
         assert!(!c.allows(60_004));
         assert!(!c.record(true, 130_000));
         assert!(c.allows(130_001));
@@ -342,8 +370,14 @@ mod tests {
         for attempt in 1..10 {
             assert!(p.backoff(attempt, None) <= Duration::from_secs(1));
         }
-        assert_eq!(p.backoff(1, Some(Duration::from_millis(700))), Duration::from_millis(700));
-        assert_eq!(p.backoff(1, Some(Duration::from_secs(60))), Duration::from_secs(1));
+        assert_eq!(
+            p.backoff(1, Some(Duration::from_millis(700))),
+            Duration::from_millis(700)
+        );
+        assert_eq!(
+            p.backoff(1, Some(Duration::from_secs(60))),
+            Duration::from_secs(1)
+        );
     }
 
     #[tokio::test]
@@ -356,7 +390,10 @@ mod tests {
         assert!(!store.claim("a", ttl, 1).await.unwrap());
         drop(store);
         let reopened = FileIdempotency::open(&path, 10).unwrap();
-        assert!(!reopened.claim("a", ttl, 10).await.unwrap(), "claimed before the restart");
+        assert!(
+            !reopened.claim("a", ttl, 10).await.unwrap(),
+            "claimed before the restart"
+        );
         assert!(reopened.claim("b", ttl, 10).await.unwrap());
         drop(reopened);
         let later = FileIdempotency::open(&path, 120_000).unwrap();

@@ -57,19 +57,20 @@ pub(crate) struct Matchers(Vec<(String, Matcher)>);
 impl Matchers {
     pub(crate) fn parse(spec: &BTreeMap<String, String>) -> Result<Self, String> {
         spec.iter()
-            .map(|(k, v)| Ok((k.clone(), Matcher::parse(v).map_err(|e| format!("{k}: {e}"))?)))
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    Matcher::parse(v).map_err(|e| format!("{k}: {e}"))?,
+                ))
+            })
             .collect::<Result<Vec<_>, String>>()
             .map(Matchers)
     }
 
     pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.0.iter().all(|(k, m)| {
-            m.is_match(labels.get(k).map_or("", String::as_str))
-        })
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0
+            .iter()
+            .all(|(k, m)| m.is_match(labels.get(k).map_or("", String::as_str)))
     }
 }
 
@@ -86,14 +87,31 @@ mod tests {
         ]);
         let m = Matchers::parse(&spec).unwrap();
         let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
         };
         assert!(m.matches(&labels(&[("service", "api"), ("env", "prod")])));
-        assert!(!m.matches(&labels(&[("service", "apis"), ("env", "prod")])), "anchored");
+        assert!(
+            !m.matches(&labels(&[("service", "apis"), ("env", "prod")])),
+            "anchored"
+        );
         assert!(!m.matches(&labels(&[("service", "api"), ("env", "dev")])));
-        assert!(!m.matches(&labels(&[("service", "api"), ("team", "x")])), "empty = absent");
+        assert!(
+            !m.matches(&labels(&[("service", "api"), ("team", "x")])),
+            "empty = absent"
+        );
         assert!(Matchers::parse(&BTreeMap::from([("a".to_owned(), "~(".to_owned())])).is_err());
-        assert!(Matcher::glob("cpu_*.total").unwrap().is_match("cpu_user.total"));
-        assert!(!Matcher::glob("cpu_*.total").unwrap().is_match("cpu_userXtotal"));
+        assert!(
+            Matcher::glob("cpu_*.total")
+                .unwrap()
+                .is_match("cpu_user.total")
+        );
+        assert!(
+            !Matcher::glob("cpu_*.total")
+                .unwrap()
+                .is_match("cpu_userXtotal")
+        );
     }
 }

@@ -72,7 +72,9 @@ use self::guard::{
     CircuitBreaker, CircuitBreakerConfig, FileIdempotency, IdempotencyStore, MemoryIdempotency,
     RateLimit, RetryPolicy, TokenBucket,
 };
-use self::receiver::{DeliveryError, ExecutionMode, HttpFormat, HttpOptions, HttpReceiver, Receiver};
+use self::receiver::{
+    DeliveryError, ExecutionMode, HttpFormat, HttpOptions, HttpReceiver, Receiver,
+};
 use self::rule::{AlertState, Rule, RuleConfig, Severity, Transition};
 use crate::action::{Action, ActionInput, Alert};
 use crate::error::{Error, Result};
@@ -107,8 +109,10 @@ impl ManualClock {
     }
     /// Moves the clock forward.
     pub fn advance(&self, by: Duration) {
-        self.0
-            .fetch_add(i64::try_from(by.as_millis()).unwrap_or(i64::MAX), Ordering::SeqCst);
+        self.0.fetch_add(
+            i64::try_from(by.as_millis()).unwrap_or(i64::MAX),
+            Ordering::SeqCst,
+        );
     }
 }
 
@@ -171,14 +175,23 @@ fn hash_hex(text: &str) -> String {
 }
 
 impl AlertRecord {
-    fn new(rule: &RuleConfig, alert: &Alert, status: AlertStatus, starts: i64, ends: Option<i64>) -> Self {
+    fn new(
+        rule: &RuleConfig,
+        alert: &Alert,
+        status: AlertStatus,
+        starts: i64,
+        ends: Option<i64>,
+    ) -> Self {
         let mut labels = alert.labels.clone();
         labels.insert("alertname".into(), rule.name.clone());
         labels.insert("metric".into(), alert.metric.clone());
         labels.insert("severity".into(), rule.severity.as_str().into());
         let fingerprint = hash_hex(&format!("{labels:?}"));
         let annotations = BTreeMap::from([
-            ("summary".to_owned(), format!("{} on {}", rule.name, alert.series())),
+            (
+                "summary".to_owned(),
+                format!("{} on {}", rule.name, alert.series()),
+            ),
             ("description".to_owned(), alert.reason.clone()),
             ("value".to_owned(), alert.value.to_string()),
             ("score".to_owned(), format!("{:.3}", alert.score)),
@@ -251,7 +264,9 @@ impl Notification {
         sequence: u32,
         kind: NotificationKind,
     ) -> Self {
-        let id = hash_hex(&format!("{receiver}|{group_key}|{epoch_ms}|{sequence}|{kind:?}"));
+        let id = hash_hex(&format!(
+            "{receiver}|{group_key}|{epoch_ms}|{sequence}|{kind:?}"
+        ));
         Self {
             id,
             receiver: receiver.to_owned(),
@@ -293,14 +308,19 @@ impl Notification {
     /// per firing episode of the group.
     pub fn idempotency_key(&self, remediation: bool) -> String {
         if remediation {
-            hash_hex(&format!("remediate|{}|{}|{}", self.receiver, self.group_key, self.epoch_ms))
+            hash_hex(&format!(
+                "remediate|{}|{}|{}",
+                self.receiver, self.group_key, self.epoch_ms
+            ))
         } else {
             self.id.clone()
         }
     }
 }
 
-fn common<'a>(mut maps: impl Iterator<Item = &'a BTreeMap<String, String>>) -> BTreeMap<String, String> {
+fn common<'a>(
+    mut maps: impl Iterator<Item = &'a BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
     let Some(first) = maps.next() else {
         return BTreeMap::new();
     };
@@ -504,18 +524,27 @@ impl DecisionConfig {
             }
             for r in &rule.receivers {
                 if !names.contains(&r.as_str()) {
-                    out.push((format!("rule[{i}].receivers"), format!("no receiver named `{r}`")));
+                    out.push((
+                        format!("rule[{i}].receivers"),
+                        format!("no receiver named `{r}`"),
+                    ));
                 }
             }
         }
         for (i, r) in self.receivers.iter().enumerate() {
             if names.iter().filter(|n| **n == r.name).count() > 1 {
-                out.push((format!("receiver[{i}].name"), format!("`{}` is used twice", r.name)));
+                out.push((
+                    format!("receiver[{i}].name"),
+                    format!("`{}` is used twice", r.name),
+                ));
             }
             for (field, target) in [("escalate_to", &r.escalate_to), ("fallback", &r.fallback)] {
                 if let Some(t) = target {
                     if !names.contains(&t.as_str()) || t == &r.name {
-                        out.push((format!("receiver[{i}].{field}"), format!("no other receiver named `{t}`")));
+                        out.push((
+                            format!("receiver[{i}].{field}"),
+                            format!("no other receiver named `{t}`"),
+                        ));
                     }
                 }
             }
@@ -523,7 +552,10 @@ impl DecisionConfig {
                 out.push((format!("receiver[{i}]"), e));
             }
             if r.retry.attempts == 0 {
-                out.push((format!("receiver[{i}].retry.attempts"), "must be at least 1".into()));
+                out.push((
+                    format!("receiver[{i}].retry.attempts"),
+                    "must be at least 1".into(),
+                ));
             }
         }
         for (i, s) in self.silences.iter().enumerate() {
@@ -540,7 +572,10 @@ impl DecisionConfig {
     }
 }
 
-fn read_secret(env: &Option<String>, file: &Option<PathBuf>) -> std::result::Result<Option<String>, String> {
+fn read_secret(
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+) -> std::result::Result<Option<String>, String> {
     if let Some(var) = env {
         return std::env::var(var)
             .map(Some)
@@ -572,7 +607,8 @@ fn build_receiver(
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(format!("`{}` is not an http(s) URL", audit::mask_url(url)));
         }
-        HttpReceiver::new(url.to_owned(), format, r.timeout, options).map(|h| Box::new(h) as Box<dyn Receiver>)
+        HttpReceiver::new(url.to_owned(), format, r.timeout, options)
+            .map(|h| Box::new(h) as Box<dyn Receiver>)
     };
     let options = HttpOptions {
         headers: r.headers.clone(),
@@ -589,7 +625,14 @@ fn build_receiver(
             let key = read_secret(&r.routing_key_env, &r.routing_key_file)?
                 .ok_or("set `routing_key_env` or `routing_key_file`")?;
             let url = r.url.as_deref().unwrap_or(PAGERDUTY_URL);
-            http(HttpFormat::PagerDuty, Some(url), HttpOptions { routing_key: Some(key), ..options })
+            http(
+                HttpFormat::PagerDuty,
+                Some(url),
+                HttpOptions {
+                    routing_key: Some(key),
+                    ..options
+                },
+            )
         }
         ReceiverKind::Command => {
             let c = r.command.clone().ok_or("a `command` table is required")?;
@@ -607,7 +650,11 @@ fn build_receiver(
                     .clone()
                     .or_else(|| redis.cloned())
                     .unwrap_or_default();
-                Ok(Box::new(receiver::RedisReceiver::new(connection, r.channel.clone(), r.stream.clone())))
+                Ok(Box::new(receiver::RedisReceiver::new(
+                    connection,
+                    r.channel.clone(),
+                    r.stream.clone(),
+                )))
             }
             #[cfg(not(feature = "redis"))]
             Err("this build has no Redis support".into())
@@ -717,7 +764,12 @@ impl Default for EngineOptions {
 struct SharedStore(Arc<dyn IdempotencyStore>);
 
 impl IdempotencyStore for SharedStore {
-    fn claim<'a>(&'a self, key: &'a str, ttl: Duration, now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<bool>> {
         self.0.claim(key, ttl, now_ms)
     }
 }
@@ -774,7 +826,9 @@ impl DecisionEngine {
             Some(store) => Box::new(SharedStore(store)),
             None => match config.idempotency.store {
                 IdempotencyBackend::Memory => Box::new(MemoryIdempotency::default()),
-                IdempotencyBackend::File => Box::new(FileIdempotency::open(&config.idempotency.path, now)?),
+                IdempotencyBackend::File => {
+                    Box::new(FileIdempotency::open(&config.idempotency.path, now)?)
+                }
                 IdempotencyBackend::Redis => {
                     #[cfg(feature = "redis")]
                     {
@@ -797,7 +851,10 @@ impl DecisionEngine {
             ..EngineState::default()
         };
         for c in &config.inhibits {
-            state.dispatcher.inhibits.push(Inhibit::new(c).map_err(config_error)?);
+            state
+                .dispatcher
+                .inhibits
+                .push(Inhibit::new(c).map_err(config_error)?);
         }
         for s in &config.silences {
             state.silence_seq += 1;
@@ -856,10 +913,15 @@ impl DecisionEngine {
         let mut state = self.inner.lock();
         state.silence_seq += 1;
         let id = format!("silence-{}", state.silence_seq);
-        let silence = Silence::new(id.clone(), config, now, self.inner.max_silence).map_err(config_error)?;
+        let silence =
+            Silence::new(id.clone(), config, now, self.inner.max_silence).map_err(config_error)?;
         let mut record = AuditRecord::new("decision", "silence_added");
-        record.reason = format!("by {}: {}", silence.config.created_by, silence.config.comment);
-        record.details = json!({ "id": id, "matchers": silence.config.matchers, "ends_ms": silence.ends_ms });
+        record.reason = format!(
+            "by {}: {}",
+            silence.config.created_by, silence.config.comment
+        );
+        record.details =
+            json!({ "id": id, "matchers": silence.config.matchers, "ends_ms": silence.ends_ms });
         state.dispatcher.silences.push(silence);
         drop(state);
         self.inner.audit.write(&[record])?;
@@ -927,7 +989,11 @@ impl Inner {
             for (ri, rule) in self.rules.iter().enumerate() {
                 let key = (ri, series_id);
                 let firing = state.alerts.get(&key).is_some_and(AlertState::is_firing);
-                let active = rule.is_active(scores.score.value(row), scores.is_anomaly.value(row), firing);
+                let active = rule.is_active(
+                    scores.score.value(row),
+                    scores.is_anomaly.value(row),
+                    firing,
+                );
                 if !active && !state.alerts.contains_key(&key) {
                     continue; // the common case: a normal row of a series with no alert
                 }
@@ -937,7 +1003,7 @@ impl Inner {
                 }
                 let alert_state = state.alerts.entry(key).or_default();
                 let transition = alert_state.step(&rule.config, cols.ts.value(row), active);
-                if alert_state.phase == rule::Phase::Inactive && !alert_state.flapping {
+                if alert_state.is_idle() {
                     state.alerts.remove(&key);
                 }
                 if transition == Transition::None {
@@ -946,14 +1012,20 @@ impl Inner {
                 let alert = Alert::at(&cols, &scores, row);
                 let (status, starts, ends, outcome) = match transition {
                     Transition::Fired { since } => (AlertStatus::Firing, since, None, "fired"),
-                    Transition::StoppedFlapping { firing_since: Some(since), .. } => {
-                        (AlertStatus::Firing, since, None, "stable")
+                    Transition::StoppedFlapping {
+                        firing_since: Some(since),
+                        ..
+                    } => (AlertStatus::Firing, since, None, "stable"),
+                    Transition::Resolved { since, at } => {
+                        (AlertStatus::Resolved, since, Some(at), "resolved")
                     }
-                    Transition::Resolved { since, at } => (AlertStatus::Resolved, since, Some(at), "resolved"),
-                    Transition::StoppedFlapping { at, firing_since: None } => {
-                        (AlertStatus::Resolved, at, Some(at), "stable")
+                    Transition::StoppedFlapping {
+                        at,
+                        firing_since: None,
+                    } => (AlertStatus::Resolved, at, Some(at), "stable"),
+                    Transition::StartedFlapping { at } => {
+                        (AlertStatus::Firing, at, None, "flapping")
                     }
-                    Transition::StartedFlapping { at } => (AlertStatus::Firing, at, None, "flapping"),
                     Transition::None => unreachable!("handled above"),
                 };
                 let record = AlertRecord::new(&rule.config, &alert, status, starts, ends);
@@ -972,12 +1044,19 @@ impl Inner {
                 if let Transition::StartedFlapping { at } = transition {
                     // One notice to the receivers that only notify; no remediation.
                     for receiver in &rule.config.receivers {
-                        if self.slots.get(receiver).is_some_and(|s| !s.receiver.is_remediation()) {
+                        if self
+                            .slots
+                            .get(receiver)
+                            .is_some_and(|s| !s.receiver.is_remediation())
+                        {
                             notices.push(Notification::new(
                                 receiver,
                                 &rule.config.name,
                                 &format!("{}:flapping:{}", rule.config.name, record.fingerprint),
-                                BTreeMap::from([("alertname".to_owned(), rule.config.name.clone())]),
+                                BTreeMap::from([(
+                                    "alertname".to_owned(),
+                                    rule.config.name.clone(),
+                                )]),
                                 vec![record.clone()],
                                 at,
                                 0,
@@ -1052,23 +1131,47 @@ impl Inner {
                 });
                 r
             };
-            if remediation && (n.kind != NotificationKind::Alerts || n.status() != AlertStatus::Firing) {
-                return self.held(decision("skipped", "remediation runs only for firing alerts".into(), Value::Null));
+            if remediation
+                && (n.kind != NotificationKind::Alerts || n.status() != AlertStatus::Firing)
+            {
+                return self.held(decision(
+                    "skipped",
+                    "remediation runs only for firing alerts".into(),
+                    Value::Null,
+                ));
             }
             // Guards that need no I/O, under the receiver's lock.
             let blocked: Option<(&str, String)> = {
                 let mut g = slot.guards.lock().unwrap_or_else(|p| p.into_inner());
                 if g.breaker.as_ref().is_some_and(|b| !b.allows(now)) {
-                    Some(("circuit_open", "the receiver's circuit is open after repeated failures".into()))
+                    Some((
+                        "circuit_open",
+                        "the receiver's circuit is open after repeated failures".into(),
+                    ))
                 } else if !slot.config.cooldown.is_zero()
                     && g.last_run_ms.get(&n.group_key).is_some_and(|&t| {
-                        now - t < i64::try_from(slot.config.cooldown.as_millis()).unwrap_or(i64::MAX)
+                        now - t
+                            < i64::try_from(slot.config.cooldown.as_millis()).unwrap_or(i64::MAX)
                     })
                 {
-                    Some(("cooldown", format!("ran for this group less than {:?} ago", slot.config.cooldown)))
+                    Some((
+                        "cooldown",
+                        format!(
+                            "ran for this group less than {:?} ago",
+                            slot.config.cooldown
+                        ),
+                    ))
                 } else if g.bucket.as_mut().is_some_and(|b| !b.try_take(now)) {
-                    Some(("rate_limited", "the receiver's rate limit is reached".into()))
-                } else if self.lock().global_bucket.as_mut().is_some_and(|b| !b.try_take(now)) {
+                    Some((
+                        "rate_limited",
+                        "the receiver's rate limit is reached".into(),
+                    ))
+                } else if self
+                    .lock()
+                    .global_bucket
+                    .as_mut()
+                    .is_some_and(|b| !b.try_take(now))
+                {
                     Some(("rate_limited", "the global rate limit is reached".into()))
                 } else {
                     None
@@ -1087,7 +1190,11 @@ impl Inner {
             };
             match slot.receiver.mode() {
                 ExecutionMode::DryRun => {
-                    return self.held(decision("dry_run", "mode = dry_run: not executed".into(), plan));
+                    return self.held(decision(
+                        "dry_run",
+                        "mode = dry_run: not executed".into(),
+                        plan,
+                    ));
                 }
                 ExecutionMode::Suggest => {
                     self.lock().suggestions.push(Suggestion {
@@ -1096,24 +1203,49 @@ impl Inner {
                         plan: plan.clone(),
                         at_ms: now,
                     });
-                    return self.held(decision("suggested", "mode = suggest: waits for a person".into(), plan));
+                    return self.held(decision(
+                        "suggested",
+                        "mode = suggest: waits for a person".into(),
+                        plan,
+                    ));
                 }
                 ExecutionMode::Auto => {}
             }
-            if !self.idempotency.claim(&key, self.idempotency_ttl, now).await? {
-                return self.held(decision("duplicate", "this execution already happened".into(), plan));
+            if !self
+                .idempotency
+                .claim(&key, self.idempotency_ttl, now)
+                .await?
+            {
+                return self.held(decision(
+                    "duplicate",
+                    "this execution already happened".into(),
+                    plan,
+                ));
             }
-            self.audit.write(&[decision("execute", String::new(), plan)])?;
-            let attempts = if remediation { 1 } else { slot.config.retry.attempts.max(1) };
+            self.audit
+                .write(&[decision("execute", String::new(), plan)])?;
+            let attempts = if remediation {
+                1
+            } else {
+                slot.config.retry.attempts.max(1)
+            };
             let mut last_error = String::new();
             for attempt in 1..=attempts {
                 let mut exec = self.record("execution", &n, "started");
                 exec.key = Some(key.clone());
                 exec.attempt = Some(attempt);
                 self.audit.write(&[exec])?;
-                let result = match tokio::time::timeout(slot.config.timeout, slot.receiver.deliver(&n)).await {
+                let result = match tokio::time::timeout(
+                    slot.config.timeout,
+                    slot.receiver.deliver(&n),
+                )
+                .await
+                {
                     Ok(r) => r,
-                    Err(_) => Err(DeliveryError::transient(format!("timed out after {:?}", slot.config.timeout))),
+                    Err(_) => Err(DeliveryError::transient(format!(
+                        "timed out after {:?}",
+                        slot.config.timeout
+                    ))),
                 };
                 let mut res = self.record("result", &n, "");
                 res.key = Some(key.clone());
@@ -1125,7 +1257,8 @@ impl Inner {
                         self.audit.write(&[res])?;
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                         let mut g = slot.guards.lock().unwrap_or_else(|p| p.into_inner());
-                        g.last_run_ms.insert(n.group_key.clone(), self.clock.now_ms());
+                        g.last_run_ms
+                            .insert(n.group_key.clone(), self.clock.now_ms());
                         if let Some(b) = g.breaker.as_mut() {
                             b.record(true, self.clock.now_ms());
                         }
@@ -1147,8 +1280,11 @@ impl Inner {
             }
             let opened = {
                 let mut g = slot.guards.lock().unwrap_or_else(|p| p.into_inner());
-                g.last_run_ms.insert(n.group_key.clone(), self.clock.now_ms());
-                g.breaker.as_mut().is_some_and(|b| b.record(false, self.clock.now_ms()))
+                g.last_run_ms
+                    .insert(n.group_key.clone(), self.clock.now_ms());
+                g.breaker
+                    .as_mut()
+                    .is_some_and(|b| b.record(false, self.clock.now_ms()))
             };
             if opened {
                 let mut r = self.record("result", &n, "circuit_opened");
@@ -1182,7 +1318,13 @@ impl Inner {
     }
 
     /// A notification its receiver could not take: to the fallback, else a dead letter.
-    async fn give_up(&self, n: &Notification, slot: &Slot, reason: &str, may_escalate: bool) -> Result<()> {
+    async fn give_up(
+        &self,
+        n: &Notification,
+        slot: &Slot,
+        reason: &str,
+        may_escalate: bool,
+    ) -> Result<()> {
         if let (Some(fallback), true) = (&slot.config.fallback, may_escalate) {
             let mut r = self.record("result", n, "fallback");
             r.reason = format!("to `{fallback}`: {reason}");

@@ -186,9 +186,11 @@ impl HttpReceiver {
             }
             HttpFormat::Alertmanager => alertmanager_payload(n, &self.external_url),
             HttpFormat::Slack => slack_payload(n, self.slack_channel.as_deref()),
-            HttpFormat::PagerDuty => {
-                pagerduty_payload(n, self.routing_key.as_deref().unwrap_or_default(), &self.external_url)
-            }
+            HttpFormat::PagerDuty => pagerduty_payload(
+                n,
+                self.routing_key.as_deref().unwrap_or_default(),
+                &self.external_url,
+            ),
         };
         serde_json::to_vec(&value).map_err(|e| e.to_string())
     }
@@ -221,7 +223,11 @@ impl Receiver for HttpReceiver {
             }
             let response = request.body(body).send().await.map_err(|e| {
                 // Timeouts and connection failures: the receiver may be back soon.
-                let what = if e.is_timeout() { "timed out" } else { "request failed" };
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "request failed"
+                };
                 DeliveryError::transient(format!("{what}: {}", without_url(&e)))
             })?;
             let status = response.status();
@@ -234,9 +240,14 @@ impl Receiver for HttpReceiver {
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
             let text = response.text().await.unwrap_or_default();
-            let message = format!("HTTP {}: {}", status.as_u16(), text.chars().take(200).collect::<String>());
+            let message = format!(
+                "HTTP {}: {}",
+                status.as_u16(),
+                text.chars().take(200).collect::<String>()
+            );
             // 4xx means the request is wrong and will be wrong again, except 429 (slow down).
-            let retryable = status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408;
+            let retryable =
+                status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408;
             Err(DeliveryError {
                 message,
                 retryable,
@@ -261,7 +272,10 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(value.trim()).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -302,18 +316,37 @@ pub(crate) fn alertmanager_payload(n: &Notification, external_url: &str) -> Valu
 
 /// A Slack incoming-webhook message: a title line and one line per alert.
 pub(crate) fn slack_payload(n: &Notification, channel: Option<&str>) -> Value {
-    let firing = n.alerts.iter().filter(|a| a.status == AlertStatus::Firing).count();
-    let group: Vec<String> = n.group_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let firing = n
+        .alerts
+        .iter()
+        .filter(|a| a.status == AlertStatus::Firing)
+        .count();
+    let group: Vec<String> = n
+        .group_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     let title = match &n.kind {
         NotificationKind::Alerts => format!(
             "[{}{}] {} ({})",
             n.status().as_str().to_uppercase(),
-            if firing > 0 { format!(":{firing}") } else { String::new() },
+            if firing > 0 {
+                format!(":{firing}")
+            } else {
+                String::new()
+            },
             n.rule,
             group.join(" ")
         ),
-        NotificationKind::Flapping => format!("[FLAPPING] {} ({}): notifications paused", n.rule, group.join(" ")),
-        NotificationKind::Escalation { failed_receiver, reason } => format!(
+        NotificationKind::Flapping => format!(
+            "[FLAPPING] {} ({}): notifications paused",
+            n.rule,
+            group.join(" ")
+        ),
+        NotificationKind::Escalation {
+            failed_receiver,
+            reason,
+        } => format!(
             "[ESCALATION] {} ({}): receiver `{failed_receiver}` is failing: {reason}",
             n.rule,
             group.join(" ")
@@ -357,7 +390,12 @@ pub(crate) fn pagerduty_payload(n: &Notification, routing_key: &str, external_ur
             "dedup_key": dedup_key,
         });
     }
-    let worst = n.alerts.iter().map(|a| a.severity).max().unwrap_or_default();
+    let worst = n
+        .alerts
+        .iter()
+        .map(|a| a.severity)
+        .max()
+        .unwrap_or_default();
     let first = n.alerts.first();
     let summary: String = match &n.kind {
         NotificationKind::Alerts => format!(
@@ -368,8 +406,14 @@ pub(crate) fn pagerduty_payload(n: &Notification, routing_key: &str, external_ur
                 .map_or("", String::as_str)
         ),
         NotificationKind::Flapping => format!("{} is flapping; notifications paused", n.rule),
-        NotificationKind::Escalation { failed_receiver, reason } => {
-            format!("{}: receiver `{failed_receiver}` is failing: {reason}", n.rule)
+        NotificationKind::Escalation {
+            failed_receiver,
+            reason,
+        } => {
+            format!(
+                "{}: receiver `{failed_receiver}` is failing: {reason}",
+                n.rule
+            )
         }
     };
     json!({
@@ -441,7 +485,8 @@ impl Receiver for RedisReceiver {
 
     fn deliver<'a>(&'a self, n: &'a Notification) -> BoxFuture<'a, Result<String, DeliveryError>> {
         Box::pin(async move {
-            let body = serde_json::to_string(n).map_err(|e| DeliveryError::permanent(e.to_string()))?;
+            let body =
+                serde_json::to_string(n).map_err(|e| DeliveryError::permanent(e.to_string()))?;
             let mut con = self
                 .connection
                 .get()
@@ -485,7 +530,11 @@ mod tests {
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO), "past");
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "past"
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 use super::matcher::{Matcher, Matchers};
 
 /// How urgent an alert is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     /// For the record.
@@ -170,7 +172,10 @@ impl RuleConfig {
         if self.name.trim().is_empty() {
             problems.push(("name", "must not be empty".to_owned()));
         }
-        for (field, v) in [("min_score", self.min_score), ("resolve_score", self.resolve_score)] {
+        for (field, v) in [
+            ("min_score", self.min_score),
+            ("resolve_score", self.resolve_score),
+        ] {
             if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
                 problems.push((field, "must be within [0, 1]".to_owned()));
             }
@@ -193,7 +198,10 @@ impl RuleConfig {
             problems.push(("flap", "max_changes and window must be above 0".to_owned()));
         }
         if self.group_interval.is_zero() || self.repeat_interval.is_zero() {
-            problems.push(("group_interval", "group_interval and repeat_interval must be above 0".to_owned()));
+            problems.push((
+                "group_interval",
+                "group_interval and repeat_interval must be above 0".to_owned(),
+            ));
         }
         problems
     }
@@ -209,11 +217,7 @@ pub(crate) struct Rule {
 
 impl Rule {
     pub(crate) fn new(config: RuleConfig) -> Result<Self, String> {
-        let metric = config
-            .metric
-            .as_deref()
-            .map(|m| Matcher::glob(m))
-            .transpose()?;
+        let metric = config.metric.as_deref().map(Matcher::glob).transpose()?;
         let labels = Matchers::parse(&config.labels)?;
         Ok(Self {
             config,
@@ -223,7 +227,12 @@ impl Rule {
     }
 
     /// Whether a row of `metric` with `labels`, scored by `detector`, falls under this rule.
-    pub(crate) fn matches(&self, metric: &str, labels: &BTreeMap<String, String>, detector: &str) -> bool {
+    pub(crate) fn matches(
+        &self,
+        metric: &str,
+        labels: &BTreeMap<String, String>,
+        detector: &str,
+    ) -> bool {
         self.metric.as_ref().is_none_or(|m| m.is_match(metric))
             && self
                 .config
@@ -248,9 +257,14 @@ impl Rule {
 pub(crate) enum Phase {
     Inactive,
     /// Active since `since`, not for long enough yet.
-    Pending { since: i64 },
+    Pending {
+        since: i64,
+    },
     /// Firing since `since`; last active at `active_at`.
-    Firing { since: i64, active_at: i64 },
+    Firing {
+        since: i64,
+        active_at: i64,
+    },
 }
 
 /// What a row did to an alert.
@@ -258,13 +272,23 @@ pub(crate) enum Phase {
 pub(crate) enum Transition {
     None,
     /// Started firing at `since` (the start of the episode).
-    Fired { since: i64 },
+    Fired {
+        since: i64,
+    },
     /// Resolved at `at`; it had fired since `since`.
-    Resolved { since: i64, at: i64 },
+    Resolved {
+        since: i64,
+        at: i64,
+    },
     /// Started flapping at `at`; its changes are held back.
-    StartedFlapping { at: i64 },
+    StartedFlapping {
+        at: i64,
+    },
     /// Stable again at `at`, and firing or not.
-    StoppedFlapping { at: i64, firing_since: Option<i64> },
+    StoppedFlapping {
+        at: i64,
+        firing_since: Option<i64>,
+    },
 }
 
 /// One alert's state: phase and recent changes.
@@ -294,12 +318,20 @@ impl AlertState {
         matches!(self.phase, Phase::Firing { .. })
     }
 
+    /// Inactive with no recent change to remember: the state can be dropped.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.phase == Phase::Inactive && !self.flapping && self.changes.is_empty()
+    }
+
     /// Advances on one row at event time `ts`.
     pub(crate) fn step(&mut self, rule: &RuleConfig, ts: i64, active: bool) -> Transition {
         let change = match (self.phase, active) {
             (Phase::Inactive, true) => {
                 if rule.for_duration.is_zero() {
-                    self.phase = Phase::Firing { since: ts, active_at: ts };
+                    self.phase = Phase::Firing {
+                        since: ts,
+                        active_at: ts,
+                    };
                     Transition::Fired { since: ts }
                 } else {
                     self.phase = Phase::Pending { since: ts };
@@ -308,7 +340,10 @@ impl AlertState {
             }
             (Phase::Pending { since }, true) => {
                 if ts.saturating_sub(since) >= ms(rule.for_duration) {
-                    self.phase = Phase::Firing { since, active_at: ts };
+                    self.phase = Phase::Firing {
+                        since,
+                        active_at: ts,
+                    };
                     Transition::Fired { since }
                 } else {
                     Transition::None
@@ -319,7 +354,10 @@ impl AlertState {
                 Transition::None
             }
             (Phase::Firing { since, .. }, true) => {
-                self.phase = Phase::Firing { since, active_at: ts };
+                self.phase = Phase::Firing {
+                    since,
+                    active_at: ts,
+                };
                 Transition::None
             }
             (Phase::Firing { since, active_at }, false) => {
@@ -338,7 +376,11 @@ impl AlertState {
     /// Counts fire/resolve changes; turns a flapping alert's changes into one notice.
     fn flap_filter(&mut self, rule: &RuleConfig, ts: i64, change: Transition) -> Transition {
         let window = ms(rule.flap.window);
-        while self.changes.front().is_some_and(|&t| ts.saturating_sub(t) > window) {
+        while self
+            .changes
+            .front()
+            .is_some_and(|&t| ts.saturating_sub(t) > window)
+        {
             self.changes.pop_front();
         }
         match change {
@@ -359,7 +401,10 @@ impl AlertState {
                     Phase::Firing { since, .. } => Some(since),
                     _ => None,
                 };
-                Transition::StoppedFlapping { at: ts, firing_since }
+                Transition::StoppedFlapping {
+                    at: ts,
+                    firing_since,
+                }
             }
             other => other,
         }
@@ -388,7 +433,10 @@ mod tests {
         assert_eq!(s.step(&r, 200_000, false), Transition::None);
         assert_eq!(
             s.step(&r, 230_000, false),
-            Transition::Resolved { since: 0, at: 230_000 }
+            Transition::Resolved {
+                since: 0,
+                at: 230_000
+            }
         );
         // A short blip while pending never fires.
         assert_eq!(s.step(&r, 300_000, true), Transition::None);
@@ -429,7 +477,10 @@ mod tests {
             .iter()
             .filter(|t| matches!(t, Transition::Fired { .. } | Transition::Resolved { .. }))
             .count();
-        assert_eq!(notified, 3, "changes before the flapping are notified, none after");
+        assert_eq!(
+            notified, 3,
+            "changes before the flapping are notified, none after"
+        );
         // Stable (firing) for a whole window: flapping ends, with the current phase.
         let mut last = Transition::None;
         for i in 0..80 {
@@ -438,7 +489,16 @@ mod tests {
                 last = t;
             }
         }
-        assert!(matches!(last, Transition::StoppedFlapping { firing_since: Some(_), .. }), "{last:?}");
+        assert!(
+            matches!(
+                last,
+                Transition::StoppedFlapping {
+                    firing_since: Some(_),
+                    ..
+                }
+            ),
+            "{last:?}"
+        );
         assert!(!s.flapping);
     }
 
@@ -451,7 +511,10 @@ mod tests {
         c.detector = Some("seasonal".into());
         let r = Rule::new(c).unwrap();
         let labels = |s: &str, e: &str| {
-            BTreeMap::from([("service".to_owned(), s.to_owned()), ("env".to_owned(), e.to_owned())])
+            BTreeMap::from([
+                ("service".to_owned(), s.to_owned()),
+                ("env".to_owned(), e.to_owned()),
+            ])
         };
         assert!(r.matches("cpu_user", &labels("api", "prod"), "seasonal+context"));
         assert!(!r.matches("mem_used", &labels("api", "prod"), "seasonal"));
