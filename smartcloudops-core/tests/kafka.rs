@@ -664,3 +664,83 @@ async fn failed_batches_are_not_committed_and_a_restart_processes_them() {
     handle.shutdown();
     handle.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn decision_notifications_are_published_to_a_topic_keyed_by_group() {
+    use smartcloudops_core::decision::{DecisionConfig, DecisionEngine, EngineOptions};
+    use smartcloudops_core::source::generator::{
+        GeneratorConfig, GeneratorSource, InjectedAnomaly,
+    };
+    let topic = unique("notifications");
+    create_topic(&topic, 2).await;
+    let config: DecisionConfig = toml::from_str(&format!(
+        r#"
+        idempotency = {{ store = "memory" }}
+
+        [[rule]]
+        name = "incident"
+        group_wait = "0s"
+        group_by = ["alertname", "host"]
+        receivers = ["bus"]
+
+        [[receiver]]
+        name = "bus"
+        type = "kafka"
+        brokers = "{brokers}"
+        topic = "{topic}"
+        "#,
+        brokers = brokers()
+    ))
+    .unwrap();
+    let engine = Arc::new(
+        DecisionEngine::with_options(
+            config,
+            EngineOptions {
+                ticker: false,
+                ..EngineOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let source = GeneratorSource::new(GeneratorConfig {
+        series: 5,
+        points: 300,
+        anomalies: vec![InjectedAnomaly {
+            series: vec![3],
+            at: 250,
+            duration: 1,
+            magnitude: 40.0,
+            kind: Default::default(),
+        }],
+        ..GeneratorConfig::default()
+    });
+    Pipeline::builder(source)
+        .detector(EwmaDetector::new(EwmaConfig::default()))
+        .shared_action(engine.clone())
+        .build()
+        .spawn()
+        .wait()
+        .await
+        .unwrap();
+    let delivered = engine
+        .stats()
+        .delivered
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(delivered >= 1);
+    let messages = consume(&topic, delivered as usize, Duration::from_secs(20)).await;
+    assert_eq!(messages.len() as u64, delivered);
+    let bodies: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    assert!(bodies.iter().all(|b| b["rule"] == "incident"));
+    assert!(
+        bodies
+            .iter()
+            .any(|b| b["alerts"][0]["labels"]["host"] == "host-00003"),
+        "the injected incident is among the notifications"
+    );
+    let key = std::str::from_utf8(messages[0].key().unwrap()).unwrap();
+    assert_eq!(key.len(), 16, "keyed by the group's id");
+}

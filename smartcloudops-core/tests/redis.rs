@@ -1012,3 +1012,69 @@ async fn tls_and_a_password_from_a_file_connect_and_the_password_is_never_printe
         RedisConnection::new(format!("rediss://:s3cret-pw@127.0.0.1:{}", server.port));
     assert!(!format!("{with_url_password:?}").contains("s3cret-pw"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
+async fn decision_notifications_reach_a_redis_stream_and_keys_dedupe_in_redis() {
+    use smartcloudops_core::decision::guard::{IdempotencyStore, RedisIdempotency};
+    use smartcloudops_core::decision::{DecisionConfig, DecisionEngine, EngineOptions};
+    let stream = unique("notifications");
+    let prefix = unique("decision");
+    let config: DecisionConfig = toml::from_str(&format!(
+        r#"
+        idempotency = {{ store = "redis", key_prefix = "{prefix}" }}
+
+        [[rule]]
+        name = "incident"
+        group_wait = "0s"
+        group_by = ["alertname", "host"]
+        receivers = ["bus"]
+
+        [[receiver]]
+        name = "bus"
+        type = "redis"
+        stream = "{stream}"
+        "#
+    ))
+    .unwrap();
+    let engine = Arc::new(
+        DecisionEngine::with_options(
+            config,
+            EngineOptions {
+                ticker: false,
+                redis: Some(connection()),
+                ..EngineOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    Pipeline::builder(incident_generator())
+        .detector(EwmaDetector::new(EwmaConfig::default()))
+        .shared_action(engine.clone())
+        .build()
+        .spawn()
+        .wait()
+        .await
+        .unwrap();
+    let delivered = engine.stats().delivered.load(Ordering::Relaxed);
+    assert!(delivered >= 1);
+    let mut con = raw().await;
+    let reply: redis::streams::StreamRangeReply = con.xrange_all(&stream).await.unwrap();
+    assert_eq!(reply.ids.len() as u64, delivered);
+    let body: String = reply.ids[0].get("data").unwrap();
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["rule"], "incident");
+    // The keys the engine claimed are in Redis: claiming one again fails, for any replica.
+    let store = RedisIdempotency::new(connection(), prefix.clone());
+    let id = body["id"].as_str().unwrap();
+    assert!(!store.claim(id, Duration::from_secs(60), 0).await.unwrap());
+    assert!(
+        store
+            .claim("never-seen", Duration::from_secs(60), 0)
+            .await
+            .unwrap()
+    );
+    let keys: Vec<String> = con.keys(format!("{prefix}:*")).await.unwrap();
+    let _: () = con.del(&keys).await.unwrap();
+    let _: () = con.del(&stream).await.unwrap();
+}

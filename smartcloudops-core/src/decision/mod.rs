@@ -347,6 +347,8 @@ pub enum ReceiverKind {
     Command,
     /// Publish to a Redis `channel` or append to a `stream`.
     Redis,
+    /// Publish to a Kafka `topic` on `brokers`.
+    Kafka,
 }
 
 /// `[[decision.receiver]]`.
@@ -373,6 +375,12 @@ pub struct ReceiverConfig {
     /// Redis: the stream to append to (instead of a channel).
     #[serde(default)]
     pub stream: Option<String>,
+    /// Kafka: `bootstrap.servers`.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// Kafka: the topic.
+    #[serde(default)]
+    pub topic: Option<String>,
     /// PagerDuty: environment variable holding the integration's routing key.
     #[serde(default)]
     pub routing_key_env: Option<String>,
@@ -658,6 +666,18 @@ fn build_receiver(
             }
             #[cfg(not(feature = "redis"))]
             Err("this build has no Redis support".into())
+        }
+        ReceiverKind::Kafka => {
+            #[cfg(feature = "kafka")]
+            {
+                let (Some(brokers), Some(topic)) = (&r.brokers, &r.topic) else {
+                    return Err("`brokers` and `topic` are required".into());
+                };
+                receiver::KafkaReceiver::new(brokers, topic, r.timeout)
+                    .map(|k| Box::new(k) as Box<dyn Receiver>)
+            }
+            #[cfg(not(feature = "kafka"))]
+            Err("this build has no Kafka support".into())
         }
     }
 }
