@@ -430,3 +430,95 @@ fn fleet_alerts_as_expected(preset: &str, config: &Path, state: &Path) {
     assert!(alerts.len() < 150, "{preset}: {} alerts", alerts.len());
     assert!(state.join("detector.snapshot").exists());
 }
+
+#[test]
+fn the_decision_example_notifies_plans_a_dry_run_restart_and_audits_every_step() {
+    let out = tempfile::tempdir().unwrap();
+    let output = bin()
+        .args(["--quiet", "run"])
+        .arg(repo().join("examples/decision.toml"))
+        .env("SMARTCLOUDOPS_OUT", out.path())
+        .output()
+        .unwrap();
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let notify: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("NOTIFY "))
+        .collect();
+    assert_eq!(notify.len(), 2, "{stdout}");
+    assert!(
+        notify[0].starts_with(
+            "NOTIFY console FIRING web-anomaly [alertname=web-anomaly,service=checkout]"
+        )
+    );
+    assert!(notify[0].contains("host=\"web-2\""));
+    assert!(
+        notify[1].starts_with("NOTIFY console RESOLVED"),
+        "sent at shutdown: {}",
+        notify[1]
+    );
+
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |kind: &str, outcome: &str| {
+        audit
+            .iter()
+            .filter(|r| r["kind"] == kind && r["outcome"] == outcome)
+            .count()
+    };
+    assert_eq!(of("trigger", "fired"), 2);
+    assert_eq!(of("trigger", "resolved"), 2);
+    assert_eq!(of("result", "delivered"), 2);
+    let dry = audit
+        .iter()
+        .find(|r| r["outcome"] == "dry_run")
+        .expect("a planned restart");
+    assert_eq!(
+        dry["details"]["plan"]["argv"],
+        serde_json::json!(["/usr/bin/systemctl", "restart", "checkout.service"])
+    );
+    // The idempotency store was written next to the audit log (file backend).
+    assert!(out.path().join("idempotency.jsonl").exists());
+}
+
+#[test]
+fn validate_reports_decision_mistakes_with_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        r#"
+[source]
+type = "generator"
+
+[detector]
+type = "ewma"
+
+[decision]
+allowed_commands = ["/usr/bin/systemctl"]
+
+[[decision.rule]]
+name = "cpu"
+min_score = 2.0
+receivers = ["pager"]
+
+[[decision.receiver]]
+name = "shell"
+type = "command"
+[decision.receiver.command]
+argv = ["/bin/sh", "-c", "reboot"]
+"#,
+    )
+    .unwrap();
+    let output = bin().arg("validate").arg(&config).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("decision.rule[0].min_score"), "{stderr}");
+    assert!(stderr.contains("decision.rule[0].receivers"), "{stderr}");
+    assert!(stderr.contains("decision.receiver[0]"), "{stderr}");
+    assert!(stderr.contains("allowed_commands"), "{stderr}");
+}

@@ -184,6 +184,9 @@ impl Group {
 #[derive(Debug, Default)]
 pub(crate) struct Dispatcher {
     groups: HashMap<String, Group>,
+    /// Groups whose alerts all resolved before the group's first notification: nothing was
+    /// announced, so nothing is notified; the engine records them in the audit log.
+    pub(crate) unannounced: Vec<(String, String, Vec<String>)>,
     pub(crate) silences: Vec<Silence>,
     pub(crate) inhibits: Vec<Inhibit>,
 }
@@ -281,6 +284,19 @@ impl Dispatcher {
             let due_at = group.due_at(rule);
             let due = if flush { group.dirty } else { now_ms >= due_at };
             if !due || group.alerts.is_empty() {
+                continue;
+            }
+            let firing = group
+                .alerts
+                .values()
+                .any(|a| a.status == AlertStatus::Firing);
+            if group.last_notified_ms.is_none() && !firing {
+                self.unannounced.push((
+                    rule.name.clone(),
+                    key.clone(),
+                    group.alerts.keys().cloned().collect(),
+                ));
+                group.alerts.clear();
                 continue;
             }
             let alerts: Vec<AlertRecord> = group.alerts.values().cloned().collect();

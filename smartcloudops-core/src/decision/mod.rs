@@ -349,6 +349,8 @@ pub enum ReceiverKind {
     Redis,
     /// Publish to a Kafka `topic` on `brokers`.
     Kafka,
+    /// Print one line per notification on standard output.
+    Log,
 }
 
 /// `[[decision.receiver]]`.
@@ -667,6 +669,7 @@ fn build_receiver(
             #[cfg(not(feature = "redis"))]
             Err("this build has no Redis support".into())
         }
+        ReceiverKind::Log => Ok(Box::new(receiver::LogReceiver)),
         ReceiverKind::Kafka => {
             #[cfg(feature = "kafka")]
             {
@@ -999,6 +1002,7 @@ impl Inner {
         let now = self.clock.now_ms();
         let mut records = Vec::new();
         let mut notices = Vec::new();
+        let mut due = Vec::new();
         let mut state = self.lock();
         let state = &mut *state;
         for row in 0..batch.num_rows() {
@@ -1102,16 +1106,26 @@ impl Inner {
                     }
                 }
                 state.dispatcher.update(ri, &rule.config, record, now);
+                if rule.config.group_wait.is_zero() {
+                    // Announce now, before a later row of this batch resolves it again.
+                    due.extend(state.dispatcher.due(&self.rule_configs, now, false));
+                }
             }
         }
-        let mut due = state.dispatcher.due(&self.rule_configs, now, false);
+        due.extend(state.dispatcher.due(&self.rule_configs, now, false));
+        records.extend(unannounced(&mut state.dispatcher));
         due.extend(notices);
         Ok((records, due))
     }
 
     async fn tick(&self, flush: bool) -> Result<usize> {
         let now = self.clock.now_ms();
-        let due = self.lock().dispatcher.due(&self.rule_configs, now, flush);
+        let (due, records) = {
+            let mut state = self.lock();
+            let due = state.dispatcher.due(&self.rule_configs, now, flush);
+            (due, unannounced(&mut state.dispatcher))
+        };
+        self.audit.write(&records)?;
         let n = due.len();
         for notification in due {
             self.execute(notification, true).await?;
@@ -1362,6 +1376,22 @@ impl Inner {
         tracing::error!(receiver = %n.receiver, notification = %n.id, "notification dead-lettered: {reason}");
         Ok(())
     }
+}
+
+/// Audit records for groups that resolved before their first notification.
+fn unannounced(dispatcher: &mut Dispatcher) -> Vec<AuditRecord> {
+    dispatcher
+        .unannounced
+        .drain(..)
+        .map(|(rule, group_key, fingerprints)| {
+            let mut r = AuditRecord::new("decision", "resolved_before_notified");
+            r.rule = Some(rule);
+            r.reason =
+                "every alert of the group resolved before its first notification was due".into();
+            r.details = json!({ "group_key": group_key, "fingerprints": fingerprints });
+            r
+        })
+        .collect()
 }
 
 impl Action for DecisionEngine {
