@@ -363,7 +363,8 @@ pub(crate) fn alertmanager_payload(n: &Notification, external_url: &str) -> Valu
     })
 }
 
-/// A Slack incoming-webhook message: a title line and one line per alert.
+/// A Slack incoming-webhook message: `text` (the title, shown in notifications) and
+/// `blocks` (the title, then one line per alert).
 pub(crate) fn slack_payload(n: &Notification, channel: Option<&str>) -> Value {
     let firing = n
         .alerts
@@ -413,15 +414,16 @@ pub(crate) fn slack_payload(n: &Notification, channel: Option<&str>) -> Value {
             )
         })
         .collect();
-    let color = match (&n.kind, n.status()) {
-        (NotificationKind::Alerts, AlertStatus::Resolved) => "good",
-        (NotificationKind::Alerts, AlertStatus::Firing) => "danger",
-        _ => "warning",
-    };
-    let mut message = json!({
-        "text": title,
-        "attachments": [{ "color": color, "text": lines.join("\n"), "mrkdwn_in": ["text"] }],
-    });
+    let mut blocks = vec![json!({
+        "type": "section",
+        "text": { "type": "mrkdwn", "text": format!("*{title}*") },
+    })];
+    // A section holds at most 3 000 characters; Slack refuses longer ones.
+    let body: String = lines.join("\n").chars().take(2900).collect();
+    if !body.is_empty() {
+        blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": body } }));
+    }
+    let mut message = json!({ "text": title, "blocks": blocks });
     if let Some(channel) = channel {
         message["channel"] = channel.into();
     }

@@ -1,0 +1,138 @@
+//! The decision layer: scored rows through rules, alert state, grouping and dedup, and the
+//! notification path (guards, idempotency, audit) with a dry-run command receiver, so no
+//! network time is counted.
+//!
+//! `cargo bench -p smartcloudops-benches --bench decision`
+//!
+//! Input: 1 000 series (10 services), 8 samples each per batch (8 000 rows), a minute apart;
+//! each series is anomalous one sample in 50 (2 % of rows), so alerts keep firing and
+//! resolving: every batch brings about 160 anomalous rows, 160 alerts firing and 160
+//! resolving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use smartcloudops_core::decision::guard::MemoryIdempotency;
+use smartcloudops_core::decision::{DecisionConfig, DecisionEngine, EngineOptions};
+use smartcloudops_core::detector::{ScoreColumnsBuilder, Verdict};
+use smartcloudops_core::schema::MetricsBatchBuilder;
+use smartcloudops_core::{Action, ActionInput, Alert};
+
+const SERIES: usize = 1_000;
+const SAMPLES: usize = 8;
+
+fn batch(round: usize) -> ActionInput {
+    let mut b = MetricsBatchBuilder::with_capacity(SERIES * SAMPLES);
+    let mut s = ScoreColumnsBuilder::with_capacity(SERIES * SAMPLES);
+    for k in 0..SAMPLES {
+        let sample = round * SAMPLES + k;
+        for series in 0..SERIES {
+            let host = format!("host-{series:04}");
+            let service = format!("svc-{}", series % 10);
+            b.push(
+                1_764_028_800_000 + sample as i64 * 60_000,
+                "cpu_utilization",
+                &[
+                    ("host", host.as_str()),
+                    ("service", service.as_str()),
+                    ("region", "eu-west-1"),
+                ],
+                40.0,
+            );
+            let anomalous = (sample + series) % 50 == 0;
+            s.push(Verdict {
+                score: if anomalous { 0.99999 } else { 0.2 },
+                is_anomaly: anomalous,
+                expected: 40.0,
+                lower: 30.0,
+                upper: 50.0,
+                ..Verdict::NONE
+            });
+        }
+    }
+    let batch = s.finish(&b.finish(), "ewma").unwrap();
+    let alerts = Alert::from_scored(&batch).unwrap();
+    ActionInput { batch, alerts }
+}
+
+fn engine(group_wait: &str) -> DecisionEngine {
+    let config: DecisionConfig = toml::from_str(&format!(
+        r#"
+        allowed_commands = ["/usr/bin/systemctl"]
+
+        [[rule]]
+        name = "cpu-high"
+        metric = "cpu_*"
+        labels = {{ region = "~eu-.*" }}
+        min_score = 0.999
+        resolve_score = 0.99
+        group_by = ["alertname", "service"]
+        group_wait = "{group_wait}"
+        group_interval = "1ms"
+        receivers = ["restart"]
+
+        [[rule]]
+        name = "not-matching"
+        metric = "mem_*"
+        receivers = ["restart"]
+
+        [[rule]]
+        name = "flagged"
+        labels = {{ service = "!svc-9" }}
+        group_by = ["alertname", "host"]
+        group_wait = "{group_wait}"
+        group_interval = "1ms"
+        receivers = ["restart"]
+
+        [[receiver]]
+        name = "restart"
+        type = "command"
+        [receiver.command]
+        argv = ["/usr/bin/systemctl", "restart", "{{service}}.service"]
+        mode = "dry_run"
+        params = {{ service = {{ pattern = "[a-z0-9-]+" }} }}
+        "#
+    ))
+    .unwrap();
+    DecisionEngine::with_options(
+        config,
+        EngineOptions {
+            ticker: false,
+            idempotency: Some(Arc::new(MemoryIdempotency::default())),
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let batches: Vec<ActionInput> = (0..50).map(batch).collect();
+    let mut group = c.benchmark_group("decision");
+    group.throughput(Throughput::Elements((SERIES * SAMPLES) as u64));
+    for (name, wait) in [
+        ("rules_and_grouping", "1h"),
+        ("with_dry_run_notifications", "0s"),
+    ] {
+        let engine = engine(wait);
+        let mut i = 0usize;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(engine.execute(&batches[i % batches.len()]))
+                    .unwrap();
+                i += 1;
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5));
+    targets = bench
+}
+criterion_main!(benches);
