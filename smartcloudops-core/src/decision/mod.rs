@@ -728,7 +728,7 @@ pub struct DecisionStats {
 
 #[derive(Debug, Default)]
 struct EngineState {
-    alerts: HashMap<(usize, u64), AlertState>,
+    alerts: rustc_hash::FxHashMap<(usize, u64), AlertState>,
     dispatcher: Dispatcher,
     global_bucket: Option<TokenBucket>,
     suggestions: Vec<Suggestion>,
