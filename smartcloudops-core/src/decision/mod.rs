@@ -29,6 +29,8 @@
 //! use smartcloudops_core::decision::{DecisionConfig, DecisionEngine};
 //!
 //! let config: DecisionConfig = toml::from_str(r#"
+//!     idempotency = { store = "memory" }   # the default is a file, for restarts
+//!
 //!     [[rule]]
 //!     name = "cpu-high"
 //!     metric = "cpu_*"

@@ -1,7 +1,7 @@
 //! Rules and the alert state machine: which scored rows become alerts, and when an alert
 //! fires, resolves or is held back as flapping.
 //!
-//! One [`AlertState`] per (rule, series). Time is the rows' event time, so a replay of the
+//! One alert state per (rule, series). Time is the rows' event time, so a replay of the
 //! same rows takes the same decisions:
 //!
 //! ```text

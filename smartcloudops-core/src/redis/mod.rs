@@ -19,8 +19,8 @@
 //! Passwords never appear in logs, `Debug` output or error messages: [`RedisConnection`]
 //! redacts any password in the URL.
 
-mod cache;
-mod state;
+pub mod cache;
+pub mod state;
 
 use std::fmt;
 use std::path::PathBuf;
