@@ -455,6 +455,7 @@ async fn groups_wait_collect_and_repeat_on_the_clock() {
             group_wait = "30s"
             group_interval = "5m"
             repeat_interval = "1h"
+            stale_after = "0s"           # the series go quiet on purpose here
             receivers = ["hook"]
 
             [[receiver]]
@@ -731,12 +732,36 @@ async fn cooldown_holds_repeats_and_the_circuit_breaker_escalates_to_a_person() 
         .unwrap();
     assert_eq!(
         rx.bodies("/cool").len(),
-        1,
-        "the resolve within the cooldown is held"
+        2,
+        "a resolve is never held by a cooldown"
+    );
+    clock.advance(Duration::from_secs(60));
+    cool.execute(&input(&[("x", "api", 120, 99.0, 1.0, true)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        rx.bodies("/cool").len(),
+        2,
+        "firing again within the cooldown is held"
     );
     assert!(outcomes(&cool, "decision").contains(&"cooldown".to_owned()));
-    // Held notifications are not lost: they are dead-lettered (no fallback here).
-    assert!(outcomes(&cool, "result").contains(&"dead_lettered".to_owned()));
+    // A cooldown is a deliberate pause: recorded, not dead-lettered.
+    assert!(!outcomes(&cool, "result").contains(&"dead_lettered".to_owned()));
+    clock.advance(Duration::from_secs(600));
+    cool.execute(&input(&[("x", "api", 180, 40.0, 0.0, false)]))
+        .await
+        .unwrap();
+    cool.execute(&input(&[("x", "api", 240, 99.0, 1.0, true)]))
+        .await
+        .unwrap();
+    // The resolve goes out (a receiver ignores a resolve it has no incident for), then the
+    // new firing, the cooldown being over.
+    assert_eq!(
+        rx.bodies("/cool").len(),
+        4,
+        "after the cooldown it fires again"
+    );
+    assert_eq!(rx.bodies("/cool")[3]["alerts"][0]["status"], "firing");
 }
 
 fn command_engine(
@@ -992,4 +1017,99 @@ async fn configuration_mistakes_are_refused_with_their_path() {
         problems["receiver[0]"].contains("allowed_commands"),
         "{problems:?}"
     );
+}
+
+#[tokio::test]
+async fn an_alert_whose_series_goes_quiet_resolves_after_stale_after() {
+    let (rx, addr) = Receiver::spawn().await;
+    let clock = Arc::new(ManualClock::at(T0));
+    let engine = engine(
+        &format!(
+            r#"
+            [[rule]]
+            name = "cpu"
+            group_wait = "0s"
+            group_interval = "1s"
+            stale_after = "10m"
+            receivers = ["hook"]
+
+            [[receiver]]
+            name = "hook"
+            type = "webhook"
+            url = "http://{addr}/hook"
+            "#
+        ),
+        clock.clone(),
+    );
+    engine
+        .execute(&input(&[("gone", "api", 0, 99.0, 1.0, true)]))
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(9 * 60));
+    engine.tick().await.unwrap();
+    assert_eq!(
+        rx.bodies("/hook").len(),
+        1,
+        "still firing before stale_after"
+    );
+    clock.advance(Duration::from_secs(2 * 60));
+    engine.tick().await.unwrap();
+    let bodies = rx.bodies("/hook");
+    assert_eq!(bodies.len(), 2);
+    assert_eq!(bodies[1]["alerts"][0]["status"], "resolved");
+    assert!(outcomes(&engine, "trigger").contains(&"stale".to_owned()));
+    assert!(engine.firing().is_empty());
+}
+
+#[tokio::test]
+async fn a_silence_added_during_an_incident_mutes_it_and_its_end_brings_it_back() {
+    let (rx, addr) = Receiver::spawn().await;
+    let clock = Arc::new(ManualClock::at(T0));
+    let engine = engine(
+        &format!(
+            r#"
+            [[rule]]
+            name = "cpu"
+            group_wait = "0s"
+            group_interval = "1m"
+            repeat_interval = "10m"
+            stale_after = "0s"
+            receivers = ["hook"]
+
+            [[receiver]]
+            name = "hook"
+            type = "webhook"
+            url = "http://{addr}/hook"
+            "#
+        ),
+        clock.clone(),
+    );
+    engine
+        .execute(&input(&[("web-1", "api", 0, 99.0, 1.0, true)]))
+        .await
+        .unwrap();
+    assert_eq!(rx.bodies("/hook").len(), 1);
+    engine
+        .add_silence(
+            toml::from_str(
+                r#"
+                matchers = { host = "web-1" }
+                created_by = "bob"
+                comment = "on it"
+                duration = "30m"
+                "#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    clock.advance(Duration::from_secs(20 * 60));
+    engine.tick().await.unwrap();
+    assert_eq!(rx.bodies("/hook").len(), 1, "no repeat while silenced");
+    assert!(outcomes(&engine, "decision").contains(&"silenced".to_owned()));
+    clock.advance(Duration::from_secs(11 * 60)); // the silence ended; the alert still fires
+    engine.tick().await.unwrap();
+    let bodies = rx.bodies("/hook");
+    assert_eq!(bodies.len(), 2, "notified again once the silence ended");
+    assert_eq!(bodies[1]["alerts"][0]["status"], "firing");
+    assert!(outcomes(&engine, "decision").contains(&"unmuted".to_owned()));
 }

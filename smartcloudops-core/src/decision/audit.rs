@@ -6,7 +6,7 @@
 //! | kind | written when | links |
 //! |---|---|---|
 //! | `trigger` | an alert fires, resolves or starts flapping | `fingerprint`, `rule` |
-//! | `decision` | a notification is sent on, or held back (silenced, inhibited, flapping, duplicate, cooldown, rate limit, open circuit, suggest, dry run, invalid parameters) | `notification`, `receiver`, `key`, `fingerprints` |
+//! | `decision` | a notification is sent on, or held back (silenced, inhibited, duplicate, cooldown, rate limit, open circuit, suggest, dry run, invalid parameters) | `notification`, `receiver`, `key`, `fingerprints` |
 //! | `execution` | one attempt starts | `notification`, `receiver`, `key`, `attempt` |
 //! | `result` | an attempt ends, or the notification ends in a fallback, an escalation or a dead letter | `notification`, `receiver`, `attempt`, `outcome` |
 //!

@@ -113,12 +113,42 @@ enum Check {
     OneOf(Vec<String>),
 }
 
+/// One piece of an argument: literal text or a parameter's value.
+#[derive(Debug)]
+enum Piece {
+    Text(String),
+    Param(String),
+}
+
 /// Runs allowlisted commands. See the [module docs](self).
 #[derive(Debug)]
 pub struct CommandReceiver {
     config: CommandConfig,
     params: BTreeMap<String, (String, Check)>,
+    /// `argv` split into literal text and parameters once, so a value is never scanned
+    /// for placeholders again.
+    template: Vec<Vec<Piece>>,
     timeout: Duration,
+}
+
+/// `arg` as literal text and `{param}` pieces.
+fn pieces(arg: &str) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut rest = arg;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        if open > 0 {
+            out.push(Piece::Text(rest[..open].to_owned()));
+        }
+        out.push(Piece::Param(rest[open + 1..open + close].to_owned()));
+        rest = &rest[open + close + 1..];
+    }
+    if !rest.is_empty() || out.is_empty() {
+        out.push(Piece::Text(rest.to_owned()));
+    }
+    out
 }
 
 /// Placeholders `{name}` in `arg`.
@@ -166,7 +196,13 @@ impl CommandReceiver {
                     )
                 }
                 ParamType::Integer => {
-                    Check::Range(spec.min.unwrap_or(i64::MIN), spec.max.unwrap_or(i64::MAX))
+                    // Non-negative unless asked: a negative number reads as an option, and
+                    // to `kill` a negative pid is a process group.
+                    let (min, max) = (spec.min.unwrap_or(0), spec.max.unwrap_or(i64::MAX));
+                    if min > max {
+                        return Err(format!("parameter `{name}`: min is above max"));
+                    }
+                    Check::Range(min, max)
                 }
                 ParamType::Enum => {
                     if spec.values.is_empty() {
@@ -187,9 +223,11 @@ impl CommandReceiver {
                 }
             }
         }
+        let template = config.argv.iter().map(|a| pieces(a)).collect();
         Ok(Self {
             config,
             params,
+            template,
             timeout,
         })
     }
@@ -204,30 +242,33 @@ impl CommandReceiver {
                     "parameter `{name}`: label `{label}` is not shared by every alert of the group"
                 )
             })?;
-            let ok = match check {
-                Check::Pattern(re) => re.is_match(value),
+            let valid = match check {
+                // A leading `-` would read as an option, whatever the pattern allows.
+                Check::Pattern(re) => {
+                    (!value.starts_with('-') && re.is_match(value)).then(|| value.clone())
+                }
                 Check::Range(min, max) => value
+                    .trim()
                     .parse::<i64>()
-                    .is_ok_and(|v| (*min..=*max).contains(&v)),
-                Check::OneOf(allowed) => allowed.contains(value),
+                    .ok()
+                    .filter(|v| (*min..=*max).contains(v))
+                    .map(|v| v.to_string()),
+                Check::OneOf(allowed) => allowed.contains(value).then(|| value.clone()),
             };
-            if !ok {
-                return Err(format!(
-                    "parameter `{name}`: {value:?} is not a valid value"
-                ));
-            }
-            values.insert(name.as_str(), value.as_str());
+            let valid = valid
+                .ok_or_else(|| format!("parameter `{name}`: {value:?} is not a valid value"))?;
+            values.insert(name.as_str(), valid);
         }
         Ok(self
-            .config
-            .argv
+            .template
             .iter()
             .map(|arg| {
-                let mut out = arg.clone();
-                for (name, value) in &values {
-                    out = out.replace(&format!("{{{name}}}"), value);
-                }
-                out
+                arg.iter()
+                    .map(|piece| match piece {
+                        Piece::Text(t) => t.as_str(),
+                        Piece::Param(p) => values.get(p.as_str()).map_or("", String::as_str),
+                    })
+                    .collect()
             })
             .collect())
     }
@@ -363,6 +404,70 @@ mod tests {
         assert!(err.contains("allowed_commands"), "{err}");
         let err = CommandReceiver::new(config(&["/bin/echo", "{host}"]), &allowed, t).unwrap_err();
         assert!(err.contains("not a declared parameter"), "{err}");
+    }
+
+    #[test]
+    fn values_are_validated_normalised_and_never_options() {
+        use crate::decision::rule::Severity;
+        use crate::decision::{AlertRecord, AlertStatus, Notification, NotificationKind};
+        let mut c = config(&["/bin/echo", "--unit={service}.service", "{pid}"]);
+        c.params.insert(
+            "pid".into(),
+            ParamSpec {
+                label: None,
+                kind: ParamType::Integer,
+                pattern: None,
+                min: None,
+                max: Some(99_999),
+                values: vec![],
+            },
+        );
+        let r =
+            CommandReceiver::new(c, &[PathBuf::from("/bin/echo")], Duration::from_secs(1)).unwrap();
+        let notification = |service: &str, pid: &str| {
+            let alert = AlertRecord {
+                fingerprint: "f".into(),
+                rule: "r".into(),
+                status: AlertStatus::Firing,
+                severity: Severity::Warning,
+                labels: BTreeMap::from([
+                    ("service".to_owned(), service.to_owned()),
+                    ("pid".to_owned(), pid.to_owned()),
+                ]),
+                annotations: BTreeMap::new(),
+                starts_at_ms: 0,
+                ends_at_ms: None,
+                series_id: 1,
+            };
+            Notification::new(
+                "x",
+                "r",
+                "g",
+                BTreeMap::new(),
+                vec![alert],
+                0,
+                0,
+                NotificationKind::Alerts,
+            )
+        };
+        assert_eq!(
+            r.argv(&notification("api", "+0042")).unwrap(),
+            vec!["/bin/echo", "--unit=api.service", "42"]
+        );
+        assert!(
+            r.argv(&notification("api", "-1")).is_err(),
+            "negative: a process group to kill"
+        );
+        assert!(r.argv(&notification("-rf", "1")).is_err(), "leading dash");
+        // A value holding another placeholder is not expanded again.
+        let mut c = config(&["/bin/echo", "{service}"]);
+        c.params.get_mut("service").unwrap().pattern = Some("[a-z{}]+".into());
+        let r =
+            CommandReceiver::new(c, &[PathBuf::from("/bin/echo")], Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            r.argv(&notification("a{service}", "1")).unwrap(),
+            vec!["/bin/echo", "a{service}"]
+        );
     }
 
     #[test]

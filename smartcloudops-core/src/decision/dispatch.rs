@@ -12,7 +12,7 @@
 //!   matching its `target` that agree on the `equal` labels).
 //! - Resolved alerts are notified once, then leave the group; an empty group is removed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -140,11 +140,31 @@ impl Inhibit {
     }
 }
 
-/// Why an alert change was not notified.
+/// Why an alert is not notified now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Muted {
+    /// By the silence with this id.
     Silenced(String),
+    /// By the firing alert with this fingerprint.
     Inhibited(String),
+}
+
+impl Muted {
+    pub(crate) fn outcome(&self) -> (&'static str, &str) {
+        match self {
+            Muted::Silenced(id) => ("silenced", id),
+            Muted::Inhibited(fp) => ("inhibited", fp),
+        }
+    }
+}
+
+/// An alert that a silence or an inhibition started or stopped muting.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct MuteChange {
+    pub(crate) rule: String,
+    pub(crate) fingerprint: String,
+    /// The new muting, or `None` when it ended.
+    pub(crate) muted: Option<Muted>,
 }
 
 #[derive(Debug)]
@@ -153,10 +173,12 @@ struct Group {
     labels: BTreeMap<String, String>,
     /// The group's alerts by fingerprint: firing ones, and resolved ones not notified yet.
     alerts: BTreeMap<String, AlertRecord>,
+    /// What the last notification said: (fingerprint, firing?).
+    sent: BTreeSet<(String, bool)>,
+    /// Alerts muted at the last look, and by what (each change is recorded once).
+    muted: BTreeMap<String, Muted>,
     created_ms: i64,
     last_notified_ms: Option<i64>,
-    /// Changed since the last notification.
-    dirty: bool,
     /// Start of the current firing episode (the first alert that fired in it).
     epoch_ms: i64,
     /// Notifications sent in this episode.
@@ -164,19 +186,36 @@ struct Group {
 }
 
 impl Group {
-    /// When the group's next notification falls due (`i64::MAX`: none pending).
-    fn due_at(&self, rule: &RuleConfig) -> i64 {
-        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        let firing = self
-            .alerts
+    /// The alerts a notification would carry now: firing ones not muted, and resolved ones
+    /// that were announced as firing.
+    fn visible(&self, muted: &HashMap<String, Muted>) -> Vec<&AlertRecord> {
+        self.alerts
             .values()
-            .any(|a| a.status == AlertStatus::Firing);
-        match self.last_notified_ms {
-            None => self.created_ms.saturating_add(ms(rule.group_wait)),
-            Some(last) if self.dirty => last.saturating_add(ms(rule.group_interval)),
+            .filter(|a| match a.status {
+                AlertStatus::Firing => !muted.contains_key(&a.fingerprint),
+                AlertStatus::Resolved => self.sent.contains(&(a.fingerprint.clone(), true)),
+            })
+            .collect()
+    }
+
+    /// When the group's next notification falls due, given what it would say now, and
+    /// whether that differs from what was said last.
+    fn due_at(&self, rule: &RuleConfig, visible: &[&AlertRecord]) -> (i64, bool) {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let now: BTreeSet<(String, bool)> = visible
+            .iter()
+            .map(|a| (a.fingerprint.clone(), a.status == AlertStatus::Firing))
+            .collect();
+        let changed = now != self.sent;
+        let firing = visible.iter().any(|a| a.status == AlertStatus::Firing);
+        let at = match self.last_notified_ms {
+            None if firing => self.created_ms.saturating_add(ms(rule.group_wait)),
+            None => i64::MAX,
+            Some(last) if changed => last.saturating_add(ms(rule.group_interval)),
             Some(last) if firing => last.saturating_add(ms(rule.repeat_interval)),
             Some(_) => i64::MAX,
-        }
+        };
+        (at, changed && (firing || self.last_notified_ms.is_some()))
     }
 }
 
@@ -184,9 +223,11 @@ impl Group {
 #[derive(Debug, Default)]
 pub(crate) struct Dispatcher {
     groups: HashMap<String, Group>,
-    /// Groups whose alerts all resolved before the group's first notification: nothing was
-    /// announced, so nothing is notified; the engine records them in the audit log.
+    /// Groups whose alerts all resolved before anything about them was notified; the engine
+    /// records them in the audit log.
     pub(crate) unannounced: Vec<(String, String, Vec<String>)>,
+    /// Muting that started or ended, for the audit log.
+    pub(crate) mute_changes: Vec<MuteChange>,
     pub(crate) silences: Vec<Silence>,
     pub(crate) inhibits: Vec<Inhibit>,
 }
@@ -198,7 +239,7 @@ fn label_set(labels: &BTreeMap<String, String>) -> String {
 }
 
 impl Dispatcher {
-    /// Whether `alert` is muted now: silenced, or inhibited by a firing alert.
+    /// Whether `alert` is muted now: silenced, or inhibited by another firing alert.
     pub(crate) fn muted(&self, alert: &AlertRecord, now_ms: i64) -> Option<Muted> {
         if let Some(s) = self
             .silences
@@ -245,13 +286,22 @@ impl Dispatcher {
             .filter_map(|l| alert.labels.get(l).map(|v| (l.clone(), v.clone())))
             .collect();
         let key = format!("{}:{}", rule.name, label_set(&labels));
+        if alert.status == AlertStatus::Resolved
+            && !self
+                .groups
+                .get(&key)
+                .is_some_and(|g| g.alerts.contains_key(&alert.fingerprint))
+        {
+            return; // not in a group (already notified as resolved, or never fired here)
+        }
         let group = self.groups.entry(key).or_insert_with(|| Group {
             rule: rule_index,
             labels,
             alerts: BTreeMap::new(),
+            sent: BTreeSet::new(),
+            muted: BTreeMap::new(),
             created_ms: now_ms,
             last_notified_ms: None,
-            dirty: false,
             epoch_ms: alert.starts_at_ms,
             sequence: 0,
         });
@@ -260,62 +310,119 @@ impl Dispatcher {
             .values()
             .any(|a| a.status == AlertStatus::Firing);
         if alert.status == AlertStatus::Firing && !had_firing {
-            // A new episode for this group: new idempotency keys for its notifications.
+            // A new episode for this group.
             group.epoch_ms = alert.starts_at_ms;
             group.sequence = 0;
         }
-        if alert.status == AlertStatus::Resolved && !group.alerts.contains_key(&alert.fingerprint) {
-            return; // it was never notified as firing here (muted): nothing to resolve
-        }
         group.alerts.insert(alert.fingerprint.clone(), alert);
-        group.dirty = true;
     }
 
-    /// The notifications due at `now_ms` (all pending ones with `flush`, at shutdown).
+    /// The notifications due at `now_ms` (every pending one with `flush`, at shutdown).
+    /// Silences and inhibition are applied here, at notification time, so a silence added
+    /// during an incident mutes it from then on, and an alert still firing when its silence
+    /// ends is notified.
     pub(crate) fn due(
         &mut self,
         rules: &[RuleConfig],
         now_ms: i64,
         flush: bool,
     ) -> Vec<Notification> {
+        // Muting needs every group (inhibition looks across them): decide it first.
+        let mut muted = HashMap::new();
+        for g in self.groups.values() {
+            for a in g
+                .alerts
+                .values()
+                .filter(|a| a.status == AlertStatus::Firing)
+            {
+                if let Some(m) = self.muted(a, now_ms) {
+                    muted.insert(a.fingerprint.clone(), m);
+                }
+            }
+        }
         let mut out = Vec::new();
         for (key, group) in &mut self.groups {
             let rule = &rules[group.rule];
-            let due_at = group.due_at(rule);
-            let due = if flush { group.dirty } else { now_ms >= due_at };
-            if !due || group.alerts.is_empty() {
-                continue;
+            // Record each change of muting once.
+            let now_muted: BTreeMap<String, Muted> = group
+                .alerts
+                .keys()
+                .filter_map(|fp| muted.get(fp).map(|m| (fp.clone(), m.clone())))
+                .collect();
+            for (fp, m) in &now_muted {
+                if group.muted.get(fp) != Some(m) {
+                    self.mute_changes.push(MuteChange {
+                        rule: rule.name.clone(),
+                        fingerprint: fp.clone(),
+                        muted: Some(m.clone()),
+                    });
+                }
             }
-            let firing = group
+            for fp in group.muted.keys() {
+                if !now_muted.contains_key(fp) && group.alerts.contains_key(fp) {
+                    self.mute_changes.push(MuteChange {
+                        rule: rule.name.clone(),
+                        fingerprint: fp.clone(),
+                        muted: None,
+                    });
+                }
+            }
+            group.muted = now_muted;
+
+            let visible: Vec<AlertRecord> = group.visible(&muted).into_iter().cloned().collect();
+            let visible: Vec<&AlertRecord> = visible.iter().collect();
+            let (due_at, changed) = group.due_at(rule, &visible);
+            // At shutdown, what changed goes out at once; repeats wait for the next run.
+            let due = if flush { changed } else { now_ms >= due_at };
+            if due && visible.is_empty() {
+                // Everything is muted: nothing to say, but remember that nothing was said, so
+                // the alerts are notified when the muting ends.
+                group.sent.clear();
+            }
+            let due = due && !visible.is_empty();
+            if due {
+                let alerts: Vec<AlertRecord> = visible.into_iter().cloned().collect();
+                for receiver in &rule.receivers {
+                    out.push(Notification::new(
+                        receiver,
+                        &rule.name,
+                        key,
+                        group.labels.clone(),
+                        alerts.clone(),
+                        group.epoch_ms,
+                        group.sequence,
+                        NotificationKind::Alerts,
+                    ));
+                }
+                group.sequence += 1;
+                group.last_notified_ms = Some(now_ms);
+                group.sent = alerts
+                    .iter()
+                    .filter(|a| a.status == AlertStatus::Firing)
+                    .map(|a| (a.fingerprint.clone(), true))
+                    .collect();
+            }
+            // Resolved alerts leave the group once notified, or at once if they never were.
+            let unannounced: Vec<String> = group
                 .alerts
                 .values()
-                .any(|a| a.status == AlertStatus::Firing);
-            if group.last_notified_ms.is_none() && !firing {
-                self.unannounced.push((
-                    rule.name.clone(),
-                    key.clone(),
-                    group.alerts.keys().cloned().collect(),
-                ));
-                group.alerts.clear();
-                continue;
+                .filter(|a| {
+                    a.status == AlertStatus::Resolved
+                        && !group.sent.contains(&(a.fingerprint.clone(), true))
+                })
+                .map(|a| a.fingerprint.clone())
+                .collect();
+            if !unannounced.is_empty() {
+                self.unannounced
+                    .push((rule.name.clone(), key.clone(), unannounced));
             }
-            let alerts: Vec<AlertRecord> = group.alerts.values().cloned().collect();
-            for receiver in &rule.receivers {
-                out.push(Notification::new(
-                    receiver,
-                    &rule.name,
-                    key,
-                    group.labels.clone(),
-                    alerts.clone(),
-                    group.epoch_ms,
-                    group.sequence,
-                    NotificationKind::Alerts,
-                ));
+            let sent = &group.sent;
+            group.alerts.retain(|fp, a| {
+                a.status == AlertStatus::Firing || (!due && sent.contains(&(fp.clone(), true)))
+            });
+            if due {
+                group.sent.retain(|(fp, _)| group.alerts.contains_key(fp));
             }
-            group.sequence += 1;
-            group.last_notified_ms = Some(now_ms);
-            group.dirty = false;
-            group.alerts.retain(|_, a| a.status == AlertStatus::Firing);
         }
         self.groups.retain(|_, g| !g.alerts.is_empty());
         out

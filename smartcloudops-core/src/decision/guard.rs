@@ -90,6 +90,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether a token is available at `now_ms`, without taking it.
+    pub(crate) fn has_token(&self, now_ms: i64) -> bool {
+        let elapsed = (now_ms - self.at_ms).max(0) as f64;
+        (self.tokens + elapsed * self.per_ms).min(self.capacity) >= 1.0
+    }
+
     pub(crate) fn try_take(&mut self, now_ms: i64) -> bool {
         let elapsed = (now_ms - self.at_ms).max(0) as f64;
         self.tokens = (self.tokens + elapsed * self.per_ms).min(self.capacity);
@@ -118,43 +124,75 @@ fn default_open_for() -> Duration {
     Duration::from_secs(300)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Circuit {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until_ms: i64,
+    },
+    /// `open_for` passed: one trial delivery is out.
+    HalfOpen,
+}
+
 #[derive(Debug)]
 pub(crate) struct CircuitBreaker {
     config: CircuitBreakerConfig,
-    consecutive: u32,
-    open_until_ms: Option<i64>,
+    circuit: Circuit,
 }
 
 impl CircuitBreaker {
     pub(crate) fn new(config: CircuitBreakerConfig) -> Self {
         Self {
             config,
-            consecutive: 0,
-            open_until_ms: None,
+            circuit: Circuit::Closed { failures: 0 },
         }
     }
 
-    /// Whether the circuit lets a delivery through now (closed, or half-open after
-    /// `open_for`).
-    pub(crate) fn allows(&self, now_ms: i64) -> bool {
-        self.open_until_ms.is_none_or(|until| now_ms >= until)
+    /// Whether a delivery may go now: always while closed; once `open_for` has passed, one
+    /// trial (the circuit is half-open until its outcome is recorded); never while open.
+    pub(crate) fn try_pass(&mut self, now_ms: i64) -> bool {
+        match self.circuit {
+            Circuit::Closed { .. } => true,
+            Circuit::Open { until_ms } if now_ms >= until_ms => {
+                self.circuit = Circuit::HalfOpen;
+                true
+            }
+            Circuit::Open { .. } | Circuit::HalfOpen => false,
+        }
     }
 
-    /// Records a delivery's outcome; returns true when this failure opened the circuit.
+    /// Records a delivery's outcome; true when this failure opened the circuit (a failed
+    /// trial opens it again). Failures that were in flight while it opened change nothing.
     pub(crate) fn record(&mut self, ok: bool, now_ms: i64) -> bool {
-        if ok {
-            self.consecutive = 0;
-            self.open_until_ms = None;
-            return false;
+        let open_ms = i64::try_from(self.config.open_for.as_millis()).unwrap_or(i64::MAX);
+        let open = Circuit::Open {
+            until_ms: now_ms.saturating_add(open_ms),
+        };
+        match (self.circuit, ok) {
+            (_, true) => {
+                self.circuit = Circuit::Closed { failures: 0 };
+                false
+            }
+            (Circuit::Closed { failures }, false)
+                if failures + 1 >= self.config.failures.max(1) =>
+            {
+                self.circuit = open;
+                true
+            }
+            (Circuit::Closed { failures }, false) => {
+                self.circuit = Circuit::Closed {
+                    failures: failures + 1,
+                };
+                false
+            }
+            (Circuit::HalfOpen, false) => {
+                self.circuit = open;
+                true
+            }
+            (Circuit::Open { .. }, false) => false,
         }
-        self.consecutive += 1;
-        let half_open_trial = self.open_until_ms.is_some();
-        if self.consecutive >= self.config.failures.max(1) || half_open_trial {
-            let ms = i64::try_from(self.config.open_for.as_millis()).unwrap_or(i64::MAX);
-            self.open_until_ms = Some(now_ms.saturating_add(ms));
-            return true;
-        }
-        false
     }
 }
 
@@ -241,9 +279,20 @@ impl FileIdempotency {
             );
             text.push('\n');
         }
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        // Written, synced, renamed, and the directory synced: a crash leaves the old file
+        // or the new one, never an empty one.
+        (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            std::fs::File::open(dir)?.sync_all()
+        })()
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -265,20 +314,23 @@ impl IdempotencyStore for FileIdempotency {
         let result = (|| {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let (keys, file) = &mut *state;
-            if !claim_in(keys, key, ttl, now_ms) {
+            if keys.get(key).is_some_and(|&expires| expires > now_ms) {
                 return Ok(false);
             }
+            let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
             let line = ClaimLine {
                 key: key.to_owned(),
-                expires_ms: keys[key],
+                expires_ms: now_ms.saturating_add(ttl_ms),
             };
             let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
             bytes.push(b'\n');
+            // Granted only once it is on disk: a failed write leaves the key free.
             file.write_all(&bytes)
                 .and_then(|()| file.sync_data())
                 .map_err(|e| {
                     Error::io(format!("recording a claim in {}", self.path.display()), e)
                 })?;
+            claim_in(keys, key, ttl, now_ms);
             Ok(true)
         })();
         Box::pin(async move { result })
@@ -342,22 +394,26 @@ mod tests {
     }
 
     #[test]
-    fn breaker_opens_after_k_failures_and_half_opens_after_open_for() {
+    fn breaker_opens_after_k_failures_and_lets_one_trial_through_after_open_for() {
         let mut c = CircuitBreaker::new(CircuitBreakerConfig {
             failures: 3,
             open_for: Duration::from_secs(60),
         });
+        assert!(c.try_pass(0));
         assert!(!c.record(false, 0) && !c.record(false, 1));
-        assert!(c.record(false, 2), "third failure opens");
-        assert!(!c.allows(30_000));
-        assert!(c.allows(60_002), "half-open: one trial");
+        assert!(c.record(false, 2), "the third failure opens it");
         assert!(
-            c.record(false, 60_003),
-            "a failed trial opens it again at once"
+            !c.record(false, 3),
+            "a failure in flight does not open it again"
         );
-        assert!(!c.allows(60_004));
-        assert!(!c.record(true, 130_000));
-        assert!(c.allows(130_001));
+        assert!(!c.try_pass(30_000));
+        assert!(c.try_pass(60_002), "half-open: one trial");
+        assert!(!c.try_pass(60_003), "and only one");
+        assert!(c.record(false, 60_004), "a failed trial opens it again");
+        assert!(!c.try_pass(60_005));
+        assert!(c.try_pass(120_010));
+        assert!(!c.record(true, 120_011), "a good trial closes it");
+        assert!(c.try_pass(120_012) && c.try_pass(120_013));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //!    atomically (so a redelivered batch or a replay never runs a remediation twice), a
 //!    cooldown per (receiver, group), rate limits per receiver and overall, a circuit breaker
 //!    that stops a failing receiver and escalates to a person, and retries with error
-//!    classification (4xx never, except 429 with its `Retry-After`; 5xx and timeouts with
+//!    classification (4xx never, except 408 and 429 with its `Retry-After`; 5xx and timeouts with
 //!    exponential backoff and jitter). After the last try a notification goes to the
 //!    receiver's fallback or is dead-lettered (in the audit log, with its payload): never
 //!    silently dropped;
@@ -69,7 +69,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use self::audit::{AuditLog, AuditRecord};
-use self::dispatch::{Dispatcher, Inhibit, InhibitConfig, Muted, Silence, SilenceConfig};
+use self::dispatch::{Dispatcher, Inhibit, InhibitConfig, Silence, SilenceConfig};
 use self::guard::{
     CircuitBreaker, CircuitBreakerConfig, FileIdempotency, IdempotencyStore, MemoryIdempotency,
     RateLimit, RetryPolicy, TokenBucket,
@@ -266,8 +266,14 @@ impl Notification {
         sequence: u32,
         kind: NotificationKind,
     ) -> Self {
+        // The content is part of the id: a replay that numbers notifications differently
+        // never mistakes one notification for another.
+        let content: Vec<(&str, &str)> = alerts
+            .iter()
+            .map(|a| (a.fingerprint.as_str(), a.status.as_str()))
+            .collect();
         let id = hash_hex(&format!(
-            "{receiver}|{group_key}|{epoch_ms}|{sequence}|{kind:?}"
+            "{receiver}|{group_key}|{epoch_ms}|{sequence}|{kind:?}|{content:?}"
         ));
         Self {
             id,
@@ -356,7 +362,7 @@ pub enum ReceiverKind {
 }
 
 /// `[[decision.receiver]]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiverConfig {
     /// The name rules refer to.
@@ -423,6 +429,29 @@ pub struct ReceiverConfig {
 
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+impl fmt::Debug for ReceiverConfig {
+    // URLs carry secrets (Slack's path), header values carry tokens: neither is printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceiverConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &self.url.as_deref().map(audit::mask_url))
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("channel", &self.channel)
+            .field("stream", &self.stream)
+            .field("topic", &self.topic)
+            .field("command", &self.command)
+            .field("timeout", &self.timeout)
+            .field("retry", &self.retry)
+            .field("cooldown", &self.cooldown)
+            .field("rate_limit", &self.rate_limit)
+            .field("circuit_breaker", &self.circuit_breaker)
+            .field("escalate_to", &self.escalate_to)
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
 }
 
 const PAGERDUTY_URL: &str = "https://events.pagerduty.com/v2/enqueue";
@@ -531,6 +560,12 @@ impl DecisionConfig {
         let mut out = Vec::new();
         let names: Vec<&str> = self.receivers.iter().map(|r| r.name.as_str()).collect();
         for (i, rule) in self.rules.iter().enumerate() {
+            if self.rules[..i].iter().any(|r| r.name == rule.name) {
+                out.push((
+                    format!("rule[{i}].name"),
+                    format!("`{}` is used twice", rule.name),
+                ));
+            }
             for (field, message) in rule.problems() {
                 out.push((format!("rule[{i}].{field}"), message));
             }
@@ -552,13 +587,25 @@ impl DecisionConfig {
             }
             for (field, target) in [("escalate_to", &r.escalate_to), ("fallback", &r.fallback)] {
                 if let Some(t) = target {
-                    if !names.contains(&t.as_str()) || t == &r.name {
-                        out.push((
+                    let other = self
+                        .receivers
+                        .iter()
+                        .find(|o| &o.name == t && o.name != r.name);
+                    match other {
+                        None => out.push((format!("receiver[{i}].{field}"), format!("no other receiver named `{t}`"))),
+                        Some(o) if o.kind == ReceiverKind::Command => out.push((
                             format!("receiver[{i}].{field}"),
-                            format!("no other receiver named `{t}`"),
-                        ));
+                            format!("`{t}` is a command; escalations and fallbacks go to people and channels"),
+                        )),
+                        Some(_) => {}
                     }
                 }
+            }
+            if r.timeout.is_zero() {
+                out.push((
+                    format!("receiver[{i}].timeout"),
+                    "must be longer than 0".into(),
+                ));
             }
             if let Err(e) = build_receiver(r, self, None) {
                 out.push((format!("receiver[{i}]"), e));
@@ -571,6 +618,14 @@ impl DecisionConfig {
             }
         }
         for (i, s) in self.silences.iter().enumerate() {
+            if let Ok(m) = matcher::Matchers::parse(&s.matchers) {
+                if m.matches(&BTreeMap::new()) {
+                    out.push((
+                        format!("silence[{i}].matchers"),
+                        "these matchers match an alert with no labels, so every alert: name a label value".into(),
+                    ));
+                }
+            }
             if let Err(e) = Silence::new(String::new(), s.clone(), 0, self.max_silence) {
                 out.push((format!("silence[{i}]"), e));
             }
@@ -697,7 +752,6 @@ struct Slot {
 
 #[derive(Debug)]
 struct Guards {
-    last_run_ms: HashMap<String, i64>,
     bucket: Option<TokenBucket>,
     breaker: Option<CircuitBreaker>,
 }
@@ -735,13 +789,21 @@ struct EngineState {
     global_bucket: Option<TokenBucket>,
     suggestions: Vec<Suggestion>,
     silence_seq: u64,
+    /// Notifications whose execution failed before it was recorded (the audit log or the key
+    /// store failed); the ticker tries them again.
+    pending: Vec<Notification>,
 }
 
 /// The decision layer as a pipeline action. See the [module docs](self).
 #[derive(Debug)]
 pub struct DecisionEngine {
     inner: Arc<Inner>,
-    ticker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    ticker: Mutex<
+        Option<(
+            tokio::task::JoinHandle<()>,
+            tokio_util::sync::CancellationToken,
+        )>,
+    >,
 }
 
 #[derive(Debug)]
@@ -757,6 +819,8 @@ struct Inner {
     max_silence: Duration,
     tick: Option<Duration>,
     stats: DecisionStats,
+    /// One lock per (receiver, group): a group's notifications reach a receiver in order.
+    delivery_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Options of [`DecisionEngine::with_options`].
@@ -833,7 +897,6 @@ impl DecisionEngine {
                     config: r.clone(),
                     receiver,
                     guards: Mutex::new(Guards {
-                        last_run_ms: HashMap::new(),
                         bucket: r.rate_limit.map(|l| TokenBucket::new(l, now)),
                         breaker: r.circuit_breaker.map(CircuitBreaker::new),
                     }),
@@ -902,6 +965,7 @@ impl DecisionEngine {
                 max_silence: config.max_silence,
                 tick: options.ticker.then_some(config.tick),
                 stats: DecisionStats::default(),
+                delivery_locks: Mutex::default(),
             }),
             ticker: Mutex::new(None),
         })
@@ -968,22 +1032,29 @@ impl DecisionEngine {
             return;
         }
         let inner = Arc::downgrade(&self.inner);
-        *ticker = Some(tokio::spawn(async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let handle = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
                 let Some(inner) = inner.upgrade() else { return };
+                // Not cancelled while it works: a claimed execution runs to its end.
                 if let Err(e) = inner.tick(false).await {
                     tracing::error!("decision: sending due notifications failed: {e}");
                 }
             }
-        }));
+        });
+        *ticker = Some((handle, stop));
     }
 }
 
 impl Drop for DecisionEngine {
     fn drop(&mut self) {
-        if let Some(t) = self.ticker.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            t.abort();
+        if let Some((handle, _)) = self.ticker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            handle.abort();
         }
     }
 }
@@ -1029,6 +1100,7 @@ impl Inner {
                 }
                 let alert_state = state.alerts.entry(key).or_default();
                 let transition = alert_state.step(&rule.config, cols.ts.value(row), active);
+                alert_state.seen_ms = now;
                 if alert_state.is_idle() {
                     state.alerts.remove(&key);
                 }
@@ -1068,7 +1140,17 @@ impl Inner {
                 });
                 records.push(trigger);
                 if let Transition::StartedFlapping { at } = transition {
-                    // One notice to the receivers that only notify; no remediation.
+                    // One notice to the receivers that only notify; no remediation. A muted
+                    // alert's notice is muted too.
+                    if let Some(m) = state.dispatcher.muted(&record, now) {
+                        let (outcome, by) = m.outcome();
+                        let mut d = AuditRecord::new("decision", outcome);
+                        d.rule = Some(rule.config.name.clone());
+                        d.reason = format!("flapping notice {outcome} by {by}");
+                        d.details = json!({ "fingerprint": record.fingerprint });
+                        records.push(d);
+                        continue;
+                    }
                     for receiver in &rule.config.receivers {
                         if self
                             .slots
@@ -1092,20 +1174,9 @@ impl Inner {
                     }
                     continue;
                 }
-                if status == AlertStatus::Firing {
-                    if let Some(muted) = state.dispatcher.muted(&record, now) {
-                        let (outcome, by) = match muted {
-                            Muted::Silenced(id) => ("silenced", id),
-                            Muted::Inhibited(fp) => ("inhibited", fp),
-                        };
-                        let mut d = AuditRecord::new("decision", outcome);
-                        d.rule = Some(rule.config.name.clone());
-                        d.reason = format!("{outcome} by {by}");
-                        d.details = json!({ "fingerprint": record.fingerprint });
-                        records.push(d);
-                        self.stats.held_back.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
+                if let Some(alert_state) = state.alerts.get_mut(&key) {
+                    // Kept for the staleness sweep: a series that stops reporting resolves.
+                    alert_state.record = (status == AlertStatus::Firing).then(|| record.clone());
                 }
                 state.dispatcher.update(ri, &rule.config, record, now);
                 if rule.config.group_wait.is_zero() {
@@ -1115,24 +1186,84 @@ impl Inner {
             }
         }
         due.extend(state.dispatcher.due(&self.rule_configs, now, false));
-        records.extend(unannounced(&mut state.dispatcher));
+        records.extend(dispatch_records(&mut state.dispatcher, &self.stats));
         due.extend(notices);
         Ok((records, due))
+    }
+
+    /// Resolves firing alerts whose series went quiet for `stale_after`, and forgets quiet
+    /// alerts that have nothing left to remember.
+    fn sweep(&self, state: &mut EngineState, now: i64) -> Vec<AuditRecord> {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let mut stale = Vec::new();
+        state.alerts.retain(|(ri, _), st| {
+            let rule = &self.rule_configs[*ri];
+            let quiet = now.saturating_sub(st.seen_ms);
+            if let rule::Phase::Firing { active_at, .. } = st.phase {
+                if !rule.stale_after.is_zero() && quiet >= ms(rule.stale_after) {
+                    if let Some(mut record) = st.record.take() {
+                        record.status = AlertStatus::Resolved;
+                        record.ends_at_ms = Some(active_at);
+                        stale.push((*ri, record));
+                    }
+                    return false;
+                }
+                return true;
+            }
+            quiet < ms(rule.flap.window).max(ms(rule.stale_after))
+        });
+        let mut records = Vec::new();
+        for (ri, record) in stale {
+            let rule = &self.rule_configs[ri];
+            let mut trigger = AuditRecord::new("trigger", "stale");
+            trigger.rule = Some(rule.name.clone());
+            trigger.reason = format!("no row for {:?}: resolved", rule.stale_after);
+            trigger.details = json!({ "fingerprint": record.fingerprint, "status": "resolved", "labels": record.labels });
+            records.push(trigger);
+            state.dispatcher.update(ri, rule, record, now);
+        }
+        records
     }
 
     async fn tick(&self, flush: bool) -> Result<usize> {
         let now = self.clock.now_ms();
         let (due, records) = {
             let mut state = self.lock();
+            let mut records = self.sweep(&mut state, now);
             let due = state.dispatcher.due(&self.rule_configs, now, flush);
-            (due, unannounced(&mut state.dispatcher))
+            records.extend(dispatch_records(&mut state.dispatcher, &self.stats));
+            (due, records)
         };
         self.audit.write(&records)?;
-        let n = due.len();
-        for notification in due {
-            self.execute(notification, true).await?;
-        }
+        let mut all = std::mem::take(&mut self.lock().pending);
+        all.extend(due);
+        let n = all.len();
+        self.run_all(all).await?;
         Ok(n)
+    }
+
+    /// Executes `notifications`; one whose execution failed before it was recorded is kept
+    /// for the ticker, and the first such error is returned after the others ran.
+    async fn run_all(&self, notifications: Vec<Notification>) -> Result<()> {
+        let mut first_error = None;
+        for n in notifications {
+            if let Err(e) = self.execute(n.clone(), true).await {
+                self.lock().pending.push(n);
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn delivery_lock(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .delivery_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if locks.len() > 10_000 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(key).or_default().clone()
     }
 
     fn record(&self, kind: &'static str, n: &Notification, outcome: &str) -> AuditRecord {
@@ -1150,6 +1281,8 @@ impl Inner {
             let Some(slot) = self.slots.get(&n.receiver) else {
                 return Ok(()); // checked at start-up
             };
+            let order = self.delivery_lock(format!("{}|{}", n.receiver, n.group_key));
+            let _in_order = order.lock().await;
             let remediation = slot.receiver.is_remediation();
             let now = self.clock.now_ms();
             let key = n.idempotency_key(remediation);
@@ -1176,54 +1309,25 @@ impl Inner {
                     Value::Null,
                 ));
             }
-            // Guards that need no I/O, under the receiver's lock.
-            let blocked: Option<(&str, String)> = {
-                let mut g = slot.guards.lock().unwrap_or_else(|p| p.into_inner());
-                if g.breaker.as_ref().is_some_and(|b| !b.allows(now)) {
-                    Some((
-                        "circuit_open",
-                        "the receiver's circuit is open after repeated failures".into(),
-                    ))
-                } else if !slot.config.cooldown.is_zero()
-                    && g.last_run_ms.get(&n.group_key).is_some_and(|&t| {
-                        now - t
-                            < i64::try_from(slot.config.cooldown.as_millis()).unwrap_or(i64::MAX)
-                    })
-                {
-                    Some((
-                        "cooldown",
-                        format!(
-                            "ran for this group less than {:?} ago",
-                            slot.config.cooldown
-                        ),
-                    ))
-                } else if g.bucket.as_mut().is_some_and(|b| !b.try_take(now)) {
-                    Some((
-                        "rate_limited",
-                        "the receiver's rate limit is reached".into(),
-                    ))
-                } else if self
-                    .lock()
-                    .global_bucket
-                    .as_mut()
-                    .is_some_and(|b| !b.try_take(now))
-                {
-                    Some(("rate_limited", "the global rate limit is reached".into()))
-                } else {
-                    None
-                }
-            };
-            if let Some((outcome, reason)) = blocked {
-                self.held(decision(outcome, reason.clone(), Value::Null))?;
-                // A notification a guard held back still reaches someone, or the dead letters.
-                return self.give_up(&n, slot, &reason, may_escalate).await;
-            }
+            // 1. Parameters: a plan that must not run stops here.
             let plan = match slot.receiver.prepare(&n) {
                 Ok(plan) => plan,
-                Err(reason) => {
-                    return self.held(decision("blocked", reason, Value::Null));
-                }
+                Err(reason) => return self.held(decision("blocked", reason, Value::Null)),
             };
+            // 2. Idempotency, before any guard spends anything: a duplicate is not news, and
+            //    never goes to a fallback.
+            if !self
+                .idempotency
+                .claim(&key, self.idempotency_ttl, now)
+                .await?
+            {
+                return self.held(decision(
+                    "duplicate",
+                    "this execution already happened".into(),
+                    plan,
+                ));
+            }
+            // 3. Mode.
             match slot.receiver.mode() {
                 ExecutionMode::DryRun => {
                     return self.held(decision(
@@ -1247,16 +1351,68 @@ impl Inner {
                 }
                 ExecutionMode::Auto => {}
             }
-            if !self
-                .idempotency
-                .claim(&key, self.idempotency_ttl, now)
-                .await?
-            {
-                return self.held(decision(
-                    "duplicate",
-                    "this execution already happened".into(),
-                    plan,
-                ));
+            // 4. Circuit breaker, cooldown and rate limits. A cooldown is a deliberate pause:
+            //    recorded only. An open circuit or a rate limit is an overflow: the
+            //    notification goes to the fallback or the dead letters (a remediation is just
+            //    not run).
+            let cooldown_applies = !slot.config.cooldown.is_zero()
+                && n.kind == NotificationKind::Alerts
+                && n.status() == AlertStatus::Firing;
+            let cooled = cooldown_applies
+                && !self
+                    .idempotency
+                    .claim(
+                        &format!("cooldown|{}|{}", n.receiver, n.group_key),
+                        slot.config.cooldown,
+                        now,
+                    )
+                    .await?;
+            let blocked: Option<(&str, String)> = {
+                let mut g = slot.guards.lock().unwrap_or_else(|p| p.into_inner());
+                if g.breaker.as_mut().is_some_and(|b| !b.try_pass(now)) {
+                    Some((
+                        "circuit_open",
+                        "the receiver's circuit is open after repeated failures".into(),
+                    ))
+                } else if cooled {
+                    Some((
+                        "cooldown",
+                        format!(
+                            "ran for this group less than {:?} ago",
+                            slot.config.cooldown
+                        ),
+                    ))
+                } else {
+                    let mut state = self.lock();
+                    let own = g.bucket.as_ref().is_none_or(|b| b.has_token(now));
+                    let global = state
+                        .global_bucket
+                        .as_ref()
+                        .is_none_or(|b| b.has_token(now));
+                    if own && global {
+                        if let Some(b) = g.bucket.as_mut() {
+                            b.try_take(now);
+                        }
+                        if let Some(b) = state.global_bucket.as_mut() {
+                            b.try_take(now);
+                        }
+                        None
+                    } else if !own {
+                        Some((
+                            "rate_limited",
+                            "the receiver's rate limit is reached".into(),
+                        ))
+                    } else {
+                        Some(("rate_limited", "the global rate limit is reached".into()))
+                    }
+                }
+            };
+            if let Some((outcome, reason)) = blocked {
+                self.held(decision(outcome, reason.clone(), Value::Null))?;
+                if outcome == "cooldown" || remediation {
+                    return Ok(());
+                }
+                return self.give_up(&n, slot, &reason, may_escalate).await;
             }
             self.audit
                 .write(&[decision("execute", String::new(), plan)])?;
@@ -1293,8 +1449,6 @@ impl Inner {
                         self.audit.write(&[res])?;
                         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                         let mut g = slot.guards.lock().unwrap_or_else(|p| p.into_inner());
-                        g.last_run_ms
-                            .insert(n.group_key.clone(), self.clock.now_ms());
                         if let Some(b) = g.breaker.as_mut() {
                             b.record(true, self.clock.now_ms());
                         }
@@ -1316,8 +1470,6 @@ impl Inner {
             }
             let opened = {
                 let mut g = slot.guards.lock().unwrap_or_else(|p| p.into_inner());
-                g.last_run_ms
-                    .insert(n.group_key.clone(), self.clock.now_ms());
                 g.breaker
                     .as_mut()
                     .is_some_and(|b| b.record(false, self.clock.now_ms()))
@@ -1380,20 +1532,45 @@ impl Inner {
     }
 }
 
-/// Audit records for groups that resolved before their first notification.
-fn unannounced(dispatcher: &mut Dispatcher) -> Vec<AuditRecord> {
-    dispatcher
-        .unannounced
+/// Audit records of what the dispatcher decided without notifying: muting that started or
+/// ended, and alerts that resolved before anything about them was notified.
+fn dispatch_records(dispatcher: &mut Dispatcher, stats: &DecisionStats) -> Vec<AuditRecord> {
+    let mut out: Vec<AuditRecord> = dispatcher
+        .mute_changes
         .drain(..)
-        .map(|(rule, group_key, fingerprints)| {
-            let mut r = AuditRecord::new("decision", "resolved_before_notified");
-            r.rule = Some(rule);
-            r.reason =
-                "every alert of the group resolved before its first notification was due".into();
-            r.details = json!({ "group_key": group_key, "fingerprints": fingerprints });
+        .map(|change| {
+            let (outcome, reason) = match &change.muted {
+                Some(m) => {
+                    stats.held_back.fetch_add(1, Ordering::Relaxed);
+                    let (outcome, by) = m.outcome();
+                    (outcome, format!("{outcome} by {by}"))
+                }
+                None => (
+                    "unmuted",
+                    "no silence or inhibition applies any more".to_owned(),
+                ),
+            };
+            let mut r = AuditRecord::new("decision", outcome);
+            r.rule = Some(change.rule);
+            r.reason = reason;
+            r.details = json!({ "fingerprint": change.fingerprint });
             r
         })
-        .collect()
+        .collect();
+    out.extend(
+        dispatcher
+            .unannounced
+            .drain(..)
+            .map(|(rule, group_key, fingerprints)| {
+                let mut r = AuditRecord::new("decision", "resolved_before_notified");
+                r.rule = Some(rule);
+                r.reason =
+                    "resolved before a notification announced it (group_wait, or muted)".into();
+                r.details = json!({ "group_key": group_key, "fingerprints": fingerprints });
+                r
+            }),
+    );
+    out
 }
 
 impl Action for DecisionEngine {
@@ -1410,18 +1587,20 @@ impl Action for DecisionEngine {
             self.ensure_ticker();
             let (records, due) = self.inner.evaluate(input)?;
             // Durable before anything is acted on, and before the batch is acknowledged.
-            self.inner.audit.write(&records)?;
-            for notification in due {
-                self.inner.execute(notification, true).await?;
+            if let Err(e) = self.inner.audit.write(&records) {
+                self.inner.lock().pending.extend(due);
+                return Err(e);
             }
-            Ok(())
+            self.inner.run_all(due).await
         })
     }
 
     fn shutdown(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            if let Some(t) = self.ticker.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                t.abort();
+            let ticker = self.ticker.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((handle, stop)) = ticker {
+                stop.cancel();
+                let _ = handle.await; // let a running tick finish its executions
             }
             // What was decided must not be lost with the process: send every pending group.
             self.inner.tick(true).await.map(|_| ())

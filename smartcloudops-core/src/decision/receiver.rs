@@ -191,6 +191,12 @@ impl HttpReceiver {
         timeout: Duration,
         options: HttpOptions,
     ) -> Result<Self, String> {
+        for (k, v) in &options.headers {
+            reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("`{k}` is not a valid header name"))?;
+            reqwest::header::HeaderValue::from_str(v)
+                .map_err(|_| format!("the value of header `{k}` is not valid"))?;
+        }
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))

@@ -127,10 +127,17 @@ pub struct RuleConfig {
     /// Wait before notifying an unchanged, still firing group again.
     #[serde(default = "default_repeat_interval", with = "humantime_serde")]
     pub repeat_interval: Duration,
+    /// Resolve a firing alert whose series sent no row for this long (wall clock), e.g. a
+    /// host that went away; `0s` never does.
+    #[serde(default = "default_stale_after", with = "humantime_serde")]
+    pub stale_after: Duration,
     /// Receivers (by name) to notify, in order.
     pub receivers: Vec<String>,
 }
 
+fn default_stale_after() -> Duration {
+    Duration::from_secs(15 * 60)
+}
 fn default_group_by() -> Vec<String> {
     vec!["alertname".to_owned()]
 }
@@ -162,6 +169,7 @@ impl RuleConfig {
             group_wait: default_group_wait(),
             group_interval: default_group_interval(),
             repeat_interval: default_repeat_interval(),
+            stale_after: default_stale_after(),
             receivers,
         }
     }
@@ -297,6 +305,10 @@ pub(crate) struct AlertState {
     pub(crate) phase: Phase,
     changes: VecDeque<i64>,
     pub(crate) flapping: bool,
+    /// Wall-clock time of the series' last row, for the staleness sweep.
+    pub(crate) seen_ms: i64,
+    /// The firing alert as notified, to resolve it if its series goes quiet.
+    pub(crate) record: Option<super::AlertRecord>,
 }
 
 impl Default for AlertState {
@@ -305,6 +317,8 @@ impl Default for AlertState {
             phase: Phase::Inactive,
             changes: VecDeque::new(),
             flapping: false,
+            seen_ms: 0,
+            record: None,
         }
     }
 }
@@ -353,10 +367,11 @@ impl AlertState {
                 self.phase = Phase::Inactive;
                 Transition::None
             }
-            (Phase::Firing { since, .. }, true) => {
+            (Phase::Firing { since, active_at }, true) => {
+                // A late row must not pull the last active time back.
                 self.phase = Phase::Firing {
                     since,
-                    active_at: ts,
+                    active_at: active_at.max(ts),
                 };
                 Transition::None
             }
