@@ -1,11 +1,14 @@
-//! Decoder throughput: JSON lines and CSV into canonical metrics batches.
+//! Decoder throughput: JSON lines, CSV, Influx line protocol and Prometheus text exposition
+//! into canonical metrics batches (records/s and, printed per payload, bytes).
 //!
 //! `cargo bench -p smartcloudops-benches --bench decode`
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use smartcloudops_core::decode::{CsvDecoder, CsvOptions, Decoder, JsonDecoder};
+use smartcloudops_core::decode::{
+    CsvDecoder, CsvOptions, Decoder, InfluxDecoder, JsonDecoder, PrometheusDecoder,
+};
 use smartcloudops_core::schema::MetricsBatchBuilder;
 
 const ROWS: usize = 10_000;
@@ -38,6 +41,34 @@ fn csv_payload() -> Vec<u8> {
     out.into_bytes()
 }
 
+fn influx_payload() -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..ROWS {
+        out.push_str(&format!(
+            "cpu_utilization,host=host-{:04},region=eu-west-1,service=svc-{} value={:.3} {}\n",
+            i % 100,
+            i % 16,
+            40.0 + (i % 37) as f64 * 0.731,
+            (1_764_028_800_000i64 + (i / 100) as i64 * 10_000) * 1_000_000
+        ));
+    }
+    out.into_bytes()
+}
+
+fn prometheus_payload() -> Vec<u8> {
+    let mut out = String::from("# HELP cpu_utilization CPU use.\n# TYPE cpu_utilization gauge\n");
+    for i in 0..ROWS {
+        out.push_str(&format!(
+            "cpu_utilization{{host=\"host-{:04}\",region=\"eu-west-1\",service=\"svc-{}\"}} {:.3} {}\n",
+            i % 100,
+            i % 16,
+            40.0 + (i % 37) as f64 * 0.731,
+            1_764_028_800_000i64 + (i / 100) as i64 * 10_000
+        ));
+    }
+    out.into_bytes()
+}
+
 fn bench_decoders(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
     let json = json_payload();
@@ -65,6 +96,29 @@ fn bench_decoders(c: &mut Criterion) {
             black_box(out.finish())
         });
     });
+    for (name, payload, mut decoder) in [
+        (
+            "influx/10k_records",
+            influx_payload(),
+            Box::new(InfluxDecoder::default()) as Box<dyn Decoder>,
+        ),
+        (
+            "prometheus/10k_records",
+            prometheus_payload(),
+            Box::new(PrometheusDecoder::default()) as Box<dyn Decoder>,
+        ),
+    ] {
+        eprintln!("{name}: {} bytes", payload.len());
+        group.throughput(Throughput::Elements(ROWS as u64));
+        group.bench_function(name, |b| {
+            let mut out = MetricsBatchBuilder::with_capacity(ROWS);
+            let mut rejects = Vec::new();
+            b.iter(|| {
+                decoder.decode(black_box(&payload), &mut out, &mut rejects);
+                black_box(out.finish())
+            });
+        });
+    }
     group.finish();
 }
 

@@ -5,7 +5,9 @@
 //! reason; the source dead-letters them. A decoder never panics on input.
 
 pub mod csv;
+pub mod influx;
 pub mod json;
+pub mod prometheus;
 
 use std::fmt;
 
@@ -14,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::schema::MetricsBatchBuilder;
 
 pub use self::csv::{CsvDecoder, CsvOptions};
+pub use self::influx::{InfluxDecoder, Precision};
 pub use self::json::JsonDecoder;
+pub use self::prometheus::PrometheusDecoder;
 
 /// A record a decoder could not turn into a sample.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +50,10 @@ pub enum Format {
     Json,
     /// Comma-separated values with a header line (see [`CsvDecoder`]).
     Csv,
+    /// Influx line protocol, nanosecond timestamps (see [`InfluxDecoder`]).
+    Influx,
+    /// Prometheus text exposition (see [`PrometheusDecoder`]).
+    Prometheus,
 }
 
 impl Format {
@@ -54,6 +62,8 @@ impl Format {
         match self {
             Format::Json => Box::new(JsonDecoder::default()),
             Format::Csv => Box::new(CsvDecoder::new(csv)),
+            Format::Influx => Box::new(InfluxDecoder::default()),
+            Format::Prometheus => Box::new(PrometheusDecoder::default()),
         }
     }
 }
@@ -63,6 +73,8 @@ impl fmt::Display for Format {
         f.write_str(match self {
             Format::Json => "json",
             Format::Csv => "csv",
+            Format::Influx => "influx",
+            Format::Prometheus => "prometheus",
         })
     }
 }
