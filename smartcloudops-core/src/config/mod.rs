@@ -130,6 +130,8 @@ pub enum SourceConfig {
     File(FileSourceConfig),
     /// Synthetic series.
     Generator(GeneratorConfig),
+    /// Prometheus `/metrics` endpoints, scraped on an interval.
+    PrometheusScrape(crate::source::ScrapeConfig),
     /// A Kafka consumer group.
     #[cfg(feature = "kafka")]
     Kafka(crate::source::KafkaSourceConfig),
@@ -614,6 +616,11 @@ impl PipelineConfig {
                     );
                 }
             }
+            SourceConfig::PrometheusScrape(c) => {
+                for (field, message) in c.problems() {
+                    check(false, &format!("source.{field}"), message, "");
+                }
+            }
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(_) => {} // validate_kafka
             #[cfg(feature = "redis")]
@@ -762,6 +769,9 @@ impl PipelineConfig {
         let source: Box<dyn Source> = match &self.source {
             SourceConfig::File(c) => Box::new(FileSource::new(c.clone())),
             SourceConfig::Generator(c) => Box::new(GeneratorSource::new(c.clone())),
+            SourceConfig::PrometheusScrape(c) => {
+                Box::new(crate::source::ScrapeSource::new(c.clone()))
+            }
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(c) => Box::new(crate::source::KafkaSource::new(c.clone())),
             #[cfg(feature = "redis")]
@@ -841,6 +851,11 @@ impl PipelineConfig {
         let source = match &self.source {
             SourceConfig::File(f) => format!("file {} ({})", f.path.display(), f.format),
             SourceConfig::Generator(g) => format!("generator ({} series)", g.series),
+            SourceConfig::PrometheusScrape(c) => format!(
+                "prometheus scrape of {} targets every {:?}",
+                c.targets.len(),
+                c.interval
+            ),
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(k) => format!(
                 "kafka {} (group {}, topics {})",
@@ -988,12 +1003,22 @@ fn parse_source(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<So
     let (kind, rest) = tagged(
         value,
         "source",
-        &["file", "generator", "kafka", "redis_pubsub", "redis_stream"],
+        &[
+            "file",
+            "generator",
+            "prometheus_scrape",
+            "kafka",
+            "redis_pubsub",
+            "redis_stream",
+        ],
         errors,
     )?;
     match kind.as_str() {
         "file" => deserialize_at(rest, "source", errors).map(SourceConfig::File),
         "generator" => deserialize_at(rest, "source", errors).map(SourceConfig::Generator),
+        "prometheus_scrape" => {
+            deserialize_at(rest, "source", errors).map(SourceConfig::PrometheusScrape)
+        }
         #[cfg(feature = "kafka")]
         "kafka" => deserialize_at(rest, "source", errors).map(SourceConfig::Kafka),
         #[cfg(feature = "redis")]
