@@ -13,8 +13,11 @@ use smartcloudops_core::schema::MetricsColumns;
 use smartcloudops_core::source::{ScrapeConfig, ScrapeSource};
 use smartcloudops_core::{Action, ActionInput, Pipeline, Result};
 
+/// Metric, labels, value.
+type Row = (String, Vec<(String, String)>, f64);
+
 #[derive(Debug, Default)]
-struct Rows(Mutex<Vec<(String, Vec<(String, String)>, f64)>>);
+struct Rows(Mutex<Vec<Row>>);
 
 impl Action for Rows {
     fn name(&self) -> &str {
