@@ -69,6 +69,40 @@ fn prometheus_payload() -> Vec<u8> {
     out.into_bytes()
 }
 
+fn remote_write_payload() -> Vec<u8> {
+    use smartcloudops_core::decode::remote_write::{Label, Sample, TimeSeries, WriteRequest};
+    // 100 series of 100 samples: 10k samples, as a Prometheus shard sends them.
+    let timeseries = (0..100)
+        .map(|s| TimeSeries {
+            labels: vec![
+                Label {
+                    name: "__name__".into(),
+                    value: "cpu_utilization".into(),
+                },
+                Label {
+                    name: "host".into(),
+                    value: format!("host-{s:04}"),
+                },
+                Label {
+                    name: "region".into(),
+                    value: "eu-west-1".into(),
+                },
+                Label {
+                    name: "service".into(),
+                    value: format!("svc-{}", s % 16),
+                },
+            ],
+            samples: (0..100)
+                .map(|i| Sample {
+                    value: 40.0 + ((s + i) % 37) as f64 * 0.731,
+                    timestamp: 1_764_028_800_000 + i as i64 * 10_000,
+                })
+                .collect(),
+        })
+        .collect();
+    WriteRequest { timeseries }.to_body()
+}
+
 fn bench_decoders(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
     let json = json_payload();
@@ -119,6 +153,17 @@ fn bench_decoders(c: &mut Criterion) {
             });
         });
     }
+    let body = remote_write_payload();
+    eprintln!("remote_write/10k_samples: {} bytes (snappy)", body.len());
+    group.throughput(Throughput::Elements(ROWS as u64));
+    group.bench_function("remote_write/10k_samples", |b| {
+        let mut decoder = smartcloudops_core::decode::RemoteWriteDecoder::default();
+        let mut out = MetricsBatchBuilder::with_capacity(ROWS);
+        b.iter(|| {
+            decoder.decode(black_box(&body), &mut out).unwrap();
+            black_box(out.finish())
+        });
+    });
     group.finish();
 }
 

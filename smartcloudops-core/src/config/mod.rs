@@ -132,6 +132,8 @@ pub enum SourceConfig {
     Generator(GeneratorConfig),
     /// Prometheus `/metrics` endpoints, scraped on an interval.
     PrometheusScrape(crate::source::ScrapeConfig),
+    /// A Prometheus remote-write receiver.
+    RemoteWrite(crate::source::RemoteWriteConfig),
     /// A Kafka consumer group.
     #[cfg(feature = "kafka")]
     Kafka(crate::source::KafkaSourceConfig),
@@ -621,6 +623,20 @@ impl PipelineConfig {
                     check(false, &format!("source.{field}"), message, "");
                 }
             }
+            SourceConfig::RemoteWrite(c) => {
+                check(
+                    c.path.starts_with('/'),
+                    "source.path",
+                    "must start with /".into(),
+                    "e.g. \"/api/v1/write\"",
+                );
+                check(
+                    c.max_body_bytes > 0 && !c.ack_timeout.is_zero(),
+                    "source.max_body_bytes",
+                    "max_body_bytes and ack_timeout must be above 0".into(),
+                    "",
+                );
+            }
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(_) => {} // validate_kafka
             #[cfg(feature = "redis")]
@@ -772,6 +788,9 @@ impl PipelineConfig {
             SourceConfig::PrometheusScrape(c) => {
                 Box::new(crate::source::ScrapeSource::new(c.clone()))
             }
+            SourceConfig::RemoteWrite(c) => {
+                Box::new(crate::source::RemoteWriteSource::bind(c.clone())?)
+            }
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(c) => Box::new(crate::source::KafkaSource::new(c.clone())),
             #[cfg(feature = "redis")]
@@ -856,6 +875,9 @@ impl PipelineConfig {
                 c.targets.len(),
                 c.interval
             ),
+            SourceConfig::RemoteWrite(c) => {
+                format!("prometheus remote-write receiver on {}{}", c.listen, c.path)
+            }
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(k) => format!(
                 "kafka {} (group {}, topics {})",
@@ -1007,6 +1029,7 @@ fn parse_source(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<So
             "file",
             "generator",
             "prometheus_scrape",
+            "remote_write",
             "kafka",
             "redis_pubsub",
             "redis_stream",
@@ -1019,6 +1042,7 @@ fn parse_source(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<So
         "prometheus_scrape" => {
             deserialize_at(rest, "source", errors).map(SourceConfig::PrometheusScrape)
         }
+        "remote_write" => deserialize_at(rest, "source", errors).map(SourceConfig::RemoteWrite),
         #[cfg(feature = "kafka")]
         "kafka" => deserialize_at(rest, "source", errors).map(SourceConfig::Kafka),
         #[cfg(feature = "redis")]

@@ -8,6 +8,7 @@ pub mod csv;
 pub mod influx;
 pub mod json;
 pub mod prometheus;
+pub mod remote_write;
 
 use std::fmt;
 
@@ -19,6 +20,7 @@ pub use self::csv::{CsvDecoder, CsvOptions};
 pub use self::influx::{InfluxDecoder, Precision};
 pub use self::json::JsonDecoder;
 pub use self::prometheus::PrometheusDecoder;
+pub use self::remote_write::RemoteWriteDecoder;
 
 /// A record a decoder could not turn into a sample.
 #[derive(Debug, Clone, PartialEq, Eq)]

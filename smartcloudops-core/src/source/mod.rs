@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod redis_pubsub;
 #[cfg(feature = "redis")]
 pub mod redis_stream;
+pub mod remote_write;
 pub mod scrape;
 
 use std::fmt;
@@ -34,6 +35,7 @@ pub use self::kafka::{KafkaSource, KafkaSourceConfig};
 pub use self::redis_pubsub::{RedisPubSubSource, RedisPubSubSourceConfig};
 #[cfg(feature = "redis")]
 pub use self::redis_stream::{RedisStreamSource, RedisStreamSourceConfig, StreamStart};
+pub use self::remote_write::{RemoteWriteConfig, RemoteWriteSource};
 pub use self::scrape::{ScrapeConfig, ScrapeSource};
 
 /// A batch from a source and the acknowledgement that tells the source its fate.
