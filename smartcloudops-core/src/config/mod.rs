@@ -152,6 +152,10 @@ pub enum SourceConfig {
 pub enum PrepConfig {
     /// Keep or drop rows by metric name.
     Filter(MetricFilterConfig),
+    /// Event-time windows with aggregations.
+    Window(crate::prep::WindowConfig),
+    /// Resampling to a fixed step.
+    Resample(crate::prep::ResampleConfig),
 }
 
 /// The detector (`[detector]`): which one, with its own fields.
@@ -646,6 +650,21 @@ impl PipelineConfig {
         self.validate_kafka(&mut check);
         #[cfg(feature = "redis")]
         redis::validate(self, &mut check);
+        for (i, p) in self.prep.iter().enumerate() {
+            let problems = match p {
+                PrepConfig::Window(c) => c.problems(),
+                PrepConfig::Resample(c) => crate::prep::WindowConfig::tumbling(c.step).problems(),
+                PrepConfig::Filter(_) => Vec::new(),
+            };
+            for (field, message) in problems {
+                let field = if matches!(p, PrepConfig::Resample(_)) {
+                    "step"
+                } else {
+                    field
+                };
+                check(false, &format!("prep[{i}].{field}"), message, "");
+            }
+        }
         if let Some(d) = &self.decision {
             for (path, message) in d.problems() {
                 check(false, &format!("decision.{path}"), message, "");
@@ -814,6 +833,8 @@ impl PipelineConfig {
         for p in &self.prep {
             let prep: Box<dyn Prep> = match p {
                 PrepConfig::Filter(c) => Box::new(MetricFilter::new(c.clone())),
+                PrepConfig::Window(c) => Box::new(crate::prep::WindowPrep::new(c)?),
+                PrepConfig::Resample(c) => Box::new(crate::prep::WindowPrep::resample(c)?),
             };
             builder = builder.boxed_prep(prep);
         }
@@ -1096,8 +1117,12 @@ fn parse_prep(
     path: &str,
     errors: &mut Vec<ConfigError>,
 ) -> Option<PrepConfig> {
-    let (_, rest) = tagged(value, path, &["filter"], errors)?;
-    deserialize_at(rest, path, errors).map(PrepConfig::Filter)
+    let (kind, rest) = tagged(value, path, &["filter", "window", "resample"], errors)?;
+    match kind.as_str() {
+        "window" => deserialize_at(rest, path, errors).map(PrepConfig::Window),
+        "resample" => deserialize_at(rest, path, errors).map(PrepConfig::Resample),
+        _ => deserialize_at(rest, path, errors).map(PrepConfig::Filter),
+    }
 }
 
 fn parse_detector(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<DetectorSection> {

@@ -82,8 +82,9 @@ pub struct AuditLog {
     recent: Mutex<std::collections::VecDeque<AuditRecord>>,
 }
 
-/// Records kept in memory for [`AuditLog::recent`].
-const RECENT: usize = 10_000;
+/// Records kept in memory for [`AuditLog::recent`] (a record may hold a notification or a
+/// command's output, so not many).
+const RECENT: usize = 2_000;
 
 impl AuditLog {
     /// A log appending to `path` (created with its directories).
@@ -144,7 +145,7 @@ impl AuditLog {
         Ok(())
     }
 
-    /// The most recent records (up to 10 000), oldest first.
+    /// The most recent records (up to 2 000), oldest first.
     pub fn recent(&self) -> Vec<AuditRecord> {
         self.recent
             .lock()

@@ -327,7 +327,9 @@ impl Dispatcher {
         now_ms: i64,
         flush: bool,
     ) -> Vec<Notification> {
-        // Muting needs every group (inhibition looks across them): decide it first.
+        // Expired silences go; muting needs every group (inhibition looks across them), so
+        // it is decided first.
+        self.silences.retain(|s| s.ends_ms > now_ms);
         let mut muted = HashMap::new();
         for g in self.groups.values() {
             for a in g

@@ -731,69 +731,116 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
                 continue;
             }
         };
-        if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut())
-        {
-            handoff.load_unknown(detector.as_mut(), stage, &batch).await;
-        }
-        let scored = match run_detector(t, batch) {
-            Ok(scored) => scored,
-            Err(StageFailure {
-                stage,
-                batch,
-                error,
-            }) => {
-                dead_letter_batch(&t.dead_letters, &stage, &batch, &error, ack);
-                continue;
-            }
-        };
-        let alerts = match Alert::from_scored(&scored) {
-            Ok(alerts) => alerts,
-            Err(error) => {
-                let stage = t
-                    .detector
-                    .as_ref()
-                    .map(|(_, m)| m.clone())
-                    .unwrap_or_else(|| t.queue_stage.clone());
-                dead_letter_batch(&t.dead_letters, &stage, &scored, &error, ack);
-                continue;
-            }
-        };
-        t.metrics.record_alerts(alerts.len());
-        if !t.has_actions || (alerts.is_empty() && !t.has_every_batch_action) {
-            // Nothing downstream has work for this batch: it is fully handled.
-            ack.ack();
-            continue;
-        }
-        let rows = scored.num_rows();
-        let item = Scored {
-            input: Arc::new(ActionInput {
-                batch: scored,
-                alerts,
-            }),
-            ack,
-        };
-        let policy = t.policy;
-        let open = send_with_policy(
-            &t.tx,
-            item,
-            policy,
-            &t.action_queue_stage,
-            &t.last_stage,
-            rows,
-            |s| {
-                s.ack.nack(if policy == WhenFull::DropNewest {
-                    QUEUE_FULL
-                } else {
-                    DOWNSTREAM_GONE
-                })
-            },
-        )
-        .await;
-        if !open {
+        if !score_and_send(t, batch, ack).await {
             break;
         }
     }
+    flush_preps(t).await;
     Ok(())
+}
+
+/// Runs the detector on a batch that went through the preps and hands it to the actions.
+/// Returns false once the action stage is gone.
+async fn score_and_send(t: &mut TransformTask, batch: RecordBatch, ack: Ack) -> bool {
+    if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut()) {
+        handoff.load_unknown(detector.as_mut(), stage, &batch).await;
+    }
+    let scored = match run_detector(t, batch) {
+        Ok(scored) => scored,
+        Err(StageFailure {
+            stage,
+            batch,
+            error,
+        }) => {
+            dead_letter_batch(&t.dead_letters, &stage, &batch, &error, ack);
+            return true;
+        }
+    };
+    let alerts = match Alert::from_scored(&scored) {
+        Ok(alerts) => alerts,
+        Err(error) => {
+            let stage = t
+                .detector
+                .as_ref()
+                .map(|(_, m)| m.clone())
+                .unwrap_or_else(|| t.queue_stage.clone());
+            dead_letter_batch(&t.dead_letters, &stage, &scored, &error, ack);
+            return true;
+        }
+    };
+    t.metrics.record_alerts(alerts.len());
+    if !t.has_actions || (alerts.is_empty() && !t.has_every_batch_action) {
+        // Nothing downstream has work for this batch: it is fully handled.
+        ack.ack();
+        return true;
+    }
+    let rows = scored.num_rows();
+    let item = Scored {
+        input: Arc::new(ActionInput {
+            batch: scored,
+            alerts,
+        }),
+        ack,
+    };
+    let policy = t.policy;
+    send_with_policy(
+        &t.tx,
+        item,
+        policy,
+        &t.action_queue_stage,
+        &t.last_stage,
+        rows,
+        |s| {
+            s.ack.nack(if policy == WhenFull::DropNewest {
+                QUEUE_FULL
+            } else {
+                DOWNSTREAM_GONE
+            })
+        },
+    )
+    .await
+}
+
+/// At the end of the input: the rows preps held back (open windows) go through the rest of
+/// the pipeline. Their input batches were acknowledged already, so these carry no ack.
+async fn flush_preps(t: &mut TransformTask) {
+    for i in 0..t.preps.len() {
+        let flushed = {
+            let (prep, stage) = &mut t.preps[i];
+            match prep.flush() {
+                Ok(Some(batch)) if batch.num_rows() > 0 => {
+                    stage.record_out(batch.num_rows(), Duration::ZERO);
+                    batch
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    stage.record_error();
+                    tracing::error!(stage = stage.name(), "flushing held rows failed: {e}");
+                    continue;
+                }
+            }
+        };
+        let mut batch = flushed;
+        let mut failed = None;
+        for (prep, stage) in &mut t.preps[i + 1..] {
+            stage.record_in(batch.num_rows());
+            match prep.process(&batch) {
+                Ok(out) => batch = out,
+                Err(error) => {
+                    stage.record_error();
+                    failed = Some((stage.clone(), error));
+                    break;
+                }
+            }
+        }
+        if let Some((stage, error)) = failed {
+            dead_letter_batch(&t.dead_letters, &stage, &batch, &error, Ack::none());
+            continue;
+        }
+        if !score_and_send(t, batch, Ack::none()).await {
+            return;
+        }
+    }
 }
 
 fn run_preps(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatch, StageFailure> {

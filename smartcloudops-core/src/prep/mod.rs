@@ -5,6 +5,7 @@
 //! whole batch with the reason and the pipeline goes on.
 
 pub mod filter;
+pub mod window;
 
 use std::fmt;
 
@@ -13,6 +14,7 @@ use arrow::record_batch::RecordBatch;
 use crate::error::Result;
 
 pub use self::filter::{MetricFilter, MetricFilterConfig};
+pub use self::window::{ResampleConfig, WindowConfig, WindowPrep};
 
 /// Transforms batches between the source and the detector.
 pub trait Prep: Send + fmt::Debug {
@@ -21,6 +23,12 @@ pub trait Prep: Send + fmt::Debug {
 
     /// Transforms one batch.
     fn process(&mut self, batch: &RecordBatch) -> Result<RecordBatch>;
+
+    /// At the end of the input: the rows the stage held back (open windows), as one last
+    /// batch. By default a stage holds nothing back.
+    fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        Ok(None)
+    }
 }
 
 /// A [`Prep`] from a closure, for pipelines assembled in code.

@@ -1,0 +1,644 @@
+//! Event-time windows per series (`[[prep]] type = "window"`), and resampling to a fixed step
+//! (`type = "resample"`).
+//!
+//! - **Tumbling** windows of `size`, or **sliding** windows of `size` every `slide`, aligned
+//!   to the epoch, per series.
+//! - **Aggregations**: `avg`, `min`, `max`, `sum`, `count`, `last`, `p50`, `p90`, `p95`,
+//!   `p99`. Each becomes one output row per window, named `{metric}_{aggregation}`, at the
+//!   window's end, with `window_start` and `window_end` columns appended.
+//! - **Watermark**: the largest event time seen, minus `max_out_of_orderness`. A window is
+//!   emitted once the watermark passes its end plus `allowed_lateness`, so rows up to that late
+//!   still count.
+//! - **Late rows**, whose every window was already emitted, are dropped and counted
+//!   ([`WindowPrep::late_rows`]), or with `late = "fail"`, fail their batch. A failed batch
+//!   is dead-lettered by the pipeline, with the reason.
+//! - At the end of the input, every open window is emitted ([`Prep::flush`]).
+//!
+//! Resampling is a tumbling window of `step` with one aggregation, `last` or `mean`, that
+//! keeps the metric's name and stamps rows at the window's start. Irregular series thus come
+//! out one row per step, and a detector sees regular series.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+use super::Prep;
+use crate::error::{Error, Result};
+use crate::schema::{MetricsBatchBuilder, MetricsColumns, TIME_ZONE};
+
+/// An aggregation of a window's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Mean.
+    Avg,
+    /// Smallest value.
+    Min,
+    /// Largest value.
+    Max,
+    /// Sum.
+    Sum,
+    /// Number of values.
+    Count,
+    /// The value with the latest event time.
+    Last,
+    /// Median.
+    P50,
+    /// 90th percentile.
+    P90,
+    /// 95th percentile.
+    P95,
+    /// 99th percentile.
+    P99,
+}
+
+impl Aggregation {
+    fn name(self) -> &'static str {
+        match self {
+            Aggregation::Avg => "avg",
+            Aggregation::Min => "min",
+            Aggregation::Max => "max",
+            Aggregation::Sum => "sum",
+            Aggregation::Count => "count",
+            Aggregation::Last => "last",
+            Aggregation::P50 => "p50",
+            Aggregation::P90 => "p90",
+            Aggregation::P95 => "p95",
+            Aggregation::P99 => "p99",
+        }
+    }
+
+    fn quantile(self) -> Option<f64> {
+        match self {
+            Aggregation::P50 => Some(0.5),
+            Aggregation::P90 => Some(0.9),
+            Aggregation::P95 => Some(0.95),
+            Aggregation::P99 => Some(0.99),
+            _ => None,
+        }
+    }
+}
+
+/// What happens to a row that arrives after all its windows were emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatePolicy {
+    /// Drop it and count it.
+    #[default]
+    Drop,
+    /// Fail the batch (the pipeline dead-letters it with the reason).
+    Fail,
+}
+
+/// `[[prep]] type = "window"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Window length.
+    #[serde(with = "humantime_serde")]
+    pub size: Duration,
+    /// For sliding windows: how often a window starts (at most `size`). Tumbling when absent.
+    #[serde(default, with = "humantime_serde")]
+    pub slide: Option<Duration>,
+    /// Aggregations, one output row each per window.
+    #[serde(default = "default_aggregations")]
+    pub aggregations: Vec<Aggregation>,
+    /// How far behind the latest event time rows may still arrive in order.
+    #[serde(default, with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+    /// How long after the watermark passed a window's end it stays open for late rows.
+    #[serde(default, with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// Rows later than that.
+    #[serde(default)]
+    pub late: LatePolicy,
+}
+
+fn default_aggregations() -> Vec<Aggregation> {
+    vec![Aggregation::Avg]
+}
+
+impl WindowConfig {
+    /// Tumbling windows of `size` with the average.
+    pub fn tumbling(size: Duration) -> Self {
+        Self {
+            size,
+            slide: None,
+            aggregations: default_aggregations(),
+            max_out_of_orderness: Duration::ZERO,
+            allowed_lateness: Duration::ZERO,
+            late: LatePolicy::Drop,
+        }
+    }
+
+    /// Configuration problems, as `(field, message)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.size.as_millis() == 0 {
+            out.push(("size", "must be at least 1ms".to_owned()));
+        }
+        if let Some(slide) = self.slide {
+            if slide.as_millis() == 0 || slide > self.size {
+                out.push((
+                    "slide",
+                    "must be at least 1ms and at most `size`".to_owned(),
+                ));
+            } else if self.size.as_millis() / slide.as_millis() > 1000 {
+                out.push(("slide", "at most 1000 windows may overlap".to_owned()));
+            }
+        }
+        if self.aggregations.is_empty() {
+            out.push(("aggregations", "name at least one".to_owned()));
+        }
+        out
+    }
+}
+
+/// The two resampling methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResampleMethod {
+    /// The last value in each step.
+    #[default]
+    Last,
+    /// The mean of the values in each step.
+    Mean,
+}
+
+/// `[[prep]] type = "resample"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResampleConfig {
+    /// The fixed step.
+    #[serde(with = "humantime_serde")]
+    pub step: Duration,
+    /// How a step's values become one.
+    #[serde(default)]
+    pub method: ResampleMethod,
+    /// As for windows.
+    #[serde(default, with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Acc {
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    last: (i64, f64),
+    values: Vec<f64>,
+}
+
+impl Acc {
+    fn add(&mut self, ts: i64, v: f64, keep_values: bool) {
+        if self.count == 0 {
+            self.min = v;
+            self.max = v;
+            self.last = (ts, v);
+        }
+        self.count += 1;
+        self.sum += v;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        if ts >= self.last.0 {
+            self.last = (ts, v);
+        }
+        if keep_values {
+            self.values.push(v);
+        }
+    }
+
+    fn value(&mut self, agg: Aggregation) -> f64 {
+        match agg {
+            Aggregation::Avg => self.sum / self.count as f64,
+            Aggregation::Min => self.min,
+            Aggregation::Max => self.max,
+            Aggregation::Sum => self.sum,
+            Aggregation::Count => self.count as f64,
+            Aggregation::Last => self.last.1,
+            _ => {
+                let q = agg.quantile().unwrap_or(0.5);
+                self.values.sort_by(f64::total_cmp);
+                // Nearest rank.
+                let rank =
+                    ((q * self.values.len() as f64).ceil() as usize).clamp(1, self.values.len());
+                self.values[rank - 1]
+            }
+        }
+    }
+}
+
+/// Windows per series. See the [module docs](self).
+#[derive(Debug)]
+pub struct WindowPrep {
+    name: String,
+    size: i64,
+    slide: i64,
+    aggregations: Vec<Aggregation>,
+    ooo: i64,
+    lateness: i64,
+    late: LatePolicy,
+    /// Resample: keep the metric name and stamp rows at the window start.
+    resample: bool,
+    keep_values: bool,
+    /// Open windows by (window start, series).
+    open: BTreeMap<(i64, u64), Acc>,
+    series: HashMap<u64, (String, Vec<(String, String)>)>,
+    max_ts: Option<i64>,
+    late_rows: u64,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl WindowPrep {
+    /// Windows as configured.
+    pub fn new(config: &WindowConfig) -> Result<Self> {
+        if let Some((field, message)) = config.problems().into_iter().next() {
+            return Err(Error::schema("prep:window", format!("{field}: {message}")));
+        }
+        let size = ms(config.size);
+        Ok(Self {
+            name: "window".into(),
+            size,
+            slide: config.slide.map_or(size, ms),
+            keep_values: config.aggregations.iter().any(|a| a.quantile().is_some()),
+            aggregations: config.aggregations.clone(),
+            ooo: ms(config.max_out_of_orderness),
+            lateness: ms(config.allowed_lateness),
+            late: config.late,
+            resample: false,
+            open: BTreeMap::new(),
+            series: HashMap::new(),
+            max_ts: None,
+            late_rows: 0,
+        })
+    }
+
+    /// Resampling as configured.
+    pub fn resample(config: &ResampleConfig) -> Result<Self> {
+        let mut w = Self::new(&WindowConfig {
+            max_out_of_orderness: config.max_out_of_orderness,
+            aggregations: vec![match config.method {
+                ResampleMethod::Last => Aggregation::Last,
+                ResampleMethod::Mean => Aggregation::Avg,
+            }],
+            ..WindowConfig::tumbling(config.step)
+        })?;
+        w.name = "resample".into();
+        w.resample = true;
+        Ok(w)
+    }
+
+    /// Rows dropped for arriving after their windows were emitted.
+    pub fn late_rows(&self) -> u64 {
+        self.late_rows
+    }
+
+    fn watermark(&self) -> Option<i64> {
+        self.max_ts.map(|t| t.saturating_sub(self.ooo))
+    }
+
+    /// Emits (and forgets) the windows that are complete at `watermark`, or all of them.
+    fn emit(&mut self, watermark: Option<i64>) -> Result<RecordBatch> {
+        let mut out = MetricsBatchBuilder::with_capacity(64);
+        let mut starts = Vec::new();
+        let mut ends = Vec::new();
+        let closed: Vec<(i64, u64)> = self
+            .open
+            .keys()
+            .filter(|(start, _)| {
+                watermark.is_none_or(|w| {
+                    start
+                        .saturating_add(self.size)
+                        .saturating_add(self.lateness)
+                        <= w
+                })
+            })
+            .copied()
+            .collect();
+        for key in closed {
+            let Some(mut acc) = self.open.remove(&key) else {
+                continue;
+            };
+            let (start, series) = key;
+            let end = start.saturating_add(self.size);
+            let Some((metric, labels)) = self.series.get(&series) else {
+                continue;
+            };
+            for &agg in &self.aggregations {
+                let value = acc.value(agg);
+                if self.resample {
+                    out.push_with_id(start, metric, labels, value, series);
+                } else {
+                    out.push(end, &format!("{metric}_{}", agg.name()), labels, value);
+                }
+                starts.push(start);
+                ends.push(end);
+            }
+        }
+        if self.open.is_empty() {
+            // Nothing refers to the series' names any more.
+            self.series.clear();
+        }
+        let batch = out.finish();
+        if self.resample {
+            return Ok(batch);
+        }
+        let ts = |v: Vec<i64>| -> ArrayRef {
+            Arc::new(TimestampMillisecondArray::from(v).with_timezone(TIME_ZONE))
+        };
+        let mut fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let ts_type = DataType::Timestamp(TimeUnit::Millisecond, Some(TIME_ZONE.into()));
+        fields.push(Field::new("window_start", ts_type.clone(), false));
+        fields.push(Field::new("window_end", ts_type, false));
+        let mut columns = batch.columns().to_vec();
+        columns.push(ts(starts));
+        columns.push(ts(ends));
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?)
+    }
+}
+
+impl Prep for WindowPrep {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn process(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let stage = format!("prep:{}", self.name);
+        let cols = MetricsColumns::try_new(batch, &stage)?;
+        for row in 0..batch.num_rows() {
+            let ts = cols.ts.value(row);
+            let value = cols.value.value(row);
+            let series = cols.series_id.value(row);
+            // The windows holding `ts`: starts `k * slide` with start <= ts < start + size.
+            let last_start = ts.div_euclid(self.slide) * self.slide;
+            let first_start = last_start - (self.size - 1).div_euclid(self.slide) * self.slide;
+            let watermark = self.watermark();
+            let closed = |start: i64| {
+                watermark.is_some_and(|w| {
+                    start
+                        .saturating_add(self.size)
+                        .saturating_add(self.lateness)
+                        <= w
+                })
+            };
+            if closed(last_start) {
+                match self.late {
+                    LatePolicy::Drop => {
+                        self.late_rows += 1;
+                        continue;
+                    }
+                    LatePolicy::Fail => {
+                        return Err(Error::schema(
+                            stage,
+                            format!(
+                                "row at {} arrived after its windows closed",
+                                crate::schema::format_ts(ts)
+                            ),
+                        ));
+                    }
+                }
+            }
+            if !value.is_finite() {
+                continue; // a window of numbers: NaN and infinities do not aggregate
+            }
+            self.series
+                .entry(series)
+                .or_insert_with(|| (cols.metric(row).to_owned(), cols.labels(row)));
+            let mut start = first_start;
+            while start <= last_start {
+                if start + self.size > ts && !closed(start) {
+                    self.open
+                        .entry((start, series))
+                        .or_default()
+                        .add(ts, value, self.keep_values);
+                }
+                start += self.slide;
+            }
+            self.max_ts = Some(self.max_ts.map_or(ts, |m| m.max(ts)));
+        }
+        self.emit(self.watermark())
+    }
+
+    fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        if self.open.is_empty() {
+            return Ok(None);
+        }
+        self.emit(None).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(rows: &[(&str, i64, f64)]) -> RecordBatch {
+        let mut b = MetricsBatchBuilder::default();
+        for (host, ts, v) in rows {
+            b.push(*ts, "cpu", &[("host", *host)], *v);
+        }
+        b.finish()
+    }
+
+    fn rows(b: &RecordBatch) -> Vec<(String, String, i64, f64)> {
+        let cols = MetricsColumns::try_new(b, "t").unwrap();
+        let mut out: Vec<_> = (0..b.num_rows())
+            .map(|r| {
+                (
+                    cols.metric(r).to_owned(),
+                    cols.labels(r)[0].1.clone(),
+                    cols.ts.value(r),
+                    cols.value.value(r),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| (a.2, &a.1, &a.0).cmp(&(b.2, &b.1, &b.0)));
+        out
+    }
+
+    #[test]
+    fn tumbling_windows_aggregate_per_series_and_emit_when_the_watermark_passes() {
+        let mut w = WindowPrep::new(&WindowConfig {
+            aggregations: vec![Aggregation::Avg, Aggregation::Max, Aggregation::Count],
+            ..WindowConfig::tumbling(Duration::from_secs(60))
+        })
+        .unwrap();
+        let out = w
+            .process(&batch(&[
+                ("a", 0, 1.0),
+                ("a", 30_000, 3.0),
+                ("b", 10_000, 10.0),
+            ]))
+            .unwrap();
+        assert_eq!(out.num_rows(), 0, "the first minute is still open");
+        let out = w.process(&batch(&[("a", 60_000, 5.0)])).unwrap();
+        assert_eq!(
+            rows(&out),
+            vec![
+                ("cpu_avg".into(), "a".into(), 60_000, 2.0),
+                ("cpu_count".into(), "a".into(), 60_000, 2.0),
+                ("cpu_max".into(), "a".into(), 60_000, 3.0),
+                ("cpu_avg".into(), "b".into(), 60_000, 10.0),
+                ("cpu_count".into(), "b".into(), 60_000, 1.0),
+                ("cpu_max".into(), "b".into(), 60_000, 10.0),
+            ]
+        );
+        let starts = out.column_by_name("window_start").unwrap();
+        assert_eq!(starts.len(), 6);
+        // End of input: the open minute comes out.
+        let last = w.flush().unwrap().unwrap();
+        assert_eq!(
+            rows(&last),
+            vec![
+                ("cpu_avg".into(), "a".into(), 120_000, 5.0),
+                ("cpu_count".into(), "a".into(), 120_000, 1.0),
+                ("cpu_max".into(), "a".into(), 120_000, 5.0)
+            ]
+        );
+        assert!(w.flush().unwrap().is_none());
+    }
+
+    #[test]
+    fn out_of_order_rows_count_until_the_watermark_and_late_ones_are_dropped_and_counted() {
+        let mut w = WindowPrep::new(&WindowConfig {
+            aggregations: vec![Aggregation::Sum],
+            max_out_of_orderness: Duration::from_secs(30),
+            ..WindowConfig::tumbling(Duration::from_secs(60))
+        })
+        .unwrap();
+        // 70 s seen, watermark 40 s: the first minute stays open for the row at 20 s.
+        assert_eq!(
+            w.process(&batch(&[("a", 10_000, 1.0), ("a", 70_000, 1.0)]))
+                .unwrap()
+                .num_rows(),
+            0
+        );
+        assert_eq!(
+            w.process(&batch(&[("a", 20_000, 2.0)])).unwrap().num_rows(),
+            0
+        );
+        let out = w.process(&batch(&[("a", 95_000, 1.0)])).unwrap();
+        assert_eq!(
+            rows(&out),
+            vec![("cpu_sum".into(), "a".into(), 60_000, 3.0)]
+        );
+        // The first minute is gone: a row for it is late.
+        let out = w.process(&batch(&[("a", 30_000, 100.0)])).unwrap();
+        assert_eq!(out.num_rows(), 0);
+        assert_eq!(w.late_rows(), 1);
+        let mut strict = WindowPrep::new(&WindowConfig {
+            late: LatePolicy::Fail,
+            ..WindowConfig::tumbling(Duration::from_secs(60))
+        })
+        .unwrap();
+        strict.process(&batch(&[("a", 120_000, 1.0)])).unwrap();
+        let err = strict.process(&batch(&[("a", 1_000, 1.0)])).unwrap_err();
+        assert!(
+            err.to_string().contains("after its windows closed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sliding_windows_overlap_and_percentiles_use_nearest_rank() {
+        let mut w = WindowPrep::new(&WindowConfig {
+            slide: Some(Duration::from_secs(30)),
+            aggregations: vec![Aggregation::Count, Aggregation::P90],
+            ..WindowConfig::tumbling(Duration::from_secs(60))
+        })
+        .unwrap();
+        let input: Vec<(&str, i64, f64)> = (0..10).map(|i| ("a", i * 10_000, i as f64)).collect();
+        let mut r = rows(&w.process(&batch(&input)).unwrap());
+        r.extend(rows(&w.flush().unwrap().unwrap()));
+        // Windows [-30,30) [0,60) [30,90) [60,120) [90,150) over rows at 0, 10 … 90 s.
+        let counts: Vec<f64> = r
+            .iter()
+            .filter(|x| x.0 == "cpu_count")
+            .map(|x| x.3)
+            .collect();
+        assert_eq!(counts, vec![3.0, 6.0, 6.0, 4.0, 1.0]);
+        let p90: Vec<f64> = r.iter().filter(|x| x.0 == "cpu_p90").map(|x| x.3).collect();
+        assert_eq!(p90, vec![2.0, 5.0, 8.0, 9.0, 9.0]);
+    }
+
+    #[test]
+    fn resampling_gives_one_row_per_step_at_its_start_with_the_metric_name_kept() {
+        let mut r = WindowPrep::resample(&ResampleConfig {
+            step: Duration::from_secs(60),
+            method: ResampleMethod::Last,
+            max_out_of_orderness: Duration::ZERO,
+        })
+        .unwrap();
+        let out = r
+            .process(&batch(&[
+                ("a", 5_000, 1.0),
+                ("a", 50_000, 2.0),
+                ("a", 61_000, 3.0),
+                ("a", 125_000, 4.0),
+            ]))
+            .unwrap();
+        assert_eq!(
+            rows(&out),
+            vec![
+                ("cpu".into(), "a".into(), 0, 2.0),
+                ("cpu".into(), "a".into(), 60_000, 3.0)
+            ]
+        );
+        assert_eq!(
+            out.num_columns(),
+            5,
+            "the canonical schema, nothing appended"
+        );
+        let mut mean = WindowPrep::resample(&ResampleConfig {
+            step: Duration::from_secs(60),
+            method: ResampleMethod::Mean,
+            max_out_of_orderness: Duration::ZERO,
+        })
+        .unwrap();
+        mean.process(&batch(&[("a", 5_000, 1.0), ("a", 50_000, 2.0)]))
+            .unwrap();
+        assert_eq!(
+            rows(&mean.flush().unwrap().unwrap()),
+            vec![("cpu".into(), "a".into(), 0, 1.5)]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_finite_in_order_value_is_counted_once_per_window(
+            values in proptest::collection::vec((0i64..600_000, -1e6f64..1e6), 1..200)
+        ) {
+            let mut sorted = values.clone();
+            sorted.sort_by_key(|(t, _)| *t);
+            let mut w = WindowPrep::new(&WindowConfig {
+                aggregations: vec![Aggregation::Count],
+                ..WindowConfig::tumbling(Duration::from_secs(60))
+            }).unwrap();
+            let rows_in: Vec<(&str, i64, f64)> = sorted.iter().map(|(t, v)| ("a", *t, *v)).collect();
+            let mut total = 0.0;
+            let out = w.process(&batch(&rows_in)).unwrap();
+            total += rows(&out).iter().map(|r| r.3).sum::<f64>();
+            if let Some(rest) = w.flush().unwrap() {
+                total += rows(&rest).iter().map(|r| r.3).sum::<f64>();
+            }
+            proptest::prop_assert_eq!(total as usize, sorted.len());
+            proptest::prop_assert_eq!(w.late_rows(), 0);
+        }
+    }
+}
