@@ -251,20 +251,51 @@ impl Source for RedisStreamSource {
 /// An entry of one of the source's streams: the stream's index and the entry id.
 type EntryRef = (usize, String);
 
+/// A nacked batch's entries, waiting to be delivered again.
+#[derive(Debug)]
+struct Retry {
+    due: Instant,
+    entries: Vec<EntryRef>,
+    /// How many times these entries failed in a row: the next wait doubles with it.
+    attempt: u32,
+    /// Failures that count against the entries: those after which other batches had
+    /// succeeded since the previous failure. When every batch fails (the pipeline's outage,
+    /// not the entries' fault), nothing counts. At `max_deliveries` strikes an entry is
+    /// dead-lettered as poison.
+    strikes: u32,
+    /// Acked batches at the time of the nack.
+    successes_at_nack: u64,
+}
+
+/// What a batch's entries carry from their earlier failures into its outcome.
+#[derive(Debug, Clone, Copy)]
+struct Strikes {
+    attempt: u32,
+    strikes: u32,
+    /// Acked batches when the entries last failed (or were delivered the first time).
+    successes: u64,
+}
+
 /// State shared by the reader, the acker and the ack callbacks.
 #[derive(Debug)]
 struct Shared {
     /// Entries whose batch was acknowledged, waiting for `XACK`.
     to_ack: Mutex<Vec<EntryRef>>,
     /// Entries of nacked batches and when to deliver them again.
-    retry: Mutex<Vec<(Instant, Vec<EntryRef>)>>,
-    /// Entries in batches the pipeline has not resolved yet.
-    in_flight: Mutex<FxHashSet<EntryRef>>,
-    unacked: AtomicUsize,
+    retry: Mutex<Vec<Retry>>,
+    /// Entries this consumer holds: in a batch, waiting for a retry, or waiting for `XACK`.
+    /// They are never delivered again while held; the set is the backpressure measure.
+    owned: Mutex<FxHashSet<EntryRef>>,
+    /// Batches sent to the pipeline and not resolved yet.
+    batches_out: AtomicUsize,
+    /// Batches acknowledged since start.
+    successes: AtomicU64,
     /// Consecutive nacked batches, for the retry backoff.
     failures: AtomicU64,
     wake_acker: Notify,
     wake_reader: Notify,
+    /// Cancelled when the reader stopped: nothing new will be read or dead-lettered.
+    reader_done: CancellationToken,
     stage: Arc<StageMetrics>,
     acked: AtomicU64,
     claimed: AtomicU64,
@@ -277,11 +308,13 @@ impl Shared {
         let shared = Self {
             to_ack: Mutex::default(),
             retry: Mutex::default(),
-            in_flight: Mutex::default(),
-            unacked: AtomicUsize::new(0),
+            owned: Mutex::default(),
+            batches_out: AtomicUsize::new(0),
+            successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             wake_acker: Notify::new(),
             wake_reader: Notify::new(),
+            reader_done: CancellationToken::new(),
             stage,
             acked: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
@@ -302,41 +335,55 @@ impl Shared {
             .set_gauge("redis_stream_poison_total", &[], get(&self.poison));
         self.stage
             .set_gauge("redis_stream_trimmed_total", &[], get(&self.trimmed));
-        self.stage.set_gauge(
-            "redis_stream_in_flight",
-            &[],
-            self.unacked.load(Ordering::Relaxed) as f64,
-        );
+        let owned = lock(&self.owned).len();
+        self.stage
+            .set_gauge("redis_stream_in_flight", &[], owned as f64);
     }
 
-    /// The outcome of a batch holding `entries`.
-    fn resolve(&self, entries: Vec<EntryRef>, outcome: AckOutcome, retry_backoff: Duration) {
-        if let Ok(mut in_flight) = self.in_flight.lock() {
-            for e in &entries {
-                in_flight.remove(e);
-            }
-        }
-        self.unacked.fetch_sub(entries.len(), Ordering::Relaxed);
+    /// The outcome of a batch holding `entries`. The entries are queued (for `XACK` or a
+    /// retry) before the batch stops counting as out, so the acker, which exits when no batch
+    /// is out, never misses them.
+    fn resolve(
+        &self,
+        entries: Vec<EntryRef>,
+        outcome: AckOutcome,
+        retry_backoff: Duration,
+        max_wait: Duration,
+        previous: Strikes,
+    ) {
         match outcome {
             AckOutcome::Acked => {
                 self.failures.store(0, Ordering::Relaxed);
+                self.successes.fetch_add(1, Ordering::Relaxed);
                 lock(&self.to_ack).extend(entries);
                 self.wake_acker.notify_one();
             }
             AckOutcome::Nacked(reason) => {
-                let failures = self.failures.fetch_add(1, Ordering::Relaxed).min(16);
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                // Per entry, not per batch: a nacked batch redelivered as many one-entry
+                // batches must not push every retry to the maximum wait.
                 let wait = retry_backoff
-                    .saturating_mul(1 << failures)
-                    .min(MAX_RETRY_BACKOFF);
+                    .saturating_mul(1 << previous.attempt.min(16))
+                    .min(max_wait);
+                let successes = self.successes.load(Ordering::Relaxed);
+                let strike = u32::from(successes > previous.successes);
                 tracing::warn!(
                     entries = entries.len(),
                     retry_in_ms = wait.as_millis() as u64,
                     "redis streams: batch failed ({reason}); it will be delivered again"
                 );
-                lock(&self.retry).push((Instant::now() + wait, entries));
+                lock(&self.retry).push(Retry {
+                    due: Instant::now() + wait,
+                    entries,
+                    attempt: previous.attempt + 1,
+                    strikes: previous.strikes + strike,
+                    successes_at_nack: successes,
+                });
             }
         }
+        self.batches_out.fetch_sub(1, Ordering::Release);
         self.wake_reader.notify_one();
+        self.wake_acker.notify_one();
     }
 }
 
@@ -358,8 +405,10 @@ impl Acker {
     async fn run(self) {
         let mut con: Option<MultiplexedConnection> = None;
         let mut backoff = Duration::from_millis(100);
+        let mut attempts_while_stopping = 0u32;
         loop {
-            let stopping = self.shutdown.is_cancelled();
+            let stopping =
+                self.shutdown.is_cancelled() || self.shared.reader_done.is_cancelled();
             let batch = std::mem::take(&mut *lock(&self.shared.to_ack));
             if !batch.is_empty() {
                 match self.ack(&mut con, &batch).await {
@@ -368,9 +417,25 @@ impl Acker {
                         self.shared
                             .acked
                             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        {
+                            let mut owned = lock(&self.shared.owned);
+                            for e in &batch {
+                                owned.remove(e);
+                            }
+                        }
                         self.shared.publish();
                     }
+                    Err(e) if stopping && attempts_while_stopping >= 5 => {
+                        // Redis stays away at shutdown: the entries stay pending and are
+                        // delivered again after a restart (at-least-once), rather than
+                        // holding the process forever.
+                        tracing::error!(entries = batch.len(), "redis streams: XACK still failing at shutdown, giving up: {e}");
+                        return;
+                    }
                     Err(e) => {
+                        if stopping {
+                            attempts_while_stopping += 1;
+                        }
                         // Kept for the next attempt; the entries stay pending meanwhile.
                         tracing::warn!("redis streams: XACK failed, retrying: {e}");
                         self.shared.stage.record_error();
@@ -382,7 +447,10 @@ impl Acker {
                     }
                 }
             }
-            if stopping && self.shared.unacked.load(Ordering::Relaxed) == 0 {
+            if stopping
+                && self.shared.reader_done.is_cancelled()
+                && self.shared.batches_out.load(Ordering::Acquire) == 0
+            {
                 // Every batch is resolved and everything acked is acknowledged.
                 if lock(&self.shared.to_ack).is_empty() {
                     return;
@@ -392,6 +460,7 @@ impl Acker {
             tokio::select! {
                 _ = self.shared.wake_acker.notified() => {}
                 _ = self.shutdown.cancelled(), if !stopping => {}
+                _ = self.shared.reader_done.cancelled(), if !stopping => {}
                 // While stopping, look again now and then for the last outcomes.
                 _ = tokio::time::sleep(Duration::from_millis(50)), if stopping => {}
             }
@@ -435,6 +504,8 @@ impl Acker {
 struct Entry {
     id: String,
     payload: Option<Vec<u8>>,
+    /// Deleted from the stream while pending (`[id, nil]`).
+    deleted: bool,
 }
 
 /// How an entry was obtained, which decides whether its delivery count must be checked.
@@ -462,11 +533,14 @@ struct Reader {
 
 impl Reader {
     async fn run(mut self) {
+        // However the reader ends (shutdown, the pipeline gone, a panic), the acker learns it.
+        let _done = self.shared.reader_done.clone().drop_guard();
         let mut backoff = Duration::from_millis(100);
         let mut recovered = false;
         let mut next_claim = Instant::now();
         let shutdown = self.shutdown.clone();
-        while !shutdown.is_cancelled() {
+        let tx = self.tx.clone();
+        while !shutdown.is_cancelled() && !tx.is_closed() {
             let step = async {
                 if !recovered {
                     self.create_groups().await?;
@@ -475,10 +549,11 @@ impl Reader {
                 }
                 self.redeliver_nacked().await?;
                 if Instant::now() >= next_claim {
-                    self.claim_stale().await?;
+                    // Moved first: a failing claim must not starve the reads.
                     next_claim = Instant::now() + self.config.claim_interval;
+                    self.claim_stale().await?;
                 }
-                if self.shared.unacked.load(Ordering::Relaxed) >= self.config.max_unacked {
+                if lock(&self.shared.owned).len() >= self.config.max_unacked {
                     tokio::select! {
                         _ = self.shared.wake_reader.notified() => {}
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -489,6 +564,7 @@ impl Reader {
             };
             let result = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = tx.closed() => break, // the pipeline stopped taking batches
                 r = step => r,
             };
             match result {
@@ -499,6 +575,7 @@ impl Reader {
                     self.con = None;
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
+                        _ = tx.closed() => break,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
@@ -554,7 +631,7 @@ impl Reader {
                     entries = entries.len(),
                     "redis streams: delivering this consumer's pending entries again"
                 );
-                self.deliver(stream, entries, Delivery::Again).await?;
+                self.deliver(stream, entries, Delivery::Again, None).await?;
             }
         }
         Ok(())
@@ -562,39 +639,76 @@ impl Reader {
 
     /// Claims the entries of nacked batches whose retry time has come.
     async fn redeliver_nacked(&mut self) -> Result<()> {
-        let due: Vec<EntryRef> = {
+        let due: Vec<Retry> = {
             let mut retry = lock(&self.shared.retry);
             let now = Instant::now();
-            let (due, later): (Vec<_>, Vec<_>) = retry.drain(..).partition(|(at, _)| *at <= now);
+            let (due, later): (Vec<_>, Vec<_>) = retry.drain(..).partition(|r| r.due <= now);
             *retry = later;
-            due.into_iter().flat_map(|(_, e)| e).collect()
+            due
         };
-        if due.is_empty() {
-            return Ok(());
+        let mut due = due.into_iter();
+        while let Some(item) = due.next() {
+            if let Err(e) = self.redeliver(&item).await {
+                // Not lost: back in the queue, with the rest, for the next round.
+                let mut retry = lock(&self.shared.retry);
+                retry.push(item);
+                retry.extend(due);
+                return Err(e);
+            }
         }
+        Ok(())
+    }
+
+    /// Claims one nacked batch's entries back and delivers them one per batch, so a poison
+    /// entry fails alone.
+    async fn redeliver(&mut self, item: &Retry) -> Result<()> {
+
         let mut by_stream: HashMap<usize, Vec<String>> = HashMap::new();
-        for (stream, id) in due {
-            by_stream.entry(stream).or_default().push(id);
+        for (stream, id) in &item.entries {
+            by_stream.entry(*stream).or_default().push(id.clone());
         }
         for (stream, ids) in by_stream {
             for chunk in ids.chunks(self.config.batch_size.max(1)) {
                 let key = self.config.streams[stream].clone();
                 let group = self.config.group.clone();
                 let consumer = self.consumer.clone();
+                // Retries come before `claim_idle`, so these entries are still this consumer's;
+                // whatever does not come back was trimmed or taken over after all.
+                let min_idle = 0;
                 let con = self.con().await?;
-                let reply: Value = redis::cmd("XCLAIM")
+                let reply: redis::RedisResult<Value> = redis::cmd("XCLAIM")
                     .arg(&key)
                     .arg(&group)
                     .arg(&consumer)
-                    .arg(0)
+                    .arg(min_idle)
                     .arg(chunk)
                     .query_async(con)
-                    .await
-                    .map_err(|e| error(format!("claiming entries of {key} again"), e))?;
-                // One batch per entry: a poison entry then fails alone, and the entries that
-                // only shared its batch pass.
-                for entry in parse_entries(&reply, &self.config.field) {
-                    self.deliver(stream, vec![entry], Delivery::Again).await?;
+                    .await;
+                let reply = match reply {
+                    Ok(v) => v,
+                    Err(e) if e.code() == Some("NOGROUP") => {
+                        self.create_groups().await?;
+                        continue;
+                    }
+                    Err(e) => return Err(error(format!("claiming entries of {key} again"), e)),
+                };
+                let entries = parse_entries(&reply, &self.config.field);
+                {
+                    // Whatever did not come back is not ours any more: claimed by another
+                    // consumer, or trimmed from the stream (Redis drops it from the list).
+                    let mut owned = lock(&self.shared.owned);
+                    for id in chunk {
+                        owned.remove(&(stream, id.clone()));
+                    }
+                }
+                for entry in entries {
+                    let history = Strikes {
+                        attempt: item.attempt,
+                        strikes: item.strikes,
+                        successes: item.successes_at_nack,
+                    };
+                    self.deliver(stream, vec![entry], Delivery::Again, Some(history))
+                        .await?;
                 }
             }
         }
@@ -611,7 +725,7 @@ impl Reader {
             let count = self.config.batch_size;
             let cursor = self.claim_cursors[stream].clone();
             let con = self.con().await?;
-            let reply: Value = redis::cmd("XAUTOCLAIM")
+            let reply: redis::RedisResult<Value> = redis::cmd("XAUTOCLAIM")
                 .arg(&key)
                 .arg(&group)
                 .arg(&consumer)
@@ -620,8 +734,15 @@ impl Reader {
                 .arg("COUNT")
                 .arg(count)
                 .query_async(con)
-                .await
-                .map_err(|e| error(format!("claiming stale entries of {key}"), e))?;
+                .await;
+            let reply: Value = match reply {
+                Ok(v) => v,
+                Err(e) if e.code() == Some("NOGROUP") => {
+                    self.create_groups().await?;
+                    continue;
+                }
+                Err(e) => return Err(error(format!("claiming stale entries of {key}"), e)),
+            };
             let (next, entries, deleted) = parse_autoclaim(&reply, &self.config.field);
             self.claim_cursors[stream] = next;
             if !deleted.is_empty() {
@@ -644,7 +765,7 @@ impl Reader {
                     entries = entries.len(),
                     "redis streams: claimed stale pending entries"
                 );
-                self.deliver(stream, entries, Delivery::Again).await?;
+                self.deliver(stream, entries, Delivery::Again, None).await?;
             }
             self.shared.publish();
         }
@@ -654,7 +775,7 @@ impl Reader {
     /// Reads entries new to the group, waiting up to `block` (less if a retry is due).
     async fn read_new(&mut self) -> Result<()> {
         let mut block = self.config.block;
-        if let Some(due) = lock(&self.shared.retry).iter().map(|(at, _)| *at).min() {
+        if let Some(due) = lock(&self.shared.retry).iter().map(|r| r.due).min() {
             block = block.min(due.saturating_duration_since(Instant::now()));
         }
         let all: Vec<usize> = (0..self.config.streams.len()).collect();
@@ -663,7 +784,7 @@ impl Reader {
         // pending until claimed. A due retry waits at most `block`.
         let reply = self.xreadgroup(&all, ">", Some(block_ms)).await?;
         for (stream, entries) in reply {
-            self.deliver(stream, entries, Delivery::New).await?;
+            self.deliver(stream, entries, Delivery::New, None).await?;
         }
         Ok(())
     }
@@ -711,44 +832,47 @@ impl Reader {
             .collect())
     }
 
-    /// How often each of `ids` (pending with this consumer) has been delivered.
-    async fn delivery_counts(
-        &mut self,
-        stream: usize,
-        ids: &[&str],
-    ) -> Result<HashMap<String, u64>> {
-        let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
+    /// How often each of `ids` has been delivered to this consumer (one `XPENDING` per id,
+    /// pipelined). An id missing from the answer is not pending with this consumer.
+    async fn delivery_counts(&mut self, stream: usize, ids: &[&str]) -> Result<HashMap<String, u64>> {
+        if ids.is_empty() {
             return Ok(HashMap::new());
-        };
+        }
         let key = self.config.streams[stream].clone();
         let group = self.config.group.clone();
         let consumer = self.consumer.clone();
-        // Entries come in id order, so one range covers them; other pending entries of this
-        // consumer inside the range are in the answer too and ignored.
-        let (first, last) = ((*first).to_owned(), (*last).to_owned());
-        let count = self.config.max_unacked + ids.len();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XPENDING")
+                .arg(&key)
+                .arg(&group)
+                .arg(*id)
+                .arg(*id)
+                .arg(1)
+                .arg(&consumer);
+        }
         let con = self.con().await?;
-        let reply: Value = redis::cmd("XPENDING")
-            .arg(&key)
-            .arg(&group)
-            .arg(&first)
-            .arg(&last)
-            .arg(count)
-            .arg(&consumer)
+        let replies: Vec<Value> = pipe
             .query_async(con)
             .await
             .map_err(|e| error(format!("reading delivery counts of {key}"), e))?;
-        Ok(parse_pending(&reply))
+        Ok(replies.iter().flat_map(|r| parse_pending(r)).collect())
     }
 
     /// Decodes `entries` into one batch for the pipeline; dead-letters the undecodable and
     /// the poison ones.
-    async fn deliver(&mut self, stream: usize, entries: Vec<Entry>, how: Delivery) -> Result<()> {
+    async fn deliver(
+        &mut self,
+        stream: usize,
+        entries: Vec<Entry>,
+        how: Delivery,
+        history: Option<Strikes>,
+    ) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
         let in_flight: Vec<bool> = {
-            let set = lock(&self.shared.in_flight);
+            let set = lock(&self.shared.owned);
             entries
                 .iter()
                 .map(|e| set.contains(&(stream, e.id.clone())))
@@ -769,9 +893,22 @@ impl Reader {
         let mut letters: Vec<(String, String, String, u64)> = Vec::new(); // id, reason, raw, deliveries
         for (entry, busy) in entries.into_iter().zip(in_flight) {
             if busy {
-                continue; // still in a batch of this consumer: its outcome will come
+                continue; // this consumer holds it (a batch, a retry, an XACK): no second copy
             }
-            let deliveries = counts.get(&entry.id).copied().unwrap_or(1);
+            let deliveries = match how {
+                Delivery::New => 1,
+                Delivery::Again => match counts.get(&entry.id) {
+                    Some(&n) => n,
+                    None => continue, // not pending with this consumer any more
+                },
+            };
+            if entry.deleted {
+                // Trimmed from the stream while pending: nothing left to read.
+                self.shared.trimmed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(id = %entry.id, "redis streams: a pending entry was trimmed before being processed; it is lost");
+                done.push((stream, entry.id));
+                continue;
+            }
             let Some(payload) = entry.payload else {
                 letters.push((
                     entry.id.clone(),
@@ -782,7 +919,13 @@ impl Reader {
                 done.push((stream, entry.id));
                 continue;
             };
-            if deliveries > u64::from(self.config.max_deliveries) {
+            // Retried here: poison after `max_deliveries` strikes. Taken over from a consumer
+            // that stopped (a crash loop, say): poison after `max_deliveries` deliveries.
+            let poison = match history {
+                Some(h) => h.strikes >= self.config.max_deliveries,
+                None => deliveries > u64::from(self.config.max_deliveries),
+            };
+            if poison {
                 letters.push((
                     entry.id.clone(),
                     format!(
@@ -819,8 +962,19 @@ impl Reader {
             tracing::error!("redis streams: dead letters not stored, redelivering: {e}");
             let mut all = in_batch;
             all.extend(done);
-            lock(&self.shared.retry).push((Instant::now() + self.config.retry_backoff, all));
+            lock(&self.shared.retry).push(Retry {
+                due: Instant::now() + self.config.retry_backoff,
+                entries: all,
+                attempt: 1,
+                strikes: 0,
+                successes_at_nack: self.shared.successes.load(Ordering::Relaxed),
+            });
             return Ok(());
+        }
+        {
+            let mut owned = lock(&self.shared.owned);
+            owned.extend(done.iter().cloned());
+            owned.extend(in_batch.iter().cloned());
         }
         if !done.is_empty() {
             lock(&self.shared.to_ack).extend(done);
@@ -829,16 +983,20 @@ impl Reader {
         if in_batch.is_empty() {
             return Ok(());
         }
-        {
-            let mut set = lock(&self.shared.in_flight);
-            set.extend(in_batch.iter().cloned());
-        }
-        self.shared
-            .unacked
-            .fetch_add(in_batch.len(), Ordering::Relaxed);
+        self.shared.batches_out.fetch_add(1, Ordering::Release);
         let shared = self.shared.clone();
         let backoff = self.config.retry_backoff;
-        let ack = Ack::new(move |outcome| shared.resolve(in_batch, outcome, backoff));
+        // A retry comes well before `claim_idle`, so no other consumer (nor this one's
+        // XAUTOCLAIM) takes the entries while they wait.
+        let max_wait = (self.config.claim_idle / 2).min(MAX_RETRY_BACKOFF);
+        let previous = history.unwrap_or(Strikes {
+            attempt: 0,
+            strikes: 0,
+            successes: self.shared.successes.load(Ordering::Relaxed),
+        });
+        let ack = Ack::new(move |outcome| {
+            shared.resolve(in_batch, outcome, backoff, max_wait, previous);
+        });
         let batch = builder.finish();
         if self
             .tx
@@ -930,6 +1088,7 @@ fn items(v: &Value) -> &[Value] {
 fn parse_entry(v: &Value, field: &str) -> Option<Entry> {
     let parts = items(v);
     let id = text(parts.first()?)?;
+    let deleted = matches!(parts.get(1), None | Some(Value::Nil));
     let payload = match parts.get(1) {
         Some(Value::Array(fields)) => fields.chunks(2).find_map(|kv| match kv {
             [Value::BulkString(k), Value::BulkString(v)] if k == field.as_bytes() => {
@@ -945,7 +1104,11 @@ fn parse_entry(v: &Value, field: &str) -> Option<Entry> {
         }),
         _ => None,
     };
-    Some(Entry { id, payload })
+    Some(Entry {
+        id,
+        payload,
+        deleted,
+    })
 }
 
 fn parse_entries(v: &Value, field: &str) -> Vec<Entry> {
