@@ -552,7 +552,10 @@ async fn a_poison_entry_goes_to_the_dead_letter_stream_after_max_deliveries() {
         .filter(|(m, _)| m == "cpu")
         .map(|(_, v)| *v as u64)
         .collect();
-    assert!(good.is_superset(&(0..20).collect()), "every good entry passed");
+    assert!(
+        good.is_superset(&(0..20).collect()),
+        "every good entry passed"
+    );
     let poison_tries = rows
         .seen
         .lock()
@@ -1120,7 +1123,14 @@ async fn a_downstream_outage_does_not_turn_good_entries_into_poison() {
     let dlq = format!("{stream}:dead");
     let group = "pipeline";
     let mut con = raw().await;
-    xadd_lines(&mut con, &stream, &(0..50).map(|i| line("cpu", f64::from(i))).collect::<Vec<_>>()).await;
+    xadd_lines(
+        &mut con,
+        &stream,
+        &(0..50)
+            .map(|i| line("cpu", f64::from(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
     let sink = Arc::new(Outage {
         until: std::time::Instant::now() + Duration::from_millis(1500),
         rows: Rows::default(),
@@ -1149,7 +1159,10 @@ async fn a_downstream_outage_does_not_turn_good_entries_into_poison() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let dead: i64 = con.xlen(&dlq).await.unwrap();
-    assert_eq!(dead, 0, "nothing is poison when every batch failed for the same reason");
+    assert_eq!(
+        dead, 0,
+        "nothing is poison when every batch failed for the same reason"
+    );
     handle.shutdown();
     handle.wait().await.unwrap();
     let _: () = con.del(&[&stream, &dlq]).await.unwrap();

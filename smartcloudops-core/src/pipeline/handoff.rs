@@ -19,6 +19,8 @@ use crate::schema::col;
 
 /// How long lookups pause after the store failed.
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// Longest a load or a save may hold up scoring.
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The store and how often to save to it, as configured on the builder.
 #[derive(Debug, Clone)]
@@ -38,6 +40,9 @@ pub(super) struct StateHandoff {
     unsaved: Vec<(u64, Vec<u8>)>,
     loaded: u64,
     saved: u64,
+    /// Series whose stored state could not be looked up (the store failed or was paused):
+    /// they started fresh, and their fresh state must not overwrite the stored one.
+    skipped: rustc_hash::FxHashSet<u64>,
 }
 
 impl StateHandoff {
@@ -62,6 +67,7 @@ impl StateHandoff {
             unsaved: Vec::new(),
             loaded: 0,
             saved: 0,
+            skipped: rustc_hash::FxHashSet::default(),
         })
     }
 
@@ -83,12 +89,9 @@ impl StateHandoff {
         stage: &StageMetrics,
         batch: &RecordBatch,
     ) {
-        if self
+        let paused = self
             .paused_until
-            .is_some_and(|until| Instant::now() < until)
-        {
-            return;
-        }
+            .is_some_and(|until| Instant::now() < until);
         let Some(ids) = batch
             .column_by_name(col::SERIES_ID)
             .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
@@ -102,7 +105,23 @@ impl StateHandoff {
         if unknown.is_empty() {
             return;
         }
-        match self.store.load(&self.namespace, &unknown).await {
+        if paused {
+            self.skipped.extend(unknown);
+            return;
+        }
+        let loaded =
+            tokio::time::timeout(STORE_TIMEOUT, self.store.load(&self.namespace, &unknown))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::Error::Connector {
+                        connector: self.store.name().into(),
+                        message: format!("no answer within {STORE_TIMEOUT:?}"),
+                    })
+                });
+        if loaded.is_err() {
+            self.skipped.extend(unknown.iter().copied());
+        }
+        match loaded {
             Ok(states) if states.is_empty() => {}
             Ok(states) => {
                 match detector.import_series_states(states) {
@@ -122,6 +141,12 @@ impl StateHandoff {
         }
     }
 
+    /// The save at shutdown: tried even while lookups are paused.
+    pub(super) async fn save_final(&mut self, detector: &mut dyn Detector, stage: &StageMetrics) {
+        self.paused_until = None;
+        self.save(detector, stage).await;
+    }
+
     pub(super) fn save_due(&self) -> bool {
         self.last_save.elapsed() >= self.every
     }
@@ -129,6 +154,9 @@ impl StateHandoff {
     /// Saves the states that changed since the last save (and any a failed save left).
     pub(super) async fn save(&mut self, detector: &mut dyn Detector, stage: &StageMetrics) {
         self.last_save = Instant::now();
+        let paused = self
+            .paused_until
+            .is_some_and(|until| Instant::now() < until);
         let mut states = match detector.export_changed_series() {
             Ok(states) => states,
             Err(e) => {
@@ -145,11 +173,27 @@ impl StateHandoff {
                     .filter(|(id, _)| !fresh.contains(id)),
             );
         }
+        if !self.skipped.is_empty() {
+            states.retain(|(id, _)| !self.skipped.contains(id));
+        }
         if states.is_empty() {
             return;
         }
+        if paused {
+            // The store is failing: keep the states for the next save instead of waiting.
+            self.unsaved = states;
+            return;
+        }
         let started = Instant::now();
-        match self.store.save(&self.namespace, &states).await {
+        let saved = tokio::time::timeout(STORE_TIMEOUT, self.store.save(&self.namespace, &states))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::Error::Connector {
+                    connector: self.store.name().into(),
+                    message: format!("no answer within {STORE_TIMEOUT:?}"),
+                })
+            });
+        match saved {
             Ok(()) => {
                 self.saved += states.len() as u64;
                 self.publish(stage);

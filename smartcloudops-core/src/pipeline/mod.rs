@@ -640,7 +640,7 @@ async fn transform_task(mut t: TransformTask) -> Result<()> {
     // At shutdown, whatever ended the loop: the state learned so far is worth keeping.
     save_snapshot(&mut t);
     if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut()) {
-        handoff.save(detector.as_mut(), stage).await;
+        handoff.save_final(detector.as_mut(), stage).await;
     }
     publish_detector_gauges(&mut t);
     result

@@ -153,6 +153,24 @@ pub struct ResultCache {
 /// Series per pipelined round trip.
 const CHUNK: usize = 500;
 
+/// Sets `latest` (and `last_anomaly`) only if newer than what the hash holds, then the TTL.
+/// KEYS[1] the hash; ARGV: latest ts, latest JSON, anomaly ts, anomaly JSON ("" if none),
+/// TTL in seconds.
+const NEWER_ONLY: &str = r#"
+local ts = tonumber(redis.call('HGET', KEYS[1], 'latest_ts') or '-1e300')
+if tonumber(ARGV[1]) >= ts then
+  redis.call('HSET', KEYS[1], 'latest_ts', ARGV[1], 'latest', ARGV[2])
+end
+if ARGV[4] ~= '' then
+  local ats = tonumber(redis.call('HGET', KEYS[1], 'anomaly_ts') or '-1e300')
+  if tonumber(ARGV[3]) >= ats then
+    redis.call('HSET', KEYS[1], 'anomaly_ts', ARGV[3], 'last_anomaly', ARGV[4])
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"#;
+
 impl ResultCache {
     /// A cache for `config`, connecting through `connection` unless the config has its own.
     pub fn new(config: &ResultCacheConfig, connection: RedisConnection) -> Self {
@@ -189,6 +207,9 @@ impl ResultCache {
 
     /// The `limit` series that reported most recently, newest first, with their latest row.
     pub async fn recent(&self, limit: usize) -> Result<Vec<CachedResult>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let mut con = self.connection.get().await?;
         let ids: Vec<u64> = redis::cmd("ZRANGE")
             .arg(self.index_key())
@@ -198,6 +219,9 @@ impl ResultCache {
             .query_async(&mut con)
             .await
             .map_err(|e| error("reading the result cache", e))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("HGET").arg(self.result_key(*id)).arg("latest");
@@ -263,26 +287,48 @@ impl Action for ResultCache {
             }
             let ttl_secs = self.ttl.as_secs().max(1);
             let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
-            let newest = rows.iter().map(|(_, r, _)| r.ts_ms).max().unwrap_or(0);
+            // The index forgets series quiet for `ttl` of event time, counted from the newest
+            // row but never from the future: one row stamped ahead must not empty it.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let newest = rows
+                .iter()
+                .map(|(_, r, _)| r.ts_ms)
+                .max()
+                .unwrap_or(0)
+                .min(now);
             let mut con = self.connection.get().await?;
             for chunk in rows.chunks(CHUNK) {
                 let mut pipe = redis::pipe();
                 for (id, latest, anomaly) in chunk {
-                    let key = self.result_key(*id);
-                    let latest = serde_json::to_string(latest).unwrap_or_default();
-                    let cmd = pipe.cmd("HSET").arg(&key).arg("latest").arg(latest);
-                    if let Some(anomaly) = anomaly {
-                        cmd.arg("last_anomaly")
-                            .arg(serde_json::to_string(anomaly).unwrap_or_default());
-                    }
-                    cmd.ignore();
-                    pipe.cmd("EXPIRE").arg(&key).arg(ttl_secs).ignore();
+                    // Only newer rows replace what is cached: a redelivered or late batch
+                    // never moves a series back in time.
+                    pipe.cmd("EVAL")
+                        .arg(NEWER_ONLY)
+                        .arg(1)
+                        .arg(self.result_key(*id))
+                        .arg(latest.ts_ms)
+                        .arg(serde_json::to_string(latest).unwrap_or_default())
+                        .arg(anomaly.as_ref().map_or(0, |a| a.ts_ms))
+                        .arg(
+                            anomaly
+                                .as_ref()
+                                .map(|a| serde_json::to_string(a).unwrap_or_default())
+                                .unwrap_or_default(),
+                        )
+                        .arg(ttl_secs)
+                        .ignore();
                 }
-                let index = pipe.cmd("ZADD").arg(self.index_key());
+                let index = pipe.cmd("ZADD").arg(self.index_key()).arg("GT");
                 for (id, latest, _) in chunk {
                     index.arg(latest.ts_ms).arg(*id);
                 }
                 index.ignore();
+                pipe.cmd("EXPIRE")
+                    .arg(self.index_key())
+                    .arg(ttl_secs)
+                    .ignore();
                 pipe.query_async::<()>(&mut con)
                     .await
                     .map_err(cache_error)?;

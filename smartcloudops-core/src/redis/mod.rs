@@ -262,26 +262,42 @@ impl LazyConnection {
     }
 }
 
-/// `url` with the password (if any) replaced by `***`.
+/// `url` with the password (if any) replaced by `***`: everything between `://` and the last
+/// `@` is credentials (a password may hold `/`, `?` or `#`), and `pass` / `password` query
+/// parameters are masked too.
 fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let rest = match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let redacted = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
+            let redacted = match userinfo.split_once(':') {
+                Some((user, _)) if !user.contains(['/', '?', '#']) => format!("{user}:***"),
                 // `redis://secret@host` puts the password in the user position.
-                "***".to_owned()
+                _ => "***".to_owned(),
             };
-            format!("{scheme}://{redacted}@{host}{tail}")
+            format!("{redacted}@{host}")
         }
-        None => url.to_owned(),
-    }
+        None => rest.to_owned(),
+    };
+    let masked = match rest.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _))
+                        if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{k}=***")
+                    }
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => rest,
+    };
+    format!("{scheme}://{masked}")
 }
 
 /// A Redis failure as this crate's error, with what was being done.
@@ -304,6 +320,11 @@ mod tests {
         );
         assert_eq!(redact_url("rediss://:s3cret@cache"), "rediss://:***@cache");
         assert_eq!(redact_url("redis://s3cret@cache"), "redis://***@cache");
+        assert_eq!(redact_url("redis://u:pa/ss?x@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
+        );
         assert_eq!(
             redact_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"

@@ -202,9 +202,16 @@ impl Subscriber {
         let mut down_since: Option<Instant> = None;
         let mut attempts = 0u32;
         loop {
+            let tx = self.tx.clone();
             let connected = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                c = self.subscribe() => c,
+                _ = tx.closed() => return, // the pipeline stopped taking batches
+                c = tokio::time::timeout(self.connect_timeout * 2, self.subscribe()) => {
+                    c.unwrap_or_else(|_| Err(crate::Error::Connector {
+                        connector: "redis".into(),
+                        message: "subscribing timed out".into(),
+                    }))
+                }
             };
             let pubsub = match connected {
                 Ok(p) => p,
@@ -220,6 +227,7 @@ impl Subscriber {
                     down_since.get_or_insert_with(Instant::now);
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return,
+                        _ = tx.closed() => return,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -241,7 +249,11 @@ impl Subscriber {
             }
             attempts = 0;
             backoff = self.config.reconnect_backoff;
-            match self.pump(pubsub).await {
+            let ended = self.pump(pubsub).await;
+            if tx.is_closed() {
+                return;
+            }
+            match ended {
                 Ended::Shutdown => return,
                 Ended::ConnectionLost => {
                     tracing::warn!(url = %self.url, "redis pub/sub: connection lost, reconnecting");
@@ -277,12 +289,14 @@ impl Subscriber {
         let mut messages = pubsub.into_on_message();
         let mut deadline: Option<Instant> = None;
         loop {
+            let tx = self.tx.clone();
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
                     self.flush().await;
                     return Ended::Shutdown;
                 }
+                _ = tx.closed() => return Ended::Shutdown,
                 message = messages.next() => match message {
                     Some(message) => {
                         self.decode(&message);

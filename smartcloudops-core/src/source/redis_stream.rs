@@ -407,8 +407,7 @@ impl Acker {
         let mut backoff = Duration::from_millis(100);
         let mut attempts_while_stopping = 0u32;
         loop {
-            let stopping =
-                self.shutdown.is_cancelled() || self.shared.reader_done.is_cancelled();
+            let stopping = self.shutdown.is_cancelled() || self.shared.reader_done.is_cancelled();
             let batch = std::mem::take(&mut *lock(&self.shared.to_ack));
             if !batch.is_empty() {
                 match self.ack(&mut con, &batch).await {
@@ -429,7 +428,10 @@ impl Acker {
                         // Redis stays away at shutdown: the entries stay pending and are
                         // delivered again after a restart (at-least-once), rather than
                         // holding the process forever.
-                        tracing::error!(entries = batch.len(), "redis streams: XACK still failing at shutdown, giving up: {e}");
+                        tracing::error!(
+                            entries = batch.len(),
+                            "redis streams: XACK still failing at shutdown, giving up: {e}"
+                        );
                         return;
                     }
                     Err(e) => {
@@ -662,7 +664,6 @@ impl Reader {
     /// Claims one nacked batch's entries back and delivers them one per batch, so a poison
     /// entry fails alone.
     async fn redeliver(&mut self, item: &Retry) -> Result<()> {
-
         let mut by_stream: HashMap<usize, Vec<String>> = HashMap::new();
         for (stream, id) in &item.entries {
             by_stream.entry(*stream).or_default().push(id.clone());
@@ -834,7 +835,11 @@ impl Reader {
 
     /// How often each of `ids` has been delivered to this consumer (one `XPENDING` per id,
     /// pipelined). An id missing from the answer is not pending with this consumer.
-    async fn delivery_counts(&mut self, stream: usize, ids: &[&str]) -> Result<HashMap<String, u64>> {
+    async fn delivery_counts(
+        &mut self,
+        stream: usize,
+        ids: &[&str],
+    ) -> Result<HashMap<String, u64>> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
@@ -856,7 +861,7 @@ impl Reader {
             .query_async(con)
             .await
             .map_err(|e| error(format!("reading delivery counts of {key}"), e))?;
-        Ok(replies.iter().flat_map(|r| parse_pending(r)).collect())
+        Ok(replies.iter().flat_map(parse_pending).collect())
     }
 
     /// Decodes `entries` into one batch for the pipeline; dead-letters the undecodable and
