@@ -279,7 +279,7 @@ impl Dispatcher {
         rule: &RuleConfig,
         alert: AlertRecord,
         now_ms: i64,
-    ) {
+    ) -> String {
         let labels: BTreeMap<String, String> = rule
             .group_by
             .iter()
@@ -292,9 +292,9 @@ impl Dispatcher {
                 .get(&key)
                 .is_some_and(|g| g.alerts.contains_key(&alert.fingerprint))
         {
-            return; // not in a group (already notified as resolved, or never fired here)
+            return key; // not in a group (already notified as resolved, or never fired here)
         }
-        let group = self.groups.entry(key).or_insert_with(|| Group {
+        let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
             rule: rule_index,
             labels,
             alerts: BTreeMap::new(),
@@ -315,6 +315,7 @@ impl Dispatcher {
             group.sequence = 0;
         }
         group.alerts.insert(alert.fingerprint.clone(), alert);
+        key
     }
 
     /// The notifications due at `now_ms` (every pending one with `flush`, at shutdown).
@@ -330,8 +331,51 @@ impl Dispatcher {
         // Expired silences go; muting needs every group (inhibition looks across them), so
         // it is decided first.
         self.silences.retain(|s| s.ends_ms > now_ms);
+        let muted = self.muted_alerts(
+            self.groups.keys().cloned().collect::<Vec<_>>().iter(),
+            now_ms,
+        );
+        let mut out = Vec::new();
+        let keys: Vec<String> = self.groups.keys().cloned().collect();
+        for key in &keys {
+            self.settle(rules, key, &muted, now_ms, flush, &mut out);
+        }
+        self.groups.retain(|_, g| !g.alerts.is_empty());
+        out
+    }
+
+    /// Like [`due`](Self::due) for one group only: what a change to that group makes due now
+    /// (with `group_wait = 0`, without walking every group per change).
+    pub(crate) fn due_one(
+        &mut self,
+        rules: &[RuleConfig],
+        key: &str,
+        now_ms: i64,
+    ) -> Vec<Notification> {
+        let keys = [key.to_owned()];
+        let muted = self.muted_alerts(keys.iter(), now_ms);
+        let mut out = Vec::new();
+        self.settle(rules, key, &muted, now_ms, false, &mut out);
+        if self.groups.get(key).is_some_and(|g| g.alerts.is_empty()) {
+            self.groups.remove(key);
+        }
+        out
+    }
+
+    /// The firing alerts of the groups `keys` that are muted now, and by what.
+    fn muted_alerts<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a String>,
+        now_ms: i64,
+    ) -> HashMap<String, Muted> {
         let mut muted = HashMap::new();
-        for g in self.groups.values() {
+        if self.silences.is_empty() && self.inhibits.is_empty() {
+            return muted;
+        }
+        for key in keys {
+            let Some(g) = self.groups.get(key) else {
+                continue;
+            };
             for a in g
                 .alerts
                 .values()
@@ -342,92 +386,104 @@ impl Dispatcher {
                 }
             }
         }
-        let mut out = Vec::new();
-        for (key, group) in &mut self.groups {
-            let rule = &rules[group.rule];
-            // Record each change of muting once.
-            let now_muted: BTreeMap<String, Muted> = group
-                .alerts
-                .keys()
-                .filter_map(|fp| muted.get(fp).map(|m| (fp.clone(), m.clone())))
-                .collect();
-            for (fp, m) in &now_muted {
-                if group.muted.get(fp) != Some(m) {
-                    self.mute_changes.push(MuteChange {
-                        rule: rule.name.clone(),
-                        fingerprint: fp.clone(),
-                        muted: Some(m.clone()),
-                    });
-                }
-            }
-            for fp in group.muted.keys() {
-                if !now_muted.contains_key(fp) && group.alerts.contains_key(fp) {
-                    self.mute_changes.push(MuteChange {
-                        rule: rule.name.clone(),
-                        fingerprint: fp.clone(),
-                        muted: None,
-                    });
-                }
-            }
-            group.muted = now_muted;
+        muted
+    }
 
-            let visible: Vec<AlertRecord> = group.visible(&muted).into_iter().cloned().collect();
-            let visible: Vec<&AlertRecord> = visible.iter().collect();
-            let (due_at, changed) = group.due_at(rule, &visible);
-            // At shutdown, what changed goes out at once; repeats wait for the next run.
-            let due = if flush { changed } else { now_ms >= due_at };
-            if due && visible.is_empty() {
-                // Everything is muted: nothing to say, but remember that nothing was said, so
-                // the alerts are notified when the muting ends.
-                group.sent.clear();
-            }
-            let due = due && !visible.is_empty();
-            if due {
-                let alerts: Vec<AlertRecord> = visible.into_iter().cloned().collect();
-                for receiver in &rule.receivers {
-                    out.push(Notification::new(
-                        receiver,
-                        &rule.name,
-                        key,
-                        group.labels.clone(),
-                        alerts.clone(),
-                        group.epoch_ms,
-                        group.sequence,
-                        NotificationKind::Alerts,
-                    ));
-                }
-                group.sequence += 1;
-                group.last_notified_ms = Some(now_ms);
-                group.sent = alerts
-                    .iter()
-                    .filter(|a| a.status == AlertStatus::Firing)
-                    .map(|a| (a.fingerprint.clone(), true))
-                    .collect();
-            }
-            // Resolved alerts leave the group once notified, or at once if they never were.
-            let unannounced: Vec<String> = group
-                .alerts
-                .values()
-                .filter(|a| {
-                    a.status == AlertStatus::Resolved
-                        && !group.sent.contains(&(a.fingerprint.clone(), true))
-                })
-                .map(|a| a.fingerprint.clone())
-                .collect();
-            if !unannounced.is_empty() {
-                self.unannounced
-                    .push((rule.name.clone(), key.clone(), unannounced));
-            }
-            let sent = &group.sent;
-            group.alerts.retain(|fp, a| {
-                a.status == AlertStatus::Firing || (!due && sent.contains(&(fp.clone(), true)))
-            });
-            if due {
-                group.sent.retain(|(fp, _)| group.alerts.contains_key(fp));
+    /// Notifies the group `key` if it is due, records muting changes, and lets resolved
+    /// alerts go.
+    fn settle(
+        &mut self,
+        rules: &[RuleConfig],
+        key: &str,
+        muted: &HashMap<String, Muted>,
+        now_ms: i64,
+        flush: bool,
+        out: &mut Vec<Notification>,
+    ) {
+        let Some(group) = self.groups.get_mut(key) else {
+            return;
+        };
+        let rule = &rules[group.rule];
+        // Record each change of muting once.
+        let now_muted: BTreeMap<String, Muted> = group
+            .alerts
+            .keys()
+            .filter_map(|fp| muted.get(fp).map(|m| (fp.clone(), m.clone())))
+            .collect();
+        for (fp, m) in &now_muted {
+            if group.muted.get(fp) != Some(m) {
+                self.mute_changes.push(MuteChange {
+                    rule: rule.name.clone(),
+                    fingerprint: fp.clone(),
+                    muted: Some(m.clone()),
+                });
             }
         }
-        self.groups.retain(|_, g| !g.alerts.is_empty());
-        out
+        for fp in group.muted.keys() {
+            if !now_muted.contains_key(fp) && group.alerts.contains_key(fp) {
+                self.mute_changes.push(MuteChange {
+                    rule: rule.name.clone(),
+                    fingerprint: fp.clone(),
+                    muted: None,
+                });
+            }
+        }
+        group.muted = now_muted;
+
+        let visible: Vec<AlertRecord> = group.visible(muted).into_iter().cloned().collect();
+        let visible: Vec<&AlertRecord> = visible.iter().collect();
+        let (due_at, changed) = group.due_at(rule, &visible);
+        // At shutdown, what changed goes out at once; repeats wait for the next run.
+        let due = if flush { changed } else { now_ms >= due_at };
+        if due && visible.is_empty() {
+            // Everything is muted: nothing to say, but remember that nothing was said, so
+            // the alerts are notified when the muting ends.
+            group.sent.clear();
+        }
+        let due = due && !visible.is_empty();
+        if due {
+            let alerts: Vec<AlertRecord> = visible.into_iter().cloned().collect();
+            for receiver in &rule.receivers {
+                out.push(Notification::new(
+                    receiver,
+                    &rule.name,
+                    key,
+                    group.labels.clone(),
+                    alerts.clone(),
+                    group.epoch_ms,
+                    group.sequence,
+                    NotificationKind::Alerts,
+                ));
+            }
+            group.sequence += 1;
+            group.last_notified_ms = Some(now_ms);
+            group.sent = alerts
+                .iter()
+                .filter(|a| a.status == AlertStatus::Firing)
+                .map(|a| (a.fingerprint.clone(), true))
+                .collect();
+        }
+        // Resolved alerts leave the group once notified, or at once if they never were.
+        let unannounced: Vec<String> = group
+            .alerts
+            .values()
+            .filter(|a| {
+                a.status == AlertStatus::Resolved
+                    && !group.sent.contains(&(a.fingerprint.clone(), true))
+            })
+            .map(|a| a.fingerprint.clone())
+            .collect();
+        if !unannounced.is_empty() {
+            self.unannounced
+                .push((rule.name.clone(), key.to_owned(), unannounced));
+        }
+        let sent = &group.sent;
+        group.alerts.retain(|fp, a| {
+            a.status == AlertStatus::Firing || (!due && sent.contains(&(fp.clone(), true)))
+        });
+        if due {
+            group.sent.retain(|(fp, _)| group.alerts.contains_key(fp));
+        }
     }
 
     /// Alerts currently firing, for the API.

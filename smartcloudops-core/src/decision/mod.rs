@@ -1178,10 +1178,10 @@ impl Inner {
                     // Kept for the staleness sweep: a series that stops reporting resolves.
                     alert_state.record = (status == AlertStatus::Firing).then(|| record.clone());
                 }
-                state.dispatcher.update(ri, &rule.config, record, now);
+                let group = state.dispatcher.update(ri, &rule.config, record, now);
                 if rule.config.group_wait.is_zero() {
                     // Announce now, before a later row of this batch resolves it again.
-                    due.extend(state.dispatcher.due(&self.rule_configs, now, false));
+                    due.extend(state.dispatcher.due_one(&self.rule_configs, &group, now));
                 }
             }
         }
