@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn urls_are_masked_down_to_scheme_and_host() {
         assert_eq!(
-            mask_url("https://hooks.slack.com/services/T000/B000/XXXX"),
+            mask_url("https://hooks.slack.com/services/T0ACME/B0ONCALL/s3cr3tt0ken"),
             "https://hooks.slack.com/***"
         );
         assert_eq!(

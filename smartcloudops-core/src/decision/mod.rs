@@ -43,7 +43,7 @@
 //!     [[receiver]]
 //!     name = "oncall"
 //!     type = "slack"
-//!     url = "https://hooks.slack.com/services/T000/B000/XXXX"
+//!     url = "https://hooks.slack.com/services/T0ACME/B0ONCALL/s3cr3tt0ken"
 //! "#).unwrap();
 //! let engine = DecisionEngine::new(config).unwrap();
 //! assert!(engine.firing().is_empty());

@@ -111,6 +111,43 @@ pub(crate) fn lines(payload: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
         .map(|(i, line)| (i, line.strip_suffix(b"\r").unwrap_or(line)))
 }
 
+/// What the decoders' unit tests share: decode a text and read the rows back.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::{Decoder, Reject};
+    use crate::schema::{MetricsBatchBuilder, MetricsColumns};
+
+    /// Timestamp, metric, labels, value.
+    pub(crate) type Row = (i64, String, Vec<(String, String)>, f64);
+
+    pub(crate) fn decode_rows(decoder: &mut dyn Decoder, text: &str) -> (Vec<Row>, Vec<Reject>) {
+        let mut b = MetricsBatchBuilder::default();
+        let mut rejects = Vec::new();
+        decoder.decode(text.as_bytes(), &mut b, &mut rejects);
+        let batch = b.finish();
+        let cols = MetricsColumns::try_new(&batch, "t").unwrap();
+        let rows = (0..batch.num_rows())
+            .map(|r| {
+                (
+                    cols.ts.value(r),
+                    cols.metric(r).to_owned(),
+                    cols.labels(r),
+                    cols.value.value(r),
+                )
+            })
+            .collect();
+        (rows, rejects)
+    }
+
+    /// Labels from pairs.
+    pub(crate) fn l(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -191,35 +191,10 @@ impl Decoder for PrometheusDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::MetricsColumns;
-
-    type Row = (i64, String, Vec<(String, String)>, f64);
+    use crate::decode::test_support::{Row, decode_rows, l};
 
     fn decode(text: &str) -> (Vec<Row>, Vec<Reject>) {
-        let mut d = PrometheusDecoder::with_default_ts(7);
-        let mut b = MetricsBatchBuilder::default();
-        let mut rejects = Vec::new();
-        d.decode(text.as_bytes(), &mut b, &mut rejects);
-        let batch = b.finish();
-        let cols = MetricsColumns::try_new(&batch, "t").unwrap();
-        let rows = (0..batch.num_rows())
-            .map(|r| {
-                (
-                    cols.ts.value(r),
-                    cols.metric(r).to_owned(),
-                    cols.labels(r),
-                    cols.value.value(r),
-                )
-            })
-            .collect();
-        (rows, rejects)
-    }
-
-    fn l(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into()))
-            .collect()
+        decode_rows(&mut PrometheusDecoder::with_default_ts(7), text)
     }
 
     #[test]
