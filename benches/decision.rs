@@ -40,7 +40,7 @@ fn batch(round: usize) -> ActionInput {
                 ],
                 40.0,
             );
-            let anomalous = (sample + series) % 50 == 0;
+            let anomalous = (sample + series).is_multiple_of(50);
             s.push(Verdict {
                 score: if anomalous { 0.99999 } else { 0.2 },
                 is_anomaly: anomalous,
@@ -123,7 +123,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 // Event time only moves forward: a fresh engine each time the batches repeat
                 // (its construction is negligible against 50 batches).
-                if i > 0 && i % batches.len() == 0 {
+                if i > 0 && i.is_multiple_of(batches.len()) {
                     engine = self::engine(wait);
                 }
                 rt.block_on(engine.execute(&batches[i % batches.len()]))

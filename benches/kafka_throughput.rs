@@ -139,7 +139,7 @@ async fn paced_consumer(topic: &str, events: usize) -> f64 {
         first.get_or_insert_with(Instant::now);
         let _owned = m.detach();
         n += 1;
-        if n % 4096 == 0 {
+        if n.is_multiple_of(4096) {
             std::thread::sleep(Duration::from_millis(5));
         }
     }

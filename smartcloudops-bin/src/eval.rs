@@ -46,10 +46,10 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             args.corpus.display()
         );
     }
-    if let Some(t) = args.threshold {
-        if !(t > 0.0 && t <= 1.0) {
-            bail!("--threshold must be in (0, 1], got {t}");
-        }
+    if let Some(t) = args.threshold
+        && !(t > 0.0 && t <= 1.0)
+    {
+        bail!("--threshold must be in (0, 1], got {t}");
     }
     let (name, detector) = match (&args.config, &args.ensemble) {
         (Some(path), _) => {

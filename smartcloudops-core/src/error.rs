@@ -53,6 +53,9 @@ pub enum Error {
         /// What failed.
         message: String,
     },
+    /// A `sql` prep stage's query failed on a batch (a failed cast, say).
+    #[error("sql: {0}")]
+    Sql(String),
     /// The dead-letter output could not take a record; the pipeline must not pretend it did.
     #[error("dead-letter output failed: {0}")]
     DeadLetter(String),

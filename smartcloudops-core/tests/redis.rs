@@ -95,14 +95,14 @@ impl Action for Rows {
             if self.hang_after.is_some_and(|h| n >= h) {
                 futures::future::pending::<()>().await;
             }
-            if let Some(fail) = &self.fail_metric {
-                if rows.iter().any(|(m, _)| m == fail) {
-                    return Err(smartcloudops_core::Error::Action {
-                        action: "rows".into(),
-                        message: "refusing the poison row".into(),
-                        retryable: true,
-                    });
-                }
+            if let Some(fail) = &self.fail_metric
+                && rows.iter().any(|(m, _)| m == fail)
+            {
+                return Err(smartcloudops_core::Error::Action {
+                    action: "rows".into(),
+                    message: "refusing the poison row".into(),
+                    retryable: true,
+                });
             }
             Ok(())
         })

@@ -156,6 +156,9 @@ pub enum PrepConfig {
     Window(crate::prep::WindowConfig),
     /// Resampling to a fixed step.
     Resample(crate::prep::ResampleConfig),
+    /// A SQL query over every batch, with reference tables.
+    #[cfg(feature = "sql")]
+    Sql(crate::prep::SqlConfig),
 }
 
 /// The detector (`[detector]`): which one, with its own fields.
@@ -523,6 +526,14 @@ impl PipelineConfig {
         if let Some(path) = self.detector.as_mut().and_then(|d| d.snapshot.as_mut()) {
             resolve(path);
         }
+        #[cfg(feature = "sql")]
+        for p in &mut self.prep {
+            if let PrepConfig::Sql(c) = p {
+                for t in &mut c.tables {
+                    resolve(&mut t.path);
+                }
+            }
+        }
         if let Some(d) = &mut self.decision {
             if let Some(path) = &mut d.audit_log {
                 resolve(path);
@@ -650,11 +661,33 @@ impl PipelineConfig {
         self.validate_kafka(&mut check);
         #[cfg(feature = "redis")]
         redis::validate(self, &mut check);
+        // The schema each stage receives: SQL stages are planned against it.
+        let mut schema = Some(crate::schema::metrics_schema());
         for (i, p) in self.prep.iter().enumerate() {
             let problems = match p {
                 PrepConfig::Window(c) => c.problems(),
                 PrepConfig::Resample(c) => crate::prep::WindowConfig::tumbling(c.step).problems(),
                 PrepConfig::Filter(_) => Vec::new(),
+                #[cfg(feature = "sql")]
+                PrepConfig::Sql(_) => Vec::new(),
+            };
+            schema = match (p, schema) {
+                #[cfg(feature = "sql")]
+                (PrepConfig::Sql(c), Some(input)) => match crate::prep::SqlPrep::new(c, input) {
+                    Ok(sql) => Some(sql.output_schema()),
+                    Err(e) => {
+                        check(
+                            false,
+                            &format!("prep[{i}].{}", e.field),
+                            e.message,
+                            e.hint.as_deref().unwrap_or(""),
+                        );
+                        None
+                    }
+                },
+                (p, Some(input)) => Some(prep_output_schema(p, input)),
+                // An earlier SQL stage failed: the schema here is unknown.
+                (_, None) => None,
             };
             for (field, message) in problems {
                 let field = if matches!(p, PrepConfig::Resample(_)) {
@@ -830,12 +863,27 @@ impl PipelineConfig {
         let mut builder = Pipeline::builder_boxed(source)
             .dead_letters(dead_letters)
             .options(self.runtime.clone());
-        for p in &self.prep {
+        let mut schema = crate::schema::metrics_schema();
+        for (i, p) in self.prep.iter().enumerate() {
             let prep: Box<dyn Prep> = match p {
                 PrepConfig::Filter(c) => Box::new(MetricFilter::new(c.clone())),
                 PrepConfig::Window(c) => Box::new(crate::prep::WindowPrep::new(c)?),
                 PrepConfig::Resample(c) => Box::new(crate::prep::WindowPrep::resample(c)?),
+                #[cfg(feature = "sql")]
+                PrepConfig::Sql(c) => {
+                    let sql = crate::prep::SqlPrep::new(c, schema.clone()).map_err(|e| {
+                        let mut error =
+                            ConfigError::new(format!("prep[{i}].{}", e.field), e.message);
+                        if let Some(hint) = e.hint {
+                            error = error.hint(hint);
+                        }
+                        Error::Config(ConfigErrors(vec![error]))
+                    })?;
+                    schema = sql.output_schema();
+                    Box::new(sql)
+                }
             };
+            schema = prep_output_schema(p, schema);
             builder = builder.boxed_prep(prep);
         }
         if let Some(section) = &self.detector {
@@ -1112,15 +1160,41 @@ fn parse_dead_letter(
     }
 }
 
+/// The schema a prep stage other than `sql` emits for batches of `input`.
+fn prep_output_schema(
+    p: &PrepConfig,
+    input: arrow::datatypes::SchemaRef,
+) -> arrow::datatypes::SchemaRef {
+    match p {
+        PrepConfig::Filter(_) => input,
+        PrepConfig::Window(_) => crate::prep::window::window_schema(),
+        PrepConfig::Resample(_) => crate::schema::metrics_schema(),
+        #[cfg(feature = "sql")]
+        PrepConfig::Sql(_) => input,
+    }
+}
+
 fn parse_prep(
     value: &toml::Value,
     path: &str,
     errors: &mut Vec<ConfigError>,
 ) -> Option<PrepConfig> {
-    let (kind, rest) = tagged(value, path, &["filter", "window", "resample"], errors)?;
+    let (kind, rest) = tagged(
+        value,
+        path,
+        &["filter", "window", "resample", "sql"],
+        errors,
+    )?;
     match kind.as_str() {
         "window" => deserialize_at(rest, path, errors).map(PrepConfig::Window),
         "resample" => deserialize_at(rest, path, errors).map(PrepConfig::Resample),
+        #[cfg(feature = "sql")]
+        "sql" => deserialize_at(rest, path, errors).map(PrepConfig::Sql),
+        #[cfg(not(feature = "sql"))]
+        "sql" => {
+            errors.push(not_built(&format!("{path}.type"), "sql"));
+            None
+        }
         _ => deserialize_at(rest, path, errors).map(PrepConfig::Filter),
     }
 }

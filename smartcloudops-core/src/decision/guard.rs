@@ -259,10 +259,10 @@ impl FileIdempotency {
         if let Ok(file) = std::fs::File::open(&path) {
             for line in std::io::BufReader::new(file).lines().map_while(|l| l.ok()) {
                 // A torn last line (a crash mid-write) is skipped: its claim was never granted.
-                if let Ok(c) = serde_json::from_str::<ClaimLine>(&line) {
-                    if c.expires_ms > now_ms {
-                        keys.insert(c.key, c.expires_ms);
-                    }
+                if let Ok(c) = serde_json::from_str::<ClaimLine>(&line)
+                    && c.expires_ms > now_ms
+                {
+                    keys.insert(c.key, c.expires_ms);
                 }
             }
         }

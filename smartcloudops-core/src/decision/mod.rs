@@ -618,13 +618,13 @@ impl DecisionConfig {
             }
         }
         for (i, s) in self.silences.iter().enumerate() {
-            if let Ok(m) = matcher::Matchers::parse(&s.matchers) {
-                if m.matches(&BTreeMap::new()) {
-                    out.push((
+            if let Ok(m) = matcher::Matchers::parse(&s.matchers)
+                && m.matches(&BTreeMap::new())
+            {
+                out.push((
                         format!("silence[{i}].matchers"),
                         "these matchers match an alert with no labels, so every alert: name a label value".into(),
                     ));
-                }
             }
             if let Err(e) = Silence::new(String::new(), s.clone(), 0, self.max_silence) {
                 out.push((format!("silence[{i}]"), e));

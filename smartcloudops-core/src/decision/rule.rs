@@ -188,10 +188,10 @@ impl RuleConfig {
                 problems.push((field, "must be within [0, 1]".to_owned()));
             }
         }
-        if let (Some(fire), Some(resolve)) = (self.min_score, self.resolve_score) {
-            if resolve > fire {
-                problems.push(("resolve_score", "must not be above min_score".to_owned()));
-            }
+        if let (Some(fire), Some(resolve)) = (self.min_score, self.resolve_score)
+            && resolve > fire
+        {
+            problems.push(("resolve_score", "must not be above min_score".to_owned()));
         }
         if self.resolve_score.is_some() && self.min_score.is_none() {
             problems.push(("resolve_score", "needs min_score".to_owned()));

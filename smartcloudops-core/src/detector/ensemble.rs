@@ -443,40 +443,40 @@ impl SeriesModel for EnsembleState {
             }
             opinions += 1;
         };
-        if let (Some(cfg), Some(state)) = (&c.seasonal, self.seasonal.as_mut()) {
-            if let Some(r) = state.step(cfg, ts_ms, x) {
-                take(ramp(r.z, c.z_low, c.z_high), SEASONAL, &mut fired);
-                band = band.or(Some((r.expected, r.sd)));
-            }
+        if let (Some(cfg), Some(state)) = (&c.seasonal, self.seasonal.as_mut())
+            && let Some(r) = state.step(cfg, ts_ms, x)
+        {
+            take(ramp(r.z, c.z_low, c.z_high), SEASONAL, &mut fired);
+            band = band.or(Some((r.expected, r.sd)));
         }
-        if let Some(cfg) = &c.mad {
-            if let Some(r) = self.mad.get_or_insert_with(Box::default).step(cfg, x) {
-                take(ramp(r.z, c.z_low, c.z_high), MAD, &mut fired);
-                band = band.or(Some((r.median, r.scale)));
-            }
+        if let Some(cfg) = &c.mad
+            && let Some(r) = self.mad.get_or_insert_with(Box::default).step(cfg, x)
+        {
+            take(ramp(r.z, c.z_low, c.z_high), MAD, &mut fired);
+            band = band.or(Some((r.median, r.scale)));
         }
-        if let Some(cfg) = &c.ewma {
-            if let Some(r) = self.ewma.step(cfg, x) {
-                take(ramp(r.z, c.z_low, c.z_high), EWMA, &mut fired);
-                band = band.or(Some((r.mean, r.sd)));
-            }
+        if let Some(cfg) = &c.ewma
+            && let Some(r) = self.ewma.step(cfg, x)
+        {
+            take(ramp(r.z, c.z_low, c.z_high), EWMA, &mut fired);
+            band = band.or(Some((r.mean, r.sd)));
         }
-        if let Some(cfg) = &c.cusum {
-            if let Some(r) = self.cusum.step(cfg, x) {
-                take(if r.level >= 1.0 { 1.0 } else { 0.0 }, CUSUM, &mut fired);
-                band = band.or(Some((r.mean, r.sd)));
-            }
+        if let Some(cfg) = &c.cusum
+            && let Some(r) = self.cusum.step(cfg, x)
+        {
+            take(if r.level >= 1.0 { 1.0 } else { 0.0 }, CUSUM, &mut fired);
+            band = band.or(Some((r.mean, r.sd)));
         }
-        if let (Some(forest), Some(state)) = (&params.forest, self.hst.as_mut()) {
-            if let Some(score) = state.step(forest, x) {
-                let threshold = forest_threshold(c);
-                take(ramp(score, threshold - 0.3, threshold), HST, &mut fired);
-            }
+        if let (Some(forest), Some(state)) = (&params.forest, self.hst.as_mut())
+            && let Some(score) = state.step(forest, x)
+        {
+            let threshold = forest_threshold(c);
+            take(ramp(score, threshold - 0.3, threshold), HST, &mut fired);
         }
-        if let (Some(cfg), Some(state)) = (&c.context, self.context.as_mut()) {
-            if let Some(novelty) = state.step(cfg, x) {
-                take(novelty, CONTEXT, &mut fired);
-            }
+        if let (Some(cfg), Some(state)) = (&c.context, self.context.as_mut())
+            && let Some(novelty) = state.step(cfg, x)
+        {
+            take(novelty, CONTEXT, &mut fired);
         }
         if c.combine == Combine::Mean && opinions > 0 {
             raw = raw_sum / f64::from(opinions);
@@ -493,11 +493,12 @@ impl SeriesModel for EnsembleState {
         if likely >= c.threshold {
             fired |= LIKELIHOOD;
         }
-        if let Some(cfg) = &c.range_novelty {
-            if self.range.update(cfg, original) && statistical_raw >= cfg.min_raw {
-                score = 1.0;
-                fired |= RANGE;
-            }
+        if let Some(cfg) = &c.range_novelty
+            && self.range.update(cfg, original)
+            && statistical_raw >= cfg.min_raw
+        {
+            score = 1.0;
+            fired |= RANGE;
         }
         let resting = self.rest_left > 0;
         if resting {

@@ -290,10 +290,10 @@ mod tests {
         let wave = |i: usize| 50.0 + 20.0 * ((i as f64) * 0.3).sin();
         let mut normal = Vec::new();
         for i in 0..2000 {
-            if let Some(score) = s.step(&forest, wave(i)) {
-                if i > 1000 {
-                    normal.push(score);
-                }
+            if let Some(score) = s.step(&forest, wave(i))
+                && i > 1000
+            {
+                normal.push(score);
             }
         }
         let anomalous = s

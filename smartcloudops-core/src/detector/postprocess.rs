@@ -166,7 +166,7 @@ impl LikelihoodState {
                 self.next = (self.next + 1) % history;
                 // Refit every `refit` rows, and at the end of learning; O(history / refit)
                 // per row.
-                let refit = self.seen % u64::from(config.refit.max(1)) == 0;
+                let refit = self.seen.is_multiple_of(u64::from(config.refit.max(1)));
                 if refit || self.seen == u64::from(config.learning) + 1 {
                     let n = self.history.len() as f64;
                     let mean = self.history.iter().map(|v| f64::from(*v)).sum::<f64>() / n;

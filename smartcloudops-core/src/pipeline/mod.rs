@@ -715,10 +715,9 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
             publish_detector_gauges(t);
         }
         if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut())
+            && handoff.save_due()
         {
-            if handoff.save_due() {
-                handoff.save(detector.as_mut(), stage).await;
-            }
+            handoff.save(detector.as_mut(), stage).await;
         }
         let batch = match run_preps(t, batch) {
             Ok(batch) => batch,

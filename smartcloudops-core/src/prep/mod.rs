@@ -5,6 +5,8 @@
 //! whole batch with the reason and the pipeline goes on.
 
 pub mod filter;
+#[cfg(feature = "sql")]
+pub mod sql;
 pub mod window;
 
 use std::fmt;
@@ -14,6 +16,8 @@ use arrow::record_batch::RecordBatch;
 use crate::error::Result;
 
 pub use self::filter::{MetricFilter, MetricFilterConfig};
+#[cfg(feature = "sql")]
+pub use self::sql::{ReferenceTable, SqlConfig, SqlPlanError, SqlPrep, TableFormat};
 pub use self::window::{ResampleConfig, WindowConfig, WindowPrep};
 
 /// Transforms batches between the source and the detector.

@@ -23,13 +23,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{ArrayRef, TimestampMillisecondArray};
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 use super::Prep;
 use crate::error::{Error, Result};
-use crate::schema::{MetricsBatchBuilder, MetricsColumns, TIME_ZONE};
+use crate::schema::{MetricsBatchBuilder, MetricsColumns, TIME_ZONE, metrics_schema};
 
 /// An aggregation of a window's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -254,6 +254,20 @@ pub struct WindowPrep {
     late_rows: u64,
 }
 
+/// What a `window` stage emits: the canonical metrics columns, then `window_start` and
+/// `window_end`.
+pub fn window_schema() -> SchemaRef {
+    let mut fields: Vec<Field> = metrics_schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let ts_type = DataType::Timestamp(TimeUnit::Millisecond, Some(TIME_ZONE.into()));
+    fields.push(Field::new("window_start", ts_type.clone(), false));
+    fields.push(Field::new("window_end", ts_type, false));
+    Arc::new(Schema::new(fields))
+}
+
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -355,22 +369,10 @@ impl WindowPrep {
         let ts = |v: Vec<i64>| -> ArrayRef {
             Arc::new(TimestampMillisecondArray::from(v).with_timezone(TIME_ZONE))
         };
-        let mut fields: Vec<Field> = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        let ts_type = DataType::Timestamp(TimeUnit::Millisecond, Some(TIME_ZONE.into()));
-        fields.push(Field::new("window_start", ts_type.clone(), false));
-        fields.push(Field::new("window_end", ts_type, false));
         let mut columns = batch.columns().to_vec();
         columns.push(ts(starts));
         columns.push(ts(ends));
-        Ok(RecordBatch::try_new(
-            Arc::new(Schema::new(fields)),
-            columns,
-        )?)
+        Ok(RecordBatch::try_new(window_schema(), columns)?)
     }
 }
 

@@ -591,15 +591,15 @@ impl ConsumerTask {
             reassigned,
             "partition flow control"
         );
-        if pause.count() > 0 {
-            if let Err(e) = self.consumer.pause(&pause) {
-                tracing::warn!(error = %e, "pausing partitions failed");
-            }
+        if pause.count() > 0
+            && let Err(e) = self.consumer.pause(&pause)
+        {
+            tracing::warn!(error = %e, "pausing partitions failed");
         }
-        if resume.count() > 0 {
-            if let Err(e) = self.consumer.resume(&resume) {
-                tracing::warn!(error = %e, "resuming partitions failed");
-            }
+        if resume.count() > 0
+            && let Err(e) = self.consumer.resume(&resume)
+        {
+            tracing::warn!(error = %e, "resuming partitions failed");
         }
         if want != self.paused {
             tracing::debug!(paused = want, "backpressure");
