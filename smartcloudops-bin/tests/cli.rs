@@ -522,3 +522,59 @@ argv = ["/bin/sh", "-c", "reboot"]
     assert!(stderr.contains("decision.receiver[0]"), "{stderr}");
     assert!(stderr.contains("allowed_commands"), "{stderr}");
 }
+
+#[test]
+fn the_sql_example_enriches_series_with_the_reference_table() {
+    let out = tempfile::tempdir().unwrap();
+    let output = bin()
+        .args(["--quiet", "run"])
+        .arg(repo().join("examples/sql-enrich.toml"))
+        .env("SMARTCLOUDOPS_OUT", out.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let jsonl = std::fs::read_to_string(out.path().join("alerts.jsonl")).unwrap();
+    let alerts: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!alerts.is_empty(), "the incident on web-2 is found");
+    for alert in &alerts {
+        // web-2 belongs to the payments team, tier 1 (examples/data/hosts.csv).
+        assert_eq!(alert["labels"]["host"], "web-2", "{alert}");
+        assert_eq!(alert["labels"]["team"], "payments", "{alert}");
+        assert_eq!(alert["labels"]["tier"], "1", "{alert}");
+    }
+    // Latencies were turned into milliseconds by the query.
+    let latency = alerts
+        .iter()
+        .find(|a| a["metric"] == "http_request_duration_seconds")
+        .expect("a latency alert");
+    assert!(latency["value"].as_f64().unwrap() > 100.0, "{latency}");
+}
+
+#[test]
+fn validate_points_at_the_sql_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let text_of = std::fs::read_to_string(repo().join("examples/sql-enrich.toml")).unwrap();
+    let broken = text_of
+        .replace("data/", &format!("{}/examples/data/", repo().display()))
+        .replace("h.team,", "h.teem,");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, broken).unwrap();
+    let output = bin().arg("validate").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("prep[0].query: line 5, column 8:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("       h.teem,\n           ^"), "{stderr}");
+
+    let output = bin()
+        .arg("validate")
+        .arg(repo().join("examples/sql-enrich.toml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}

@@ -167,6 +167,8 @@ fn state_built_from_one_batch_never_leaks_into_the_next() {
          ON i.labels['host'] = h.host WHERE h.tier = 1",
         "SELECT i.ts, i.metric, i.labels, i.value FROM input i JOIN hosts h \
          ON i.labels['host'] = h.host WHERE h.tier = 1",
+        // A top-k sort keeps its threshold in the plan.
+        "SELECT * FROM input ORDER BY value DESC LIMIT 1",
     ];
     let first = batch(&[
         (1, "cpu", &[("host", "web-1")], 1.0),
@@ -177,11 +179,12 @@ fn state_built_from_one_batch_never_leaks_into_the_next() {
         (2, "cpu", &[("host", "db-1")], 30.0),
         (2, "cpu", &[("host", "web-1")], 20.0),
     ]);
-    let expected: [(&[f64], &[f64]); 4] = [
+    let expected: [(&[f64], &[f64]); 5] = [
         (&[3.0], &[30.0]),
         (&[3.0], &[30.0]),
         (&[1.0], &[10.0, 20.0]),
         (&[1.0], &[10.0, 20.0]),
+        (&[3.0], &[30.0]),
     ];
     for (query, (want1, want2)) in queries.iter().zip(expected) {
         let config = SqlConfig {
@@ -191,7 +194,7 @@ fn state_built_from_one_batch_never_leaks_into_the_next() {
         let mut prep = SqlPrep::new(&config, metrics_schema()).unwrap();
         // State from `input` is rebuilt per batch; a reference table's hash table is kept
         // whichever side of the join the query names it on.
-        let from_input = !query.contains("hosts");
+        let from_input = !query.contains("hosts") || query.contains("LIMIT");
         assert_eq!(prep.resets_per_batch(), from_input, "{}", prep.explain());
         for (input, want) in [(&first, want1), (&second, want2), (&first, want1)] {
             let out = prep.process(input).unwrap();
@@ -199,6 +202,37 @@ fn state_built_from_one_batch_never_leaks_into_the_next() {
             values.sort_by(f64::total_cmp);
             assert_eq!(values, want, "{query}");
         }
+    }
+}
+
+/// Unions, merges and big sorts spawn tasks even on one partition; on a pipeline worker
+/// (here the test's single-threaded runtime) waiting for them would hang.
+#[tokio::test]
+async fn operators_that_spawn_tasks_run_on_the_stages_own_runtime() {
+    let mut prep = SqlPrep::new(
+        &sql("SELECT ts, metric, labels, sum(value) AS value FROM ( \
+                SELECT * FROM input WHERE value < 10 \
+                UNION ALL SELECT * FROM input WHERE value >= 10 \
+              ) GROUP BY ts, metric, labels ORDER BY value"),
+        metrics_schema(),
+    )
+    .unwrap();
+    for round in 0..3 {
+        let rows_in: Vec<(String, f64)> = (0..500)
+            .map(|i| (format!("h{i}"), f64::from(i % 20 + round)))
+            .collect();
+        let mut b = MetricsBatchBuilder::default();
+        for (host, v) in &rows_in {
+            b.push(1, "cpu", &[("host", host.as_str())], *v);
+        }
+        let out = prep.process(&b.finish()).unwrap();
+        let values: Vec<f64> = rows(&out).into_iter().map(|r| r.2).collect();
+        assert_eq!(values.len(), 500);
+        assert!(values.is_sorted_by(|a, b| a <= b), "ordered by value");
+        assert_eq!(
+            values.iter().sum::<f64>(),
+            rows_in.iter().map(|r| r.1).sum::<f64>()
+        );
     }
 }
 
@@ -375,9 +409,17 @@ path = "hosts.csv"
         "type = \"filter\"\ninclude = [\"cpu\"]",
         "type = \"window\"\nsize = \"1m\"",
     );
-    let fixed = fixed.replace("SELECT *", "SELECT input.*");
+    let fixed = fixed.replace(
+        "SELECT *",
+        "SELECT input.* EXCLUDE (window_start), date_trunc('hour', window_start) AS hour",
+    );
     let config = PipelineConfig::parse(&fixed, dir.path(), |_| None).unwrap();
     config.build().unwrap();
+    // Without the window before it, the same query has no `window_start` to read.
+    let alone = fixed.replace("type = \"window\"\nsize = \"1m\"", "type = \"filter\"");
+    let errors = PipelineConfig::parse(&alone, dir.path(), |_| None).unwrap_err();
+    assert_eq!(errors.0[0].path, "prep[1].query", "{errors}");
+    assert!(errors.0[0].message.contains("window_start"), "{errors}");
 }
 
 #[tokio::test]

@@ -93,8 +93,11 @@ impl fmt::Display for ConfigError {
         } else {
             write!(f, "{}: {}", self.path, self.message)?;
         }
-        if let Some(hint) = &self.hint {
-            write!(f, " (hint: {hint})")?;
+        match &self.hint {
+            // A quoted source line with a caret under the fault reads best as it is.
+            Some(hint) if hint.contains('\n') => write!(f, "\n{hint}")?,
+            Some(hint) => write!(f, " (hint: {hint})")?,
+            None => {}
         }
         Ok(())
     }
@@ -143,6 +146,18 @@ pub enum SourceConfig {
     /// Redis streams through a consumer group.
     #[cfg(feature = "redis")]
     RedisStream(crate::source::RedisStreamSourceConfig),
+}
+
+impl SourceConfig {
+    /// The schema of the source's batches: the canonical metrics schema, plus the Kafka
+    /// metadata columns when a Kafka source asks for them.
+    pub fn output_schema(&self) -> arrow::datatypes::SchemaRef {
+        match self {
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(c) => crate::source::kafka::output_schema(c.metadata),
+            _ => crate::schema::metrics_schema(),
+        }
+    }
 }
 
 /// A prep stage (`[[prep]]`).
@@ -662,11 +677,15 @@ impl PipelineConfig {
         #[cfg(feature = "redis")]
         redis::validate(self, &mut check);
         // The schema each stage receives: SQL stages are planned against it.
-        let mut schema = Some(crate::schema::metrics_schema());
+        let mut schema = Some(self.source.output_schema());
         for (i, p) in self.prep.iter().enumerate() {
             let problems = match p {
                 PrepConfig::Window(c) => c.problems(),
-                PrepConfig::Resample(c) => crate::prep::WindowConfig::tumbling(c.step).problems(),
+                PrepConfig::Resample(c) => crate::prep::WindowConfig {
+                    idle_timeout: c.idle_timeout,
+                    ..crate::prep::WindowConfig::tumbling(c.step)
+                }
+                .problems(),
                 PrepConfig::Filter(_) => Vec::new(),
                 #[cfg(feature = "sql")]
                 PrepConfig::Sql(_) => Vec::new(),
@@ -690,7 +709,7 @@ impl PipelineConfig {
                 (_, None) => None,
             };
             for (field, message) in problems {
-                let field = if matches!(p, PrepConfig::Resample(_)) {
+                let field = if matches!(p, PrepConfig::Resample(_)) && field == "size" {
                     "step"
                 } else {
                     field
@@ -863,7 +882,7 @@ impl PipelineConfig {
         let mut builder = Pipeline::builder_boxed(source)
             .dead_letters(dead_letters)
             .options(self.runtime.clone());
-        let mut schema = crate::schema::metrics_schema();
+        let mut schema = self.source.output_schema();
         for (i, p) in self.prep.iter().enumerate() {
             let prep: Box<dyn Prep> = match p {
                 PrepConfig::Filter(c) => Box::new(MetricFilter::new(c.clone())),

@@ -487,3 +487,50 @@ fn redis_mistakes_are_reported_with_their_paths() {
     );
     assert_eq!(paths, vec!["source.channels"]);
 }
+
+#[test]
+fn window_and_resample_options_parse_and_are_checked() {
+    let config = parse(
+        r#"
+[source]
+type = "generator"
+
+[[prep]]
+type = "window"
+size = "1m"
+late = "dead_letter"
+idle_timeout = "30s"
+
+[[prep]]
+type = "resample"
+step = "1m"
+fill = "previous"
+max_fill = 3
+"#,
+    )
+    .unwrap();
+    let PrepConfig::Window(w) = &config.prep[0] else {
+        panic!("{:?}", config.prep[0]);
+    };
+    assert_eq!(w.late, crate::prep::window::LatePolicy::DeadLetter);
+    assert_eq!(w.idle_timeout, Some(Duration::from_secs(30)));
+    let PrepConfig::Resample(r) = &config.prep[1] else {
+        panic!("{:?}", config.prep[1]);
+    };
+    assert_eq!((r.fill, r.max_fill), (crate::prep::FillPolicy::Previous, 3));
+    config.build().unwrap();
+
+    let paths = error_paths(
+        "[source]\ntype = \"generator\"\n[[prep]]\ntype = \"resample\"\nstep = \"0s\"\nidle_timeout = \"1ms\"\n",
+    );
+    assert_eq!(paths, ["prep[0].step", "prep[0].idle_timeout"]);
+}
+
+#[cfg(not(feature = "sql"))]
+#[test]
+fn a_sql_stage_without_the_feature_says_how_to_get_it() {
+    let paths = error_paths(
+        "[source]\ntype = \"generator\"\n[[prep]]\ntype = \"sql\"\nquery = \"SELECT 1\"\n",
+    );
+    assert_eq!(paths, ["prep[0].type"]);
+}

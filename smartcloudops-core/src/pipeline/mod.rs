@@ -701,7 +701,30 @@ fn save_snapshot(t: &mut TransformTask) {
 }
 
 async fn transform_loop(t: &mut TransformTask) -> Result<()> {
-    while let Some(Pending { batch, ack }) = t.rx.recv().await {
+    // Stages that release rows as time passes (idle watermark advance) are ticked on a fixed
+    // period, whether batches arrive or not: a stage can be idle while the source is busy
+    // (an earlier stage filters every row out).
+    let tick_every = t.preps.iter().filter_map(|(p, _)| p.tick_interval()).min();
+    let mut next_tick = tick_every.map(|every| tokio::time::Instant::now() + every);
+    loop {
+        if let (Some(every), Some(at)) = (tick_every, next_tick)
+            && tokio::time::Instant::now() >= at
+        {
+            next_tick = Some(tokio::time::Instant::now() + every);
+            if !release_held(t, Held::Tick).await {
+                break;
+            }
+        }
+        let next = match next_tick {
+            Some(at) => match tokio::time::timeout_at(at, t.rx.recv()).await {
+                Ok(next) => next,
+                Err(_) => continue, // time to tick
+            },
+            None => t.rx.recv().await,
+        };
+        let Some(Pending { batch, ack }) = next else {
+            break;
+        };
         t.queue_stage.queue_pop();
         if t.snapshot
             .as_ref()
@@ -734,7 +757,7 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
             break;
         }
     }
-    flush_preps(t).await;
+    release_held(t, Held::Flush).await;
     Ok(())
 }
 
@@ -800,13 +823,27 @@ async fn score_and_send(t: &mut TransformTask, batch: RecordBatch, ack: Ack) -> 
     .await
 }
 
-/// At the end of the input: the rows preps held back (open windows) go through the rest of
-/// the pipeline. Their input batches were acknowledged already, so these carry no ack.
-async fn flush_preps(t: &mut TransformTask) {
+/// Why held rows are released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// The input ended: every open window.
+    Flush,
+    /// No batch for a while: what a stage releases as time passes.
+    Tick,
+}
+
+/// Rows preps held back (open windows) go through the rest of the pipeline: at the end of the
+/// input, or on a tick while the source is quiet. Their input batches were acknowledged
+/// already, so these carry no ack. Returns false once the action stage is gone.
+async fn release_held(t: &mut TransformTask, why: Held) -> bool {
     for i in 0..t.preps.len() {
         let flushed = {
             let (prep, stage) = &mut t.preps[i];
-            match prep.flush() {
+            let released = match why {
+                Held::Flush => prep.flush(),
+                Held::Tick => prep.tick(),
+            };
+            match released {
                 Ok(Some(batch)) if batch.num_rows() > 0 => {
                     stage.record_out(batch.num_rows(), Duration::ZERO);
                     batch
@@ -831,15 +868,43 @@ async fn flush_preps(t: &mut TransformTask) {
                     break;
                 }
             }
+            if let Err(error) = dead_letter_rejected(&t.dead_letters, prep.as_mut(), stage) {
+                failed = Some((stage.clone(), error));
+                break;
+            }
         }
         if let Some((stage, error)) = failed {
             dead_letter_batch(&t.dead_letters, &stage, &batch, &error, Ack::none());
             continue;
         }
         if !score_and_send(t, batch, Ack::none()).await {
-            return;
+            return false;
         }
     }
+    true
+}
+
+/// Sends the rows a prep set aside (late rows) to the dead-letter output, one letter for
+/// all of them.
+fn dead_letter_rejected(
+    sink: &Arc<dyn DeadLetterSink>,
+    prep: &mut dyn Prep,
+    stage: &Arc<StageMetrics>,
+) -> Result<()> {
+    let Some((rows, reason)) = prep.take_rejected() else {
+        return Ok(());
+    };
+    if rows.num_rows() == 0 {
+        return Ok(());
+    }
+    let queue = DeadLetterQueue::new(sink.clone(), stage.clone());
+    queue.send(
+        format!("{} rows set aside", rows.num_rows()),
+        reason,
+        crate::util::batch_to_json_lines(&rows),
+    )?;
+    stage.record_dead_lettered(rows.num_rows().saturating_sub(1));
+    Ok(())
 }
 
 fn run_preps(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatch, StageFailure> {
@@ -849,6 +914,15 @@ fn run_preps(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatc
         match prep.process(&batch) {
             Ok(out) => {
                 stage.record_out(out.num_rows(), started.elapsed());
+                // Rows set aside go to the dead-letter output before the batch can be acked;
+                // if that output fails, the whole batch fails (and is nacked if it fails too).
+                if let Err(error) = dead_letter_rejected(&t.dead_letters, prep.as_mut(), stage) {
+                    return Err(StageFailure {
+                        stage: stage.clone(),
+                        batch,
+                        error,
+                    });
+                }
                 batch = out;
             }
             Err(error) => {

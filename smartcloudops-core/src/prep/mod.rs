@@ -10,6 +10,7 @@ pub mod sql;
 pub mod window;
 
 use std::fmt;
+use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 
@@ -18,7 +19,7 @@ use crate::error::Result;
 pub use self::filter::{MetricFilter, MetricFilterConfig};
 #[cfg(feature = "sql")]
 pub use self::sql::{ReferenceTable, SqlConfig, SqlPlanError, SqlPrep, TableFormat};
-pub use self::window::{ResampleConfig, WindowConfig, WindowPrep};
+pub use self::window::{FillPolicy, ResampleConfig, WindowConfig, WindowPrep};
 
 /// Transforms batches between the source and the detector.
 pub trait Prep: Send + fmt::Debug {
@@ -31,6 +32,26 @@ pub trait Prep: Send + fmt::Debug {
     /// At the end of the input: the rows the stage held back (open windows), as one last
     /// batch. By default a stage holds nothing back.
     fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        Ok(None)
+    }
+
+    /// Rows the last [`process`](Self::process) set aside instead of passing on (late rows of
+    /// a window with `late = "dead_letter"`), with the reason. The pipeline sends them to the
+    /// dead-letter output before it acknowledges the batch.
+    fn take_rejected(&mut self) -> Option<(RecordBatch, String)> {
+        None
+    }
+
+    /// How often the pipeline calls [`tick`](Self::tick) while no batch arrives; `None` (the
+    /// default) for stages that never release rows on their own.
+    fn tick_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Called every [`tick_interval`](Self::tick_interval) while the source is quiet: the rows
+    /// the stage releases because time moved on (windows closed by an idle source's
+    /// watermark advance). They go through the rest of the pipeline like a batch.
+    fn tick(&mut self) -> Result<Option<RecordBatch>> {
         Ok(None)
     }
 }

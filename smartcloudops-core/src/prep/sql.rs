@@ -22,21 +22,29 @@
 //!
 //! The query is parsed, optimised and turned into a physical plan once, at start-up, against
 //! the schema the stage receives; `validate` reports SQL and schema errors there, with their
-//! line and column. Per batch the stage only executes that plan: the table `input` is a
-//! one-batch slot the plan's scan reads, and the plan runs on the calling thread with one
-//! partition (no tasks spawned, nothing to schedule). A hash join keeps the reference table's
-//! hash table from one batch to the next when the reference table is its build side (the
-//! smaller side, which the optimiser picks); when a plan keeps state built from `input` itself
-//! (the batch on a join's build side, a scalar subquery over `input`), the plan's state is
-//! reset before each batch. Dynamic filters, which would carry state from one batch into the
-//! next, are turned off.
+//! line and column. Per batch the stage only executes that plan, with one partition: the
+//! table `input` is a one-batch slot the plan's scan reads. The plan runs on a thread the
+//! stage owns, with a single-threaded Tokio runtime: a few operators (unions, merges, large
+//! sorts) spawn tasks, and they must run on a runtime the stage drives, not on a pipeline
+//! worker that waits for them.
+//!
+//! Hash joins whose build side would be the batch while the other side is a reference table
+//! are swapped, so the reference table is hashed once and kept from batch to batch.
+//! DataFusion cannot do this itself: it knows the reference table's size but not the batch's.
+//! A plan that keeps other state in its operators (the batch on a join's build side, a scalar
+//! subquery over `input`, a top-k sort) is reset before each batch; dynamic filters, which
+//! would carry one batch's state into the next, are off. Every 1 024 batches the physical plan
+//! is built afresh, because each execution adds metrics to the plan's operators.
 //!
 //! # The output
 //!
 //! The result must carry the canonical columns `ts` (a timestamp), `metric` (a string),
 //! `labels` (the map) and `value` (a number); they are cast to their canonical types and come
 //! first. `series_id` is kept when the query selects it (`SELECT *` does) and computed from
-//! `metric` and `labels` when it does not, or when `into_labels` changed the labels. Other
+//! `metric` and `labels` when it does not, or when `into_labels` changed the labels: a query
+//! that rewrites `metric` or `labels` itself should leave `series_id` out
+//! (`SELECT * EXCLUDE (series_id) …`). A NULL in an `into_labels` column leaves that label
+//! as it was. Other
 //! columns follow in query order. A NULL in a canonical column fails the batch (filter such
 //! rows with `WHERE`); a batch whose schema is not the planned one, or whose query fails at
 //! run time (a failed cast, say), fails too. A failed batch goes to the dead-letter output
@@ -60,8 +68,10 @@ use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::TaskContext;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
@@ -157,12 +167,14 @@ impl fmt::Display for SqlPlanError {
 /// Runs a SQL query over every batch; see the [module docs](self).
 pub struct SqlPrep {
     query: String,
-    plan: Arc<dyn ExecutionPlan>,
-    /// Whether the plan keeps state built from `input` that must not outlive a batch.
-    reset_per_batch: bool,
-    task_ctx: Arc<TaskContext>,
-    input: Arc<InputSlot>,
+    input_schema: SchemaRef,
     output: Conform,
+    reset_per_batch: bool,
+    explain: String,
+    /// Batches to the executor thread; `None` once dropped, which stops the thread.
+    requests: Option<std::sync::mpsc::SyncSender<RecordBatch>>,
+    results: std::sync::mpsc::Receiver<Result<RecordBatch>>,
+    executor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl fmt::Debug for SqlPrep {
@@ -175,26 +187,177 @@ impl fmt::Debug for SqlPrep {
     }
 }
 
+/// What the executor thread reports once the query is planned.
+struct Ready {
+    output: Conform,
+    reset_per_batch: bool,
+    explain: String,
+}
+
+/// After this many batches the physical plan is built afresh from the logical plan: every
+/// execution registers metrics in the plan's operators, which would otherwise grow forever.
+const REPLAN_EVERY: u32 = 1024;
+
 impl SqlPrep {
     /// Plans `config.query` for batches of `input_schema`: loads the reference tables, parses,
     /// optimises, and checks that the output can be made canonical.
+    ///
+    /// The stage owns a thread with a single-threaded Tokio runtime that plans and then
+    /// executes the query: DataFusion is async, and some operators (unions, merges, large
+    /// sorts) spawn tasks even on one partition, which must run on a runtime this stage
+    /// drives rather than on a pipeline worker that is waiting for them.
     pub fn new(config: &SqlConfig, input_schema: SchemaRef) -> Result<Self, SqlPlanError> {
-        // Planning is async in DataFusion (reading reference tables); it runs once, on a
-        // private runtime in its own thread, so it works inside or outside a Tokio runtime.
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let (requests, request_rx) = std::sync::mpsc::sync_channel::<RecordBatch>(1);
+        let (result_tx, results) = std::sync::mpsc::sync_channel(1);
+        let query = config.query.clone();
+        let config = config.clone();
+        let schema = input_schema.clone();
+        let executor = std::thread::Builder::new()
+            .name("sql-prep".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| plan_error("query", format!("starting the planner: {e}")))?;
-                runtime.block_on(Self::plan(config, input_schema))
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(plan_error(
+                            "query",
+                            format!("starting the SQL runtime: {e}"),
+                        )));
+                        return;
+                    }
+                };
+                let planned = runtime.block_on(Executor::plan(&config, schema));
+                let mut executor = match planned {
+                    Ok((executor, ready)) => {
+                        if ready_tx.send(Ok(ready)).is_err() {
+                            return;
+                        }
+                        executor
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(batch) = request_rx.recv() {
+                    let result = runtime.block_on(executor.run(batch));
+                    if result_tx.send(result).is_err() {
+                        return;
+                    }
+                }
             })
-            .join()
-            .unwrap_or_else(|_| Err(plan_error("query", "the planner panicked".into())))
+            .map_err(|e| plan_error("query", format!("starting the SQL thread: {e}")))?;
+        let ready = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(plan_error("query", "the SQL planner panicked".into())));
+        let ready = match ready {
+            Ok(ready) => ready,
+            Err(e) => {
+                let _ = executor.join();
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            query,
+            input_schema,
+            output: ready.output,
+            reset_per_batch: ready.reset_per_batch,
+            explain: ready.explain,
+            requests: Some(requests),
+            results,
+            executor: Some(executor),
         })
     }
 
-    async fn plan(config: &SqlConfig, input_schema: SchemaRef) -> Result<Self, SqlPlanError> {
+    /// The schema of the batches this stage emits.
+    pub fn output_schema(&self) -> SchemaRef {
+        self.output.schema.clone()
+    }
+
+    /// The schema the stage was planned for.
+    pub fn input_schema(&self) -> SchemaRef {
+        self.input_schema.clone()
+    }
+
+    /// Whether the plan's state is rebuilt for every batch because some of it is built from
+    /// `input` (see the [module docs](self)); false when only reference tables are kept.
+    pub fn resets_per_batch(&self) -> bool {
+        self.reset_per_batch
+    }
+
+    /// The physical plan, as `EXPLAIN` shows it.
+    pub fn explain(&self) -> &str {
+        &self.explain
+    }
+
+    fn execute(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let stopped = || Error::Sql("the SQL executor thread stopped".into());
+        self.requests
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(batch.clone())
+            .map_err(|_| stopped())?;
+        self.results.recv().map_err(|_| stopped())?
+    }
+}
+
+impl Drop for SqlPrep {
+    fn drop(&mut self) {
+        // Closing the request channel ends the executor's loop.
+        self.requests = None;
+        if let Some(thread) = self.executor.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Prep for SqlPrep {
+    fn name(&self) -> &str {
+        "sql"
+    }
+
+    fn process(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let expected = &self.input_schema;
+        let same = batch.schema().fields().len() == expected.fields().len()
+            && batch
+                .schema()
+                .fields()
+                .iter()
+                .zip(expected.fields())
+                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+        if !same {
+            return Err(Error::schema(
+                STAGE,
+                format!(
+                    "the query was planned for columns ({}), the batch has ({})",
+                    describe(expected),
+                    describe(&batch.schema())
+                ),
+            ));
+        }
+        let out = self.execute(batch)?;
+        self.output.apply(&out)
+    }
+}
+
+/// The planned query on the executor thread.
+struct Executor {
+    ctx: SessionContext,
+    logical: LogicalPlan,
+    plan: Arc<dyn ExecutionPlan>,
+    reset_per_batch: bool,
+    input: Arc<InputSlot>,
+    runs: u32,
+}
+
+impl Executor {
+    async fn plan(
+        config: &SqlConfig,
+        input_schema: SchemaRef,
+    ) -> Result<(Self, Ready), SqlPlanError> {
         let mut session = SessionConfig::new()
             .with_target_partitions(1)
             .with_information_schema(false);
@@ -230,104 +393,77 @@ impl SqlPrep {
             .sql_with_options(&config.query, sql_options)
             .await
             .map_err(|e| query_error(&config.query, &e))?;
-        let plan = frame
-            .create_physical_plan()
+        let logical = frame.logical_plan().clone();
+        let (plan, reset_per_batch) = physical_plan(&ctx, &logical)
             .await
             .map_err(|e| query_error(&config.query, &e))?;
-        let plan =
-            reference_tables_on_build_side(plan).map_err(|e| query_error(&config.query, &e))?;
         let output = Conform::new(&plan.schema(), &config.into_labels)
             .map_err(|message| plan_error("query", message))?;
-        Ok(Self {
-            query: config.query.clone(),
-            reset_per_batch: keeps_input_state(&plan),
-            plan,
-            task_ctx: ctx.task_ctx(),
-            input,
+        let ready = Ready {
             output,
-        })
+            reset_per_batch,
+            explain: datafusion::physical_plan::displayable(plan.as_ref())
+                .indent(true)
+                .to_string(),
+        };
+        let executor = Self {
+            ctx,
+            logical,
+            plan,
+            reset_per_batch,
+            input,
+            runs: 0,
+        };
+        Ok((executor, ready))
     }
 
-    /// The schema of the batches this stage emits.
-    pub fn output_schema(&self) -> SchemaRef {
-        self.output.schema.clone()
-    }
-
-    /// Whether the plan's state is rebuilt for every batch because some of it is built from
-    /// `input` (see the [module docs](self)); false when only reference tables are kept.
-    pub fn resets_per_batch(&self) -> bool {
-        self.reset_per_batch
-    }
-
-    /// The physical plan, as `EXPLAIN` shows it.
-    pub fn explain(&self) -> String {
-        datafusion::physical_plan::displayable(self.plan.as_ref())
-            .indent(true)
-            .to_string()
-    }
-
-    /// The schema the stage was planned for.
-    pub fn input_schema(&self) -> SchemaRef {
-        self.input.schema.clone()
-    }
-
-    fn execute(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+    async fn run(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        self.runs += 1;
+        if self.runs > REPLAN_EVERY {
+            // The same optimiser on the same plan and schemas: it cannot fail where it
+            // succeeded at start-up, but if it does, the current plan stays.
+            match physical_plan(&self.ctx, &self.logical).await {
+                Ok((plan, _)) => self.plan = plan,
+                Err(e) => tracing::warn!("re-planning the SQL stage failed: {e}"),
+            }
+            self.runs = 1;
+        }
         let plan = if self.reset_per_batch {
             reset_plan_states(self.plan.clone()).map_err(|e| run_error(&e))?
         } else {
             self.plan.clone()
         };
-        *self.input.lock() = Some(batch.clone());
-        let collected = (|| {
-            let mut batches = Vec::new();
-            for partition in 0..plan.output_partitioning().partition_count() {
-                let stream = plan
-                    .execute(partition, self.task_ctx.clone())
-                    .map_err(|e| run_error(&e))?;
-                // The plan's operators compute as they are polled (one partition, nothing
-                // spawned), so polling on this thread finishes without waiting; Tokio's
-                // cooperative budget must not make it yield forever.
-                let part = futures::executor::block_on(tokio::task::unconstrained(
-                    stream.try_collect::<Vec<_>>(),
-                ))
-                .map_err(|e| run_error(&e))?;
-                batches.extend(part);
-            }
-            Ok::<_, Error>(batches)
-        })();
+        *self.input.lock() = Some(batch);
+        let collected = collect(&plan, self.ctx.task_ctx()).await;
         *self.input.lock() = None;
-        let batches = collected?;
+        let batches = collected.map_err(|e| run_error(&e))?;
         Ok(concat_batches(&plan.schema(), &batches)?)
     }
 }
 
-impl Prep for SqlPrep {
-    fn name(&self) -> &str {
-        "sql"
+/// Every partition's output, partition after partition.
+async fn collect(
+    plan: &Arc<dyn ExecutionPlan>,
+    task_ctx: Arc<TaskContext>,
+) -> datafusion::error::Result<Vec<RecordBatch>> {
+    let mut batches = Vec::new();
+    for partition in 0..plan.output_partitioning().partition_count() {
+        let stream = plan.execute(partition, task_ctx.clone())?;
+        batches.extend(stream.try_collect::<Vec<_>>().await?);
     }
+    Ok(batches)
+}
 
-    fn process(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
-        let expected = &self.input.schema;
-        let same = batch.schema().fields().len() == expected.fields().len()
-            && batch
-                .schema()
-                .fields()
-                .iter()
-                .zip(expected.fields())
-                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
-        if !same {
-            return Err(Error::schema(
-                STAGE,
-                format!(
-                    "the query was planned for columns ({}), the batch has ({})",
-                    describe(expected),
-                    describe(&batch.schema())
-                ),
-            ));
-        }
-        let out = self.execute(batch)?;
-        self.output.apply(&out)
-    }
+/// The physical plan of `logical`, with reference tables on the build side of hash joins,
+/// and whether it must be reset before each batch.
+async fn physical_plan(
+    ctx: &SessionContext,
+    logical: &LogicalPlan,
+) -> datafusion::error::Result<(Arc<dyn ExecutionPlan>, bool)> {
+    let plan = ctx.state().create_physical_plan(logical).await?;
+    let plan = reference_tables_on_build_side(plan)?;
+    let reset = keeps_input_state(&plan);
+    Ok((plan, reset))
 }
 
 /// The table `input`: a slot holding the batch being processed, read by the plan's scan.
@@ -417,16 +553,34 @@ fn reference_tables_on_build_side(
     .map(|t| t.data)
 }
 
-/// Whether executing `plan` twice would reuse state computed from `input` the first time:
-/// the build side of a join, a cross join's left table, or a scalar subquery's result.
+/// Whether executing `plan` twice could reuse state from the first execution. An allow-list:
+/// operators whose state lives in their stream (one per execution) are safe; a hash join is
+/// safe when it builds from a reference table only and emits nothing from its build side at
+/// the end; a sort is safe without a limit (a top-k sort keeps its threshold in the plan).
+/// Anything else (scalar subqueries, cross and nested-loop joins, repartitioning, operators
+/// this list does not know) counts as keeping state, and the plan is reset per batch.
 fn keeps_input_state(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    let children = plan.children();
-    let here = if children.len() < 2 {
-        plan.name() == "ScalarSubqueryExec"
-    } else if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
-        // The build side (left) is kept, and so is its record of matched rows when the join
-        // must emit unmatched build rows at the end; the probe side streams.
-        reads_input(children[0])
+    const STATELESS: &[&str] = &[
+        "AggregateExec",
+        "BoundedWindowAggExec",
+        "CoalesceBatchesExec",
+        "CoalescePartitionsExec",
+        "CooperativeExec",
+        "DataSourceExec",
+        "EmptyExec",
+        "FilterExec",
+        "GlobalLimitExec",
+        "LocalLimitExec",
+        "PlaceholderRowExec",
+        "ProjectionExec",
+        "SortPreservingMergeExec",
+        "StreamingTableExec",
+        "UnionExec",
+        "UnnestExec",
+        "WindowAggExec",
+    ];
+    let here = if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        reads_input(join.left())
             || matches!(
                 join.join_type(),
                 JoinType::Left
@@ -435,11 +589,12 @@ fn keeps_input_state(plan: &Arc<dyn ExecutionPlan>) -> bool {
                     | JoinType::LeftAnti
                     | JoinType::LeftMark
             )
+    } else if let Some(sort) = plan.downcast_ref::<SortExec>() {
+        sort.fetch().is_some()
     } else {
-        // Cross joins, nested-loop joins, unions, subqueries: be conservative.
-        true
+        !STATELESS.contains(&plan.name())
     };
-    here || children.into_iter().any(keeps_input_state)
+    here || plan.children().into_iter().any(keeps_input_state)
 }
 
 /// Makes the query's output canonical: the four required columns cast to their types,

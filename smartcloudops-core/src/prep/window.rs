@@ -10,13 +10,18 @@
 //!   emitted once the watermark passes its end plus `allowed_lateness`, so rows up to that late
 //!   still count.
 //! - **Late rows**, whose every window was already emitted, are dropped and counted
-//!   ([`WindowPrep::late_rows`]), or with `late = "fail"`, fail their batch. A failed batch
-//!   is dead-lettered by the pipeline, with the reason.
+//!   ([`WindowPrep::late_rows`]); or, with `late = "dead_letter"`, sent to the dead-letter
+//!   output as a side output while the rest of the batch goes on; or, with `late = "fail"`,
+//!   they fail their batch, which the pipeline dead-letters with the reason.
+//! - **Idle sources**: with `idle_timeout`, once no row has arrived for that long, the
+//!   watermark moves on with the wall clock ([`Prep::tick`]), so the last windows of a source
+//!   gone quiet close without waiting for its next row.
 //! - At the end of the input, every open window is emitted ([`Prep::flush`]).
 //!
 //! Resampling is a tumbling window of `step` with one aggregation, `last` or `mean`, that
 //! keeps the metric's name and stamps rows at the window's start. Irregular series thus come
-//! out one row per step, and a detector sees regular series.
+//! out one row per step, and a detector sees regular series; with `fill = "previous"`, steps
+//! missing between two samples repeat the previous value (up to `max_fill` steps a gap).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -93,6 +98,9 @@ pub enum LatePolicy {
     Drop,
     /// Fail the batch (the pipeline dead-letters it with the reason).
     Fail,
+    /// Send the late rows to the dead-letter output (a side output, with the reason) and
+    /// pass the rest of the batch on.
+    DeadLetter,
 }
 
 /// `[[prep]] type = "window"`.
@@ -117,6 +125,15 @@ pub struct WindowConfig {
     /// Rows later than that.
     #[serde(default)]
     pub late: LatePolicy,
+    /// When no row arrives for this long (processing time), the watermark moves on with the
+    /// wall clock, so the windows of a source gone quiet still close. Off by default: a
+    /// replay's event time has nothing to do with the wall clock.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_timeout: Option<Duration>,
 }
 
 fn default_aggregations() -> Vec<Aggregation> {
@@ -133,6 +150,7 @@ impl WindowConfig {
             max_out_of_orderness: Duration::ZERO,
             allowed_lateness: Duration::ZERO,
             late: LatePolicy::Drop,
+            idle_timeout: None,
         }
     }
 
@@ -154,6 +172,12 @@ impl WindowConfig {
         }
         if self.aggregations.is_empty() {
             out.push(("aggregations", "name at least one".to_owned()));
+        }
+        if self
+            .idle_timeout
+            .is_some_and(|t| t < Duration::from_millis(10))
+        {
+            out.push(("idle_timeout", "must be at least 10ms".to_owned()));
         }
         out
     }
@@ -183,6 +207,50 @@ pub struct ResampleConfig {
     /// As for windows.
     #[serde(default, with = "humantime_serde")]
     pub max_out_of_orderness: Duration,
+    /// Steps without a sample between two that have one: left out (`none`), or given the
+    /// previous step's value (`previous`).
+    #[serde(default)]
+    pub fill: FillPolicy,
+    /// At most this many steps are filled in one gap; a longer gap is left as it is (the
+    /// series was down, and a straight line would hide that).
+    #[serde(default = "default_max_fill")]
+    pub max_fill: u32,
+    /// As for windows.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_timeout: Option<Duration>,
+}
+
+fn default_max_fill() -> u32 {
+    10
+}
+
+impl ResampleConfig {
+    /// Resampling to `step` with `last`, no out-of-orderness and no filling.
+    pub fn new(step: Duration) -> Self {
+        Self {
+            step,
+            method: ResampleMethod::Last,
+            max_out_of_orderness: Duration::ZERO,
+            fill: FillPolicy::None,
+            max_fill: default_max_fill(),
+            idle_timeout: None,
+        }
+    }
+}
+
+/// How a resampled series' missing steps are filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FillPolicy {
+    /// Missing steps stay missing.
+    #[default]
+    None,
+    /// Missing steps repeat the previous step's value.
+    Previous,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -252,6 +320,25 @@ pub struct WindowPrep {
     series: HashMap<u64, (String, Vec<(String, String)>)>,
     max_ts: Option<i64>,
     late_rows: u64,
+    /// Late rows set aside for the dead-letter output (`late = "dead_letter"`).
+    rejected: Option<MetricsBatchBuilder>,
+    /// Resample gap filling: the last step emitted per series and its value.
+    fill: FillPolicy,
+    max_fill: i64,
+    last_step: HashMap<u64, (i64, f64)>,
+    /// The watermark when `last_step` was last pruned.
+    pruned_at: i64,
+    idle: Option<Idle>,
+}
+
+/// Watermark advance while the source is quiet.
+#[derive(Debug)]
+struct Idle {
+    timeout: Duration,
+    /// When the last row arrived.
+    quiet_since: std::time::Instant,
+    /// Wall-clock time up to which the watermark has been advanced.
+    advanced_to: std::time::Instant,
 }
 
 /// What a `window` stage emits: the canonical metrics columns, then `window_start` and
@@ -293,6 +380,16 @@ impl WindowPrep {
             series: HashMap::new(),
             max_ts: None,
             late_rows: 0,
+            rejected: None,
+            fill: FillPolicy::None,
+            max_fill: 0,
+            last_step: HashMap::new(),
+            pruned_at: i64::MIN,
+            idle: config.idle_timeout.map(|timeout| Idle {
+                timeout,
+                quiet_since: std::time::Instant::now(),
+                advanced_to: std::time::Instant::now(),
+            }),
         })
     }
 
@@ -300,6 +397,7 @@ impl WindowPrep {
     pub fn resample(config: &ResampleConfig) -> Result<Self> {
         let mut w = Self::new(&WindowConfig {
             max_out_of_orderness: config.max_out_of_orderness,
+            idle_timeout: config.idle_timeout,
             aggregations: vec![match config.method {
                 ResampleMethod::Last => Aggregation::Last,
                 ResampleMethod::Mean => Aggregation::Avg,
@@ -308,6 +406,8 @@ impl WindowPrep {
         })?;
         w.name = "resample".into();
         w.resample = true;
+        w.fill = config.fill;
+        w.max_fill = i64::from(config.max_fill);
         Ok(w)
     }
 
@@ -350,6 +450,20 @@ impl WindowPrep {
             for &agg in &self.aggregations {
                 let value = acc.value(agg);
                 if self.resample {
+                    if self.fill == FillPolicy::Previous {
+                        if let Some(&(previous, last)) = self.last_step.get(&series) {
+                            let missing = (start - previous) / self.size - 1;
+                            if (1..=self.max_fill).contains(&missing) {
+                                for k in 1..=missing {
+                                    let step = previous + k * self.size;
+                                    out.push_with_id(step, metric, labels, last, series);
+                                    starts.push(step);
+                                    ends.push(step + self.size);
+                                }
+                            }
+                        }
+                        self.last_step.insert(series, (start, value));
+                    }
                     out.push_with_id(start, metric, labels, value, series);
                 } else {
                     out.push(end, &format!("{metric}_{}", agg.name()), labels, value);
@@ -357,6 +471,20 @@ impl WindowPrep {
                 starts.push(start);
                 ends.push(end);
             }
+        }
+        if let Some(w) = watermark
+            && self.fill == FillPolicy::Previous
+            && w.saturating_sub(self.pruned_at) >= self.size
+        {
+            // Every step still to be emitted ends after `w - lateness`, and a gap is filled
+            // only up to `max_fill` steps: a last step further back than that is never needed
+            // again. Forget those, once per step of event time.
+            let horizon = (self.max_fill + 2)
+                .saturating_mul(self.size)
+                .saturating_add(self.lateness);
+            self.last_step
+                .retain(|_, (start, _)| start.saturating_add(horizon) > w);
+            self.pruned_at = w;
         }
         if self.open.is_empty() {
             // Nothing refers to the series' names any more.
@@ -406,6 +534,13 @@ impl Prep for WindowPrep {
                         self.late_rows += 1;
                         continue;
                     }
+                    LatePolicy::DeadLetter => {
+                        self.late_rows += 1;
+                        self.rejected
+                            .get_or_insert_with(MetricsBatchBuilder::default)
+                            .push_with_id(ts, cols.metric(row), &cols.labels(row), value, series);
+                        continue;
+                    }
                     LatePolicy::Fail => {
                         return Err(Error::schema(
                             stage,
@@ -435,7 +570,55 @@ impl Prep for WindowPrep {
             }
             self.max_ts = Some(self.max_ts.map_or(ts, |m| m.max(ts)));
         }
+        if let Some(idle) = self.idle.as_mut().filter(|_| batch.num_rows() > 0) {
+            let now = std::time::Instant::now();
+            idle.quiet_since = now;
+            idle.advanced_to = now;
+        }
         self.emit(self.watermark())
+    }
+
+    fn take_rejected(&mut self) -> Option<(RecordBatch, String)> {
+        let rows = self.rejected.take()?.finish();
+        let watermark = self
+            .watermark()
+            .map_or_else(String::new, crate::schema::format_ts);
+        Some((
+            rows,
+            format!(
+                "late: arrived after the watermark ({watermark}) passed the end of its windows \
+                 plus allowed_lateness"
+            ),
+        ))
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        self.idle
+            .as_ref()
+            .map(|idle| (idle.timeout / 2).max(Duration::from_millis(5)))
+    }
+
+    fn tick(&mut self) -> Result<Option<RecordBatch>> {
+        let Some(idle) = self.idle.as_mut() else {
+            return Ok(None);
+        };
+        let now = std::time::Instant::now();
+        if now.duration_since(idle.quiet_since) < idle.timeout {
+            return Ok(None);
+        }
+        // Quiet for `timeout`: event time is taken to have moved on with the wall clock since
+        // the last row (or the last advance).
+        let elapsed = ms(now.duration_since(idle.advanced_to));
+        idle.advanced_to = now;
+        let Some(max_ts) = self.max_ts.as_mut() else {
+            return Ok(None);
+        };
+        *max_ts = max_ts.saturating_add(elapsed);
+        if self.open.is_empty() {
+            return Ok(None);
+        }
+        let batch = self.emit(self.watermark())?;
+        Ok((batch.num_rows() > 0).then_some(batch))
     }
 
     fn flush(&mut self) -> Result<Option<RecordBatch>> {
@@ -584,7 +767,7 @@ mod tests {
         let mut r = WindowPrep::resample(&ResampleConfig {
             step: Duration::from_secs(60),
             method: ResampleMethod::Last,
-            max_out_of_orderness: Duration::ZERO,
+            ..ResampleConfig::new(Duration::ZERO)
         })
         .unwrap();
         let out = r
@@ -610,7 +793,7 @@ mod tests {
         let mut mean = WindowPrep::resample(&ResampleConfig {
             step: Duration::from_secs(60),
             method: ResampleMethod::Mean,
-            max_out_of_orderness: Duration::ZERO,
+            ..ResampleConfig::new(Duration::ZERO)
         })
         .unwrap();
         mean.process(&batch(&[("a", 5_000, 1.0), ("a", 50_000, 2.0)]))

@@ -923,6 +923,19 @@ fn origin(m: &OwnedMessage) -> String {
     format!("{}/{}@{}", m.topic(), m.partition(), m.offset())
 }
 
+/// The schema of this source's batches: the canonical columns, then with `metadata = true`
+/// `kafka_topic`, `kafka_partition`, `kafka_offset`, `kafka_key`, `kafka_timestamp` and
+/// `kafka_headers`.
+pub(crate) fn output_schema(metadata: bool) -> arrow::datatypes::SchemaRef {
+    let canonical = crate::schema::metrics_schema();
+    if !metadata {
+        return canonical;
+    }
+    MetadataColumns::with_capacity(0)
+        .append_to(&RecordBatch::new_empty(canonical.clone()))
+        .map_or(canonical, |b| b.schema())
+}
+
 /// The optional per-row Kafka metadata columns.
 struct MetadataColumns {
     topic: StringDictionaryBuilder<Int32Type>,
