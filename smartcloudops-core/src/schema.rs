@@ -135,7 +135,7 @@ pub fn series_id<K: AsRef<str>, V: AsRef<str>>(metric: &str, labels: &[(K, V)]) 
     )
 }
 
-fn series_id_with<'a>(
+pub(crate) fn series_id_with<'a>(
     scratch: &mut Vec<u8>,
     metric: &str,
     labels: impl Iterator<Item = (&'a str, &'a str)>,

@@ -55,11 +55,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{
-    Array, ArrayAccessor, ArrayRef, AsArray, MapBuilder, RecordBatch, StringArray, StringBuilder,
-    UInt64Array,
+    Array, ArrayAccessor, ArrayRef, AsArray, MapArray, MapBuilder, RecordBatch, StringArray,
+    StringBuilder, TypedDictionaryArray, UInt64Array,
 };
 use arrow::compute::{CastOptions, can_cast_types, cast_with_options, concat_batches};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
 use arrow::util::display::FormatOptions;
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::common::JoinType;
@@ -748,11 +748,15 @@ impl Conform {
         let metric = cast(self.metric, col::METRIC)?;
         let mut labels = cast(self.labels, col::LABELS)?;
         let value = cast(self.value, col::VALUE)?;
+        let mut merged_ids = None;
         if !self.into_labels.is_empty() {
-            labels = self.merge_labels(out, &labels, &options)?;
+            let (merged, ids) = self.merge_labels(out, &metric, &labels, &options)?;
+            labels = merged;
+            merged_ids = Some(ids);
         }
-        let series_id: ArrayRef = match self.series_id {
-            Some(i) if out.column(i).null_count() == 0 => out.column(i).clone(),
+        let series_id: ArrayRef = match (self.series_id, merged_ids) {
+            (_, Some(ids)) => Arc::new(ids),
+            (Some(i), None) if out.column(i).null_count() == 0 => out.column(i).clone(),
             _ => Arc::new(series_ids(&metric, &labels)?),
         };
         let mut columns = vec![ts, metric, labels, value, series_id];
@@ -760,14 +764,16 @@ impl Conform {
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 
-    /// `labels` with the `into_labels` columns added (replacing a label of the same name),
-    /// keys kept sorted.
+    /// `labels` with the `into_labels` columns added (replacing a label of the same name;
+    /// keys kept sorted), and the series ids of the new labels, in one pass that borrows
+    /// every string rather than copying it.
     fn merge_labels(
         &self,
         out: &RecordBatch,
+        metric: &ArrayRef,
         labels: &ArrayRef,
         options: &CastOptions<'_>,
-    ) -> Result<ArrayRef> {
+    ) -> Result<(ArrayRef, UInt64Array)> {
         let texts: Vec<(ArrayRef, &str)> = self
             .into_labels
             .iter()
@@ -778,57 +784,82 @@ impl Conform {
                 ))
             })
             .collect::<Result<_>>()?;
+        let texts: Vec<(&StringArray, &str)> = texts
+            .iter()
+            .map(|(array, name)| (array.as_string::<i32>(), *name))
+            .collect();
+        let metric = metric_names(metric)?;
         let map = labels.as_map();
-        let mut builder = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
-        let mut row_labels: Vec<(String, String)> = Vec::new();
-        for row in 0..map.len() {
-            row_labels.clear();
-            let entries = map.value(row);
-            let keys = entries.column(0).as_string::<i32>();
-            let values = entries.column(1).as_string::<i32>();
-            for j in 0..keys.len() {
-                if values.is_valid(j) {
-                    row_labels.push((keys.value(j).to_owned(), values.value(j).to_owned()));
-                }
-            }
+        let rows = map.len();
+        let mut builder = MapBuilder::with_capacity(
+            None,
+            StringBuilder::with_capacity(rows * 4, rows * 32),
+            StringBuilder::with_capacity(rows * 4, rows * 32),
+            rows,
+        );
+        let mut ids = Vec::with_capacity(rows);
+        let mut scratch = Vec::with_capacity(128);
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        for row in 0..rows {
+            pairs.clear();
+            row_labels(map, row, &mut pairs);
             for (text, name) in &texts {
-                let text = text.as_string::<i32>();
                 if text.is_valid(row) {
-                    row_labels.push(((*name).to_owned(), text.value(row).to_owned()));
+                    pairs.push((name, text.value(row)));
                 }
             }
-            schema::sort_labels(&mut row_labels);
-            for (k, v) in &row_labels {
+            schema::sort_labels(&mut pairs);
+            for (k, v) in &pairs {
                 builder.keys().append_value(k);
                 builder.values().append_value(v);
             }
             builder.append(true)?;
+            ids.push(schema::series_id_with(
+                &mut scratch,
+                metric.value(row),
+                pairs.iter().copied(),
+            ));
         }
-        Ok(Arc::new(builder.finish()))
+        Ok((Arc::new(builder.finish()), UInt64Array::from(ids)))
     }
+}
+
+/// The labels of `row` of a canonical labels map, borrowed from the map's arrays.
+fn row_labels<'a>(map: &'a MapArray, row: usize, out: &mut Vec<(&'a str, &'a str)>) {
+    let keys = map.keys().as_string::<i32>();
+    let values = map.values().as_string::<i32>();
+    let offsets = map.value_offsets();
+    let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+    out.extend(
+        (start..end)
+            .filter(|&j| values.is_valid(j))
+            .map(|j| (keys.value(j), values.value(j))),
+    );
+}
+
+fn metric_names(metric: &ArrayRef) -> Result<TypedDictionaryArray<'_, Int32Type, StringArray>> {
+    metric
+        .as_dictionary::<Int32Type>()
+        .downcast_dict::<StringArray>()
+        .ok_or_else(|| Error::schema(STAGE, "metric is not a string dictionary"))
 }
 
 /// The canonical series id of every row.
 fn series_ids(metric: &ArrayRef, labels: &ArrayRef) -> Result<UInt64Array> {
-    let metric = metric
-        .as_dictionary::<arrow::datatypes::Int32Type>()
-        .downcast_dict::<StringArray>()
-        .ok_or_else(|| Error::schema(STAGE, "metric is not a string dictionary"))?;
+    let metric = metric_names(metric)?;
     let map = labels.as_map();
     let mut ids = Vec::with_capacity(map.len());
-    let mut row_labels: Vec<(String, String)> = Vec::new();
+    let mut scratch = Vec::with_capacity(128);
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
     for row in 0..map.len() {
-        let entries = map.value(row);
-        let keys = entries.column(0).as_string::<i32>();
-        let values = entries.column(1).as_string::<i32>();
-        row_labels.clear();
-        row_labels.extend(
-            (0..keys.len())
-                .filter(|&j| values.is_valid(j))
-                .map(|j| (keys.value(j).to_owned(), values.value(j).to_owned())),
-        );
-        schema::sort_labels(&mut row_labels);
-        ids.push(schema::series_id(metric.value(row), &row_labels));
+        pairs.clear();
+        row_labels(map, row, &mut pairs);
+        schema::sort_labels(&mut pairs);
+        ids.push(schema::series_id_with(
+            &mut scratch,
+            metric.value(row),
+            pairs.iter().copied(),
+        ));
     }
     Ok(UInt64Array::from(ids))
 }

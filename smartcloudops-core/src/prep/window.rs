@@ -24,6 +24,8 @@
 //! missing between two samples repeat the previous value (up to `max_fill` steps a gap).
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -316,8 +318,12 @@ pub struct WindowPrep {
     resample: bool,
     keep_values: bool,
     /// Open windows by (window start, series).
-    open: BTreeMap<(i64, u64), Acc>,
-    series: HashMap<u64, (String, Vec<(String, String)>)>,
+    /// Open windows by start, then by series. Windows close in order of their start, and a
+    /// row touches only a few starts, so the outer map stays tiny.
+    open: BTreeMap<i64, FxHashMap<u64, Acc>>,
+    /// What each series' output rows are called: its labels, and per aggregation the metric
+    /// name and series id (`{metric}_{aggregation}`, or the metric itself when resampling).
+    series: FxHashMap<u64, SeriesNames>,
     max_ts: Option<i64>,
     late_rows: u64,
     /// Late rows set aside for the dead-letter output (`late = "dead_letter"`).
@@ -339,6 +345,38 @@ struct Idle {
     quiet_since: std::time::Instant,
     /// Wall-clock time up to which the watermark has been advanced.
     advanced_to: std::time::Instant,
+}
+
+/// The names and ids of a series' output rows.
+#[derive(Debug)]
+struct SeriesNames {
+    labels: Vec<(String, String)>,
+    /// Per aggregation, in configuration order: output metric name and series id.
+    outputs: Vec<(String, u64)>,
+}
+
+impl SeriesNames {
+    fn new(
+        metric: &str,
+        labels: Vec<(String, String)>,
+        aggregations: &[Aggregation],
+        resample: bool,
+        series: u64,
+    ) -> Self {
+        let outputs = aggregations
+            .iter()
+            .map(|agg| {
+                if resample {
+                    (metric.to_owned(), series)
+                } else {
+                    let name = format!("{metric}_{}", agg.name());
+                    let id = crate::schema::series_id(&name, &labels);
+                    (name, id)
+                }
+            })
+            .collect();
+        Self { labels, outputs }
+    }
 }
 
 /// What a `window` stage emits: the canonical metrics columns, then `window_start` and
@@ -377,7 +415,7 @@ impl WindowPrep {
             late: config.late,
             resample: false,
             open: BTreeMap::new(),
-            series: HashMap::new(),
+            series: FxHashMap::default(),
             max_ts: None,
             late_rows: 0,
             rejected: None,
@@ -420,56 +458,74 @@ impl WindowPrep {
         self.max_ts.map(|t| t.saturating_sub(self.ooo))
     }
 
+    /// Appends the output rows of one closed window of one series.
+    fn emit_window(
+        &mut self,
+        start: i64,
+        series: u64,
+        mut acc: Acc,
+        out: &mut MetricsBatchBuilder,
+        starts: &mut Vec<i64>,
+        ends: &mut Vec<i64>,
+    ) {
+        let end = start.saturating_add(self.size);
+        let Some(names) = self.series.get(&series) else {
+            return;
+        };
+        for (&agg, (metric, id)) in self.aggregations.iter().zip(&names.outputs) {
+            let value = acc.value(agg);
+            if self.resample {
+                if self.fill == FillPolicy::Previous {
+                    if let Some(&(previous, last)) = self.last_step.get(&series) {
+                        let missing = (start - previous) / self.size - 1;
+                        if (1..=self.max_fill).contains(&missing) {
+                            for k in 1..=missing {
+                                let step = previous + k * self.size;
+                                out.push_with_id(step, metric, &names.labels, last, *id);
+                                starts.push(step);
+                                ends.push(step + self.size);
+                            }
+                        }
+                    }
+                    self.last_step.insert(series, (start, value));
+                }
+                out.push_with_id(start, metric, &names.labels, value, *id);
+            } else {
+                out.push_with_id(end, metric, &names.labels, value, *id);
+            }
+            starts.push(start);
+            ends.push(end);
+        }
+    }
+
     /// Emits (and forgets) the windows that are complete at `watermark`, or all of them.
     fn emit(&mut self, watermark: Option<i64>) -> Result<RecordBatch> {
         let mut out = MetricsBatchBuilder::with_capacity(64);
         let mut starts = Vec::new();
         let mut ends = Vec::new();
-        let closed: Vec<(i64, u64)> = self
-            .open
-            .keys()
-            .filter(|(start, _)| {
-                watermark.is_none_or(|w| {
-                    start
-                        .saturating_add(self.size)
-                        .saturating_add(self.lateness)
-                        <= w
-                })
-            })
-            .copied()
-            .collect();
-        for key in closed {
-            let Some(mut acc) = self.open.remove(&key) else {
-                continue;
-            };
-            let (start, series) = key;
-            let end = start.saturating_add(self.size);
-            let Some((metric, labels)) = self.series.get(&series) else {
-                continue;
-            };
-            for &agg in &self.aggregations {
-                let value = acc.value(agg);
-                if self.resample {
-                    if self.fill == FillPolicy::Previous {
-                        if let Some(&(previous, last)) = self.last_step.get(&series) {
-                            let missing = (start - previous) / self.size - 1;
-                            if (1..=self.max_fill).contains(&missing) {
-                                for k in 1..=missing {
-                                    let step = previous + k * self.size;
-                                    out.push_with_id(step, metric, labels, last, series);
-                                    starts.push(step);
-                                    ends.push(step + self.size);
-                                }
-                            }
-                        }
-                        self.last_step.insert(series, (start, value));
+        // Windows close in order of their start: the closed ones are a prefix of `open`.
+        let closed = match watermark {
+            None => std::mem::take(&mut self.open),
+            Some(w) => {
+                // Closed: start + size + lateness <= w.
+                let last_closed = w.saturating_sub(self.lateness).saturating_sub(self.size);
+                match last_closed.checked_add(1) {
+                    Some(first_open) => {
+                        let open = self.open.split_off(&first_open);
+                        std::mem::replace(&mut self.open, open)
                     }
-                    out.push_with_id(start, metric, labels, value, series);
-                } else {
-                    out.push(end, &format!("{metric}_{}", agg.name()), labels, value);
+                    None => std::mem::take(&mut self.open),
                 }
-                starts.push(start);
-                ends.push(end);
+            }
+        };
+        // Within a window, series in id order: the output does not depend on hashing.
+        let mut window: Vec<(u64, Acc)> = Vec::new();
+        for (start, accs) in closed {
+            window.clear();
+            window.extend(accs);
+            window.sort_unstable_by_key(|(series, _)| *series);
+            for (series, acc) in window.drain(..) {
+                self.emit_window(start, series, acc, &mut out, &mut starts, &mut ends);
             }
         }
         if let Some(w) = watermark
@@ -555,14 +611,23 @@ impl Prep for WindowPrep {
             if !value.is_finite() {
                 continue; // a window of numbers: NaN and infinities do not aggregate
             }
-            self.series
-                .entry(series)
-                .or_insert_with(|| (cols.metric(row).to_owned(), cols.labels(row)));
+            if !self.series.contains_key(&series) {
+                let names = SeriesNames::new(
+                    cols.metric(row),
+                    cols.labels(row),
+                    &self.aggregations,
+                    self.resample,
+                    series,
+                );
+                self.series.insert(series, names);
+            }
             let mut start = first_start;
             while start <= last_start {
                 if start + self.size > ts && !closed(start) {
                     self.open
-                        .entry((start, series))
+                        .entry(start)
+                        .or_default()
+                        .entry(series)
                         .or_default()
                         .add(ts, value, self.keep_values);
                 }
