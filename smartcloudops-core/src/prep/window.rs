@@ -332,7 +332,7 @@ pub struct WindowPrep {
     fill: FillPolicy,
     max_fill: i64,
     last_step: HashMap<u64, (i64, f64)>,
-    /// The watermark when `last_step` was last pruned.
+    /// The watermark when `series` and `last_step` were last pruned.
     pruned_at: i64,
     idle: Option<Idle>,
 }
@@ -454,6 +454,12 @@ impl WindowPrep {
         self.late_rows
     }
 
+    /// Series the stage keeps names for: those with an open window, and for a while those
+    /// whose windows just closed.
+    pub fn tracked_series(&self) -> usize {
+        self.series.len()
+    }
+
     fn watermark(&self) -> Option<i64> {
         self.max_ts.map(|t| t.saturating_sub(self.ooo))
     }
@@ -528,9 +534,16 @@ impl WindowPrep {
                 self.emit_window(start, series, acc, &mut out, &mut starts, &mut ends);
             }
         }
-        if let Some(w) = watermark
+        let prune = watermark.filter(|w| w.saturating_sub(self.pruned_at) >= self.size);
+        if prune.is_some() {
+            // Once per window length of event time: forget the names of series that have no
+            // open window (they stopped reporting; a new row brings them back).
+            let open = &self.open;
+            self.series
+                .retain(|id, _| open.values().any(|windows| windows.contains_key(id)));
+        }
+        if let Some(w) = prune
             && self.fill == FillPolicy::Previous
-            && w.saturating_sub(self.pruned_at) >= self.size
         {
             // Every step still to be emitted ends after `w - lateness`, and a gap is filled
             // only up to `max_fill` steps: a last step further back than that is never needed
@@ -540,6 +553,8 @@ impl WindowPrep {
                 .saturating_add(self.lateness);
             self.last_step
                 .retain(|_, (start, _)| start.saturating_add(horizon) > w);
+        }
+        if let Some(w) = prune {
             self.pruned_at = w;
         }
         if self.open.is_empty() {
@@ -825,6 +840,29 @@ mod tests {
         assert_eq!(counts, vec![3.0, 6.0, 6.0, 4.0, 1.0]);
         let p90: Vec<f64> = r.iter().filter(|x| x.0 == "cpu_p90").map(|x| x.3).collect();
         assert_eq!(p90, vec![2.0, 5.0, 8.0, 9.0, 9.0]);
+    }
+
+    #[test]
+    fn series_that_stop_reporting_are_forgotten_while_others_go_on() {
+        let mut w = WindowPrep::new(&WindowConfig::tumbling(Duration::from_secs(60))).unwrap();
+        w.process(&batch(&[("gone", 0, 1.0), ("busy", 0, 1.0)]))
+            .unwrap();
+        assert_eq!(w.tracked_series(), 2);
+        // Only `busy` reports from now on; the open windows never all close at once.
+        for minute in 1..5 {
+            w.process(&batch(&[("busy", minute * 60_000, 1.0)]))
+                .unwrap();
+        }
+        assert_eq!(w.tracked_series(), 1, "only the series still reporting");
+        // A series that comes back is named again.
+        let out = w
+            .process(&batch(&[("gone", 300_000, 2.0), ("busy", 360_000, 1.0)]))
+            .unwrap();
+        assert!(
+            rows(&out).iter().any(|r| r.1 == "gone" && r.3 == 2.0),
+            "{:?}",
+            rows(&out)
+        );
     }
 
     #[test]
