@@ -183,6 +183,18 @@ async fn late_rows_can_go_to_the_dead_letter_output_while_the_batch_goes_on() {
     );
 }
 
+/// Waits (at most 10 s) until the action has seen a row.
+async fn wait_for_a_window(rows: &Rows) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while rows.0.lock().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the window never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// One batch, then silence until cancelled: a source gone quiet.
 #[derive(Debug)]
 struct QuietAfterOne(RecordBatch);
@@ -219,14 +231,7 @@ async fn an_idle_source_still_closes_its_windows() {
     let running = tokio::spawn(pipeline.run(stop.clone()));
     // The window [0, 60 s) closes once the watermark, moving on with the wall clock after
     // 100 ms of silence, passes 60 s: while the source is still open.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while rows.0.lock().unwrap().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the window never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_window(&rows).await;
     assert!(!running.is_finished());
     assert_eq!(
         rows.0.lock().unwrap().clone(),
@@ -303,14 +308,7 @@ async fn a_window_behind_a_filter_closes_while_the_source_stays_busy() {
         .shared_action(rows.clone())
         .build();
     let running = tokio::spawn(pipeline.run(stop.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while rows.0.lock().unwrap().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the window never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_window(&rows).await;
     assert_eq!(
         rows.0.lock().unwrap().clone(),
         vec![("cpu_max".to_owned(), 60_000, 4.0)]
