@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::pipeline::metrics::StageMetrics;
+use crate::metrics::StageMetrics;
 
 /// One rejected record (or batch) and why it was rejected.
 #[derive(Debug, Clone, PartialEq, Serialize)]

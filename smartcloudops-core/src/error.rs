@@ -1,4 +1,4 @@
-//! The crate's error type.
+//! The crate's error type, and the problems a configuration check reports.
 
 use std::fmt;
 
@@ -34,7 +34,7 @@ pub enum Error {
     },
     /// The pipeline configuration is invalid.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigErrors),
+    Config(#[from] Problems),
     /// An action failed to deliver its effect.
     #[error("action `{action}` failed: {message}")]
     Action {
@@ -99,5 +99,233 @@ impl Error {
             Error::Action { retryable, .. } => *retryable,
             _ => false,
         }
+    }
+}
+
+/// One problem in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the field, e.g. `source.batch_size` or `action[1].path`; empty for
+    /// errors about the file as a whole.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it, when there is something useful to say.
+    pub hint: Option<String>,
+}
+
+impl ConfigError {
+    /// A problem at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// The same problem with a hint on how to fix it.
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)?;
+        } else {
+            write!(f, "{}: {}", self.path, self.message)?;
+        }
+        match &self.hint {
+            // A quoted source line with a caret under the fault reads best as it is.
+            Some(hint) if hint.contains('\n') => write!(f, "\n{hint}")?,
+            Some(hint) => write!(f, " (hint: {hint})")?,
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// Every problem a configuration check found, each with its field path and, where one
+/// helps, a hint. Checks collect problems rather than stopping at the first, so a user
+/// fixes a file in one pass.
+///
+/// A component reports paths relative to its own table (`batch_size`); whoever holds the
+/// component prefixes them ([`Problems::extend_at`]) into `source.batch_size`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Problems(pub Vec<ConfigError>);
+
+/// [`Problems`] returned as an error: the name the configuration API has always used.
+pub type ConfigErrors = Problems;
+
+impl Problems {
+    /// No problems yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a problem at `path`.
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError::new(path, message));
+    }
+
+    /// Records a problem at `path` with a hint on how to fix it.
+    pub fn push_hint(
+        &mut self,
+        path: impl Into<String>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) {
+        self.0.push(ConfigError::new(path, message).hint(hint));
+    }
+
+    /// Records `error`.
+    pub fn add(&mut self, error: ConfigError) {
+        self.0.push(error);
+    }
+
+    /// Records a problem at `path` unless `ok`; an empty `hint` adds none.
+    pub fn check(
+        &mut self,
+        ok: bool,
+        path: impl Into<String>,
+        message: impl Into<String>,
+        hint: &str,
+    ) {
+        if !ok {
+            let mut e = ConfigError::new(path, message);
+            if !hint.is_empty() {
+                e = e.hint(hint);
+            }
+            self.0.push(e);
+        }
+    }
+
+    /// Records every problem of `other` with `prefix.` before its path (`prefix` alone for
+    /// a problem about the whole table).
+    pub fn extend_at(&mut self, prefix: &str, other: Problems) {
+        for mut e in other.0 {
+            e.path = join_path(prefix, &e.path);
+            self.0.push(e);
+        }
+    }
+
+    /// Whether no problem was found.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many problems were found.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The problems, in the order they were found.
+    pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
+        self.0.iter()
+    }
+
+    /// `Ok(value)` when there are no problems, the problems otherwise.
+    pub fn into_result<T>(self, value: T) -> Result<T, Problems> {
+        if self.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+/// `prefix.path`, or either alone when the other is empty. An index (`[2]`) joins without a dot.
+pub(crate) fn join_path(prefix: &str, path: &str) -> String {
+    match (prefix.is_empty(), path.is_empty()) {
+        (_, true) => prefix.to_owned(),
+        (true, false) => path.to_owned(),
+        (false, false) if path.starts_with('[') => format!("{prefix}{path}"),
+        (false, false) => format!("{prefix}.{path}"),
+    }
+}
+
+impl From<ConfigError> for Problems {
+    fn from(e: ConfigError) -> Self {
+        Problems(vec![e])
+    }
+}
+
+/// Problems as `(field, message)` pairs, the shape the simpler checks produce.
+impl<P: Into<String>, M: Into<String>> FromIterator<(P, M)> for Problems {
+    fn from_iter<I: IntoIterator<Item = (P, M)>>(iter: I) -> Self {
+        Problems(
+            iter.into_iter()
+                .map(|(p, m)| ConfigError::new(p, m))
+                .collect(),
+        )
+    }
+}
+
+impl IntoIterator for Problems {
+    type Item = ConfigError;
+    type IntoIter = std::vec::IntoIter<ConfigError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Problems {
+    type Item = &'a ConfigError;
+    type IntoIter = std::slice::Iter<'a, ConfigError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} configuration error{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+impl From<Problems> for Vec<ConfigError> {
+    fn from(e: Problems) -> Self {
+        e.0
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(Problems(vec![e]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_are_prefixed_with_their_table() {
+        let mut inner = Problems::new();
+        inner.push("batch_size", "too big");
+        inner.push("", "bad table");
+        inner.push("[2]", "bad item");
+        let mut all = Problems::new();
+        all.extend_at("source", inner);
+        let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["source.batch_size", "source", "source[2]"]);
+        assert_eq!(
+            all.to_string(),
+            "3 configuration errors:\n  - source.batch_size: too big\n  - source: bad table\n  - source[2]: bad item\n"
+        );
     }
 }

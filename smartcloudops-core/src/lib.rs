@@ -17,7 +17,7 @@
 //! Batches flow through bounded queues; a slow action slows the source down rather than
 //! growing memory. A batch is acknowledged to its source only after every action finished with
 //! it. Records that cannot be decoded or processed go to a [dead-letter output](dead_letter)
-//! with the reason and are counted in the stage's [metrics](pipeline::metrics).
+//! with the reason and are counted in the stage's [metrics](metrics).
 //!
 //! ## Example
 //!
@@ -85,13 +85,14 @@ pub mod error;
 pub mod eval;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod metrics;
 pub mod pipeline;
 pub mod prep;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod schema;
 pub mod source;
-mod util;
+pub mod util;
 
 pub use arrow::record_batch::RecordBatch;
 

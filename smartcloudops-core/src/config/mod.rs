@@ -59,71 +59,6 @@ use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::prep::{MetricFilter, MetricFilterConfig, Prep};
 use crate::source::{FileSource, FileSourceConfig, GeneratorConfig, GeneratorSource, Source};
 
-/// One problem in a configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// Dotted path of the field, e.g. `source.batch_size` or `action[1].path`; empty for
-    /// errors about the file as a whole.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-    /// How to fix it, when there is something useful to say.
-    pub hint: Option<String>,
-}
-
-impl ConfigError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-            hint: None,
-        }
-    }
-
-    fn hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
-        self
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            write!(f, "{}", self.message)?;
-        } else {
-            write!(f, "{}: {}", self.path, self.message)?;
-        }
-        match &self.hint {
-            // A quoted source line with a caret under the fault reads best as it is.
-            Some(hint) if hint.contains('\n') => write!(f, "\n{hint}")?,
-            Some(hint) => write!(f, " (hint: {hint})")?,
-            None => {}
-        }
-        Ok(())
-    }
-}
-
-/// Every problem found in a configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0.len();
-        writeln!(
-            f,
-            "{n} configuration error{}:",
-            if n == 1 { "" } else { "s" }
-        )?;
-        for e in &self.0 {
-            writeln!(f, "  - {e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
 /// Where the pipeline reads from (`[source]`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -1026,12 +961,6 @@ impl PipelineConfig {
     }
 }
 
-impl From<ConfigErrors> for Vec<ConfigError> {
-    fn from(e: ConfigErrors) -> Self {
-        e.0
-    }
-}
-
 /// `table[key]` as a list of `(path, item)`: an array of tables, or one table.
 fn array_of<'a>(
     table: &'a toml::Table,
@@ -1425,12 +1354,6 @@ fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
-}
-
-impl From<ConfigError> for Error {
-    fn from(e: ConfigError) -> Self {
-        Error::Config(ConfigErrors(vec![e]))
-    }
 }
 
 #[cfg(test)]

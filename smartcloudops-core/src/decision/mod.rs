@@ -437,7 +437,7 @@ impl fmt::Debug for ReceiverConfig {
         f.debug_struct("ReceiverConfig")
             .field("name", &self.name)
             .field("kind", &self.kind)
-            .field("url", &self.url.as_deref().map(audit::mask_url))
+            .field("url", &self.url.as_deref().map(crate::util::url::mask_url))
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("channel", &self.channel)
             .field("stream", &self.stream)
@@ -672,7 +672,10 @@ fn build_receiver(
     let http = |format: HttpFormat, url: Option<&str>, options: HttpOptions| {
         let url = url.ok_or("`url` is required")?;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(format!("`{}` is not an http(s) URL", audit::mask_url(url)));
+            return Err(format!(
+                "`{}` is not an http(s) URL",
+                crate::util::url::mask_url(url)
+            ));
         }
         HttpReceiver::new(url.to_owned(), format, r.timeout, options)
             .map(|h| Box::new(h) as Box<dyn Receiver>)

@@ -13,9 +13,9 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::audit::mask_url;
 use super::{AlertStatus, Notification, NotificationKind};
 use crate::schema::format_ts;
+use crate::util::url::mask_url;
 
 /// How a delivery failed.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,8 +13,8 @@ use arrow::array::{Array, UInt64Array};
 use arrow::record_batch::RecordBatch;
 use tokio::time::Instant;
 
-use super::metrics::StageMetrics;
 use crate::detector::{Detector, SeriesStateStore};
+use crate::metrics::StageMetrics;
 use crate::schema::col;
 
 /// How long lookups pause after the store failed.

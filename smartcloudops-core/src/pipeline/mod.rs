@@ -19,7 +19,7 @@
 //!   than `shutdown_timeout`, the remaining tasks are aborted and their batches nacked.
 
 mod handoff;
-pub mod metrics;
+pub use crate::metrics;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -262,42 +262,8 @@ impl LazyConnection {
     }
 }
 
-/// `url` with the password (if any) replaced by `***`: everything between `://` and the last
-/// `@` is credentials (a password may hold `/`, `?` or `#`), and `pass` / `password` query
-/// parameters are masked too.
 fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let rest = match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let redacted = match userinfo.split_once(':') {
-                Some((user, _)) if !user.contains(['/', '?', '#']) => format!("{user}:***"),
-                // `redis://secret@host` puts the password in the user position.
-                _ => "***".to_owned(),
-            };
-            format!("{redacted}@{host}")
-        }
-        None => rest.to_owned(),
-    };
-    let masked = match rest.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _))
-                        if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
-                    {
-                        format!("{k}=***")
-                    }
-                    _ => kv.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => rest,
-    };
-    format!("{scheme}://{masked}")
+    crate::util::url::redact_url(url, crate::util::url::Redact::Credentials)
 }
 
 /// A Redis failure as this crate's error, with what was being done.

@@ -390,7 +390,7 @@ impl Pacing {
 mod tests {
     use super::*;
     use crate::dead_letter::MemoryDeadLetters;
-    use crate::pipeline::metrics::StageMetrics;
+    use crate::metrics::StageMetrics;
     use futures::TryStreamExt;
     use std::io::Write;
     use std::sync::Arc;

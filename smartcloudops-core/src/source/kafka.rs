@@ -209,7 +209,7 @@ struct RebalanceContext {
     shared: Arc<Shared>,
     drain_timeout: Duration,
     /// The source's stage metrics, where consumer lag is published.
-    stage: Arc<crate::pipeline::metrics::StageMetrics>,
+    stage: Arc<crate::metrics::StageMetrics>,
 }
 
 /// Gauge name of the per-partition consumer lag.

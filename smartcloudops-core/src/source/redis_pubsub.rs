@@ -37,7 +37,7 @@ use crate::ack::Ack;
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{CsvOptions, Decoder, Format, Reject};
 use crate::error::Result;
-use crate::pipeline::metrics::StageMetrics;
+use crate::metrics::StageMetrics;
 use crate::redis::RedisConnection;
 use crate::schema::MetricsBatchBuilder;
 

@@ -48,7 +48,7 @@ use crate::ack::{Ack, AckOutcome};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{CsvOptions, Decoder, Format};
 use crate::error::{Error, Result};
-use crate::pipeline::metrics::StageMetrics;
+use crate::metrics::StageMetrics;
 use crate::redis::{RedisConnection, error};
 use crate::schema::MetricsBatchBuilder;
 

@@ -37,7 +37,7 @@ use crate::ack::{Ack, AckOutcome};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::remote_write::RemoteWriteDecoder;
 use crate::error::{Error, Result};
-use crate::pipeline::metrics::StageMetrics;
+use crate::metrics::StageMetrics;
 use crate::schema::MetricsBatchBuilder;
 
 /// Configuration of a [`RemoteWriteSource`].

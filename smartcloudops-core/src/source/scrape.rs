@@ -88,10 +88,7 @@ impl ScrapeConfig {
             {
                 out.push((
                     "targets",
-                    format!(
-                        "`{}` is not an http(s) URL",
-                        crate::decision::audit::mask_url(t)
-                    ),
+                    format!("`{}` is not an http(s) URL", crate::util::url::mask_url(t)),
                 ));
             }
         }
@@ -238,7 +235,7 @@ async fn scrape(
             if let Some(i) = message.find(" for url (") {
                 message.truncate(i);
             }
-            tracing::warn!(target = %crate::decision::audit::mask_url(url), "scrape failed: {message}");
+            tracing::warn!(target = %crate::util::url::mask_url(url), "scrape failed: {message}");
             false
         }
     };

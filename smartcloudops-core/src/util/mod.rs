@@ -1,4 +1,7 @@
-//! Small helpers shared by stages.
+//! Small helpers shared by stages: the JSON-lines appender, the URL redactor, batch display.
+
+pub mod jsonl;
+pub mod url;
 
 use arrow::array::Array;
 use arrow::record_batch::RecordBatch;
