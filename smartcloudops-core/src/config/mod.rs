@@ -35,7 +35,6 @@ mod env;
 #[cfg(feature = "redis")]
 mod redis;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +53,7 @@ use crate::detector::{
     Detector, EnsembleConfig, EnsembleDetector, EwmaConfig, EwmaDetector, Preset, ThresholdConfig,
     ThresholdDetector,
 };
+pub use crate::error::{ConfigError, ConfigErrors, Problems};
 use crate::error::{Error, Result};
 use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::prep::{MetricFilter, MetricFilterConfig, Prep};
@@ -364,7 +364,7 @@ impl PipelineConfig {
     /// the file are resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError::new(
+            Problems(vec![ConfigError::new(
                 "",
                 format!("cannot read {}: {e}", path.display()),
             )])
@@ -380,7 +380,7 @@ impl PipelineConfig {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigErrors> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigErrors(vec![ConfigError::new("", format!("invalid TOML: {e}"))])
+            Problems(vec![ConfigError::new("", format!("invalid TOML: {e}"))])
         })?;
         let mut errors = Vec::new();
         env::substitute_table(&mut table, "", &env, &mut errors);
@@ -452,7 +452,7 @@ impl PipelineConfig {
         if errors.is_empty() && source_parsed {
             Ok(config)
         } else {
-            Err(ConfigErrors(errors))
+            Err(Problems(errors))
         }
     }
 
@@ -831,7 +831,7 @@ impl PipelineConfig {
                         if let Some(hint) = e.hint {
                             error = error.hint(hint);
                         }
-                        Error::Config(ConfigErrors(vec![error]))
+                        Error::Config(Problems(vec![error]))
                     })?;
                     schema = sql.output_schema();
                     Box::new(sql)
