@@ -6,7 +6,9 @@ use std::sync::Mutex;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use smartcloudops_core::config::{DetectorConfig, PipelineConfig};
+use smartcloudops_core::component::BuildContext;
+use smartcloudops_core::config::PipelineConfig;
+use smartcloudops_core::detector::DetectorConfig;
 use smartcloudops_core::detector::Preset;
 use smartcloudops_core::eval::{
     Corpus, CostProfile, ScoredSeries, Tally, format_nab_ts, optimize_threshold, score_series,
@@ -58,13 +60,15 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             let Some(section) = pipeline.detector else {
                 bail!("{}: no [detector] to evaluate", path.display());
             };
-            let mut detector = section.detector;
+            let mut kind = section.detector.kind;
+            let mut detector = section.detector.config;
             if let (Some(t), Some(mut c)) = (args.threshold, detector.ensemble_config()) {
                 // The rest holds scores just below the configured threshold: keep them equal.
                 c.threshold = t;
-                detector = DetectorConfig::Ensemble(Box::new(c));
+                detector = Box::new(c);
+                kind = "ensemble".into();
             }
-            (section_name(&detector, path), detector)
+            (section_name(&kind, path), detector)
         }
         (None, None) => {
             let mut config = args.preset.config();
@@ -73,7 +77,7 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             }
             (
                 format!("preset {}", args.preset.name()),
-                DetectorConfig::Ensemble(Box::new(config)),
+                Box::new(config) as Box<dyn DetectorConfig>,
             )
         }
         (None, Some(path)) => {
@@ -108,7 +112,7 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
                     path.display(),
                     args.preset.name()
                 ),
-                DetectorConfig::Ensemble(Box::new(config)),
+                Box::new(config) as Box<dyn DetectorConfig>,
             )
         }
     };
@@ -119,7 +123,7 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         corpus.window_count(),
     );
     let started = std::time::Instant::now();
-    let scored = score_corpus(&corpus, args, &detector)?;
+    let scored = score_corpus(&corpus, args, detector.as_ref())?;
     let elapsed = started.elapsed().as_secs_f64();
 
     let results: Vec<ProfileResult> = corpus
@@ -175,15 +179,15 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 }
 
 /// `detector <type> from <file>`, for the report.
-fn section_name(detector: &DetectorConfig, path: &Path) -> String {
-    format!("detector {} from {}", detector.type_name(), path.display())
+fn section_name(kind: &str, path: &Path) -> String {
+    format!("detector {kind} from {}", path.display())
 }
 
 /// Scores every file with a fresh detector, `jobs` files at a time.
 fn score_corpus(
     corpus: &Corpus,
     args: &EvalArgs,
-    detector: &DetectorConfig,
+    detector: &dyn DetectorConfig,
 ) -> anyhow::Result<Vec<ScoredSeries>> {
     let bar = ProgressBar::new(corpus.series.len() as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed} {msg}")
@@ -205,8 +209,9 @@ fn score_corpus(
                     let Some(series) = corpus.series.get(i) else {
                         return;
                     };
-                    let mut detector = detector.build(1);
-                    let result = score_series(detector.as_mut(), series, 1024)
+                    let result = detector
+                        .build(&BuildContext::default(), 1)
+                        .and_then(|mut detector| score_series(detector.as_mut(), series, 1024))
                         .and_then(|scores| ScoredSeries::new(series, scores))
                         .with_context(|| format!("scoring {}", series.key()));
                     bar.set_message(series.key());

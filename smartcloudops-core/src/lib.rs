@@ -75,6 +75,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod ack;
+pub mod component;
 pub mod action;
 pub mod config;
 pub mod dead_letter;

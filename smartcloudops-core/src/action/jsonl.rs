@@ -1,14 +1,16 @@
 //! Appends alerts as JSON lines to a file (`[[action]] type = "jsonl"`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::{Action, ActionInput};
+use super::{Action, ActionConfig, ActionInput};
+use crate::component::{BuildContext, ComponentConfig, resolve_path};
 use crate::error::{Error, Result};
+use crate::util::jsonl::{JsonlAppender, encode_lines};
 
 /// Configuration of a [`JsonlAction`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,7 +29,8 @@ pub struct JsonlActionConfig {
 pub struct JsonlAction {
     path: PathBuf,
     fsync: bool,
-    file: Mutex<Option<tokio::fs::File>>,
+    /// Opened on first use; the lock also keeps batches' lines in order.
+    file: Mutex<Option<Arc<JsonlAppender>>>,
 }
 
 impl JsonlAction {
@@ -44,20 +47,6 @@ impl JsonlAction {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    async fn open(&self) -> Result<tokio::fs::File> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        }
-        tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .await
-            .map_err(|e| Error::io(format!("opening {}", self.path.display()), e))
-    }
 }
 
 impl Action for JsonlAction {
@@ -67,32 +56,43 @@ impl Action for JsonlAction {
 
     fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let mut lines = Vec::with_capacity(input.alerts.len() * 256);
-            for alert in &input.alerts {
-                serde_json::to_writer(&mut lines, alert).map_err(|e| Error::Action {
-                    action: "jsonl".into(),
-                    message: e.to_string(),
-                    retryable: false,
-                })?;
-                lines.push(b'\n');
-            }
+            let lines = encode_lines(&input.alerts).map_err(|e| Error::Action {
+                action: "jsonl".into(),
+                message: e.to_string(),
+                retryable: false,
+            })?;
             let mut guard = self.file.lock().await;
-            if guard.is_none() {
-                *guard = Some(self.open().await?);
-            }
-            let file = guard.as_mut().expect("opened above");
-            let write = async {
-                file.write_all(&lines).await?;
-                file.flush().await?;
-                if self.fsync {
-                    file.sync_data().await?;
+            let appender = match &*guard {
+                Some(appender) => appender.clone(),
+                None => {
+                    let path = self.path.clone();
+                    let opened = tokio::task::spawn_blocking(move || JsonlAppender::open(path))
+                        .await
+                        .map_err(|e| Error::Task(e.to_string()))?
+                        .map_err(|e| Error::io(format!("opening {}", self.path.display()), e))?;
+                    guard.insert(Arc::new(opened)).clone()
                 }
-                Ok(())
             };
-            write
+            let fsync = self.fsync;
+            // File writes block: off the async workers, with the lock held so batches stay
+            // in order.
+            tokio::task::spawn_blocking(move || appender.append(&lines, fsync))
                 .await
+                .map_err(|e| Error::Task(e.to_string()))?
                 .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
         })
+    }
+}
+
+impl ComponentConfig for JsonlActionConfig {
+    fn resolve_paths(&mut self, base_dir: &Path) {
+        self.path = resolve_path(base_dir, &self.path);
+    }
+}
+
+impl ActionConfig for JsonlActionConfig {
+    fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn Action>> {
+        Ok(Arc::new(JsonlAction::new(self.clone())))
     }
 }
 

@@ -15,8 +15,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
-use super::{Action, ActionInput, Event, SinkPayload};
-use crate::error::{Error, Result};
+use super::{Action, ActionConfig, ActionInput, Event, SinkPayload};
+use crate::component::{BuildContext, ComponentConfig};
+use crate::error::{Error, Problems, Result};
 use crate::kafka::KafkaClientConfig;
 
 /// What the sink publishes (kept under its old name).
@@ -198,5 +199,20 @@ fn delivery_error(topic: &str, e: KafkaError) -> Error {
         action: "kafka".into(),
         message: format!("delivering to {topic}: {e}"),
         retryable,
+    }
+}
+
+impl ComponentConfig for KafkaSinkConfig {
+    fn problems(&self) -> Problems {
+        let mut p = Problems::new();
+        p.check(!self.brokers.trim().is_empty(), "brokers", "must not be empty", "");
+        p.check(!self.topic.trim().is_empty(), "topic", "must not be empty", "");
+        p
+    }
+}
+
+impl ActionConfig for KafkaSinkConfig {
+    fn build(&self, _ctx: &BuildContext) -> Result<std::sync::Arc<dyn Action>> {
+        Ok(std::sync::Arc::new(KafkaSink::new(self.clone())?))
     }
 }

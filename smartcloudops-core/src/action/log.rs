@@ -5,7 +5,8 @@ use std::io::Write;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::{Action, ActionInput};
+use super::{Action, ActionConfig, ActionInput};
+use crate::component::{BuildContext, ComponentConfig};
 use crate::error::{Error, Result};
 
 /// How the [`LogAction`] prints alerts.
@@ -82,5 +83,13 @@ impl Action for LogAction {
                 .and_then(|()| stdout.flush())
                 .map_err(|e| Error::io("writing alerts to stdout", e))
         })
+    }
+}
+
+impl ComponentConfig for LogActionConfig {}
+
+impl ActionConfig for LogActionConfig {
+    fn build(&self, _ctx: &BuildContext) -> Result<std::sync::Arc<dyn Action>> {
+        Ok(std::sync::Arc::new(LogAction::new(self.clone())))
     }
 }

@@ -21,6 +21,7 @@ use arrow::record_batch::RecordBatch;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
+use crate::component::{BuildContext, ComponentConfig};
 use crate::error::Result;
 use crate::schema::{MetricsColumns, ScoreColumns, format_ts};
 
@@ -31,6 +32,14 @@ pub use self::kafka::{KafkaSink, KafkaSinkConfig, KafkaSinkPayload};
 pub use self::log::{LogAction, LogActionConfig, LogFormat};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig};
+
+/// An `[[action]]` kind's configuration: a serde struct that checks itself
+/// ([`ComponentConfig`]) and builds its action. Listed in the
+/// [registry](crate::config::Registry) under its `type` name.
+pub trait ActionConfig: ComponentConfig {
+    /// Builds the action (connections are opened lazily, on first use).
+    fn build(&self, ctx: &BuildContext) -> Result<std::sync::Arc<dyn Action>>;
+}
 
 /// Consumes scored batches. See the [module docs](self).
 pub trait Action: Send + Sync + fmt::Debug {

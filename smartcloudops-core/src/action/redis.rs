@@ -243,3 +243,49 @@ fn sink_error(action: &str, target: &str, e: redis::RedisError) -> Error {
         retryable,
     }
 }
+
+impl crate::component::ComponentConfig for RedisPublishConfig {
+    fn problems(&self) -> crate::error::Problems {
+        let mut p = crate::error::Problems::new();
+        if let Some(redis) = &self.redis {
+            p.extend_at("redis", redis.problems().into_iter().collect());
+        }
+        p.check(!self.channel.trim().is_empty(), "channel", "must not be empty", "");
+        p
+    }
+}
+
+impl super::ActionConfig for RedisPublishConfig {
+    fn build(
+        &self,
+        ctx: &crate::component::BuildContext,
+    ) -> Result<std::sync::Arc<dyn Action>> {
+        Ok(std::sync::Arc::new(RedisPublish::new(
+            self.clone(),
+            ctx.redis_connection(),
+        )))
+    }
+}
+
+impl crate::component::ComponentConfig for RedisStreamSinkConfig {
+    fn problems(&self) -> crate::error::Problems {
+        let mut p = crate::error::Problems::new();
+        if let Some(redis) = &self.redis {
+            p.extend_at("redis", redis.problems().into_iter().collect());
+        }
+        p.check(!self.stream.trim().is_empty(), "stream", "must not be empty", "");
+        p
+    }
+}
+
+impl super::ActionConfig for RedisStreamSinkConfig {
+    fn build(
+        &self,
+        ctx: &crate::component::BuildContext,
+    ) -> Result<std::sync::Arc<dyn Action>> {
+        Ok(std::sync::Arc::new(RedisStreamSink::new(
+            self.clone(),
+            ctx.redis_connection(),
+        )))
+    }
+}

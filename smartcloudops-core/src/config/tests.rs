@@ -1,4 +1,7 @@
 use super::*;
+use crate::action::JsonlActionConfig;
+use crate::detector::cusum::CusumConfig;
+use crate::detector::{EwmaConfig, Preset};
 
 fn parse(text: &str) -> Result<PipelineConfig, ConfigErrors> {
     let dir = std::env::temp_dir();
@@ -52,22 +55,25 @@ fn a_full_config_parses_with_defaults_and_env() {
         "#,
     )
     .unwrap();
-    let SourceConfig::Generator(g) = &config.source else {
+    let Some(g) = config.source.downcast_ref::<crate::source::GeneratorConfig>() else {
         panic!("generator expected")
     };
     assert_eq!(g.series, 10);
     assert_eq!(g.interval, std::time::Duration::from_secs(60));
     assert_eq!(g.anomalies[0].magnitude, 10.0, "default magnitude");
     assert_eq!(
-        config.detector.as_ref().map(|d| &d.detector),
-        Some(&DetectorConfig::Ewma(EwmaConfig {
+        config
+            .detector
+            .as_ref()
+            .and_then(|d| d.detector.downcast_ref::<EwmaConfig>()),
+        Some(&EwmaConfig {
             threshold: 5.0,
             ..EwmaConfig::default()
-        }))
+        })
     );
     assert_eq!(
-        config.actions[1],
-        ActionConfig::Jsonl(JsonlActionConfig {
+        config.actions[1].downcast_ref::<JsonlActionConfig>(),
+        Some(&JsonlActionConfig {
             path: "/var/alerts/alerts.jsonl".into(),
             fsync: false
         })
@@ -198,7 +204,7 @@ fn relative_paths_resolve_against_the_config_directory() {
         |_| None,
     )
     .unwrap();
-    let SourceConfig::File(f) = &config.source else {
+    let Some(f) = config.source.downcast_ref::<crate::source::FileSourceConfig>() else {
         panic!()
     };
     assert_eq!(f.path, dir.path().join("data.jsonl"));
@@ -236,8 +242,12 @@ fn every_detector_type_parses_and_builds() {
         ))
         .unwrap_or_else(|e| panic!("{kind}: {e}"));
         let section = config.detector.as_ref().unwrap();
-        assert_eq!(section.detector.type_name(), kind);
-        let detector = section.detector.build(section.max_series);
+        assert_eq!(section.detector.kind, kind);
+        let detector = section
+            .detector
+            .config
+            .build(&config.context, section.max_series)
+            .unwrap();
         assert_eq!(detector.name(), kind);
         assert!(config.summary().contains(&format!("detector: {kind}")));
     }
@@ -250,7 +260,13 @@ fn a_custom_ensemble_adds_adjusts_and_removes_parts_of_precise() {
          [detector.range_novelty]\nenabled = false\n[detector.seasonal]\nslots = 24\n"
     ))
     .unwrap();
-    let c = config.detector.unwrap().detector.ensemble_config().unwrap();
+    let c = config
+        .detector
+        .unwrap()
+        .detector
+        .config
+        .ensemble_config()
+        .unwrap();
     let precise = Preset::Precise.config();
     assert_eq!(c.rest, 5);
     assert_eq!(
@@ -287,6 +303,7 @@ fn preset_sensitivity_moves_the_threshold_and_an_explicit_threshold_wins() {
             .detector
             .unwrap()
             .detector
+            .config
             .ensemble_config()
             .unwrap()
             .threshold
@@ -395,7 +412,10 @@ fn redis_sections_parse_share_one_connection_and_never_print_the_password() {
         "#,
     )
     .unwrap();
-    let SourceConfig::RedisStream(s) = &config.source else {
+    let Some(s) = config
+        .source
+        .downcast_ref::<crate::source::RedisStreamSourceConfig>()
+    else {
         panic!("redis_stream expected")
     };
     assert_eq!(s.max_deliveries, 3);
@@ -414,7 +434,7 @@ fn redis_sections_parse_share_one_connection_and_never_print_the_password() {
         config.redis_connection().response_timeout,
         Duration::from_secs(2)
     );
-    let ActionConfig::RedisPublish(p) = &config.actions[1] else {
+    let Some(p) = config.actions[1].downcast_ref::<crate::action::RedisPublishConfig>() else {
         panic!("redis_publish expected")
     };
     assert_eq!(p.redis.as_ref().unwrap().url, "redis://other:6379");
@@ -509,12 +529,12 @@ max_fill = 3
 "#,
     )
     .unwrap();
-    let PrepConfig::Window(w) = &config.prep[0] else {
+    let Some(w) = config.prep[0].downcast_ref::<crate::prep::WindowConfig>() else {
         panic!("{:?}", config.prep[0]);
     };
     assert_eq!(w.late, crate::prep::window::LatePolicy::DeadLetter);
     assert_eq!(w.idle_timeout, Some(Duration::from_secs(30)));
-    let PrepConfig::Resample(r) = &config.prep[1] else {
+    let Some(r) = config.prep[1].downcast_ref::<crate::prep::ResampleConfig>() else {
         panic!("{:?}", config.prep[1]);
     };
     assert_eq!((r.fill, r.max_fill), (crate::prep::FillPolicy::Previous, 3));

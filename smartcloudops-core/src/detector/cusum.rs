@@ -135,6 +135,22 @@ impl KeyedDetector<CusumState> {
     }
 }
 
+impl crate::component::ComponentConfig for CusumConfig {
+    fn problems(&self) -> crate::error::Problems {
+        CusumConfig::problems(self).into_iter().collect()
+    }
+}
+
+impl super::DetectorConfig for CusumConfig {
+    fn build(
+        &self,
+        _ctx: &crate::component::BuildContext,
+        max_series: usize,
+    ) -> crate::error::Result<Box<dyn super::Detector>> {
+        Ok(Box::new(CusumDetector::new(self.clone(), max_series)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -278,6 +278,22 @@ impl KeyedDetector<HstState> {
     }
 }
 
+impl crate::component::ComponentConfig for HstConfig {
+    fn problems(&self) -> crate::error::Problems {
+        HstConfig::problems(self).into_iter().collect()
+    }
+}
+
+impl super::DetectorConfig for HstConfig {
+    fn build(
+        &self,
+        _ctx: &crate::component::BuildContext,
+        max_series: usize,
+    ) -> crate::error::Result<Box<dyn super::Detector>> {
+        Ok(Box::new(HstDetector::new(self.clone(), max_series)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

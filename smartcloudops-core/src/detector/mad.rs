@@ -156,6 +156,22 @@ impl KeyedDetector<MadState> {
     }
 }
 
+impl crate::component::ComponentConfig for MadConfig {
+    fn problems(&self) -> crate::error::Problems {
+        MadConfig::problems(self).into_iter().collect()
+    }
+}
+
+impl super::DetectorConfig for MadConfig {
+    fn build(
+        &self,
+        _ctx: &crate::component::BuildContext,
+        max_series: usize,
+    ) -> crate::error::Result<Box<dyn super::Detector>> {
+        Ok(Box::new(MadDetector::new(self.clone(), max_series)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,7 @@ pub mod hst;
 pub mod keyed;
 pub mod mad;
 pub mod postprocess;
+pub mod preset;
 pub mod seasonal;
 pub mod threshold;
 
@@ -45,6 +46,7 @@ use arrow::record_batch::RecordBatch;
 use futures::future::BoxFuture;
 use rustc_hash::FxHashMap;
 
+use crate::component::{BuildContext, ComponentConfig};
 use crate::error::{Error, Result};
 use crate::schema::{TIME_ZONE, scored_schema_for};
 
@@ -52,6 +54,20 @@ pub use self::ensemble::{EnsembleConfig, EnsembleDetector, Preset};
 pub use self::ewma::{EwmaConfig, EwmaDetector};
 pub use self::keyed::{KeyedDetector, SeriesModel};
 pub use self::threshold::{ThresholdConfig, ThresholdDetector};
+
+/// A `[detector]` kind's configuration: a serde struct that checks itself
+/// ([`ComponentConfig`]) and builds its detector. Listed in the
+/// [registry](crate::config::Registry) under its `type` name.
+pub trait DetectorConfig: ComponentConfig {
+    /// Builds the detector, holding state for at most `max_series` series.
+    fn build(&self, ctx: &BuildContext, max_series: usize) -> Result<Box<dyn Detector>>;
+
+    /// The ensemble this detector is, for tools that adjust its threshold (`eval`); `None`
+    /// (the default) for a detector that is not an ensemble.
+    fn ensemble_config(&self) -> Option<EnsembleConfig> {
+        None
+    }
+}
 
 /// Scores batches of canonical metrics. See the [module docs](self).
 pub trait Detector: Send + fmt::Debug {

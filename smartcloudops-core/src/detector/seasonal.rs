@@ -256,6 +256,22 @@ impl KeyedDetector<SeasonalState> {
     }
 }
 
+impl crate::component::ComponentConfig for SeasonalConfig {
+    fn problems(&self) -> crate::error::Problems {
+        SeasonalConfig::problems(self).into_iter().collect()
+    }
+}
+
+impl super::DetectorConfig for SeasonalConfig {
+    fn build(
+        &self,
+        _ctx: &crate::component::BuildContext,
+        max_series: usize,
+    ) -> crate::error::Result<Box<dyn super::Detector>> {
+        Ok(Box::new(SeasonalDetector::new(self.clone(), max_series)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,6 +138,22 @@ impl Detector for ThresholdDetector {
     }
 }
 
+impl crate::component::ComponentConfig for ThresholdConfig {
+    fn problems(&self) -> crate::error::Problems {
+        ThresholdConfig::problems(self).into_iter().collect()
+    }
+}
+
+impl super::DetectorConfig for ThresholdConfig {
+    fn build(
+        &self,
+        _ctx: &crate::component::BuildContext,
+        _max_series: usize,
+    ) -> crate::error::Result<Box<dyn super::Detector>> {
+        Ok(Box::new(ThresholdDetector::new(self.clone())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

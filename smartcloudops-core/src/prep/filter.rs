@@ -2,10 +2,12 @@
 
 use arrow::array::{Array, BooleanArray};
 use arrow::compute::filter_record_batch;
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
-use super::Prep;
+use super::{Prep, PrepConfig};
+use crate::component::{BuildContext, ComponentConfig};
 use crate::error::Result;
 use crate::schema::MetricsColumns;
 
@@ -59,6 +61,14 @@ impl Prep for MetricFilter {
             .map(|&k| Some(keep_name.get(k as usize).copied().unwrap_or(false)))
             .collect();
         Ok(filter_record_batch(batch, &mask)?)
+    }
+}
+
+impl ComponentConfig for MetricFilterConfig {}
+
+impl PrepConfig for MetricFilterConfig {
+    fn build(&self, _ctx: &BuildContext, _input: &SchemaRef) -> Result<Box<dyn Prep>> {
+        Ok(Box::new(MetricFilter::new(self.clone())))
     }
 }
 

@@ -14,12 +14,30 @@ use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 
-use crate::error::Result;
+use arrow::datatypes::SchemaRef;
+
+use crate::component::{BuildContext, ComponentConfig};
+use crate::error::{Problems, Result};
 
 pub use self::filter::{MetricFilter, MetricFilterConfig};
 #[cfg(feature = "sql")]
 pub use self::sql::{ReferenceTable, SqlConfig, SqlPlanError, SqlPrep, TableFormat};
 pub use self::window::{FillPolicy, ResampleConfig, WindowConfig, WindowPrep};
+
+/// A `[[prep]]` kind's configuration: a serde struct that checks itself
+/// ([`ComponentConfig`]) and builds its stage for the schema it will receive. Listed in the
+/// [registry](crate::config::Registry) under its `type` name.
+pub trait PrepConfig: ComponentConfig {
+    /// Builds the stage for batches of `input` (the source's schema after the earlier preps).
+    fn build(&self, ctx: &BuildContext, input: &SchemaRef) -> Result<Box<dyn Prep>>;
+
+    /// The schema of the batches the stage emits for batches of `input`, or the problems
+    /// that stop it from taking `input` at all (a query that does not plan against it).
+    /// By default a stage passes its input schema on.
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, Problems> {
+        Ok(input.clone())
+    }
+}
 
 /// Transforms batches between the source and the detector.
 pub trait Prep: Send + fmt::Debug {

@@ -51,7 +51,7 @@
 //! with the reason and the pipeline goes on.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{
@@ -80,8 +80,9 @@ use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SQLOptions, Sessio
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::Prep;
-use crate::error::{Error, Result};
+use super::{Prep, PrepConfig};
+use crate::component::{BuildContext, ComponentConfig, resolve_path};
+use crate::error::{ConfigError, Error, Problems, Result};
 use crate::schema::{self, col};
 
 const STAGE: &str = "prep:sql";
@@ -935,4 +936,34 @@ fn parser_position(message: &str) -> Option<(u64, u64)> {
 
 fn run_error(e: &DataFusionError) -> Error {
     Error::Sql(first_line(e))
+}
+
+impl From<SqlPlanError> for Problems {
+    fn from(e: SqlPlanError) -> Self {
+        let mut error = ConfigError::new(e.field, e.message);
+        if let Some(hint) = e.hint {
+            error = error.hint(hint);
+        }
+        error.into()
+    }
+}
+
+impl ComponentConfig for SqlConfig {
+    fn resolve_paths(&mut self, base_dir: &Path) {
+        for t in &mut self.tables {
+            t.path = resolve_path(base_dir, &t.path);
+        }
+    }
+}
+
+impl PrepConfig for SqlConfig {
+    fn build(&self, _ctx: &BuildContext, input: &SchemaRef) -> Result<Box<dyn Prep>> {
+        let sql = SqlPrep::new(self, input.clone()).map_err(|e| Error::Config(e.into()))?;
+        Ok(Box::new(sql))
+    }
+
+    /// Plans the query against `input`: a query that does not plan is a configuration error.
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, Problems> {
+        Ok(SqlPrep::new(self, input.clone())?.output_schema())
+    }
 }

@@ -34,8 +34,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
-use super::Prep;
-use crate::error::{Error, Result};
+use super::{Prep, PrepConfig};
+use crate::component::{BuildContext, ComponentConfig};
+use crate::error::{Error, Problems, Result};
 use crate::schema::{MetricsBatchBuilder, MetricsColumns, TIME_ZONE, metrics_schema};
 
 /// An aggregation of a window's values.
@@ -706,6 +707,47 @@ impl Prep for WindowPrep {
             return Ok(None);
         }
         self.emit(None).map(Some)
+    }
+}
+
+impl ComponentConfig for WindowConfig {
+    fn problems(&self) -> Problems {
+        WindowConfig::problems(self).into_iter().collect()
+    }
+}
+
+impl PrepConfig for WindowConfig {
+    fn build(&self, _ctx: &BuildContext, _input: &SchemaRef) -> Result<Box<dyn Prep>> {
+        Ok(Box::new(WindowPrep::new(self)?))
+    }
+
+    fn output_schema(&self, _input: &SchemaRef) -> Result<SchemaRef, Problems> {
+        Ok(window_schema())
+    }
+}
+
+impl ComponentConfig for ResampleConfig {
+    fn problems(&self) -> Problems {
+        // Resampling is a tumbling window of `step`: the same checks, under its own names.
+        let window = WindowConfig {
+            idle_timeout: self.idle_timeout,
+            ..WindowConfig::tumbling(self.step)
+        };
+        window
+            .problems()
+            .into_iter()
+            .map(|(field, message)| (if field == "size" { "step" } else { field }, message))
+            .collect()
+    }
+}
+
+impl PrepConfig for ResampleConfig {
+    fn build(&self, _ctx: &BuildContext, _input: &SchemaRef) -> Result<Box<dyn Prep>> {
+        Ok(Box::new(WindowPrep::resample(self)?))
+    }
+
+    fn output_schema(&self, _input: &SchemaRef) -> Result<SchemaRef, Problems> {
+        Ok(metrics_schema())
     }
 }
 

@@ -352,3 +352,18 @@ fn cache_error(e: redis::RedisError) -> crate::Error {
         retryable: true,
     }
 }
+
+impl crate::component::ComponentConfig for ResultCacheConfig {
+    fn problems(&self) -> crate::error::Problems {
+        ResultCacheConfig::problems(self).into_iter().collect()
+    }
+}
+
+impl crate::action::ActionConfig for ResultCacheConfig {
+    fn build(
+        &self,
+        ctx: &crate::component::BuildContext,
+    ) -> crate::error::Result<std::sync::Arc<dyn Action>> {
+        Ok(std::sync::Arc::new(ResultCache::new(self, ctx.redis_connection())))
+    }
+}

@@ -5,7 +5,7 @@
 //! plays an hour of data in a minute; `speed = 0` reads as fast as the pipeline takes it.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -13,11 +13,12 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
-use super::{Source, SourceBatch, SourceContext, SourceStream};
+use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream, check_batch_size};
 use crate::ack::{Ack, AckOutcome};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{CsvOptions, Decoder, Format, Reject};
-use crate::error::{Error, Result};
+use crate::component::{BuildContext, ComponentConfig, resolve_path};
+use crate::error::{Error, Problems, Result};
 use crate::schema::{MetricsBatchBuilder, MetricsColumns};
 
 /// Configuration of a [`FileSource`] (`[source] type = "file"`).
@@ -383,6 +384,49 @@ impl Pacing {
         if let Some(due) = due {
             tokio::time::sleep_until(due).await;
         }
+    }
+}
+
+impl ComponentConfig for FileSourceConfig {
+    fn problems(&self) -> Problems {
+        let mut p = Problems::new();
+        check_batch_size(&mut p, self.batch_size, "1024 is a good start");
+        p.check(
+            self.speed == 0.0 || (1e-6..=1e9).contains(&self.speed),
+            "speed",
+            format!(
+                "must be 0 (as fast as possible) or between 1e-6 and 1e9, got {}",
+                self.speed
+            ),
+            "1 is real time, 60 plays an hour per minute",
+        );
+        p.check(
+            self.path.as_os_str() == "-" || (self.path.exists() && !self.path.is_dir()),
+            "path",
+            format!("no such file: {}", self.path.display()),
+            "relative paths are relative to the config file; use \"-\" for standard input",
+        );
+        p.check(
+            self.csv.delimiter.is_ascii(),
+            "csv.delimiter",
+            format!("must be one ASCII character, got {:?}", self.csv.delimiter),
+            "",
+        );
+        p
+    }
+
+    fn summary(&self, _ctx: &BuildContext) -> String {
+        format!("file {} ({})", self.path.display(), self.format)
+    }
+
+    fn resolve_paths(&mut self, base_dir: &Path) {
+        self.path = resolve_path(base_dir, &self.path);
+    }
+}
+
+impl SourceConfig for FileSourceConfig {
+    fn build(&self, _ctx: &BuildContext) -> Result<Box<dyn Source>> {
+        Ok(Box::new(FileSource::new(self.clone())))
     }
 }
 

@@ -15,9 +15,10 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{Source, SourceBatch, SourceContext, SourceStream};
+use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream, check_batch_size};
 use crate::ack::Ack;
-use crate::error::Result;
+use crate::component::{BuildContext, ComponentConfig, MAX_DURATION};
+use crate::error::{Problems, Result};
 use crate::schema::{MetricsBatchBuilder, parse_ts, series_id};
 
 /// Configuration of a [`GeneratorSource`] (`[source] type = "generator"`).
@@ -263,6 +264,76 @@ impl Generator {
         }
         self.emitted += batch.num_rows() as u64;
         Some(SourceBatch::new(batch, Ack::none()))
+    }
+}
+
+impl ComponentConfig for GeneratorConfig {
+    fn problems(&self) -> Problems {
+        let mut p = Problems::new();
+        p.check(
+            (1..=100_000_000).contains(&self.series),
+            "series",
+            format!("must be between 1 and 100000000, got {}", self.series),
+            "",
+        );
+        check_batch_size(&mut p, self.batch_size, "");
+        p.check(
+            !self.interval.is_zero() && self.interval <= MAX_DURATION,
+            "interval",
+            "must be longer than 0 and at most a day",
+            "e.g. \"10s\"",
+        );
+        p.check(
+            self.rate == 0.0 || (0.001..=1e12).contains(&self.rate),
+            "rate",
+            format!(
+                "must be 0 (unthrottled) or between 0.001 and 1e12, got {}",
+                self.rate
+            ),
+            "",
+        );
+        p.check(
+            self.noise.is_finite() && self.noise >= 0.0,
+            "noise",
+            format!("must be 0 or positive, got {}", self.noise),
+            "",
+        );
+        p.check(
+            parse_ts(&self.start).is_some(),
+            "start",
+            format!("{:?} is not an RFC 3339 time", self.start),
+            "e.g. \"2026-01-01T00:00:00Z\"",
+        );
+        for (i, a) in self.anomalies.iter().enumerate() {
+            for s in &a.series {
+                p.check(
+                    *s < self.series,
+                    format!("anomaly[{i}].series"),
+                    format!(
+                        "series index {s} is out of range: there are {} series",
+                        self.series
+                    ),
+                    "indices start at 0",
+                );
+            }
+            p.check(
+                a.magnitude.is_finite(),
+                format!("anomaly[{i}].magnitude"),
+                "must be a finite number",
+                "",
+            );
+        }
+        p
+    }
+
+    fn summary(&self, _ctx: &BuildContext) -> String {
+        format!("generator ({} series)", self.series)
+    }
+}
+
+impl SourceConfig for GeneratorConfig {
+    fn build(&self, _ctx: &BuildContext) -> Result<Box<dyn Source>> {
+        Ok(Box::new(GeneratorSource::new(self.clone())))
     }
 }
 

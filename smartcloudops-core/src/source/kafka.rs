@@ -1011,3 +1011,76 @@ impl MetadataColumns {
         )?)
     }
 }
+
+impl crate::component::ComponentConfig for KafkaSourceConfig {
+    fn problems(&self) -> crate::error::Problems {
+        let mut p = crate::error::Problems::new();
+        p.check(
+            !self.brokers.trim().is_empty(),
+            "brokers",
+            "must not be empty",
+            "e.g. \"127.0.0.1:9092\"",
+        );
+        p.check(
+            !self.group_id.trim().is_empty(),
+            "group_id",
+            "must not be empty",
+            "every replica of the pipeline uses the same group id",
+        );
+        p.check(
+            !self.topics.is_empty(),
+            "topics",
+            "must list at least one topic",
+            "",
+        );
+        super::check_batch_size(&mut p, self.batch_size, "");
+        p.check(
+            !self.commit_interval.is_zero()
+                && self.commit_interval <= crate::component::MAX_DURATION,
+            "commit_interval",
+            "must be longer than 0 and at most a day",
+            "e.g. \"1s\"",
+        );
+        for key in ["enable.auto.commit", "enable.auto.offset.store"] {
+            p.check(
+                !self.options.contains_key(key),
+                format!("options.\"{key}\""),
+                "is managed by the source (offsets are committed only after the pipeline acknowledged them)",
+                "remove it",
+            );
+        }
+        p.check(self.max_unacked > 0, "max_unacked", "must be at least 1", "");
+        if let Some(session) = self
+            .options
+            .get("session.timeout.ms")
+            .and_then(|s| s.parse::<u128>().ok())
+        {
+            p.check(
+                self.drain_timeout.as_millis() < session,
+                "drain_timeout",
+                format!("must be shorter than session.timeout.ms ({session} ms)"),
+                "a revoke that drains longer than the session gets this member kicked out",
+            );
+        }
+        p
+    }
+
+    fn summary(&self, _ctx: &crate::component::BuildContext) -> String {
+        format!(
+            "kafka {} (group {}, topics {})",
+            self.brokers,
+            self.group_id,
+            self.topics.join(",")
+        )
+    }
+}
+
+impl super::SourceConfig for KafkaSourceConfig {
+    fn build(&self, _ctx: &crate::component::BuildContext) -> Result<Box<dyn Source>> {
+        Ok(Box::new(KafkaSource::new(self.clone())))
+    }
+
+    fn output_schema(&self) -> arrow::datatypes::SchemaRef {
+        output_schema(self.metadata)
+    }
+}

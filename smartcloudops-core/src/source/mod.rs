@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ack::Ack;
+use crate::component::{BuildContext, ComponentConfig};
 use crate::dead_letter::DeadLetterQueue;
-use crate::error::Result;
+use crate::error::{Problems, Result};
 
 pub use self::file::{FileSource, FileSourceConfig};
 pub use self::generator::{GeneratorConfig, GeneratorSource};
@@ -81,6 +82,33 @@ impl SourceContext {
             tasks: TaskTracker::new(),
         }
     }
+}
+
+/// A `[source]` kind's configuration: a serde struct that checks itself
+/// ([`ComponentConfig`]) and builds its source. Listed in the
+/// [registry](crate::config::Registry) under its `type` name.
+pub trait SourceConfig: ComponentConfig {
+    /// Builds the source (binding sockets, opening files; connecting happens on `open`).
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Source>>;
+
+    /// The schema of the source's batches: the canonical metrics schema unless the source
+    /// adds columns (Kafka metadata, say).
+    fn output_schema(&self) -> arrow::datatypes::SchemaRef {
+        crate::schema::metrics_schema()
+    }
+}
+
+/// Largest batch a source may be configured to build, in rows or messages.
+pub const MAX_BATCH_SIZE: usize = 1_000_000;
+
+/// Checks a source's `batch_size` against `1..=MAX_BATCH_SIZE`.
+pub(crate) fn check_batch_size(problems: &mut Problems, size: usize, hint: &str) {
+    problems.check(
+        (1..=MAX_BATCH_SIZE).contains(&size),
+        "batch_size",
+        format!("must be between 1 and {MAX_BATCH_SIZE}, got {size}"),
+        hint,
+    );
 }
 
 /// Produces batches of canonical metrics.

@@ -32,11 +32,15 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Source, SourceBatch, SourceContext, SourceStream, spawn_watched, stream_from};
+use super::{
+    Source, SourceBatch, SourceConfig, SourceContext, SourceStream, check_batch_size, spawn_watched,
+    stream_from,
+};
 use crate::ack::Ack;
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{CsvOptions, Decoder, Format, Reject};
-use crate::error::Result;
+use crate::component::{BuildContext, ComponentConfig};
+use crate::error::{Problems, Result};
 use crate::metrics::StageMetrics;
 use crate::redis::RedisConnection;
 use crate::schema::MetricsBatchBuilder;
@@ -364,5 +368,38 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => futures::future::pending().await,
+    }
+}
+
+impl ComponentConfig for RedisPubSubSourceConfig {
+    fn problems(&self) -> Problems {
+        let mut p = Problems::new();
+        if let Some(redis) = &self.redis {
+            p.extend_at("redis", redis.problems().into_iter().collect());
+        }
+        p.check(
+            !self.channels.is_empty() || !self.patterns.is_empty(),
+            "channels",
+            "subscribe to at least one channel or pattern",
+            "e.g. channels = [\"metrics\"] or patterns = [\"metrics.*\"]",
+        );
+        check_batch_size(&mut p, self.batch_size, "");
+        p
+    }
+
+    fn summary(&self, ctx: &BuildContext) -> String {
+        let url = self.redis.clone().unwrap_or_else(|| ctx.redis_connection());
+        let mut subs = self.channels.clone();
+        subs.extend(self.patterns.iter().cloned());
+        format!("redis pub/sub {} ({})", url.redacted_url(), subs.join(","))
+    }
+}
+
+impl SourceConfig for RedisPubSubSourceConfig {
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Source>> {
+        Ok(Box::new(RedisPubSubSource::new(
+            self.clone(),
+            ctx.redis_connection(),
+        )))
     }
 }

@@ -1239,3 +1239,71 @@ mod tests {
         assert_eq!(ids, vec!["9-0", "9-1", "10-0", "100-0"]);
     }
 }
+
+impl crate::component::ComponentConfig for RedisStreamSourceConfig {
+    fn problems(&self) -> crate::error::Problems {
+        let mut p = crate::error::Problems::new();
+        if let Some(redis) = &self.redis {
+            p.extend_at("redis", redis.problems().into_iter().collect());
+        }
+        p.check(
+            !self.streams.is_empty(),
+            "streams",
+            "must list at least one stream",
+            "",
+        );
+        p.check(
+            !self.group.trim().is_empty(),
+            "group",
+            "must not be empty",
+            "every replica of the pipeline uses the same group",
+        );
+        p.check(
+            self.consumer.as_ref().is_none_or(|c| !c.trim().is_empty()),
+            "consumer",
+            "must not be empty",
+            "leave it out for {hostname}-{pid}",
+        );
+        super::check_batch_size(&mut p, self.batch_size, "");
+        p.check(self.max_deliveries >= 1, "max_deliveries", "must be at least 1", "");
+        p.check(self.max_unacked >= 1, "max_unacked", "must be at least 1", "");
+        p.check(
+            !self.block.is_zero() && self.block <= crate::component::MAX_DURATION,
+            "block",
+            "must be longer than 0 and at most a day",
+            "e.g. \"500ms\"",
+        );
+        p.check(
+            !self.claim_interval.is_zero(),
+            "claim_interval",
+            "must be longer than 0",
+            "e.g. \"5s\"",
+        );
+        p.check(
+            self.claim_idle >= self.block,
+            "claim_idle",
+            "must be at least `block`",
+            "an entry is claimed from a consumer that kept it this long without acknowledging it",
+        );
+        p
+    }
+
+    fn summary(&self, ctx: &crate::component::BuildContext) -> String {
+        let url = self.redis.clone().unwrap_or_else(|| ctx.redis_connection());
+        format!(
+            "redis streams {} (group {}, streams {})",
+            url.redacted_url(),
+            self.group,
+            self.streams.join(",")
+        )
+    }
+}
+
+impl super::SourceConfig for RedisStreamSourceConfig {
+    fn build(&self, ctx: &crate::component::BuildContext) -> Result<Box<dyn Source>> {
+        Ok(Box::new(RedisStreamSource::new(
+            self.clone(),
+            ctx.redis_connection(),
+        )))
+    }
+}

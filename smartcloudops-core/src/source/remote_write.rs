@@ -32,11 +32,12 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Source, SourceBatch, SourceContext, SourceStream};
+use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream};
 use crate::ack::{Ack, AckOutcome};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::remote_write::RemoteWriteDecoder;
-use crate::error::{Error, Result};
+use crate::component::{BuildContext, ComponentConfig};
+use crate::error::{Error, Problems, Result};
 use crate::metrics::StageMetrics;
 use crate::schema::MetricsBatchBuilder;
 
@@ -249,5 +250,34 @@ async fn receive(
             StatusCode::SERVICE_UNAVAILABLE,
             "the pipeline did not answer in time".into(),
         ),
+    }
+}
+
+impl ComponentConfig for RemoteWriteConfig {
+    fn problems(&self) -> Problems {
+        let mut p = Problems::new();
+        p.check(
+            self.path.starts_with('/'),
+            "path",
+            "must start with /",
+            "e.g. \"/api/v1/write\"",
+        );
+        p.check(
+            self.max_body_bytes > 0 && !self.ack_timeout.is_zero(),
+            "max_body_bytes",
+            "max_body_bytes and ack_timeout must be above 0",
+            "",
+        );
+        p
+    }
+
+    fn summary(&self, _ctx: &BuildContext) -> String {
+        format!("prometheus remote-write receiver on {}{}", self.listen, self.path)
+    }
+}
+
+impl SourceConfig for RemoteWriteConfig {
+    fn build(&self, _ctx: &BuildContext) -> Result<Box<dyn Source>> {
+        Ok(Box::new(RemoteWriteSource::bind(self.clone())?))
     }
 }

@@ -24,10 +24,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Source, SourceBatch, SourceContext, SourceStream};
+use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream};
 use crate::ack::{Ack, AckOutcome};
 use crate::decode::{Decoder, PrometheusDecoder, Reject};
-use crate::error::{Error, Result};
+use crate::component::{BuildContext, ComponentConfig};
+use crate::error::{Error, Problems, Result};
 use crate::schema::{MetricsBatchBuilder, sort_labels};
 
 /// Configuration of a [`ScrapeSource`].
@@ -281,4 +282,24 @@ async fn scrape(
     );
     out.push(ts, "scrape_samples_scraped", &labels, scraped as f64);
     out.finish()
+}
+
+impl ComponentConfig for ScrapeConfig {
+    fn problems(&self) -> Problems {
+        ScrapeConfig::problems(self).into_iter().collect()
+    }
+
+    fn summary(&self, _ctx: &BuildContext) -> String {
+        format!(
+            "prometheus scrape of {} targets every {:?}",
+            self.targets.len(),
+            self.interval
+        )
+    }
+}
+
+impl SourceConfig for ScrapeConfig {
+    fn build(&self, _ctx: &BuildContext) -> Result<Box<dyn Source>> {
+        Ok(Box::new(ScrapeSource::new(self.clone())))
+    }
 }
