@@ -5,7 +5,8 @@
 
 A top-level module is a file `src/NAME.rs` or a folder `src/NAME/`. Module A depends on B when
 code in A (comments excluded) names `crate::B` — as a path, or inside `use crate::{B, ...}`.
-The check reports every strongly connected component of more than one module, with one
+Paths through the crate root (`crate::Error`) are reported too: they hide the edge. The
+check reports every strongly connected component of more than one module, with one
 file:line per edge of the cycle, and prints the layers (a topological order) when there is
 none. `lib.rs` is the root and may name anything.
 """
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 PATH = re.compile(r"\bcrate::([a-z_][a-z0-9_]*)")
+# `crate::Error` and the like: a root re-export, which hides which module is imported.
+ROOT_ITEM = re.compile(r"\bcrate::([A-Z][A-Za-z0-9_]*)")
 GROUP = re.compile(r"\bcrate::\{")
 IDENT_AT_DEPTH0 = re.compile(r"[a-z_][a-z0-9_]*")
 
@@ -76,8 +79,8 @@ def module_files(src: Path) -> dict[str, list[Path]]:
     return modules
 
 
-def edges(src: Path) -> dict[str, dict[str, str]]:
-    """module -> {dependency: "file:line" of its first use}."""
+def edges(src: Path, hidden: list[str]) -> dict[str, dict[str, str]]:
+    """module -> {dependency: "file:line" of its first use}; root re-exports go to `hidden`."""
     modules = module_files(src)
     graph: dict[str, dict[str, str]] = {m: {} for m in modules}
     for module, files in modules.items():
@@ -92,6 +95,7 @@ def edges(src: Path) -> dict[str, dict[str, str]]:
                 lo = max(i for i, s in enumerate(line_starts) if s <= offset)
                 return f"{path}:{lo + 1}"
 
+            hidden += [f"{where(m.start())}: crate::{m.group(1)}" for m in ROOT_ITEM.finditer(code)]
             found = [(m.start(), m.group(1)) for m in PATH.finditer(code)]
             for m in GROUP.finditer(code):
                 found += [(m.start(), h) for h in group_heads(code, m.end() - 1)]
@@ -150,8 +154,13 @@ def layers(graph: dict[str, dict[str, str]]) -> list[list[str]]:
 
 def main() -> int:
     src = Path(sys.argv[1] if len(sys.argv) > 1 else "smartcloudops-core/src")
-    graph = edges(src)
+    hidden: list[str] = []
+    graph = edges(src, hidden)
     found = cycles(graph)
+    if hidden:
+        print(f"{src}: paths through the crate root hide which module is imported; name it:")
+        for h in hidden:
+            print(f"  {h}")
     if found:
         print(f"{src}: import cycles between top-level modules:")
         for component in found:
@@ -160,6 +169,7 @@ def main() -> int:
                 for b in component:
                     if b in graph[a]:
                         print(f"    {a} -> {b}  ({graph[a][b]})")
+    if found or hidden:
         return 1
     print(f"{src}: the top-level modules form a DAG; layers, lowest first:")
     for i, layer in enumerate(layers(graph)):

@@ -201,7 +201,9 @@ pub fn split_tagged(
             Some(s) => format!("did you mean \"{s}\"? valid types: {choices}"),
             None => format!("valid types: {choices}"),
         };
-        problems.add(ConfigError::new(format!("{path}.type"), format!("unknown type \"{kind}\"")).hint(hint));
+        problems.add(
+            ConfigError::new(format!("{path}.type"), format!("unknown type \"{kind}\"")).hint(hint),
+        );
         return None;
     }
     let mut rest = table.clone();
@@ -234,7 +236,10 @@ mod tests {
             problems_of("batch_sise = 1\npath = \"x\""),
             ["source.batch_sise: unknown field (hint: did you mean `batch_size`?)"]
         );
-        assert_eq!(problems_of("batch_size = 1"), ["source.path: missing field"]);
+        assert_eq!(
+            problems_of("batch_size = 1"),
+            ["source.path: missing field"]
+        );
         assert_eq!(
             problems_of("batch_size = \"x\"\npath = \"x\""),
             ["source.batch_size: invalid type: string \"x\", expected usize"]
@@ -259,7 +264,10 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_config_directory() {
         let ctx = BuildContext::new("/etc/sco");
-        assert_eq!(ctx.resolve(Path::new("a.jsonl")), Path::new("/etc/sco/a.jsonl"));
+        assert_eq!(
+            ctx.resolve(Path::new("a.jsonl")),
+            Path::new("/etc/sco/a.jsonl")
+        );
         assert_eq!(ctx.resolve(Path::new("/abs")), Path::new("/abs"));
         assert_eq!(ctx.resolve(Path::new("-")), Path::new("-"));
     }

@@ -6,8 +6,7 @@
 //! than acknowledged.
 
 use std::fmt;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -15,6 +14,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::metrics::StageMetrics;
+use crate::util::jsonl::{JsonlAppender, encode_lines};
 
 /// One rejected record (or batch) and why it was rejected.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -114,54 +114,36 @@ impl DeadLetterQueue {
 /// the file to disk.
 #[derive(Debug)]
 pub struct JsonlDeadLetters {
-    path: PathBuf,
-    file: Mutex<std::fs::File>,
+    file: JsonlAppender,
 }
 
 impl JsonlDeadLetters {
     /// Opens (appending) or creates the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        let path = path.as_ref();
+        let file = JsonlAppender::open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        Ok(Self {
-            path,
-            file: Mutex::new(file),
-        })
+        Ok(Self { file })
     }
 
     /// The file written to.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 }
 
 impl DeadLetterSink for JsonlDeadLetters {
     fn send(&self, letter: DeadLetter) -> Result<()> {
-        let mut line = serde_json::to_vec(&letter).map_err(|e| Error::DeadLetter(e.to_string()))?;
-        line.push(b'\n');
-        let mut file = self
-            .file
-            .lock()
-            .map_err(|_| Error::DeadLetter("dead-letter file lock poisoned".into()))?;
-        file.write_all(&line)
-            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
+        let lines = encode_lines([&letter]).map_err(|e| Error::DeadLetter(e.to_string()))?;
+        self.file
+            .append(&lines, false)
+            .map_err(|e| Error::io(format!("writing {}", self.path().display()), e))
     }
 
     fn flush(&self) -> Result<()> {
-        let file = self
-            .file
-            .lock()
-            .map_err(|_| Error::DeadLetter("dead-letter file lock poisoned".into()))?;
-        file.sync_data()
-            .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))
+        self.file
+            .sync()
+            .map_err(|e| Error::io(format!("syncing {}", self.path().display()), e))
     }
 }
 

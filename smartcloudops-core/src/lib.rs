@@ -75,8 +75,8 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod ack;
-pub mod component;
 pub mod action;
+pub mod component;
 pub mod config;
 pub mod dead_letter;
 pub mod decision;
@@ -99,9 +99,9 @@ pub use arrow::record_batch::RecordBatch;
 
 pub use crate::ack::{Ack, AckOutcome};
 pub use crate::action::{Action, ActionInput, Alert};
-pub use crate::config::PipelineConfig;
+pub use crate::config::{PipelineConfig, Registry};
 pub use crate::detector::Detector;
-pub use crate::error::{Error, Result};
+pub use crate::error::{Error, Problems, Result};
 pub use crate::pipeline::{Pipeline, PipelineHandle, PipelineOptions, RunReport};
 pub use crate::prep::Prep;
 pub use crate::source::{Source, SourceBatch};

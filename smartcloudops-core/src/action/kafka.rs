@@ -205,8 +205,18 @@ fn delivery_error(topic: &str, e: KafkaError) -> Error {
 impl ComponentConfig for KafkaSinkConfig {
     fn problems(&self) -> Problems {
         let mut p = Problems::new();
-        p.check(!self.brokers.trim().is_empty(), "brokers", "must not be empty", "");
-        p.check(!self.topic.trim().is_empty(), "topic", "must not be empty", "");
+        p.check(
+            !self.brokers.trim().is_empty(),
+            "brokers",
+            "must not be empty",
+            "",
+        );
+        p.check(
+            !self.topic.trim().is_empty(),
+            "topic",
+            "must not be empty",
+            "",
+        );
         p
     }
 }

@@ -250,16 +250,18 @@ impl crate::component::ComponentConfig for RedisPublishConfig {
         if let Some(redis) = &self.redis {
             p.extend_at("redis", redis.problems().into_iter().collect());
         }
-        p.check(!self.channel.trim().is_empty(), "channel", "must not be empty", "");
+        p.check(
+            !self.channel.trim().is_empty(),
+            "channel",
+            "must not be empty",
+            "",
+        );
         p
     }
 }
 
 impl super::ActionConfig for RedisPublishConfig {
-    fn build(
-        &self,
-        ctx: &crate::component::BuildContext,
-    ) -> Result<std::sync::Arc<dyn Action>> {
+    fn build(&self, ctx: &crate::component::BuildContext) -> Result<std::sync::Arc<dyn Action>> {
         Ok(std::sync::Arc::new(RedisPublish::new(
             self.clone(),
             ctx.redis_connection(),
@@ -273,16 +275,18 @@ impl crate::component::ComponentConfig for RedisStreamSinkConfig {
         if let Some(redis) = &self.redis {
             p.extend_at("redis", redis.problems().into_iter().collect());
         }
-        p.check(!self.stream.trim().is_empty(), "stream", "must not be empty", "");
+        p.check(
+            !self.stream.trim().is_empty(),
+            "stream",
+            "must not be empty",
+            "",
+        );
         p
     }
 }
 
 impl super::ActionConfig for RedisStreamSinkConfig {
-    fn build(
-        &self,
-        ctx: &crate::component::BuildContext,
-    ) -> Result<std::sync::Arc<dyn Action>> {
+    fn build(&self, ctx: &crate::component::BuildContext) -> Result<std::sync::Arc<dyn Action>> {
         Ok(std::sync::Arc::new(RedisStreamSink::new(
             self.clone(),
             ctx.redis_connection(),

@@ -51,11 +51,11 @@ pub use crate::component::BuildContext;
 use crate::component::{MAX_DURATION, parse_table, resolve_path, split_tagged, suggest};
 use crate::dead_letter::{DeadLetterSink, JsonlDeadLetters, LogDeadLetters};
 use crate::detector::keyed::DEFAULT_MAX_SERIES;
-use crate::detector::{Detector, DetectorConfig};
 pub use crate::detector::preset::PresetConfig;
+use crate::detector::{Detector, DetectorConfig};
 pub use crate::error::{ConfigError, ConfigErrors, Problems};
 use crate::error::{Error, Result};
-use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::pipeline::{Pipeline, PipelineBuilder, PipelineOptions};
 use crate::prep::PrepConfig;
 use crate::source::SourceConfig;
 
@@ -368,6 +368,13 @@ impl PipelineConfig {
 
     /// Builds the runtime pipeline: opens output files and constructs every stage.
     pub fn build(&self) -> Result<Pipeline> {
+        Ok(self.builder()?.build())
+    }
+
+    /// A pipeline builder with every stage of this configuration, for adding stages that
+    /// exist only in code (an action of the embedding program, say) before building it.
+    /// Stages added to it run after the configured ones.
+    pub fn builder(&self) -> Result<PipelineBuilder> {
         let ctx = &self.context;
         let source = at("source", self.source.config.build(ctx))?;
         let dead_letters: Arc<dyn DeadLetterSink> = match &self.dead_letter {
@@ -399,10 +406,7 @@ impl PipelineConfig {
             }
             #[cfg(feature = "redis")]
             if let Some(state) = &section.redis_state {
-                let store = crate::redis::RedisStateStore::new(
-                    state,
-                    self.redis_connection(),
-                );
+                let store = crate::redis::RedisStateStore::new(state, self.redis_connection());
                 builder = builder.series_state_store(Arc::new(store), state.interval);
             }
             builder = builder.boxed_detector(detector);
@@ -420,7 +424,7 @@ impl PipelineConfig {
             let engine = crate::decision::DecisionEngine::with_options(decision.clone(), options)?;
             builder = builder.shared_action(Arc::new(engine));
         }
-        Ok(builder.build())
+        Ok(builder)
     }
 
     /// A one-line summary of the pipeline, for `validate` and logs.
@@ -472,7 +476,9 @@ fn parse_dead_letter(value: &toml::Value, problems: &mut Problems) -> Option<Dea
     }
     let (kind, rest) = split_tagged(value, "dead_letter", &["log", "file"], problems)?;
     match kind.as_str() {
-        "log" => parse_table::<LogFields>(rest, "dead_letter", problems).map(|_| DeadLetterConfig::Log),
+        "log" => {
+            parse_table::<LogFields>(rest, "dead_letter", problems).map(|_| DeadLetterConfig::Log)
+        }
         "file" => parse_table::<FileFields>(rest, "dead_letter", problems)
             .map(|f| DeadLetterConfig::File { path: f.path }),
         // `split_tagged` admits only the names above.

@@ -178,9 +178,27 @@ impl Registry {
         r.source::<crate::source::GeneratorConfig>("generator");
         r.source::<crate::source::ScrapeConfig>("prometheus_scrape");
         r.source::<crate::source::RemoteWriteConfig>("remote_write");
-        gated!(r, "kafka", source, "kafka", crate::source::KafkaSourceConfig);
-        gated!(r, "redis", source, "redis_pubsub", crate::source::RedisPubSubSourceConfig);
-        gated!(r, "redis", source, "redis_stream", crate::source::RedisStreamSourceConfig);
+        gated!(
+            r,
+            "kafka",
+            source,
+            "kafka",
+            crate::source::KafkaSourceConfig
+        );
+        gated!(
+            r,
+            "redis",
+            source,
+            "redis_pubsub",
+            crate::source::RedisPubSubSourceConfig
+        );
+        gated!(
+            r,
+            "redis",
+            source,
+            "redis_stream",
+            crate::source::RedisStreamSourceConfig
+        );
 
         r.prep::<crate::prep::MetricFilterConfig>("filter");
         r.prep::<crate::prep::WindowConfig>("window");
@@ -193,16 +211,38 @@ impl Registry {
         r.detector::<crate::detector::cusum::CusumConfig>("cusum");
         r.detector::<crate::detector::hst::HstConfig>("hst");
         r.detector::<crate::detector::ThresholdConfig>("threshold");
-        r.detector_with("fast", |v, path, p| PresetDetectorConfig::parse(Preset::Fast, v, path, p));
-        r.detector_with("precise", |v, path, p| PresetDetectorConfig::parse(Preset::Precise, v, path, p));
+        r.detector_with("fast", |v, path, p| {
+            PresetDetectorConfig::parse(Preset::Fast, v, path, p)
+        });
+        r.detector_with("precise", |v, path, p| {
+            PresetDetectorConfig::parse(Preset::Precise, v, path, p)
+        });
         r.detector_with("ensemble", parse_ensemble);
 
         r.action::<crate::action::LogActionConfig>("log");
         r.action::<crate::action::JsonlActionConfig>("jsonl");
         gated!(r, "kafka", action, "kafka", crate::action::KafkaSinkConfig);
-        gated!(r, "redis", action, "redis_publish", crate::action::RedisPublishConfig);
-        gated!(r, "redis", action, "redis_stream", crate::action::RedisStreamSinkConfig);
-        gated!(r, "redis", action, "redis_cache", crate::redis::ResultCacheConfig);
+        gated!(
+            r,
+            "redis",
+            action,
+            "redis_publish",
+            crate::action::RedisPublishConfig
+        );
+        gated!(
+            r,
+            "redis",
+            action,
+            "redis_stream",
+            crate::action::RedisStreamSinkConfig
+        );
+        gated!(
+            r,
+            "redis",
+            action,
+            "redis_cache",
+            crate::redis::ResultCacheConfig
+        );
         r
     }
 
@@ -222,7 +262,13 @@ impl Registry {
         + Sync
         + 'static,
     ) -> &mut Self {
-        insert(&mut self.sources, Kind { name: name.to_owned(), parse: Ok(Arc::new(parse)) });
+        insert(
+            &mut self.sources,
+            Kind {
+                name: name.to_owned(),
+                parse: Ok(Arc::new(parse)),
+            },
+        );
         self
     }
 
@@ -242,7 +288,13 @@ impl Registry {
         + Sync
         + 'static,
     ) -> &mut Self {
-        insert(&mut self.preps, Kind { name: name.to_owned(), parse: Ok(Arc::new(parse)) });
+        insert(
+            &mut self.preps,
+            Kind {
+                name: name.to_owned(),
+                parse: Ok(Arc::new(parse)),
+            },
+        );
         self
     }
 
@@ -262,7 +314,13 @@ impl Registry {
         + Sync
         + 'static,
     ) -> &mut Self {
-        insert(&mut self.detectors, Kind { name: name.to_owned(), parse: Ok(Arc::new(parse)) });
+        insert(
+            &mut self.detectors,
+            Kind {
+                name: name.to_owned(),
+                parse: Ok(Arc::new(parse)),
+            },
+        );
         self
     }
 
@@ -282,7 +340,13 @@ impl Registry {
         + Sync
         + 'static,
     ) -> &mut Self {
-        insert(&mut self.actions, Kind { name: name.to_owned(), parse: Ok(Arc::new(parse)) });
+        insert(
+            &mut self.actions,
+            Kind {
+                name: name.to_owned(),
+                parse: Ok(Arc::new(parse)),
+            },
+        );
         self
     }
 
@@ -291,10 +355,34 @@ impl Registry {
     pub fn not_built(&mut self, stage: Stage, name: &str, feature: &'static str) -> &mut Self {
         let name = name.to_owned();
         match stage {
-            Stage::Source => insert(&mut self.sources, Kind { name, parse: Err(feature) }),
-            Stage::Prep => insert(&mut self.preps, Kind { name, parse: Err(feature) }),
-            Stage::Detector => insert(&mut self.detectors, Kind { name, parse: Err(feature) }),
-            Stage::Action => insert(&mut self.actions, Kind { name, parse: Err(feature) }),
+            Stage::Source => insert(
+                &mut self.sources,
+                Kind {
+                    name,
+                    parse: Err(feature),
+                },
+            ),
+            Stage::Prep => insert(
+                &mut self.preps,
+                Kind {
+                    name,
+                    parse: Err(feature),
+                },
+            ),
+            Stage::Detector => insert(
+                &mut self.detectors,
+                Kind {
+                    name,
+                    parse: Err(feature),
+                },
+            ),
+            Stage::Action => insert(
+                &mut self.actions,
+                Kind {
+                    name,
+                    parse: Err(feature),
+                },
+            ),
         }
         self
     }

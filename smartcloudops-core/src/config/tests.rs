@@ -55,7 +55,10 @@ fn a_full_config_parses_with_defaults_and_env() {
         "#,
     )
     .unwrap();
-    let Some(g) = config.source.downcast_ref::<crate::source::GeneratorConfig>() else {
+    let Some(g) = config
+        .source
+        .downcast_ref::<crate::source::GeneratorConfig>()
+    else {
         panic!("generator expected")
     };
     assert_eq!(g.series, 10);
@@ -204,7 +207,10 @@ fn relative_paths_resolve_against_the_config_directory() {
         |_| None,
     )
     .unwrap();
-    let Some(f) = config.source.downcast_ref::<crate::source::FileSourceConfig>() else {
+    let Some(f) = config
+        .source
+        .downcast_ref::<crate::source::FileSourceConfig>()
+    else {
         panic!()
     };
     assert_eq!(f.path, dir.path().join("data.jsonl"));

@@ -197,10 +197,16 @@ impl KeyedDetector<EwmaState> {
 
 impl crate::component::ComponentConfig for EwmaConfig {
     fn problems(&self) -> crate::error::Problems {
-        let hints = [("alpha", "0.05 remembers about 40 samples"), ("threshold", "in standard deviations, e.g. 4")];
+        let hints = [
+            ("alpha", "0.05 remembers about 40 samples"),
+            ("threshold", "in standard deviations, e.g. 4"),
+        ];
         let mut problems = crate::error::Problems::new();
         for (field, message) in EwmaConfig::problems(self) {
-            let hint = hints.iter().find(|(f, _)| *f == field).map_or("", |(_, h)| *h);
+            let hint = hints
+                .iter()
+                .find(|(f, _)| *f == field)
+                .map_or("", |(_, h)| *h);
             problems.check(false, field, message, hint);
         }
         problems
@@ -213,7 +219,10 @@ impl super::DetectorConfig for EwmaConfig {
         _ctx: &crate::component::BuildContext,
         max_series: usize,
     ) -> crate::error::Result<Box<dyn super::Detector>> {
-        Ok(Box::new(EwmaDetector::with_max_series(self.clone(), max_series)))
+        Ok(Box::new(EwmaDetector::with_max_series(
+            self.clone(),
+            max_series,
+        )))
     }
 }
 

@@ -76,7 +76,7 @@ impl StateHandoff {
         stage.set_gauge("detector_states_saved_total", &[], self.saved as f64);
     }
 
-    fn failed(&mut self, stage: &StageMetrics, what: &str, e: &crate::Error) {
+    fn failed(&mut self, stage: &StageMetrics, what: &str, e: &crate::error::Error) {
         stage.record_error();
         tracing::warn!(store = self.store.name(), "{what}: {e}");
         self.paused_until = Some(Instant::now() + PAUSE_AFTER_FAILURE);
@@ -113,7 +113,7 @@ impl StateHandoff {
             tokio::time::timeout(STORE_TIMEOUT, self.store.load(&self.namespace, &unknown))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(crate::Error::Connector {
+                    Err(crate::error::Error::Connector {
                         connector: self.store.name().into(),
                         message: format!("no answer within {STORE_TIMEOUT:?}"),
                     })
@@ -188,7 +188,7 @@ impl StateHandoff {
         let saved = tokio::time::timeout(STORE_TIMEOUT, self.store.save(&self.namespace, &states))
             .await
             .unwrap_or_else(|_| {
-                Err(crate::Error::Connector {
+                Err(crate::error::Error::Connector {
                     connector: self.store.name().into(),
                     message: format!("no answer within {STORE_TIMEOUT:?}"),
                 })

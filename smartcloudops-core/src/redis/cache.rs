@@ -364,6 +364,9 @@ impl crate::action::ActionConfig for ResultCacheConfig {
         &self,
         ctx: &crate::component::BuildContext,
     ) -> crate::error::Result<std::sync::Arc<dyn Action>> {
-        Ok(std::sync::Arc::new(ResultCache::new(self, ctx.redis_connection())))
+        Ok(std::sync::Arc::new(ResultCache::new(
+            self,
+            ctx.redis_connection(),
+        )))
     }
 }

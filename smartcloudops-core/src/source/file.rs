@@ -15,9 +15,9 @@ use tokio::time::Instant;
 
 use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream, check_batch_size};
 use crate::ack::{Ack, AckOutcome};
+use crate::component::{BuildContext, ComponentConfig, resolve_path};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{CsvOptions, Decoder, Format, Reject};
-use crate::component::{BuildContext, ComponentConfig, resolve_path};
 use crate::error::{Error, Problems, Result};
 use crate::schema::{MetricsBatchBuilder, MetricsColumns};
 

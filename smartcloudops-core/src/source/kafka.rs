@@ -1049,7 +1049,12 @@ impl crate::component::ComponentConfig for KafkaSourceConfig {
                 "remove it",
             );
         }
-        p.check(self.max_unacked > 0, "max_unacked", "must be at least 1", "");
+        p.check(
+            self.max_unacked > 0,
+            "max_unacked",
+            "must be at least 1",
+            "",
+        );
         if let Some(session) = self
             .options
             .get("session.timeout.ms")

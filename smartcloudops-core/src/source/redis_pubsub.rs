@@ -33,13 +33,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Source, SourceBatch, SourceConfig, SourceContext, SourceStream, check_batch_size, spawn_watched,
-    stream_from,
+    Source, SourceBatch, SourceConfig, SourceContext, SourceStream, check_batch_size,
+    spawn_watched, stream_from,
 };
 use crate::ack::Ack;
+use crate::component::{BuildContext, ComponentConfig};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{CsvOptions, Decoder, Format, Reject};
-use crate::component::{BuildContext, ComponentConfig};
 use crate::error::{Problems, Result};
 use crate::metrics::StageMetrics;
 use crate::redis::RedisConnection;
@@ -211,7 +211,7 @@ impl Subscriber {
                 _ = self.shutdown.cancelled() => return,
                 _ = tx.closed() => return, // the pipeline stopped taking batches
                 c = tokio::time::timeout(self.connect_timeout * 2, self.subscribe()) => {
-                    c.unwrap_or_else(|_| Err(crate::Error::Connector {
+                    c.unwrap_or_else(|_| Err(crate::error::Error::Connector {
                         connector: "redis".into(),
                         message: "subscribing timed out".into(),
                     }))
@@ -271,7 +271,7 @@ impl Subscriber {
         let err = |e| crate::redis::error("subscribing", e);
         let mut pubsub = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
             .await
-            .map_err(|_| crate::Error::Connector {
+            .map_err(|_| crate::error::Error::Connector {
                 connector: "redis".into(),
                 message: format!("connecting to {}: timed out", self.url),
             })?
@@ -350,7 +350,7 @@ impl Subscriber {
         let rows = batch.num_rows() as u64;
         let counters = self.counters.clone();
         let ack = Ack::new(move |outcome| {
-            if let crate::AckOutcome::Nacked(reason) = outcome {
+            if let crate::ack::AckOutcome::Nacked(reason) = outcome {
                 counters.lost_rows.fetch_add(rows, Ordering::Relaxed);
                 counters.publish();
                 tracing::error!(

@@ -1265,8 +1265,18 @@ impl crate::component::ComponentConfig for RedisStreamSourceConfig {
             "leave it out for {hostname}-{pid}",
         );
         super::check_batch_size(&mut p, self.batch_size, "");
-        p.check(self.max_deliveries >= 1, "max_deliveries", "must be at least 1", "");
-        p.check(self.max_unacked >= 1, "max_unacked", "must be at least 1", "");
+        p.check(
+            self.max_deliveries >= 1,
+            "max_deliveries",
+            "must be at least 1",
+            "",
+        );
+        p.check(
+            self.max_unacked >= 1,
+            "max_unacked",
+            "must be at least 1",
+            "",
+        );
         p.check(
             !self.block.is_zero() && self.block <= crate::component::MAX_DURATION,
             "block",

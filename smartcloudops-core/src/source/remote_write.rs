@@ -34,9 +34,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream};
 use crate::ack::{Ack, AckOutcome};
+use crate::component::{BuildContext, ComponentConfig};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::remote_write::RemoteWriteDecoder;
-use crate::component::{BuildContext, ComponentConfig};
 use crate::error::{Error, Problems, Result};
 use crate::metrics::StageMetrics;
 use crate::schema::MetricsBatchBuilder;
@@ -272,7 +272,10 @@ impl ComponentConfig for RemoteWriteConfig {
     }
 
     fn summary(&self, _ctx: &BuildContext) -> String {
-        format!("prometheus remote-write receiver on {}{}", self.listen, self.path)
+        format!(
+            "prometheus remote-write receiver on {}{}",
+            self.listen, self.path
+        )
     }
 }
 

@@ -26,8 +26,8 @@ use tokio::time::Instant;
 
 use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream};
 use crate::ack::{Ack, AckOutcome};
-use crate::decode::{Decoder, PrometheusDecoder, Reject};
 use crate::component::{BuildContext, ComponentConfig};
+use crate::decode::{Decoder, PrometheusDecoder, Reject};
 use crate::error::{Error, Problems, Result};
 use crate::schema::{MetricsBatchBuilder, sort_labels};
 
@@ -75,34 +75,6 @@ impl ScrapeConfig {
             labels: BTreeMap::new(),
             rounds: None,
         }
-    }
-
-    /// Configuration problems, as `(field, message)`.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if self.targets.is_empty() {
-            out.push(("targets", "list at least one URL".to_owned()));
-        }
-        for t in &self.targets {
-            if reqwest::Url::parse(t).is_err()
-                || !(t.starts_with("http://") || t.starts_with("https://"))
-            {
-                out.push((
-                    "targets",
-                    format!("`{}` is not an http(s) URL", crate::util::url::mask_url(t)),
-                ));
-            }
-        }
-        if self.interval.is_zero() {
-            out.push(("interval", "must be longer than 0".to_owned()));
-        }
-        if self.timeout.is_zero() || self.timeout > self.interval {
-            out.push((
-                "timeout",
-                "must be longer than 0 and at most `interval`".to_owned(),
-            ));
-        }
-        out
     }
 }
 
@@ -208,7 +180,7 @@ async fn scrape(
     url: &str,
     config: &ScrapeConfig,
     ctx: &SourceContext,
-) -> crate::RecordBatch {
+) -> arrow::record_batch::RecordBatch {
     let started = Instant::now();
     let ts = now_ms();
     let mut extra: Vec<(String, String)> = config.labels.clone().into_iter().collect();
@@ -286,7 +258,35 @@ async fn scrape(
 
 impl ComponentConfig for ScrapeConfig {
     fn problems(&self) -> Problems {
-        ScrapeConfig::problems(self).into_iter().collect()
+        let mut p = Problems::new();
+        p.check(
+            !self.targets.is_empty(),
+            "targets",
+            "list at least one URL",
+            "",
+        );
+        for t in &self.targets {
+            p.check(
+                reqwest::Url::parse(t).is_ok()
+                    && (t.starts_with("http://") || t.starts_with("https://")),
+                "targets",
+                format!("`{}` is not an http(s) URL", crate::util::url::mask_url(t)),
+                "",
+            );
+        }
+        p.check(
+            !self.interval.is_zero(),
+            "interval",
+            "must be longer than 0",
+            "",
+        );
+        p.check(
+            !self.timeout.is_zero() && self.timeout <= self.interval,
+            "timeout",
+            "must be longer than 0 and at most `interval`",
+            "",
+        );
+        p
     }
 
     fn summary(&self, _ctx: &BuildContext) -> String {
