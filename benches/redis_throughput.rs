@@ -15,14 +15,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use futures::future::BoxFuture;
+use smartcloudops_core::action::FnAction;
 use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
 use smartcloudops_core::redis::RedisConnection;
 use smartcloudops_core::source::{
     RedisPubSubSource, RedisPubSubSourceConfig, RedisStreamSource, RedisStreamSourceConfig,
     StreamStart,
 };
-use smartcloudops_core::{Action, ActionInput, Pipeline, Result};
+use smartcloudops_core::{Action, Pipeline};
 
 const SERIES: usize = 10_000;
 /// Commands per pipelined round trip for the bare clients and the producers.
@@ -41,22 +41,13 @@ fn payload(i: usize) -> String {
     )
 }
 
-/// Counts rows.
-#[derive(Debug, Default)]
-struct Count(AtomicU64);
-
-impl Action for Count {
-    fn name(&self) -> &str {
-        "count"
-    }
-    fn wants_every_batch(&self) -> bool {
-        true
-    }
-    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        self.0
-            .fetch_add(input.batch.num_rows() as u64, Ordering::Relaxed);
-        Box::pin(async { Ok(()) })
-    }
+/// An action that adds the rows of every batch to `rows`.
+fn counting(rows: Arc<AtomicU64>) -> impl Action {
+    FnAction::new("count", move |input| {
+        rows.fetch_add(input.batch.num_rows() as u64, Ordering::Relaxed);
+        Ok(())
+    })
+    .every_batch()
 }
 
 async fn connect() -> redis::aio::MultiplexedConnection {
@@ -126,16 +117,16 @@ async fn pipeline_pubsub(events: usize) -> f64 {
     let mut config = RedisPubSubSourceConfig::new(vec![channel.clone()]);
     config.batch_size = 4096;
     config.batch_timeout = Duration::from_millis(20);
-    let count = Arc::new(Count::default());
+    let count = Arc::new(AtomicU64::new(0));
     let handle = Pipeline::builder(RedisPubSubSource::new(config, RedisConnection::new(url())))
         .detector(EwmaDetector::new(EwmaConfig::default()))
-        .shared_action(count.clone())
+        .action(counting(count.clone()))
         .build()
         .spawn();
     wait_for_subscriber(&channel).await;
     let started = Instant::now();
     publish_all(&channel, events).await;
-    while (count.0.load(Ordering::Relaxed) as usize) < events {
+    while (count.load(Ordering::Relaxed) as usize) < events {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let secs = started.elapsed().as_secs_f64();
@@ -227,14 +218,14 @@ async fn pipeline_streams(stream: &str, events: usize) -> f64 {
     config.start = StreamStart::Earliest;
     config.consumer = Some("bench".into());
     config.batch_size = 4096;
-    let count = Arc::new(Count::default());
+    let count = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let handle = Pipeline::builder(RedisStreamSource::new(config, RedisConnection::new(url())))
         .detector(EwmaDetector::new(EwmaConfig::default()))
-        .shared_action(count.clone())
+        .action(counting(count.clone()))
         .build()
         .spawn();
-    while (count.0.load(Ordering::Relaxed) as usize) < events {
+    while (count.load(Ordering::Relaxed) as usize) < events {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let secs = started.elapsed().as_secs_f64();
