@@ -22,7 +22,7 @@ use smartcloudops_core::source::{
     RedisPubSubSource, RedisPubSubSourceConfig, RedisStreamSource, RedisStreamSourceConfig,
     StreamStart,
 };
-use smartcloudops_core::{Action, Pipeline};
+use smartcloudops_core::{Pipeline, PipelineHandle, Source};
 
 const SERIES: usize = 10_000;
 /// Commands per pipelined round trip for the bare clients and the producers.
@@ -41,13 +41,28 @@ fn payload(i: usize) -> String {
     )
 }
 
-/// An action that adds the rows of every batch to `rows`.
-fn counting(rows: Arc<AtomicU64>) -> impl Action {
-    FnAction::new("count", move |input| {
+/// Runs `source` through EWMA into an action that counts rows: the handle and the count.
+fn spawn_counted(source: impl Source + 'static) -> (PipelineHandle, Arc<AtomicU64>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let rows = count.clone();
+    let counting = FnAction::new("count", move |input| {
         rows.fetch_add(input.batch.num_rows() as u64, Ordering::Relaxed);
         Ok(())
     })
-    .every_batch()
+    .every_batch();
+    let handle = Pipeline::builder(source)
+        .detector(EwmaDetector::new(EwmaConfig::default()))
+        .action(counting)
+        .build()
+        .spawn();
+    (handle, count)
+}
+
+/// Waits until `count` reached `events` rows.
+async fn until_counted(count: &AtomicU64, events: usize) {
+    while (count.load(Ordering::Relaxed) as usize) < events {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 async fn connect() -> redis::aio::MultiplexedConnection {
@@ -117,18 +132,12 @@ async fn pipeline_pubsub(events: usize) -> f64 {
     let mut config = RedisPubSubSourceConfig::new(vec![channel.clone()]);
     config.batch_size = 4096;
     config.batch_timeout = Duration::from_millis(20);
-    let count = Arc::new(AtomicU64::new(0));
-    let handle = Pipeline::builder(RedisPubSubSource::new(config, RedisConnection::new(url())))
-        .detector(EwmaDetector::new(EwmaConfig::default()))
-        .action(counting(count.clone()))
-        .build()
-        .spawn();
+    let (handle, count) =
+        spawn_counted(RedisPubSubSource::new(config, RedisConnection::new(url())));
     wait_for_subscriber(&channel).await;
     let started = Instant::now();
     publish_all(&channel, events).await;
-    while (count.load(Ordering::Relaxed) as usize) < events {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until_counted(&count, events).await;
     let secs = started.elapsed().as_secs_f64();
     handle.shutdown();
     handle.wait().await.unwrap();
@@ -218,16 +227,10 @@ async fn pipeline_streams(stream: &str, events: usize) -> f64 {
     config.start = StreamStart::Earliest;
     config.consumer = Some("bench".into());
     config.batch_size = 4096;
-    let count = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let handle = Pipeline::builder(RedisStreamSource::new(config, RedisConnection::new(url())))
-        .detector(EwmaDetector::new(EwmaConfig::default()))
-        .action(counting(count.clone()))
-        .build()
-        .spawn();
-    while (count.load(Ordering::Relaxed) as usize) < events {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let (handle, count) =
+        spawn_counted(RedisStreamSource::new(config, RedisConnection::new(url())));
+    until_counted(&count, events).await;
     let secs = started.elapsed().as_secs_f64();
     handle.shutdown();
     handle.wait().await.unwrap();

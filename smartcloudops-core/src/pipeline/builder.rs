@@ -14,14 +14,20 @@ use crate::source::Source;
 /// Builds a [`Pipeline`] from its parts.
 #[derive(Debug)]
 pub struct PipelineBuilder {
-    source: Box<dyn Source>,
-    preps: Vec<Box<dyn Prep>>,
-    detector: Option<Box<dyn Detector>>,
-    snapshot: Option<SnapshotFile>,
-    state_store: Option<StateStoreSettings>,
-    actions: Vec<Arc<dyn Action>>,
-    dead_letters: Arc<dyn DeadLetterSink>,
-    options: PipelineOptions,
+    parts: Parts,
+}
+
+/// What a pipeline is made of: gathered by the builder, taken apart by the run.
+#[derive(Debug)]
+pub(super) struct Parts {
+    pub(super) source: Box<dyn Source>,
+    pub(super) preps: Vec<Box<dyn Prep>>,
+    pub(super) detector: Option<Box<dyn Detector>>,
+    pub(super) snapshot: Option<SnapshotFile>,
+    pub(super) state_store: Option<StateStoreSettings>,
+    pub(super) actions: Vec<Arc<dyn Action>>,
+    pub(super) dead_letters: Arc<dyn DeadLetterSink>,
+    pub(super) options: PipelineOptions,
 }
 
 /// Where and how often the detector's state is saved.
@@ -40,14 +46,16 @@ impl Pipeline {
     /// Starts building a pipeline from a boxed source.
     pub fn builder_boxed(source: Box<dyn Source>) -> PipelineBuilder {
         PipelineBuilder {
-            source,
-            preps: Vec::new(),
-            detector: None,
-            snapshot: None,
-            state_store: None,
-            actions: Vec::new(),
-            dead_letters: Arc::new(LogDeadLetters),
-            options: PipelineOptions::default(),
+            parts: Parts {
+                source,
+                preps: Vec::new(),
+                detector: None,
+                snapshot: None,
+                state_store: None,
+                actions: Vec::new(),
+                dead_letters: Arc::new(LogDeadLetters),
+                options: PipelineOptions::default(),
+            },
         }
     }
 }
@@ -55,25 +63,25 @@ impl Pipeline {
 impl PipelineBuilder {
     /// Adds a prep stage; preps run in the order added.
     pub fn prep(mut self, prep: impl Prep + 'static) -> Self {
-        self.preps.push(Box::new(prep));
+        self.parts.preps.push(Box::new(prep));
         self
     }
 
     /// Adds a boxed prep stage.
     pub fn boxed_prep(mut self, prep: Box<dyn Prep>) -> Self {
-        self.preps.push(prep);
+        self.parts.preps.push(prep);
         self
     }
 
     /// Sets the detector.
     pub fn detector(mut self, detector: impl Detector + 'static) -> Self {
-        self.detector = Some(Box::new(detector));
+        self.parts.detector = Some(Box::new(detector));
         self
     }
 
     /// Sets a boxed detector.
     pub fn boxed_detector(mut self, detector: Box<dyn Detector>) -> Self {
-        self.detector = Some(detector);
+        self.parts.detector = Some(detector);
         self
     }
 
@@ -82,7 +90,7 @@ impl PipelineBuilder {
     /// leaves the previous snapshot intact). Restoring is the caller's part, before
     /// [`detector`](Self::detector): see [`Detector::restore`].
     pub fn detector_snapshot(mut self, path: std::path::PathBuf, every: Duration) -> Self {
-        self.snapshot = Some(SnapshotFile { path, every });
+        self.parts.snapshot = Some(SnapshotFile { path, every });
         self
     }
 
@@ -90,36 +98,37 @@ impl PipelineBuilder {
     /// detector does not hold are looked up there before the batch is scored, and the states
     /// that changed are saved every `every` and at shutdown. See [`SeriesStateStore`].
     pub fn series_state_store(mut self, store: Arc<dyn SeriesStateStore>, every: Duration) -> Self {
-        self.state_store = Some(StateStoreSettings { store, every });
+        self.parts.state_store = Some(StateStoreSettings { store, every });
         self
     }
 
     /// Adds an action; all actions see every batch that has alerts.
     pub fn action(mut self, action: impl Action + 'static) -> Self {
-        self.actions.push(Arc::new(action));
+        self.parts.actions.push(Arc::new(action));
         self
     }
 
     /// Adds a shared action.
     pub fn shared_action(mut self, action: Arc<dyn Action>) -> Self {
-        self.actions.push(action);
+        self.parts.actions.push(action);
         self
     }
 
     /// Where dead letters go (default: logged as warnings).
     pub fn dead_letters(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
-        self.dead_letters = sink;
+        self.parts.dead_letters = sink;
         self
     }
 
     /// Runtime options.
     pub fn options(mut self, options: PipelineOptions) -> Self {
-        self.options = options;
+        self.parts.options = options;
         self
     }
 
     /// The pipeline, with its metrics registered.
     pub fn build(self) -> Pipeline {
+        let parts = self.parts;
         let mut names: Vec<String> = Vec::new();
         let mut stage = |kind: &str, name: &str| {
             let base = format!("{kind}:{name}");
@@ -133,10 +142,14 @@ impl PipelineBuilder {
             Arc::new(StageMetrics::new(unique))
         };
         let stages = Stages {
-            source: stage("source", self.source.name()),
-            preps: self.preps.iter().map(|p| stage("prep", p.name())).collect(),
-            detector: self.detector.as_ref().map(|d| stage("detector", d.name())),
-            actions: self
+            source: stage("source", parts.source.name()),
+            preps: parts
+                .preps
+                .iter()
+                .map(|p| stage("prep", p.name()))
+                .collect(),
+            detector: parts.detector.as_ref().map(|d| stage("detector", d.name())),
+            actions: parts
                 .actions
                 .iter()
                 .map(|a| stage("action", a.name()))
@@ -147,14 +160,7 @@ impl PipelineBuilder {
         all.extend(stages.detector.iter().cloned());
         all.extend(stages.actions.iter().cloned());
         Pipeline {
-            source: self.source,
-            preps: self.preps,
-            detector: self.detector,
-            snapshot: self.snapshot,
-            state_store: self.state_store,
-            actions: self.actions,
-            dead_letters: self.dead_letters,
-            options: self.options,
+            parts,
             stages,
             metrics: Arc::new(PipelineMetrics::new(all)),
         }

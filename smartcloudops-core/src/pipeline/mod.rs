@@ -34,14 +34,7 @@ pub use crate::metrics;
 
 use std::sync::Arc;
 
-use crate::action::Action;
-use crate::dead_letter::DeadLetterSink;
-use crate::detector::Detector;
-use crate::prep::Prep;
-use crate::source::Source;
-
-use self::builder::SnapshotFile;
-use self::handoff::StateStoreSettings;
+use self::builder::Parts;
 
 pub use self::builder::PipelineBuilder;
 pub use self::handle::{PipelineHandle, RunReport};
@@ -51,14 +44,7 @@ pub use self::options::{PipelineOptions, WhenFull};
 /// An assembled pipeline, ready to [`run`](Pipeline::run) or [`spawn`](Pipeline::spawn).
 #[derive(Debug)]
 pub struct Pipeline {
-    source: Box<dyn Source>,
-    preps: Vec<Box<dyn Prep>>,
-    detector: Option<Box<dyn Detector>>,
-    snapshot: Option<SnapshotFile>,
-    state_store: Option<StateStoreSettings>,
-    actions: Vec<Arc<dyn Action>>,
-    dead_letters: Arc<dyn DeadLetterSink>,
-    options: PipelineOptions,
+    parts: Parts,
     stages: Stages,
     metrics: Arc<PipelineMetrics>,
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::actions::action_task;
+use super::builder::Parts;
 use super::handoff::StateHandoff;
 use super::transform::{TransformTask, transform_task};
 use super::{Pipeline, PipelineMetrics, RunReport, StageMetrics, WhenFull};
@@ -91,14 +92,17 @@ impl Pipeline {
     pub async fn run(self, shutdown: CancellationToken) -> Result<RunReport> {
         let started = Instant::now();
         let Pipeline {
-            source,
-            preps,
-            detector,
-            snapshot,
-            state_store,
-            actions,
-            dead_letters,
-            options,
+            parts:
+                Parts {
+                    source,
+                    preps,
+                    detector,
+                    snapshot,
+                    state_store,
+                    actions,
+                    dead_letters,
+                    options,
+                },
             stages,
             metrics,
         } = self;

@@ -48,6 +48,13 @@ struct StageFailure {
     error: Error,
 }
 
+impl StageFailure {
+    /// Sends the batch to the dead-letter output with the error (see [`dead_letter_batch`]).
+    fn dead_letter(self, sink: &Arc<dyn DeadLetterSink>, ack: Ack) {
+        dead_letter_batch(sink, &self.stage, &self.batch, &self.error, ack);
+    }
+}
+
 pub(super) async fn transform_task(mut t: TransformTask) -> Result<()> {
     let result = transform_loop(&mut t).await;
     // At shutdown, whatever ended the loop: the state learned so far is worth keeping.
@@ -157,12 +164,8 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
         }
         let batch = match run_preps(t, batch) {
             Ok(batch) => batch,
-            Err(StageFailure {
-                stage,
-                batch,
-                error,
-            }) => {
-                dead_letter_batch(&t.dead_letters, &stage, &batch, &error, ack);
+            Err(failure) => {
+                failure.dead_letter(&t.dead_letters, ack);
                 continue;
             }
         };
@@ -182,12 +185,8 @@ async fn score_and_send(t: &mut TransformTask, batch: RecordBatch, ack: Ack) -> 
     }
     let scored = match run_detector(t, batch) {
         Ok(scored) => scored,
-        Err(StageFailure {
-            stage,
-            batch,
-            error,
-        }) => {
-            dead_letter_batch(&t.dead_letters, &stage, &batch, &error, ack);
+        Err(failure) => {
+            failure.dead_letter(&t.dead_letters, ack);
             return true;
         }
     };
