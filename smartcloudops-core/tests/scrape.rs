@@ -14,6 +14,9 @@ use smartcloudops_core::action::MemoryAction;
 use smartcloudops_core::dead_letter::MemoryDeadLetters;
 use smartcloudops_core::source::{ScrapeConfig, ScrapeSource};
 
+/// Metric, labels, value.
+type Row = (String, Vec<(String, String)>, f64);
+
 const PAGE: &str = "# TYPE node_load1 gauge
 node_load1 0.42
 http_requests_total{code=\"200\",instance=\"override:1\"} 7
@@ -57,8 +60,7 @@ async fn scrapes_add_job_instance_and_up_and_dead_letter_bad_lines() {
         .wait()
         .await
         .unwrap();
-    // Metric, labels, value.
-    let rows: Vec<(String, Vec<(String, String)>, f64)> = common::rows(&rows.batches())
+    let rows: Vec<Row> = common::rows(&rows.batches())
         .into_iter()
         .map(|r| (r.metric, r.labels, r.value))
         .collect();
