@@ -15,44 +15,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use smartcloudops_core::Pipeline;
+use smartcloudops_core::action::FnAction;
 use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
 use smartcloudops_core::source::kafka::AutoOffsetReset;
 use smartcloudops_core::source::{KafkaSource, KafkaSourceConfig};
-use smartcloudops_core::{Action, ActionInput, Pipeline, Result};
 
 const PARTITIONS: i32 = 4;
 const SERIES: usize = 10_000;
 
 fn brokers() -> String {
     std::env::var("SMARTCLOUDOPS_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
-
-/// Counts rows and remembers when the first batch arrived.
-#[derive(Debug, Default)]
-struct Count {
-    rows: AtomicU64,
-    first: std::sync::OnceLock<Instant>,
-}
-
-impl Action for Count {
-    fn name(&self) -> &str {
-        "count"
-    }
-    fn wants_every_batch(&self) -> bool {
-        true
-    }
-    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        self.first.get_or_init(Instant::now);
-        self.rows
-            .fetch_add(input.batch.num_rows() as u64, Ordering::Relaxed);
-        Box::pin(async { Ok(()) })
-    }
 }
 
 async fn produce(topic: &str, events: usize) {
@@ -162,16 +140,27 @@ async fn pipeline(topic: &str, events: usize) -> f64 {
     config
         .options
         .insert("session.timeout.ms".into(), "6000".into());
-    let count = Arc::new(Count::default());
+    // Counts rows and remembers when the first batch arrived.
+    let rows = Arc::new(AtomicU64::new(0));
+    let first = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let count = {
+        let (rows, first) = (rows.clone(), first.clone());
+        FnAction::new("count", move |input| {
+            first.get_or_init(Instant::now);
+            rows.fetch_add(input.batch.num_rows() as u64, Ordering::Relaxed);
+            Ok(())
+        })
+        .every_batch()
+    };
     let handle = Pipeline::builder(KafkaSource::new(config))
         .detector(EwmaDetector::new(EwmaConfig::default()))
-        .shared_action(count.clone())
+        .action(count)
         .build()
         .spawn();
-    while count.rows.load(Ordering::Relaxed) < events as u64 {
+    while rows.load(Ordering::Relaxed) < events as u64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let secs = count.first.get().unwrap().elapsed().as_secs_f64();
+    let secs = first.get().unwrap().elapsed().as_secs_f64();
     let snapshot = handle.metrics().snapshot();
     handle.shutdown();
     let report = handle.wait().await.unwrap();

@@ -7,13 +7,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
-use futures::future::BoxFuture;
+use smartcloudops_core::action::FnAction;
 use smartcloudops_core::prep::FnPrep;
 use smartcloudops_core::source::generator::{Generator, GeneratorConfig};
 use smartcloudops_core::source::{SourceContext, SourceStream};
-use smartcloudops_core::{
-    Ack, Action, ActionInput, Detector, Pipeline, RecordBatch, Result, Source, SourceBatch,
-};
+use smartcloudops_core::{Ack, Detector, Pipeline, RecordBatch, Result, Source, SourceBatch};
 use tokio_util::sync::CancellationToken;
 
 /// Replays prepared batches, each with a real ack.
@@ -50,21 +48,6 @@ impl Detector for PassThrough {
     }
 }
 
-#[derive(Debug)]
-struct Sink;
-
-impl Action for Sink {
-    fn name(&self) -> &str {
-        "sink"
-    }
-    fn wants_every_batch(&self) -> bool {
-        true
-    }
-    fn execute<'a>(&'a self, _input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
 fn bench_runtime(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -88,7 +71,7 @@ fn bench_runtime(c: &mut Criterion) {
                 let pipeline = Pipeline::builder(Replay(input))
                     .prep(FnPrep::new("identity", |b: &RecordBatch| Ok(b.clone())))
                     .detector(PassThrough)
-                    .action(Sink)
+                    .action(FnAction::new("sink", |_| Ok(())).every_batch())
                     .build();
                 let started = Instant::now();
                 let report = runtime

@@ -15,14 +15,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use futures::future::BoxFuture;
+use smartcloudops_core::action::FnAction;
 use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
 use smartcloudops_core::redis::RedisConnection;
 use smartcloudops_core::source::{
     RedisPubSubSource, RedisPubSubSourceConfig, RedisStreamSource, RedisStreamSourceConfig,
     StreamStart,
 };
-use smartcloudops_core::{Action, ActionInput, Pipeline, Result};
+use smartcloudops_core::{Pipeline, PipelineHandle, Source};
 
 const SERIES: usize = 10_000;
 /// Commands per pipelined round trip for the bare clients and the producers.
@@ -41,21 +41,27 @@ fn payload(i: usize) -> String {
     )
 }
 
-/// Counts rows.
-#[derive(Debug, Default)]
-struct Count(AtomicU64);
+/// Runs `source` through EWMA into an action that counts rows: the handle and the count.
+fn spawn_counted(source: impl Source + 'static) -> (PipelineHandle, Arc<AtomicU64>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let rows = count.clone();
+    let counting = FnAction::new("count", move |input| {
+        rows.fetch_add(input.batch.num_rows() as u64, Ordering::Relaxed);
+        Ok(())
+    })
+    .every_batch();
+    let handle = Pipeline::builder(source)
+        .detector(EwmaDetector::new(EwmaConfig::default()))
+        .action(counting)
+        .build()
+        .spawn();
+    (handle, count)
+}
 
-impl Action for Count {
-    fn name(&self) -> &str {
-        "count"
-    }
-    fn wants_every_batch(&self) -> bool {
-        true
-    }
-    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        self.0
-            .fetch_add(input.batch.num_rows() as u64, Ordering::Relaxed);
-        Box::pin(async { Ok(()) })
+/// Waits until `count` reached `events` rows.
+async fn until_counted(count: &AtomicU64, events: usize) {
+    while (count.load(Ordering::Relaxed) as usize) < events {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -126,18 +132,12 @@ async fn pipeline_pubsub(events: usize) -> f64 {
     let mut config = RedisPubSubSourceConfig::new(vec![channel.clone()]);
     config.batch_size = 4096;
     config.batch_timeout = Duration::from_millis(20);
-    let count = Arc::new(Count::default());
-    let handle = Pipeline::builder(RedisPubSubSource::new(config, RedisConnection::new(url())))
-        .detector(EwmaDetector::new(EwmaConfig::default()))
-        .shared_action(count.clone())
-        .build()
-        .spawn();
+    let (handle, count) =
+        spawn_counted(RedisPubSubSource::new(config, RedisConnection::new(url())));
     wait_for_subscriber(&channel).await;
     let started = Instant::now();
     publish_all(&channel, events).await;
-    while (count.0.load(Ordering::Relaxed) as usize) < events {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until_counted(&count, events).await;
     let secs = started.elapsed().as_secs_f64();
     handle.shutdown();
     handle.wait().await.unwrap();
@@ -227,16 +227,10 @@ async fn pipeline_streams(stream: &str, events: usize) -> f64 {
     config.start = StreamStart::Earliest;
     config.consumer = Some("bench".into());
     config.batch_size = 4096;
-    let count = Arc::new(Count::default());
     let started = Instant::now();
-    let handle = Pipeline::builder(RedisStreamSource::new(config, RedisConnection::new(url())))
-        .detector(EwmaDetector::new(EwmaConfig::default()))
-        .shared_action(count.clone())
-        .build()
-        .spawn();
-    while (count.0.load(Ordering::Relaxed) as usize) < events {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let (handle, count) =
+        spawn_counted(RedisStreamSource::new(config, RedisConnection::new(url())));
+    until_counted(&count, events).await;
     let secs = started.elapsed().as_secs_f64();
     handle.shutdown();
     handle.wait().await.unwrap();

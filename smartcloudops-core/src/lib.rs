@@ -25,22 +25,11 @@
 //! in memory:
 //!
 //! ```
-//! use std::sync::{Arc, Mutex};
-//! use futures::future::BoxFuture;
-//! use smartcloudops_core::{Action, ActionInput, Alert, Pipeline, Result};
+//! use std::sync::Arc;
+//! use smartcloudops_core::{Pipeline, Result};
+//! use smartcloudops_core::action::MemoryAction;
 //! use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
 //! use smartcloudops_core::source::generator::{GeneratorConfig, GeneratorSource, InjectedAnomaly};
-//!
-//! #[derive(Debug, Default)]
-//! struct Collect(Mutex<Vec<Alert>>);
-//!
-//! impl Action for Collect {
-//!     fn name(&self) -> &str { "collect" }
-//!     fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-//!         self.0.lock().unwrap().extend(input.alerts.iter().cloned());
-//!         Box::pin(async { Ok(()) })
-//!     }
-//! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<()> {
@@ -52,7 +41,7 @@
 //!     }],
 //!     ..GeneratorConfig::default()
 //! });
-//! let alerts = Arc::new(Collect::default());
+//! let alerts = Arc::new(MemoryAction::new());
 //! let report = Pipeline::builder(source)
 //!     .detector(EwmaDetector::new(EwmaConfig::default()))
 //!     .shared_action(alerts.clone())
@@ -62,7 +51,7 @@
 //!     .await?;
 //!
 //! assert_eq!(report.metrics.rows_acked, 20 * 200);
-//! let alerts = alerts.0.lock().unwrap();
+//! let alerts = alerts.alerts();
 //! assert!(alerts.iter().any(|a| a.labels["host"] == "host-00007"));
 //! # Ok(())
 //! # }

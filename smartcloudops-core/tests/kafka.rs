@@ -19,9 +19,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use smartcloudops_core::action::{KafkaSink, KafkaSinkConfig, KafkaSinkPayload};
+use smartcloudops_core::action::{KafkaSink, KafkaSinkConfig, KafkaSinkPayload, MemoryAction};
 use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
-use smartcloudops_core::schema::MetricsColumns;
 use smartcloudops_core::source::kafka::AutoOffsetReset;
 use smartcloudops_core::source::{KafkaSource, KafkaSourceConfig};
 use smartcloudops_core::{Action, ActionInput, Error, Pipeline, Result};
@@ -184,11 +183,11 @@ fn source_config(group: &str, topic: &str) -> KafkaSourceConfig {
     config
 }
 
-/// Records every `(series_id, ts)` it sees; optionally fails its first `fail_first` calls
-/// and takes `delay` per batch.
+/// Records every batch it sees; optionally fails its first `fail_first` calls and takes
+/// `delay` per batch.
 #[derive(Debug, Default)]
 struct Seen {
-    rows: Mutex<Vec<(u64, i64)>>,
+    memory: MemoryAction,
     calls: AtomicUsize,
     fail_first: usize,
     delay: Duration,
@@ -217,24 +216,22 @@ impl Action for Seen {
                     retryable: true,
                 });
             }
-            let cols = MetricsColumns::try_new(&input.batch, "seen")?;
-            let mut rows = self.rows.lock().unwrap();
-            for i in 0..input.batch.num_rows() {
-                rows.push((cols.series_id.value(i), cols.ts.value(i)));
-            }
-            Ok(())
+            self.memory.record(input)
         })
     }
 }
 
 impl Seen {
+    /// `(series_id, ts)` of every row seen.
+    fn rows(&self) -> Vec<(u64, i64)> {
+        common::rows(&self.memory.batches())
+            .into_iter()
+            .map(|r| (r.series_id, r.ts))
+            .collect()
+    }
+
     fn distinct(&self) -> usize {
-        self.rows
-            .lock()
-            .unwrap()
-            .iter()
-            .collect::<HashSet<_>>()
-            .len()
+        self.rows().into_iter().collect::<HashSet<_>>().len()
     }
 }
 
@@ -242,21 +239,10 @@ impl Seen {
 async fn assert_committed(group: &str, topic: &str, ends: &BTreeMap<i32, i64>, timeout: Duration) {
     let partitions = ends.keys().max().map_or(0, |p| p + 1);
     assert!(
-        wait_until(timeout, || committed(group, topic, partitions) == *ends).await,
+        common::wait_until(timeout, || committed(group, topic, partitions) == *ends).await,
         "committed {:?}, produced up to {ends:?}",
         committed(group, topic, partitions)
     );
-}
-
-async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    done()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,7 +278,7 @@ async fn every_event_is_scored_published_with_cloudevents_headers_and_committed(
             .collect::<Vec<_>>()
     };
     assert!(
-        wait_until(Duration::from_secs(10), || lag_partitions().len() == 4).await,
+        common::wait_until(Duration::from_secs(10), || lag_partitions().len() == 4).await,
         "lag gauges: {:?}",
         lag_partitions()
     );
@@ -356,7 +342,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_with_the_reason() {
         .spawn();
     let letters = consume(&dlq, 5, Duration::from_secs(60)).await;
     assert_eq!(letters.len(), 5);
-    assert!(wait_until(Duration::from_secs(20), || seen.distinct() == 100).await);
+    assert!(common::wait_until(Duration::from_secs(20), || seen.distinct() == 100).await);
     // Poison does not block the partition: everything, poison included, is committed.
     assert_committed(&group, &input, &ends, Duration::from_secs(10)).await;
     handle.shutdown();
@@ -399,7 +385,7 @@ async fn a_nacked_batch_is_redelivered_and_never_skipped() {
         .build()
         .spawn();
     assert!(
-        wait_until(Duration::from_secs(60), || seen.distinct() == 1000).await,
+        common::wait_until(Duration::from_secs(60), || seen.distinct() == 1000).await,
         "saw {} of 1000",
         seen.distinct()
     );
@@ -410,7 +396,7 @@ async fn a_nacked_batch_is_redelivered_and_never_skipped() {
         report.metrics.batches_nacked, 3,
         "the injected failures were nacked"
     );
-    assert!(seen.rows.lock().unwrap().len() >= 1000);
+    assert!(seen.rows().len() >= 1000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,7 +417,7 @@ async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
         .build()
         .spawn();
     assert!(
-        wait_until(Duration::from_secs(30), || a.distinct() > 0).await,
+        common::wait_until(Duration::from_secs(30), || a.distinct() > 0).await,
         "first member consumes"
     );
     // A second member joins: partitions are revoked (drained, committed) and spread over both.
@@ -444,12 +430,12 @@ async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
     let more: Vec<(String, String)> = events(40, 200).split_off(4000);
     let ends = produce(&input, &more).await;
     let union = |a: &Seen, b: &Seen| {
-        let mut all: HashSet<(u64, i64)> = a.rows.lock().unwrap().iter().copied().collect();
-        all.extend(b.rows.lock().unwrap().iter().copied());
+        let mut all: HashSet<(u64, i64)> = a.rows().into_iter().collect();
+        all.extend(b.rows());
         all.len()
     };
     assert!(
-        wait_until(Duration::from_secs(60), || union(&a, &b) == 8000).await,
+        common::wait_until(Duration::from_secs(60), || union(&a, &b) == 8000).await,
         "saw {} of 8000",
         union(&a, &b)
     );
@@ -458,7 +444,7 @@ async fn two_members_share_partitions_and_lose_nothing_across_a_rebalance() {
     first.shutdown();
     second.shutdown();
     let (ra, rb) = (first.wait().await.unwrap(), second.wait().await.unwrap());
-    let total = a.rows.lock().unwrap().len() + b.rows.lock().unwrap().len();
+    let total = a.rows().len() + b.rows().len();
     println!(
         "rows seen {total} for 8000 events ({} duplicates)",
         total - 8000
@@ -494,7 +480,7 @@ async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval(
         .build()
         .spawn();
     assert!(
-        wait_until(Duration::from_secs(60), || slow.distinct() == 1000).await,
+        common::wait_until(Duration::from_secs(60), || slow.distinct() == 1000).await,
         "saw {} of 1000",
         slow.distinct()
     );
@@ -512,7 +498,7 @@ async fn a_slow_pipeline_pauses_partitions_instead_of_missing_the_poll_interval(
         "no consumer errors (a missed poll interval is one)"
     );
     assert_eq!(
-        slow.rows.lock().unwrap().len(),
+        slow.rows().len(),
         1000,
         "no redelivery: the member never left the group"
     );
@@ -598,7 +584,7 @@ async fn message_metadata_is_available_to_prep() {
         .prep(prep)
         .build()
         .spawn();
-    assert!(wait_until(Duration::from_secs(30), || seen.lock().unwrap().len() == 20).await);
+    assert!(common::wait_until(Duration::from_secs(30), || seen.lock().unwrap().len() == 20).await);
     handle.shutdown();
     handle.wait().await.unwrap();
     let rows = seen.lock().unwrap();
@@ -630,7 +616,7 @@ async fn failed_batches_are_not_committed_and_a_restart_processes_them() {
         .build()
         .spawn();
     assert!(
-        wait_until(Duration::from_secs(30), || failing
+        common::wait_until(Duration::from_secs(30), || failing
             .calls
             .load(Ordering::SeqCst)
             >= 6)
@@ -656,7 +642,7 @@ async fn failed_batches_are_not_committed_and_a_restart_processes_them() {
         .build()
         .spawn();
     assert!(
-        wait_until(Duration::from_secs(60), || seen.distinct() == 1000).await,
+        common::wait_until(Duration::from_secs(60), || seen.distinct() == 1000).await,
         "saw {} of 1000 after the restart",
         seen.distinct()
     );

@@ -458,25 +458,24 @@ async fn metrics_are_readable_while_running() {
 #[tokio::test]
 async fn undecodable_records_are_dead_lettered_counted_and_the_rest_flows() {
     use smartcloudops_core::source::{FileSource, FileSourceConfig};
-    use std::io::Write;
 
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    for i in 0..100 {
-        if i % 25 == 7 {
-            writeln!(
-                file,
-                "{{\"ts\": {i}, \"metric\": \"cpu\", \"value\": null}}"
-            )
-            .unwrap();
-        } else {
-            writeln!(file, "{{\"ts\": {i}, \"metric\": \"cpu\", \"value\": {i}}}").unwrap();
-        }
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::jsonl_file(
+        dir.path(),
+        "in.jsonl",
+        (0..100).map(|i| {
+            if i % 25 == 7 {
+                format!("{{\"ts\": {i}, \"metric\": \"cpu\", \"value\": null}}")
+            } else {
+                format!("{{\"ts\": {i}, \"metric\": \"cpu\", \"value\": {i}}}")
+            }
+        }),
+    );
     let dead = Arc::new(MemoryDeadLetters::default());
     let log: Log = Arc::default();
     let report = Pipeline::builder(FileSource::new(FileSourceConfig {
         batch_size: 10,
-        ..FileSourceConfig::new(file.path())
+        ..FileSourceConfig::new(path)
     }))
     .detector(FlagAll)
     .action(RecordingAction {

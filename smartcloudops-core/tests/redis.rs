@@ -8,22 +8,24 @@
 //! Every test works on keys, channels and streams of its own (a random suffix) and deletes
 //! them at the end, so tests run in parallel against one Redis.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use redis::AsyncCommands;
 use smartcloudops_core::action::{
-    RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig, SinkPayload,
+    MemoryAction, RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig,
+    SinkPayload,
 };
-use smartcloudops_core::dead_letter::{DeadLetter, DeadLetterSink};
+use smartcloudops_core::dead_letter::MemoryDeadLetters;
 use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
 use smartcloudops_core::redis::{
     RedisConnection, RedisStateStore, RedisStateStoreConfig, ResultCache, ResultCacheConfig,
 };
-use smartcloudops_core::schema::MetricsColumns;
 use smartcloudops_core::source::generator::{GeneratorConfig, GeneratorSource, InjectedAnomaly};
 use smartcloudops_core::source::{
     FileSource, FileSourceConfig, RedisPubSubSource, RedisPubSubSourceConfig, RedisStreamSource,
@@ -58,10 +60,10 @@ fn unique(name: &str) -> String {
 /// Pub/sub tests kill pub/sub clients: they take turns.
 static PUBSUB: AsyncMutex<()> = AsyncMutex::const_new(());
 
-/// Records every row it sees as `(metric, value)`; fails batches holding a `fail` metric.
+/// Records every batch it sees; fails batches holding a `fail` metric.
 #[derive(Debug, Default)]
 struct Rows {
-    seen: Mutex<Vec<(String, f64)>>,
+    memory: MemoryAction,
     fail_metric: Option<String>,
     /// Stop completing (hang) after this many batches: a consumer killed mid-batch.
     hang_after: Option<usize>,
@@ -69,11 +71,18 @@ struct Rows {
 }
 
 impl Rows {
+    /// `(metric, value)` of every row seen.
+    fn seen(&self) -> Vec<(String, f64)> {
+        common::rows(&self.memory.batches())
+            .into_iter()
+            .map(|r| (r.metric, r.value))
+            .collect()
+    }
     fn values(&self) -> Vec<f64> {
-        self.seen.lock().unwrap().iter().map(|(_, v)| *v).collect()
+        self.seen().into_iter().map(|(_, v)| v).collect()
     }
     fn len(&self) -> usize {
-        self.seen.lock().unwrap().len()
+        self.memory.row_count()
     }
 }
 
@@ -86,17 +95,15 @@ impl Action for Rows {
     }
     fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let cols = MetricsColumns::try_new(&input.batch, "rows")?;
-            let rows: Vec<(String, f64)> = (0..input.batch.num_rows())
-                .map(|r| (cols.metric(r).to_owned(), cols.value.value(r)))
-                .collect();
             let n = self.batches.fetch_add(1, Ordering::SeqCst);
-            self.seen.lock().unwrap().extend(rows.iter().cloned());
+            self.memory.record(input)?;
             if self.hang_after.is_some_and(|h| n >= h) {
                 futures::future::pending::<()>().await;
             }
             if let Some(fail) = &self.fail_metric
-                && rows.iter().any(|(m, _)| m == fail)
+                && common::rows(std::slice::from_ref(&input.batch))
+                    .iter()
+                    .any(|r| &r.metric == fail)
             {
                 return Err(smartcloudops_core::Error::Action {
                     action: "rows".into(),
@@ -106,27 +113,6 @@ impl Action for Rows {
             }
             Ok(())
         })
-    }
-}
-
-#[derive(Debug, Default)]
-struct MemoryDeadLetters(Mutex<Vec<DeadLetter>>);
-
-impl DeadLetterSink for MemoryDeadLetters {
-    fn send(&self, letter: DeadLetter) -> Result<()> {
-        self.0.lock().unwrap().push(letter);
-        Ok(())
-    }
-}
-
-async fn eventually(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !ok() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -176,7 +162,7 @@ async fn pubsub_round_trip_decodes_and_dead_letters_bad_records() {
     let letters = Arc::new(MemoryDeadLetters::default());
     let handle = spawn_pubsub(&channel, rows.clone(), letters.clone());
     let mut con = raw().await;
-    eventually("the subscription", Duration::from_secs(5), || true).await;
+    common::eventually("the subscription", Duration::from_secs(5), || true).await;
     while subscribers(&mut con, &channel).await == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -185,13 +171,13 @@ async fn pubsub_round_trip_decodes_and_dead_letters_bad_records() {
     let _: i64 = con.publish(&channel, two).await.unwrap();
     let _: i64 = con.publish(&channel, "{not json").await.unwrap();
     let _: i64 = con.publish(&channel, line("mem", 3.0)).await.unwrap();
-    eventually("three rows", Duration::from_secs(5), || rows.len() == 3).await;
-    eventually("one dead letter", Duration::from_secs(5), || {
-        letters.0.lock().unwrap().len() == 1
+    common::eventually("three rows", Duration::from_secs(5), || rows.len() == 3).await;
+    common::eventually("one dead letter", Duration::from_secs(5), || {
+        letters.letters().len() == 1
     })
     .await;
     assert_eq!(rows.values(), vec![1.0, 2.0, 3.0]);
-    let letter = letters.0.lock().unwrap()[0].clone();
+    let letter = letters.letters()[0].clone();
     assert_eq!(letter.stage, "source:redis_pubsub");
     assert!(letter.origin.starts_with(&channel), "{letter:?}");
     assert_eq!(letter.payload, "{not json");
@@ -219,7 +205,7 @@ async fn pubsub_source_resubscribes_after_client_kill_and_counts_the_outage() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _: i64 = con.publish(&channel, line("cpu", 1.0)).await.unwrap();
-    eventually("the first row", Duration::from_secs(5), || rows.len() == 1).await;
+    common::eventually("the first row", Duration::from_secs(5), || rows.len() == 1).await;
 
     let killed: i64 = redis::cmd("CLIENT")
         .arg("KILL")
@@ -244,7 +230,7 @@ async fn pubsub_source_resubscribes_after_client_kill_and_counts_the_outage() {
             .await
             .unwrap();
     }
-    eventually("the rows after the kill", Duration::from_secs(5), || {
+    common::eventually("the rows after the kill", Duration::from_secs(5), || {
         rows.len() == 10
     })
     .await;
@@ -471,22 +457,18 @@ fn streams_deliver_every_entry_at_least_once_across_a_consumer_killed_mid_batch(
         );
         handle.shutdown();
         let report = handle.wait().await.unwrap();
-        let dead: usize = letters_a.0.lock().unwrap().len() + letters.0.lock().unwrap().len();
+        let dead: usize = letters_a.letters().len() + letters.letters().len();
         assert!(
             dead >= bad.len(),
             "every bad record is dead-lettered ({dead})"
         );
         let b_letters: Vec<String> = letters
-            .0
-            .lock()
-            .unwrap()
+            .letters()
             .iter()
             .map(|l| l.payload.clone())
             .collect();
         let a_letters: Vec<String> = letters_a
-            .0
-            .lock()
-            .unwrap()
+            .letters()
             .iter()
             .map(|l| l.payload.clone())
             .collect();
@@ -545,9 +527,7 @@ async fn a_poison_entry_goes_to_the_dead_letter_stream_after_max_deliveries() {
     }
     // The good entries read with the poison one were redelivered one by one and passed.
     let good: BTreeSet<u64> = rows
-        .seen
-        .lock()
-        .unwrap()
+        .seen()
         .iter()
         .filter(|(m, _)| m == "cpu")
         .map(|(_, v)| *v as u64)
@@ -556,13 +536,7 @@ async fn a_poison_entry_goes_to_the_dead_letter_stream_after_max_deliveries() {
         good.is_superset(&(0..20).collect()),
         "every good entry passed"
     );
-    let poison_tries = rows
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(m, _)| m == "poison")
-        .count();
+    let poison_tries = rows.seen().iter().filter(|(m, _)| m == "poison").count();
     assert!(
         poison_tries >= 3,
         "processed at least max_deliveries times, then dead-lettered ({poison_tries})"
@@ -627,47 +601,33 @@ fn series_file(
     name: &str,
     range: std::ops::Range<usize>,
 ) -> std::path::PathBuf {
-    let path = dir.join(name);
-    let mut text = String::new();
-    for i in range {
-        for host in ["a", "b", "c"] {
+    let lines = range.flat_map(|i| {
+        ["a", "b", "c"].map(|host| {
             let v = 50.0 + 10.0 * ((i as f64) / 30.0).sin() + ((i * 7919 + host.len()) % 13) as f64;
-            text.push_str(&format!(
+            format!(
                 r#"{{"ts":{},"metric":"cpu","labels":{{"host":"{host}"}},"value":{v}}}"#,
                 1_764_000_000_000i64 + i as i64 * 60_000
-            ));
-            text.push('\n');
-        }
-    }
-    std::fs::write(&path, text).unwrap();
-    path
+            )
+        })
+    });
+    common::jsonl_file(dir, name, lines)
 }
 
-/// Every score of every row the pipeline saw, in order.
-#[derive(Debug, Default)]
-struct Scores(Mutex<Vec<(u64, i64, f64)>>);
-
-impl Action for Scores {
-    fn name(&self) -> &str {
-        "scores"
-    }
-    fn wants_every_batch(&self) -> bool {
-        true
-    }
-    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        let cols = MetricsColumns::try_new(&input.batch, "scores").unwrap();
-        let scores =
-            smartcloudops_core::schema::ScoreColumns::try_new(&input.batch, "scores").unwrap();
-        let mut out = self.0.lock().unwrap();
-        for r in 0..input.batch.num_rows() {
+/// `(series_id, ts, score)` of every row of the scored `batches`, in order.
+fn scores(batches: &[smartcloudops_core::RecordBatch]) -> Vec<(u64, i64, f64)> {
+    let mut out = Vec::new();
+    for batch in batches {
+        let cols = smartcloudops_core::schema::MetricsColumns::try_new(batch, "scores").unwrap();
+        let scores = smartcloudops_core::schema::ScoreColumns::try_new(batch, "scores").unwrap();
+        for r in 0..batch.num_rows() {
             out.push((
                 cols.series_id.value(r),
                 cols.ts.value(r),
                 scores.score.value(r),
             ));
         }
-        Box::pin(async { Ok(()) })
     }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -688,10 +648,10 @@ async fn a_restarted_replica_resumes_from_per_series_state_in_redis() {
     let run = |path: std::path::PathBuf, store: bool| {
         let store_config = store_config.clone();
         async move {
-            let scores = Arc::new(Scores::default());
+            let scored = Arc::new(MemoryAction::new().every_batch());
             let mut builder = Pipeline::builder(FileSource::new(FileSourceConfig::new(path)))
                 .detector(detector())
-                .shared_action(scores.clone());
+                .shared_action(scored.clone());
             if store {
                 builder = builder.series_state_store(
                     Arc::new(RedisStateStore::new(&store_config, connection())),
@@ -699,10 +659,7 @@ async fn a_restarted_replica_resumes_from_per_series_state_in_redis() {
                 );
             }
             let report = builder.build().spawn().wait().await.unwrap();
-            (
-                Arc::try_unwrap(scores).unwrap().0.into_inner().unwrap(),
-                report,
-            )
+            (scores(&scored.batches()), report)
         }
     };
     let (uninterrupted, _) = run(whole, false).await;
@@ -887,7 +844,7 @@ async fn streams_survive_a_redis_restart_without_losing_entries() {
         .shared_action(rows.clone())
         .build()
         .spawn();
-    eventually("the first entries", Duration::from_secs(10), || {
+    common::eventually("the first entries", Duration::from_secs(10), || {
         rows.len() >= 1000
     })
     .await;

@@ -2,63 +2,17 @@
 //! over HTTP on 127.0.0.1: 204 after the pipeline acked, 400 (and a dead letter) for a body
 //! that does not decode, 500 when the pipeline fails the batch, stale markers skipped.
 
-use std::sync::{Arc, Mutex};
+mod common;
 
-use futures::future::BoxFuture;
-use smartcloudops_core::dead_letter::{DeadLetter, DeadLetterSink};
+use std::sync::Arc;
+
+use smartcloudops_core::action::{FnAction, MemoryAction};
+use smartcloudops_core::dead_letter::MemoryDeadLetters;
 use smartcloudops_core::decode::remote_write::{
     Label, STALE_NAN, Sample, TimeSeries, WriteRequest,
 };
-use smartcloudops_core::schema::MetricsColumns;
 use smartcloudops_core::source::{RemoteWriteConfig, RemoteWriteSource};
-use smartcloudops_core::{Action, ActionInput, Error, Pipeline, Result};
-
-/// Records rows; fails batches holding the metric `fail_me`.
-#[derive(Debug, Default)]
-struct Rows(Mutex<Vec<(String, f64, i64)>>);
-
-impl Action for Rows {
-    fn name(&self) -> &str {
-        "rows"
-    }
-    fn wants_every_batch(&self) -> bool {
-        true
-    }
-    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        let cols = MetricsColumns::try_new(&input.batch, "rows").unwrap();
-        let rows: Vec<(String, f64, i64)> = (0..input.batch.num_rows())
-            .map(|r| {
-                (
-                    cols.metric(r).to_owned(),
-                    cols.value.value(r),
-                    cols.ts.value(r),
-                )
-            })
-            .collect();
-        let fail = rows.iter().any(|(m, _, _)| m == "fail_me");
-        self.0.lock().unwrap().extend(rows);
-        Box::pin(async move {
-            if fail {
-                return Err(Error::Action {
-                    action: "rows".into(),
-                    message: "refused".into(),
-                    retryable: true,
-                });
-            }
-            Ok(())
-        })
-    }
-}
-
-#[derive(Debug, Default)]
-struct Letters(Mutex<Vec<DeadLetter>>);
-
-impl DeadLetterSink for Letters {
-    fn send(&self, letter: DeadLetter) -> Result<()> {
-        self.0.lock().unwrap().push(letter);
-        Ok(())
-    }
-}
+use smartcloudops_core::{Error, Pipeline};
 
 fn series(name: &str, samples: &[(f64, i64)]) -> TimeSeries {
     TimeSeries {
@@ -87,10 +41,27 @@ async fn remote_write_answers_as_the_spec_says_and_loses_nothing_it_acknowledged
     })
     .unwrap();
     let url = format!("http://{}/api/v1/write", source.local_addr().unwrap());
-    let rows = Arc::new(Rows::default());
-    let letters = Arc::new(Letters::default());
+    let rows = Arc::new(MemoryAction::new().every_batch());
+    let letters = Arc::new(MemoryDeadLetters::default());
+    // Records rows; fails batches holding the metric `fail_me`.
+    let recorder = rows.clone();
+    let action = FnAction::new("rows", move |input| {
+        recorder.record(input)?;
+        if common::rows(std::slice::from_ref(&input.batch))
+            .iter()
+            .any(|r| r.metric == "fail_me")
+        {
+            return Err(Error::Action {
+                action: "rows".into(),
+                message: "refused".into(),
+                retryable: true,
+            });
+        }
+        Ok(())
+    })
+    .every_batch();
     let handle = Pipeline::builder(source)
-        .shared_action(rows.clone())
+        .action(action)
         .dead_letters(letters.clone())
         .build()
         .spawn();
@@ -121,7 +92,10 @@ async fn remote_write_answers_as_the_spec_says_and_loses_nothing_it_acknowledged
     let response = post(request.to_body()).await.unwrap();
     assert_eq!(response.status(), 204);
     assert_eq!(
-        *rows.0.lock().unwrap(),
+        common::rows(&rows.batches())
+            .into_iter()
+            .map(|r| (r.metric, r.value, r.ts))
+            .collect::<Vec<_>>(),
         vec![
             ("node_load1".to_owned(), 0.42, 1_764_065_100_000),
             ("node_load1".to_owned(), 0.5, 1_764_065_115_000)
@@ -133,7 +107,7 @@ async fn remote_write_answers_as_the_spec_says_and_loses_nothing_it_acknowledged
     let response = post(b"definitely not snappy".to_vec()).await.unwrap();
     assert_eq!(response.status(), 400);
     assert!(response.text().await.unwrap().contains("snappy"));
-    assert_eq!(letters.0.lock().unwrap().len(), 1);
+    assert_eq!(letters.letters().len(), 1);
 
     // The pipeline fails the batch: 500, so Prometheus retries.
     let failing = WriteRequest {

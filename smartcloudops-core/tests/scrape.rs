@@ -2,53 +2,20 @@
 //! with `job` and `instance`, `up` and the scrape's own series, dead-lettered bad lines, and
 //! `up = 0` while the target fails.
 
+mod common;
+
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use futures::future::BoxFuture;
-use smartcloudops_core::dead_letter::{DeadLetter, DeadLetterSink};
-use smartcloudops_core::schema::MetricsColumns;
+use smartcloudops_core::Pipeline;
+use smartcloudops_core::action::MemoryAction;
+use smartcloudops_core::dead_letter::MemoryDeadLetters;
 use smartcloudops_core::source::{ScrapeConfig, ScrapeSource};
-use smartcloudops_core::{Action, ActionInput, Pipeline, Result};
 
 /// Metric, labels, value.
 type Row = (String, Vec<(String, String)>, f64);
-
-#[derive(Debug, Default)]
-struct Rows(Mutex<Vec<Row>>);
-
-impl Action for Rows {
-    fn name(&self) -> &str {
-        "rows"
-    }
-    fn wants_every_batch(&self) -> bool {
-        true
-    }
-    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        let cols = MetricsColumns::try_new(&input.batch, "rows").unwrap();
-        let mut rows = self.0.lock().unwrap();
-        for r in 0..input.batch.num_rows() {
-            rows.push((
-                cols.metric(r).to_owned(),
-                cols.labels(r),
-                cols.value.value(r),
-            ));
-        }
-        Box::pin(async { Ok(()) })
-    }
-}
-
-#[derive(Debug, Default)]
-struct Letters(Mutex<Vec<DeadLetter>>);
-
-impl DeadLetterSink for Letters {
-    fn send(&self, letter: DeadLetter) -> Result<()> {
-        self.0.lock().unwrap().push(letter);
-        Ok(())
-    }
-}
 
 const PAGE: &str = "# TYPE node_load1 gauge
 node_load1 0.42
@@ -83,8 +50,8 @@ async fn scrapes_add_job_instance_and_up_and_dead_letter_bad_lines() {
     config.interval = Duration::from_millis(50);
     config.timeout = Duration::from_millis(50);
     config.rounds = Some(3);
-    let rows = Arc::new(Rows::default());
-    let letters = Arc::new(Letters::default());
+    let rows = Arc::new(MemoryAction::new().every_batch());
+    let letters = Arc::new(MemoryDeadLetters::default());
     let report = Pipeline::builder(ScrapeSource::new(config))
         .shared_action(rows.clone())
         .dead_letters(letters.clone())
@@ -93,7 +60,10 @@ async fn scrapes_add_job_instance_and_up_and_dead_letter_bad_lines() {
         .wait()
         .await
         .unwrap();
-    let rows = rows.0.lock().unwrap();
+    let rows: Vec<Row> = common::rows(&rows.batches())
+        .into_iter()
+        .map(|r| (r.metric, r.labels, r.value))
+        .collect();
     let instance = addr.to_string();
     let value_of = |metric: &str| -> Vec<f64> {
         rows.iter()
@@ -123,7 +93,7 @@ async fn scrapes_add_job_instance_and_up_and_dead_letter_bad_lines() {
         "the target's own label wins: {:?}",
         requests.1
     );
-    let letters = letters.0.lock().unwrap();
+    let letters = letters.letters();
     assert_eq!(letters.len(), 2, "the bad line, once per good scrape");
     assert!(
         letters[0].origin.ends_with("/metrics#4"),

@@ -3,6 +3,8 @@
 //! every way it can fail — at start-up with the query position, at run time into the
 //! dead-letter output.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -425,19 +427,17 @@ path = "hosts.csv"
 #[tokio::test]
 async fn in_a_pipeline_a_failing_batch_is_dead_lettered_and_the_rest_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("in.jsonl");
-    let mut text = String::new();
-    for i in 0..6 {
+    let lines = (0..6).flat_map(|i| {
         // The fourth batch (rows 6, 7) carries a code that is not a number.
         let code = if i == 3 { "boom" } else { "200" };
-        for j in 0..2 {
-            text.push_str(&format!(
-                "{{\"ts\":{},\"metric\":\"http\",\"labels\":{{\"code\":\"{code}\",\"n\":\"{j}\"}},\"value\":1}}\n",
+        (0..2).map(move |j| {
+            format!(
+                "{{\"ts\":{},\"metric\":\"http\",\"labels\":{{\"code\":\"{code}\",\"n\":\"{j}\"}},\"value\":1}}",
                 1000 * i
-            ));
-        }
-    }
-    std::fs::write(&path, text).unwrap();
+            )
+        })
+    });
+    let path = common::jsonl_file(dir.path(), "in.jsonl", lines);
     let mut source = FileSourceConfig::new(path);
     source.batch_size = 2;
     let dead = Arc::new(MemoryDeadLetters::default());

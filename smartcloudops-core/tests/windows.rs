@@ -1,63 +1,45 @@
 //! Windows and resampling inside a pipeline: out-of-order rows counted in, late rows dropped,
 //! and the windows still open at the end of the input emitted before the pipeline stops.
 
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use futures::future::BoxFuture;
+use smartcloudops_core::action::MemoryAction;
 use smartcloudops_core::dead_letter::MemoryDeadLetters;
 use smartcloudops_core::prep::window::{Aggregation, LatePolicy, ResampleMethod};
 use smartcloudops_core::prep::{
     FillPolicy, MetricFilter, MetricFilterConfig, ResampleConfig, WindowConfig, WindowPrep,
 };
-use smartcloudops_core::schema::{MetricsBatchBuilder, MetricsColumns};
+use smartcloudops_core::schema::MetricsBatchBuilder;
 use smartcloudops_core::source::{
     FileSource, FileSourceConfig, Source, SourceBatch, SourceContext, SourceStream,
 };
-use smartcloudops_core::{Ack, Action, ActionInput, Pipeline, RecordBatch, Result};
+use smartcloudops_core::{Ack, Pipeline, RecordBatch, Result};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Default)]
-struct Rows(Mutex<Vec<(String, i64, f64)>>);
-
-impl Action for Rows {
-    fn name(&self) -> &str {
-        "rows"
-    }
-    fn wants_every_batch(&self) -> bool {
-        true
-    }
-    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        let cols = MetricsColumns::try_new(&input.batch, "rows").unwrap();
-        let mut rows = self.0.lock().unwrap();
-        for r in 0..input.batch.num_rows() {
-            rows.push((
-                cols.metric(r).to_owned(),
-                cols.ts.value(r),
-                cols.value.value(r),
-            ));
-        }
-        Box::pin(async { Ok(()) })
-    }
+/// Metric, time and value of every row `memory` received.
+fn received(memory: &MemoryAction) -> Vec<(String, i64, f64)> {
+    common::rows(&memory.batches())
+        .into_iter()
+        .map(|r| (r.metric, r.ts, r.value))
+        .collect()
 }
 
 fn file(dir: &std::path::Path, rows: &[(i64, f64)]) -> std::path::PathBuf {
-    let path = dir.join("in.jsonl");
-    let text: String = rows
-        .iter()
-        .map(|(t, v)| {
-            format!(
-                "{{\"ts\":{t},\"metric\":\"cpu\",\"labels\":{{\"host\":\"a\"}},\"value\":{v}}}\n"
-            )
-        })
-        .collect();
-    std::fs::write(&path, text).unwrap();
-    path
+    common::jsonl_file(
+        dir,
+        "in.jsonl",
+        rows.iter().map(|(t, v)| {
+            format!("{{\"ts\":{t},\"metric\":\"cpu\",\"labels\":{{\"host\":\"a\"}},\"value\":{v}}}")
+        }),
+    )
 }
 
 async fn run(prep: WindowPrep, path: std::path::PathBuf) -> Vec<(String, i64, f64)> {
-    let rows = Arc::new(Rows::default());
+    let rows = Arc::new(MemoryAction::new().every_batch());
     let mut source = FileSourceConfig::new(path);
     source.batch_size = 2; // windows close across batches
     Pipeline::builder(FileSource::new(source))
@@ -68,7 +50,7 @@ async fn run(prep: WindowPrep, path: std::path::PathBuf) -> Vec<(String, i64, f6
         .wait()
         .await
         .unwrap();
-    let mut out = rows.0.lock().unwrap().clone();
+    let mut out = received(&rows);
     out.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
     out
 }
@@ -141,7 +123,7 @@ async fn late_rows_can_go_to_the_dead_letter_output_while_the_batch_goes_on() {
         ..WindowConfig::tumbling(Duration::from_secs(60))
     })
     .unwrap();
-    let rows = Arc::new(Rows::default());
+    let rows = Arc::new(MemoryAction::new().every_batch());
     let dead = Arc::new(MemoryDeadLetters::default());
     let mut source = FileSourceConfig::new(path);
     source.batch_size = 2;
@@ -172,7 +154,7 @@ async fn late_rows_can_go_to_the_dead_letter_output_while_the_batch_goes_on() {
         report.metrics.stage("prep:window").unwrap().dead_lettered,
         1
     );
-    let mut out = rows.0.lock().unwrap().clone();
+    let mut out = received(&rows);
     out.sort_by_key(|r| r.1);
     assert_eq!(
         out,
@@ -184,15 +166,11 @@ async fn late_rows_can_go_to_the_dead_letter_output_while_the_batch_goes_on() {
 }
 
 /// Waits (at most 10 s) until the action has seen a row.
-async fn wait_for_a_window(rows: &Rows) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while rows.0.lock().unwrap().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the window never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_for_a_window(rows: &MemoryAction) {
+    common::eventually("a closed window", Duration::from_secs(10), || {
+        rows.row_count() > 0
+    })
+    .await;
 }
 
 /// One batch, then silence until cancelled: a source gone quiet.
@@ -222,7 +200,7 @@ async fn an_idle_source_still_closes_its_windows() {
         ..WindowConfig::tumbling(Duration::from_secs(60))
     })
     .unwrap();
-    let rows = Arc::new(Rows::default());
+    let rows = Arc::new(MemoryAction::new().every_batch());
     let stop = CancellationToken::new();
     let pipeline = Pipeline::builder(QuietAfterOne(b.finish()))
         .prep(prep)
@@ -233,13 +211,10 @@ async fn an_idle_source_still_closes_its_windows() {
     // 100 ms of silence, passes 60 s: while the source is still open.
     wait_for_a_window(&rows).await;
     assert!(!running.is_finished());
-    assert_eq!(
-        rows.0.lock().unwrap().clone(),
-        vec![("cpu_avg".to_owned(), 60_000, 2.0)]
-    );
+    assert_eq!(received(&rows), vec![("cpu_avg".to_owned(), 60_000, 2.0)]);
     stop.cancel();
     running.await.unwrap().unwrap();
-    assert_eq!(rows.0.lock().unwrap().len(), 1, "nothing emitted twice");
+    assert_eq!(rows.row_count(), 1, "nothing emitted twice");
 }
 
 #[tokio::test]
@@ -290,7 +265,7 @@ impl Source for BusyWithOtherMetrics {
 async fn a_window_behind_a_filter_closes_while_the_source_stays_busy() {
     let mut b = MetricsBatchBuilder::default();
     b.push(59_990, "cpu", &[("host", "a")], 4.0);
-    let rows = Arc::new(Rows::default());
+    let rows = Arc::new(MemoryAction::new().every_batch());
     let stop = CancellationToken::new();
     let pipeline = Pipeline::builder(BusyWithOtherMetrics(b.finish()))
         .prep(MetricFilter::new(MetricFilterConfig {
@@ -309,10 +284,7 @@ async fn a_window_behind_a_filter_closes_while_the_source_stays_busy() {
         .build();
     let running = tokio::spawn(pipeline.run(stop.clone()));
     wait_for_a_window(&rows).await;
-    assert_eq!(
-        rows.0.lock().unwrap().clone(),
-        vec![("cpu_max".to_owned(), 60_000, 4.0)]
-    );
+    assert_eq!(received(&rows), vec![("cpu_max".to_owned(), 60_000, 4.0)]);
     stop.cancel();
     running.await.unwrap().unwrap();
 }

@@ -7,10 +7,12 @@
 //! nacks the batch.
 
 pub mod event;
+mod fn_action;
 pub mod jsonl;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod log;
+mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -26,10 +28,12 @@ use crate::error::Result;
 use crate::schema::{MetricsColumns, ScoreColumns, format_ts};
 
 pub use self::event::{Event, SinkPayload};
+pub use self::fn_action::FnAction;
 pub use self::jsonl::{JsonlAction, JsonlActionConfig};
 #[cfg(feature = "kafka")]
 pub use self::kafka::{KafkaSink, KafkaSinkConfig, KafkaSinkPayload};
 pub use self::log::{LogAction, LogActionConfig, LogFormat};
+pub use self::memory::MemoryAction;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig};
 

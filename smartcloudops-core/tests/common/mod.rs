@@ -1,5 +1,8 @@
-//! Test doubles shared by the integration tests: a source that records the fate of every
-//! batch it produced, a detector that flags every row, and an action that records what it did.
+//! Test doubles and helpers shared by the integration tests: a source that records the fate
+//! of every batch it produced, a detector that flags every row, an action that records what it
+//! did, the rows of collected batches, JSON-lines input files and wait loops. (Actions that
+//! only collect are [`smartcloudops_core::action::MemoryAction`] and
+//! [`smartcloudops_core::action::FnAction`].)
 #![allow(dead_code, unreachable_pub)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use smartcloudops_core::detector::{ScoreColumnsBuilder, Verdict};
-use smartcloudops_core::schema::MetricsBatchBuilder;
+use smartcloudops_core::schema::{MetricsBatchBuilder, MetricsColumns};
 use smartcloudops_core::source::{SourceContext, SourceStream};
 use smartcloudops_core::{
     Ack, AckOutcome, Action, ActionInput, Detector, RecordBatch, Result, Source, SourceBatch,
@@ -160,4 +163,62 @@ pub fn outcomes(log: &Log) -> Vec<(usize, AckOutcome)> {
             Event::ActionDone(_) => None,
         })
         .collect()
+}
+
+/// One row of a metrics batch, as the tests compare them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub series_id: u64,
+    pub ts: i64,
+    pub metric: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// Every row of `batches`, in order (the batches a `MemoryAction` collected, say).
+pub fn rows(batches: &[RecordBatch]) -> Vec<Row> {
+    let mut out = Vec::new();
+    for batch in batches {
+        let cols = MetricsColumns::try_new(batch, "test rows").unwrap();
+        out.extend((0..batch.num_rows()).map(|r| Row {
+            series_id: cols.series_id.value(r),
+            ts: cols.ts.value(r),
+            metric: cols.metric(r).to_owned(),
+            labels: cols.labels(r),
+            value: cols.value.value(r),
+        }));
+    }
+    out
+}
+
+/// Writes `lines` (one JSON object each) to `dir/name`, newline-terminated.
+pub fn jsonl_file(
+    dir: &std::path::Path,
+    name: &str,
+    lines: impl IntoIterator<Item = String>,
+) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let text: String = lines.into_iter().map(|line| line + "\n").collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Polls `done` until it holds or `timeout` passed; whether it held.
+pub async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done()
+}
+
+/// Polls `done` until it holds; fails the test after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+    assert!(
+        wait_until(timeout, done).await,
+        "timed out waiting for {what}"
+    );
 }

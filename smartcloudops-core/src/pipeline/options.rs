@@ -1,0 +1,44 @@
+//! Runtime settings: queue sizes, what happens when a queue is full, action concurrency,
+//! the shutdown drain limit.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What a stage does when the queue to the next stage is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Wait for room: backpressure reaches the source. Nothing is lost.
+    #[default]
+    Block,
+    /// Drop the new batch, count its rows as dropped and nack it to its source (which may
+    /// redeliver it). For live feeds where freshness beats completeness.
+    DropNewest,
+}
+
+/// Runtime settings of a pipeline (`[runtime]` in the config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineOptions {
+    /// Batches each inter-stage queue holds.
+    pub channel_capacity: usize,
+    /// What happens when a queue is full.
+    pub when_full: WhenFull,
+    /// Batches the action stage works on at once.
+    pub action_concurrency: usize,
+    /// How long a shutdown may drain before in-flight batches are abandoned (and nacked).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        Self {
+            channel_capacity: 8,
+            when_full: WhenFull::Block,
+            action_concurrency: 4,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The transform task: preps, the detector and alerts, between the source's queue and the
+//! actions' queue; detector snapshots and state handoff; rows preps hold back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use tokio::sync::mpsc;
+
+use super::builder::SnapshotFile;
+use super::handoff::StateHandoff;
+use super::run::{Pending, Scored, send_with_policy, unsent_reason};
+use super::{PipelineMetrics, StageMetrics, WhenFull};
+use crate::ack::Ack;
+use crate::action::{ActionInput, Alert};
+use crate::dead_letter::{DeadLetterQueue, DeadLetterSink};
+use crate::detector::Detector;
+use crate::error::{Error, Result};
+use crate::prep::Prep;
+
+pub(super) struct TransformTask {
+    pub(super) rx: mpsc::Receiver<Pending>,
+    pub(super) tx: mpsc::Sender<Scored>,
+    pub(super) preps: Vec<(Box<dyn Prep>, Arc<StageMetrics>)>,
+    pub(super) detector: Option<(Box<dyn Detector>, Arc<StageMetrics>)>,
+    /// The snapshot file and when it was last written.
+    pub(super) snapshot: Option<(SnapshotFile, Instant)>,
+    /// Per-series states kept in a store outside the process.
+    pub(super) handoff: Option<StateHandoff>,
+    /// When the detector's state gauges were last published.
+    pub(super) gauges_at: Option<Instant>,
+    pub(super) dead_letters: Arc<dyn DeadLetterSink>,
+    pub(super) has_every_batch_action: bool,
+    pub(super) has_actions: bool,
+    pub(super) policy: WhenFull,
+    /// The first transform stage: its metrics carry the depth of the queue from the source.
+    pub(super) queue_stage: Arc<StageMetrics>,
+    /// The last transform stage: it is charged with rows dropped at the action queue.
+    pub(super) last_stage: Arc<StageMetrics>,
+    pub(super) action_queue_stage: Arc<StageMetrics>,
+    pub(super) metrics: Arc<PipelineMetrics>,
+}
+
+/// A prep or the detector failed on a batch; the batch goes to the dead-letter output.
+struct StageFailure {
+    stage: Arc<StageMetrics>,
+    batch: RecordBatch,
+    error: Error,
+}
+
+impl StageFailure {
+    /// Sends the batch to the dead-letter output with the error (see [`dead_letter_batch`]).
+    fn dead_letter(self, sink: &Arc<dyn DeadLetterSink>, ack: Ack) {
+        dead_letter_batch(sink, &self.stage, &self.batch, &self.error, ack);
+    }
+}
+
+pub(super) async fn transform_task(mut t: TransformTask) -> Result<()> {
+    let result = transform_loop(&mut t).await;
+    // At shutdown, whatever ended the loop: the state learned so far is worth keeping.
+    save_snapshot(&mut t);
+    if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut()) {
+        handoff.save_final(detector.as_mut(), stage).await;
+    }
+    publish_detector_gauges(&mut t);
+    result
+}
+
+/// How often the detector's state gauges are refreshed: `state_bytes` walks every series.
+const DETECTOR_GAUGES_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes the detector's memory accounting as gauges of its stage:
+/// `smartcloudops_detector_series`, `…_detector_state_bytes`, `…_detector_evicted_series`.
+fn publish_detector_gauges(t: &mut TransformTask) {
+    if let Some((detector, stage)) = &t.detector {
+        stage.set_gauge("detector_series", &[], detector.series_count() as f64);
+        stage.set_gauge("detector_state_bytes", &[], detector.state_bytes() as f64);
+        stage.set_gauge(
+            "detector_evicted_series",
+            &[],
+            detector.evicted_series() as f64,
+        );
+        t.gauges_at = Some(Instant::now());
+    }
+}
+
+/// Writes the detector's snapshot (temporary file, then rename). A failure is logged, not
+/// fatal: scoring goes on, and the next save tries again. Encoding and writing block this
+/// task (the detector cannot score meanwhile) but, on a multi-threaded runtime, not the
+/// others: the source and the actions keep running.
+fn save_snapshot(t: &mut TransformTask) {
+    let (Some((file, last)), Some((detector, _))) = (t.snapshot.as_mut(), t.detector.as_ref())
+    else {
+        return;
+    };
+    *last = Instant::now();
+    let started = Instant::now();
+    let write = || -> Result<usize> {
+        let bytes = detector.snapshot()?;
+        let tmp = file.path.with_extension("tmp");
+        if let Some(dir) = file.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        std::fs::write(&tmp, &bytes)
+            .and_then(|()| std::fs::rename(&tmp, &file.path))
+            .map_err(|e| Error::io(format!("saving {}", file.path.display()), e))?;
+        Ok(bytes.len())
+    };
+    let written = crate::util::run_blocking(write);
+    match written {
+        Ok(bytes) => tracing::debug!(
+            path = %file.path.display(),
+            bytes,
+            series = detector.series_count(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "detector snapshot saved"
+        ),
+        Err(e) => tracing::error!("detector snapshot not saved: {e}"),
+    }
+}
+
+async fn transform_loop(t: &mut TransformTask) -> Result<()> {
+    // Stages that release rows as time passes (idle watermark advance) are ticked on a fixed
+    // period, whether batches arrive or not: a stage can be idle while the source is busy
+    // (an earlier stage filters every row out).
+    let tick_every = t.preps.iter().filter_map(|(p, _)| p.tick_interval()).min();
+    let mut next_tick = tick_every.map(|every| tokio::time::Instant::now() + every);
+    loop {
+        if let (Some(every), Some(at)) = (tick_every, next_tick)
+            && tokio::time::Instant::now() >= at
+        {
+            next_tick = Some(tokio::time::Instant::now() + every);
+            if !release_held(t, Held::Tick).await {
+                break;
+            }
+        }
+        let next = match next_tick {
+            Some(at) => match tokio::time::timeout_at(at, t.rx.recv()).await {
+                Ok(next) => next,
+                Err(_) => continue, // time to tick
+            },
+            None => t.rx.recv().await,
+        };
+        let Some(Pending { batch, ack }) = next else {
+            break;
+        };
+        t.queue_stage.queue_pop();
+        if t.snapshot
+            .as_ref()
+            .is_some_and(|(file, last)| last.elapsed() >= file.every)
+        {
+            save_snapshot(t);
+        }
+        if t.gauges_at
+            .is_none_or(|at| at.elapsed() >= DETECTOR_GAUGES_EVERY)
+        {
+            publish_detector_gauges(t);
+        }
+        if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut())
+            && handoff.save_due()
+        {
+            handoff.save(detector.as_mut(), stage).await;
+        }
+        let batch = match run_preps(t, batch) {
+            Ok(batch) => batch,
+            Err(failure) => {
+                failure.dead_letter(&t.dead_letters, ack);
+                continue;
+            }
+        };
+        if !score_and_send(t, batch, ack).await {
+            break;
+        }
+    }
+    release_held(t, Held::Flush).await;
+    Ok(())
+}
+
+/// Runs the detector on a batch that went through the preps and hands it to the actions.
+/// Returns false once the action stage is gone.
+async fn score_and_send(t: &mut TransformTask, batch: RecordBatch, ack: Ack) -> bool {
+    if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut()) {
+        handoff.load_unknown(detector.as_mut(), stage, &batch).await;
+    }
+    let scored = match run_detector(t, batch) {
+        Ok(scored) => scored,
+        Err(failure) => {
+            failure.dead_letter(&t.dead_letters, ack);
+            return true;
+        }
+    };
+    let alerts = match Alert::from_scored(&scored) {
+        Ok(alerts) => alerts,
+        Err(error) => {
+            let stage = t
+                .detector
+                .as_ref()
+                .map(|(_, m)| m.clone())
+                .unwrap_or_else(|| t.queue_stage.clone());
+            dead_letter_batch(&t.dead_letters, &stage, &scored, &error, ack);
+            return true;
+        }
+    };
+    t.metrics.record_alerts(alerts.len());
+    if !t.has_actions || (alerts.is_empty() && !t.has_every_batch_action) {
+        // Nothing downstream has work for this batch: it is fully handled.
+        ack.ack();
+        return true;
+    }
+    let rows = scored.num_rows();
+    let item = Scored {
+        input: Arc::new(ActionInput {
+            batch: scored,
+            alerts,
+        }),
+        ack,
+    };
+    let policy = t.policy;
+    send_with_policy(
+        &t.tx,
+        item,
+        policy,
+        &t.action_queue_stage,
+        &t.last_stage,
+        rows,
+        |s| s.ack.nack(unsent_reason(policy)),
+    )
+    .await
+}
+
+/// Why held rows are released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// The input ended: every open window.
+    Flush,
+    /// No batch for a while: what a stage releases as time passes.
+    Tick,
+}
+
+/// Rows preps held back (open windows) go through the rest of the pipeline: at the end of the
+/// input, or on a tick while the source is quiet. Their input batches were acknowledged
+/// already, so these carry no ack. Returns false once the action stage is gone.
+async fn release_held(t: &mut TransformTask, why: Held) -> bool {
+    for i in 0..t.preps.len() {
+        let flushed = {
+            let (prep, stage) = &mut t.preps[i];
+            let released = match why {
+                Held::Flush => prep.flush(),
+                Held::Tick => prep.tick(),
+            };
+            match released {
+                Ok(Some(batch)) if batch.num_rows() > 0 => {
+                    stage.record_out(batch.num_rows(), Duration::ZERO);
+                    batch
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    stage.record_error();
+                    tracing::error!(stage = stage.name(), "flushing held rows failed: {e}");
+                    continue;
+                }
+            }
+        };
+        let mut batch = flushed;
+        let mut failed = None;
+        for (prep, stage) in &mut t.preps[i + 1..] {
+            stage.record_in(batch.num_rows());
+            match prep.process(&batch) {
+                Ok(out) => batch = out,
+                Err(error) => {
+                    stage.record_error();
+                    failed = Some((stage.clone(), error));
+                    break;
+                }
+            }
+            if let Err(error) = dead_letter_rejected(&t.dead_letters, prep.as_mut(), stage) {
+                failed = Some((stage.clone(), error));
+                break;
+            }
+        }
+        if let Some((stage, error)) = failed {
+            dead_letter_batch(&t.dead_letters, &stage, &batch, &error, Ack::none());
+            continue;
+        }
+        if !score_and_send(t, batch, Ack::none()).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Sends the rows a prep set aside (late rows) to the dead-letter output, one letter for
+/// all of them.
+fn dead_letter_rejected(
+    sink: &Arc<dyn DeadLetterSink>,
+    prep: &mut dyn Prep,
+    stage: &Arc<StageMetrics>,
+) -> Result<()> {
+    let Some((rows, reason)) = prep.take_rejected() else {
+        return Ok(());
+    };
+    if rows.num_rows() == 0 {
+        return Ok(());
+    }
+    let queue = DeadLetterQueue::new(sink.clone(), stage.clone());
+    queue.send(
+        format!("{} rows set aside", rows.num_rows()),
+        reason,
+        crate::util::batch_to_json_lines(&rows),
+    )?;
+    stage.record_dead_lettered(rows.num_rows().saturating_sub(1));
+    Ok(())
+}
+
+/// Runs one stage on `batch`, counting the rows in and out and the time it took; on an error
+/// the stage's error count goes up and the batch it was given comes back for the dead-letter
+/// output.
+fn run_stage(
+    stage: &Arc<StageMetrics>,
+    batch: RecordBatch,
+    process: impl FnOnce(&RecordBatch) -> Result<RecordBatch>,
+) -> Result<RecordBatch, StageFailure> {
+    let started = Instant::now();
+    stage.record_in(batch.num_rows());
+    match process(&batch) {
+        Ok(out) => {
+            stage.record_out(out.num_rows(), started.elapsed());
+            Ok(out)
+        }
+        Err(error) => {
+            stage.record_error();
+            Err(StageFailure {
+                stage: stage.clone(),
+                batch,
+                error,
+            })
+        }
+    }
+}
+
+fn run_preps(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatch, StageFailure> {
+    for (prep, stage) in &mut t.preps {
+        // A cheap copy (shared arrays): the input is what gets dead-lettered if the rows the
+        // prep set aside cannot be.
+        let out = run_stage(stage, batch.clone(), |b| prep.process(b))?;
+        // Rows set aside go to the dead-letter output before the batch can be acked; if that
+        // output fails, the whole batch fails (and is nacked if it fails too).
+        if let Err(error) = dead_letter_rejected(&t.dead_letters, prep.as_mut(), stage) {
+            return Err(StageFailure {
+                stage: stage.clone(),
+                batch,
+                error,
+            });
+        }
+        batch = out;
+    }
+    Ok(batch)
+}
+
+fn run_detector(t: &mut TransformTask, batch: RecordBatch) -> Result<RecordBatch, StageFailure> {
+    match &mut t.detector {
+        Some((detector, stage)) => run_stage(stage, batch, |b| detector.score(b)),
+        None => Ok(batch),
+    }
+}
+
+/// Sends every row of a failed batch to the dead-letter output (one letter for the batch),
+/// then acks it — or nacks it if the dead-letter output failed.
+fn dead_letter_batch(
+    sink: &Arc<dyn DeadLetterSink>,
+    stage: &Arc<StageMetrics>,
+    batch: &RecordBatch,
+    error: &Error,
+    ack: Ack,
+) {
+    let queue = DeadLetterQueue::new(sink.clone(), stage.clone());
+    let payload = crate::util::batch_to_json_lines(batch);
+    match queue.send(
+        format!("batch of {} rows", batch.num_rows()),
+        error.to_string(),
+        payload,
+    ) {
+        Ok(()) => {
+            // `send` counted one letter; the other rows of the batch went with it.
+            stage.record_dead_lettered(batch.num_rows().saturating_sub(1));
+            ack.ack();
+        }
+        Err(e) => ack.nack(format!("{error}; and the dead-letter output failed: {e}")),
+    }
+}

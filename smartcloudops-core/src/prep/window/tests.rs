@@ -1,0 +1,218 @@
+use super::*;
+
+fn batch(rows: &[(&str, i64, f64)]) -> RecordBatch {
+    let mut b = MetricsBatchBuilder::default();
+    for (host, ts, v) in rows {
+        b.push(*ts, "cpu", &[("host", *host)], *v);
+    }
+    b.finish()
+}
+
+fn rows(b: &RecordBatch) -> Vec<(String, String, i64, f64)> {
+    let cols = MetricsColumns::try_new(b, "t").unwrap();
+    let mut out: Vec<_> = (0..b.num_rows())
+        .map(|r| {
+            (
+                cols.metric(r).to_owned(),
+                cols.labels(r)[0].1.clone(),
+                cols.ts.value(r),
+                cols.value.value(r),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| (a.2, &a.1, &a.0).cmp(&(b.2, &b.1, &b.0)));
+    out
+}
+
+#[test]
+fn tumbling_windows_aggregate_per_series_and_emit_when_the_watermark_passes() {
+    let mut w = WindowPrep::new(&WindowConfig {
+        aggregations: vec![Aggregation::Avg, Aggregation::Max, Aggregation::Count],
+        ..WindowConfig::tumbling(Duration::from_secs(60))
+    })
+    .unwrap();
+    let out = w
+        .process(&batch(&[
+            ("a", 0, 1.0),
+            ("a", 30_000, 3.0),
+            ("b", 10_000, 10.0),
+        ]))
+        .unwrap();
+    assert_eq!(out.num_rows(), 0, "the first minute is still open");
+    let out = w.process(&batch(&[("a", 60_000, 5.0)])).unwrap();
+    assert_eq!(
+        rows(&out),
+        vec![
+            ("cpu_avg".into(), "a".into(), 60_000, 2.0),
+            ("cpu_count".into(), "a".into(), 60_000, 2.0),
+            ("cpu_max".into(), "a".into(), 60_000, 3.0),
+            ("cpu_avg".into(), "b".into(), 60_000, 10.0),
+            ("cpu_count".into(), "b".into(), 60_000, 1.0),
+            ("cpu_max".into(), "b".into(), 60_000, 10.0),
+        ]
+    );
+    let starts = out.column_by_name("window_start").unwrap();
+    assert_eq!(starts.len(), 6);
+    // End of input: the open minute comes out.
+    let last = w.flush().unwrap().unwrap();
+    assert_eq!(
+        rows(&last),
+        vec![
+            ("cpu_avg".into(), "a".into(), 120_000, 5.0),
+            ("cpu_count".into(), "a".into(), 120_000, 1.0),
+            ("cpu_max".into(), "a".into(), 120_000, 5.0)
+        ]
+    );
+    assert!(w.flush().unwrap().is_none());
+}
+
+#[test]
+fn out_of_order_rows_count_until_the_watermark_and_late_ones_are_dropped_and_counted() {
+    let mut w = WindowPrep::new(&WindowConfig {
+        aggregations: vec![Aggregation::Sum],
+        max_out_of_orderness: Duration::from_secs(30),
+        ..WindowConfig::tumbling(Duration::from_secs(60))
+    })
+    .unwrap();
+    // 70 s seen, watermark 40 s: the first minute stays open for the row at 20 s.
+    assert_eq!(
+        w.process(&batch(&[("a", 10_000, 1.0), ("a", 70_000, 1.0)]))
+            .unwrap()
+            .num_rows(),
+        0
+    );
+    assert_eq!(
+        w.process(&batch(&[("a", 20_000, 2.0)])).unwrap().num_rows(),
+        0
+    );
+    let out = w.process(&batch(&[("a", 95_000, 1.0)])).unwrap();
+    assert_eq!(
+        rows(&out),
+        vec![("cpu_sum".into(), "a".into(), 60_000, 3.0)]
+    );
+    // The first minute is gone: a row for it is late.
+    let out = w.process(&batch(&[("a", 30_000, 100.0)])).unwrap();
+    assert_eq!(out.num_rows(), 0);
+    assert_eq!(w.late_rows(), 1);
+    let mut strict = WindowPrep::new(&WindowConfig {
+        late: LatePolicy::Fail,
+        ..WindowConfig::tumbling(Duration::from_secs(60))
+    })
+    .unwrap();
+    strict.process(&batch(&[("a", 120_000, 1.0)])).unwrap();
+    let err = strict.process(&batch(&[("a", 1_000, 1.0)])).unwrap_err();
+    assert!(
+        err.to_string().contains("after its windows closed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sliding_windows_overlap_and_percentiles_use_nearest_rank() {
+    let mut w = WindowPrep::new(&WindowConfig {
+        slide: Some(Duration::from_secs(30)),
+        aggregations: vec![Aggregation::Count, Aggregation::P90],
+        ..WindowConfig::tumbling(Duration::from_secs(60))
+    })
+    .unwrap();
+    let input: Vec<(&str, i64, f64)> = (0..10).map(|i| ("a", i * 10_000, i as f64)).collect();
+    let mut r = rows(&w.process(&batch(&input)).unwrap());
+    r.extend(rows(&w.flush().unwrap().unwrap()));
+    // Windows [-30,30) [0,60) [30,90) [60,120) [90,150) over rows at 0, 10 … 90 s.
+    let counts: Vec<f64> = r
+        .iter()
+        .filter(|x| x.0 == "cpu_count")
+        .map(|x| x.3)
+        .collect();
+    assert_eq!(counts, vec![3.0, 6.0, 6.0, 4.0, 1.0]);
+    let p90: Vec<f64> = r.iter().filter(|x| x.0 == "cpu_p90").map(|x| x.3).collect();
+    assert_eq!(p90, vec![2.0, 5.0, 8.0, 9.0, 9.0]);
+}
+
+#[test]
+fn series_that_stop_reporting_are_forgotten_while_others_go_on() {
+    let mut w = WindowPrep::new(&WindowConfig::tumbling(Duration::from_secs(60))).unwrap();
+    w.process(&batch(&[("gone", 0, 1.0), ("busy", 0, 1.0)]))
+        .unwrap();
+    assert_eq!(w.tracked_series(), 2);
+    // Only `busy` reports from now on; the open windows never all close at once.
+    for minute in 1..5 {
+        w.process(&batch(&[("busy", minute * 60_000, 1.0)]))
+            .unwrap();
+    }
+    assert_eq!(w.tracked_series(), 1, "only the series still reporting");
+    // A series that comes back is named again.
+    let out = w
+        .process(&batch(&[("gone", 300_000, 2.0), ("busy", 360_000, 1.0)]))
+        .unwrap();
+    assert!(
+        rows(&out).iter().any(|r| r.1 == "gone" && r.3 == 2.0),
+        "{:?}",
+        rows(&out)
+    );
+}
+
+#[test]
+fn resampling_gives_one_row_per_step_at_its_start_with_the_metric_name_kept() {
+    let mut r = WindowPrep::resample(&ResampleConfig {
+        step: Duration::from_secs(60),
+        method: ResampleMethod::Last,
+        ..ResampleConfig::new(Duration::ZERO)
+    })
+    .unwrap();
+    let out = r
+        .process(&batch(&[
+            ("a", 5_000, 1.0),
+            ("a", 50_000, 2.0),
+            ("a", 61_000, 3.0),
+            ("a", 125_000, 4.0),
+        ]))
+        .unwrap();
+    assert_eq!(
+        rows(&out),
+        vec![
+            ("cpu".into(), "a".into(), 0, 2.0),
+            ("cpu".into(), "a".into(), 60_000, 3.0)
+        ]
+    );
+    assert_eq!(
+        out.num_columns(),
+        5,
+        "the canonical schema, nothing appended"
+    );
+    let mut mean = WindowPrep::resample(&ResampleConfig {
+        step: Duration::from_secs(60),
+        method: ResampleMethod::Mean,
+        ..ResampleConfig::new(Duration::ZERO)
+    })
+    .unwrap();
+    mean.process(&batch(&[("a", 5_000, 1.0), ("a", 50_000, 2.0)]))
+        .unwrap();
+    assert_eq!(
+        rows(&mean.flush().unwrap().unwrap()),
+        vec![("cpu".into(), "a".into(), 0, 1.5)]
+    );
+}
+
+proptest::proptest! {
+    #[test]
+    fn every_finite_in_order_value_is_counted_once_per_window(
+        values in proptest::collection::vec((0i64..600_000, -1e6f64..1e6), 1..200)
+    ) {
+        let mut sorted = values.clone();
+        sorted.sort_by_key(|(t, _)| *t);
+        let mut w = WindowPrep::new(&WindowConfig {
+            aggregations: vec![Aggregation::Count],
+            ..WindowConfig::tumbling(Duration::from_secs(60))
+        }).unwrap();
+        let rows_in: Vec<(&str, i64, f64)> = sorted.iter().map(|(t, v)| ("a", *t, *v)).collect();
+        let mut total = 0.0;
+        let out = w.process(&batch(&rows_in)).unwrap();
+        total += rows(&out).iter().map(|r| r.3).sum::<f64>();
+        if let Some(rest) = w.flush().unwrap() {
+            total += rows(&rest).iter().map(|r| r.3).sum::<f64>();
+        }
+        proptest::prop_assert_eq!(total as usize, sorted.len());
+        proptest::prop_assert_eq!(w.late_rows(), 0);
+    }
+}
