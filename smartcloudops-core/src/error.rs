@@ -203,6 +203,40 @@ impl Problems {
         }
     }
 
+    /// Records `message` at `field` unless `ok`, and hands the list on (for chains of checks).
+    pub fn require(mut self, ok: bool, field: &str, message: impl Into<String>) -> Self {
+        self.check(ok, field, message, "");
+        self
+    }
+
+    /// A weight: in `(0, 1]`.
+    pub fn weight(self, field: &str, value: f64) -> Self {
+        let ok = value > 0.0 && value <= 1.0;
+        self.require(ok, field, format!("must be in (0, 1], got {value}"))
+    }
+
+    /// A positive, finite number.
+    pub fn positive(self, field: &str, value: f64) -> Self {
+        let ok = value > 0.0 && value.is_finite();
+        self.require(ok, field, format!("must be positive, got {value}"))
+    }
+
+    /// Zero or a positive, finite number.
+    pub fn non_negative(self, field: &str, value: f64) -> Self {
+        let ok = value >= 0.0 && value.is_finite();
+        self.require(ok, field, format!("must be 0 or positive, got {value}"))
+    }
+
+    /// A count within `range`.
+    pub fn within(self, field: &str, value: u32, range: std::ops::RangeInclusive<u32>) -> Self {
+        let message = format!(
+            "must be between {} and {}, got {value}",
+            range.start(),
+            range.end()
+        );
+        self.require(range.contains(&value), field, message)
+    }
+
     /// Records every problem of `other` with `prefix.` before its path (`prefix` alone for
     /// a problem about the whole table).
     pub fn extend_at(&mut self, prefix: &str, other: Problems) {

@@ -41,12 +41,11 @@ impl Default for ContextConfig {
 
 impl ContextConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        Problems::default()
+    pub fn problems(&self) -> Problems {
+        Problems::new()
             .within("levels", self.levels, 2..=MAX_LEVELS)
             .within("length", self.length, 1..=MAX_LENGTH)
             .within("bits_log2", self.bits_log2, 10..=20)
-            .into_vec()
     }
 }
 

@@ -52,12 +52,11 @@ impl CusumConfig {
     }
 
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        Problems::default()
+    pub fn problems(&self) -> Problems {
+        Problems::new()
             .weight("alpha", self.alpha)
             .non_negative("drift", self.drift)
             .positive("threshold", self.threshold)
-            .into_vec()
     }
 }
 
@@ -137,7 +136,7 @@ impl KeyedDetector<CusumState> {
 
 impl crate::component::ComponentConfig for CusumConfig {
     fn problems(&self) -> crate::error::Problems {
-        CusumConfig::problems(self).into_iter().collect()
+        CusumConfig::problems(self)
     }
 }
 

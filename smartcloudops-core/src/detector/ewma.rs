@@ -36,12 +36,11 @@ pub struct EwmaConfig {
 impl EwmaConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid. The detector
     /// never panics on invalid values, but they make its scores meaningless.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        Problems::default()
+    pub fn problems(&self) -> Problems {
+        Problems::new()
             .weight("alpha", self.alpha)
             .positive("threshold", self.threshold)
             .non_negative("min_sd_ratio", self.min_sd_ratio)
-            .into_vec()
     }
 }
 
@@ -202,12 +201,12 @@ impl crate::component::ComponentConfig for EwmaConfig {
             ("threshold", "in standard deviations, e.g. 4"),
         ];
         let mut problems = crate::error::Problems::new();
-        for (field, message) in EwmaConfig::problems(self) {
+        for e in EwmaConfig::problems(self) {
             let hint = hints
                 .iter()
-                .find(|(f, _)| *f == field)
+                .find(|(f, _)| *f == e.path)
                 .map_or("", |(_, h)| *h);
-            problems.check(false, field, message, hint);
+            problems.check(false, e.path, e.message, hint);
         }
         problems
     }

@@ -62,13 +62,12 @@ pub const MAX_SHINGLE: u32 = 16;
 
 impl HstConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        Problems::default()
+    pub fn problems(&self) -> Problems {
+        Problems::new()
             .within("trees", self.trees, 1..=MAX_TREES)
             .within("depth", self.depth, 1..=MAX_DEPTH)
             .within("window", self.window, 10..=u32::from(u16::MAX))
             .within("shingle", self.shingle, 1..=MAX_SHINGLE)
-            .into_vec()
     }
 }
 
@@ -280,7 +279,7 @@ impl KeyedDetector<HstState> {
 
 impl crate::component::ComponentConfig for HstConfig {
     fn problems(&self) -> crate::error::Problems {
-        HstConfig::problems(self).into_iter().collect()
+        HstConfig::problems(self)
     }
 }
 

@@ -44,16 +44,15 @@ impl Default for MadConfig {
 
 impl MadConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        Problems::default()
-            .check(
+    pub fn problems(&self) -> Problems {
+        Problems::new()
+            .require(
                 self.rate > 0.0 && self.rate < 1.0,
                 "rate",
                 format!("must be in (0, 1), got {}", self.rate),
             )
             .positive("threshold", self.threshold)
             .non_negative("min_scale_ratio", self.min_scale_ratio)
-            .into_vec()
     }
 }
 
@@ -158,7 +157,7 @@ impl KeyedDetector<MadState> {
 
 impl crate::component::ComponentConfig for MadConfig {
     fn problems(&self) -> crate::error::Problems {
-        MadConfig::problems(self).into_iter().collect()
+        MadConfig::problems(self)
     }
 }
 

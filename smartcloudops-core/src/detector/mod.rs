@@ -54,6 +54,8 @@ pub use self::ensemble::{EnsembleConfig, EnsembleDetector, Preset};
 pub use self::ewma::{EwmaConfig, EwmaDetector};
 pub use self::keyed::{KeyedDetector, SeriesModel};
 pub use self::threshold::{ThresholdConfig, ThresholdDetector};
+/// Detector configurations report their problems in the crate's one problem list.
+pub use crate::error::Problems;
 
 /// A `[detector]` kind's configuration: a serde struct that checks itself
 /// ([`ComponentConfig`]) and builds its detector. Listed in the
@@ -161,60 +163,6 @@ pub trait SeriesStateStore: Send + Sync + fmt::Debug {
         namespace: &'a str,
         states: &'a [(u64, Vec<u8>)],
     ) -> BoxFuture<'a, Result<()>>;
-}
-
-/// Builds the `(field, message)` list a detector configuration's `problems()` returns. The
-/// detectors never panic on invalid values, but such values make their scores meaningless,
-/// so configurations are checked before a detector is built.
-#[derive(Debug, Default)]
-pub struct Problems(Vec<(&'static str, String)>);
-
-impl Problems {
-    /// Records `message` for `field` unless `ok`.
-    pub fn check(mut self, ok: bool, field: &'static str, message: impl Into<String>) -> Self {
-        if !ok {
-            self.0.push((field, message.into()));
-        }
-        self
-    }
-
-    /// A weight: in `(0, 1]`.
-    pub fn weight(self, field: &'static str, value: f64) -> Self {
-        let ok = value > 0.0 && value <= 1.0;
-        self.check(ok, field, format!("must be in (0, 1], got {value}"))
-    }
-
-    /// A positive, finite number.
-    pub fn positive(self, field: &'static str, value: f64) -> Self {
-        let ok = value > 0.0 && value.is_finite();
-        self.check(ok, field, format!("must be positive, got {value}"))
-    }
-
-    /// Zero or a positive, finite number.
-    pub fn non_negative(self, field: &'static str, value: f64) -> Self {
-        let ok = value >= 0.0 && value.is_finite();
-        self.check(ok, field, format!("must be 0 or positive, got {value}"))
-    }
-
-    /// A count within `range`.
-    pub fn within(
-        self,
-        field: &'static str,
-        value: u32,
-        range: std::ops::RangeInclusive<u32>,
-    ) -> Self {
-        let message = format!(
-            "must be between {} and {}, got {value}",
-            range.start(),
-            range.end()
-        );
-        self.check(range.contains(&value), field, message)
-    }
-
-    /// The problems found.
-    pub fn into_vec(self) -> Vec<(&'static str, String)> {
-        self.0
-    }
 }
 
 /// One row's verdict.

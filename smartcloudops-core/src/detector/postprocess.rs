@@ -73,14 +73,13 @@ pub const MAX_HISTORY: u32 = 100_000;
 
 impl LikelihoodConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        Problems::default()
+    pub fn problems(&self) -> Problems {
+        Problems::new()
             .within("average", self.average, 1..=MAX_AVERAGE)
             .within("history", self.history, 10..=MAX_HISTORY)
-            .check(self.refit > 0, "refit", "must be at least 1")
+            .require(self.refit > 0, "refit", "must be at least 1")
             .within("learning", self.learning, 0..=MAX_HISTORY)
             .positive("min_sd", self.min_sd)
-            .into_vec()
     }
 }
 
@@ -210,15 +209,12 @@ pub struct RangeNoveltyConfig {
 
 impl RangeNoveltyConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        Problems::default()
-            .non_negative("margin", self.margin)
-            .check(
-                (0.0..=1.0).contains(&self.min_raw),
-                "min_raw",
-                format!("must be between 0 and 1, got {}", self.min_raw),
-            )
-            .into_vec()
+    pub fn problems(&self) -> Problems {
+        Problems::new().non_negative("margin", self.margin).require(
+            (0.0..=1.0).contains(&self.min_raw),
+            "min_raw",
+            format!("must be between 0 and 1, got {}", self.min_raw),
+        )
     }
 }
 

@@ -119,7 +119,7 @@ pub fn parse_ensemble(
 
 impl ComponentConfig for EnsembleConfig {
     fn problems(&self) -> Problems {
-        EnsembleConfig::problems(self).into_iter().collect()
+        EnsembleConfig::problems(self)
     }
 }
 

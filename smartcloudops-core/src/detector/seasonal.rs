@@ -61,9 +61,9 @@ pub const MAX_SLOTS: u32 = 1008;
 
 impl SeasonalConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        Problems::default()
-            .check(
+    pub fn problems(&self) -> Problems {
+        Problems::new()
+            .require(
                 self.period.as_millis() >= u128::from(self.slots.max(1)),
                 "period",
                 "must be at least one millisecond per slot",
@@ -71,7 +71,6 @@ impl SeasonalConfig {
             .within("slots", self.slots, 1..=MAX_SLOTS)
             .weight("alpha", self.alpha)
             .positive("threshold", self.threshold)
-            .into_vec()
     }
 
     fn period_ms(&self) -> i64 {
@@ -258,7 +257,7 @@ impl KeyedDetector<SeasonalState> {
 
 impl crate::component::ComponentConfig for SeasonalConfig {
     fn problems(&self) -> crate::error::Problems {
-        SeasonalConfig::problems(self).into_iter().collect()
+        SeasonalConfig::problems(self)
     }
 }
 

@@ -45,23 +45,17 @@ pub struct ThresholdConfig {
 
 impl ThresholdConfig {
     /// Problems with the values, as `(field, message)` pairs; empty when valid.
-    pub fn problems(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
+    pub fn problems(&self) -> crate::error::Problems {
+        let mut out = crate::error::Problems::new();
         if self.rules.is_empty() {
-            out.push(("rule".to_owned(), "at least one rule is needed".to_owned()));
+            out.push("rule", "at least one rule is needed");
         }
         for (i, r) in self.rules.iter().enumerate() {
             if r.above.is_none() && r.below.is_none() {
-                out.push((
-                    format!("rule[{i}]"),
-                    "needs `above`, `below` or both".to_owned(),
-                ));
+                out.push(format!("rule[{i}]"), "needs `above`, `below` or both");
             }
             if r.above.is_some_and(f64::is_nan) || r.below.is_some_and(f64::is_nan) {
-                out.push((
-                    format!("rule[{i}]"),
-                    "limits must be numbers, not NaN".to_owned(),
-                ));
+                out.push(format!("rule[{i}]"), "limits must be numbers, not NaN");
             }
         }
         out
@@ -140,7 +134,7 @@ impl Detector for ThresholdDetector {
 
 impl crate::component::ComponentConfig for ThresholdConfig {
     fn problems(&self) -> crate::error::Problems {
-        ThresholdConfig::problems(self).into_iter().collect()
+        ThresholdConfig::problems(self)
     }
 }
 
@@ -191,6 +185,6 @@ mod tests {
     #[test]
     fn a_rule_without_limits_is_reported() {
         let config: ThresholdConfig = toml::from_str("[[rule]]\nmetric = \"cpu\"").unwrap();
-        assert_eq!(config.problems()[0].0, "rule[0]");
+        assert_eq!(config.problems().0[0].path, "rule[0]");
     }
 }

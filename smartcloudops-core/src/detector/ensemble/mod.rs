@@ -26,7 +26,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Verdict;
 use super::context::{ContextConfig, ContextState};
 use super::cusum::{CusumConfig, CusumState};
 use super::ewma::{EwmaConfig, EwmaState};
@@ -37,6 +36,7 @@ use super::postprocess::{
     LikelihoodConfig, LikelihoodMode, LikelihoodState, RangeNoveltyConfig, RangeState,
 };
 use super::seasonal::{SeasonalConfig, SeasonalState};
+use super::{Problems, Verdict};
 
 /// Names of the parts, in the bit order of [`Verdict::fired`].
 pub const PARTS: [&str; 8] = [
@@ -201,7 +201,7 @@ impl Default for EnsembleConfig {
 impl EnsembleConfig {
     /// Problems with the values, as `(field, message)` pairs (field paths relative to
     /// `[detector]`); empty when valid.
-    pub fn problems(&self) -> Vec<(String, String)> {
+    pub fn problems(&self) -> Problems {
         // Each enabled part's own problems, under its table's name.
         let nested = [
             ("ewma", self.ewma.as_ref().map(EwmaConfig::problems)),
@@ -224,29 +224,26 @@ impl EnsembleConfig {
             ),
             ("likelihood", Some(self.likelihood.problems())),
         ];
-        let mut out: Vec<(String, String)> = nested
-            .into_iter()
-            .flat_map(|(part, problems)| {
-                problems
-                    .into_iter()
-                    .flatten()
-                    .map(move |(field, message)| (format!("{part}.{field}"), message))
-            })
-            .collect();
+        let mut out = Problems::new();
+        for (part, problems) in nested {
+            if let Some(problems) = problems {
+                out.extend_at(part, problems);
+            }
+        }
         if !(self.z_low >= 0.0 && self.z_high > self.z_low && self.z_high.is_finite()) {
-            out.push((
-                "z_high".to_owned(),
+            out.push(
+                "z_high",
                 format!(
                     "must be above z_low ({}) and finite, got {}",
                     self.z_low, self.z_high
                 ),
-            ));
+            );
         }
         if !(self.threshold > 0.0 && self.threshold <= 1.0) {
-            out.push((
-                "threshold".to_owned(),
+            out.push(
+                "threshold",
                 format!("must be in (0, 1], got {}", self.threshold),
-            ));
+            );
         }
         let parts = [
             self.ewma.is_some(),
@@ -258,10 +255,10 @@ impl EnsembleConfig {
         ];
         // Range novelty needs a part's raw score too: alone it could never alert.
         if !parts.iter().any(|p| *p) {
-            out.push((
-                "seasonal".to_owned(),
-                "enable at least one part (ewma, mad, seasonal, cusum, hst, context)".to_owned(),
-            ));
+            out.push(
+                "seasonal",
+                "enable at least one part (ewma, mad, seasonal, cusum, hst, context)",
+            );
         }
         out
     }

@@ -158,29 +158,26 @@ impl WindowConfig {
     }
 
     /// Configuration problems, as `(field, message)`.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
+    pub fn problems(&self) -> Problems {
+        let mut out = Problems::new();
         if self.size.as_millis() == 0 {
-            out.push(("size", "must be at least 1ms".to_owned()));
+            out.push("size", "must be at least 1ms");
         }
         if let Some(slide) = self.slide {
             if slide.as_millis() == 0 || slide > self.size {
-                out.push((
-                    "slide",
-                    "must be at least 1ms and at most `size`".to_owned(),
-                ));
+                out.push("slide", "must be at least 1ms and at most `size`");
             } else if self.size.as_millis() / slide.as_millis() > 1000 {
-                out.push(("slide", "at most 1000 windows may overlap".to_owned()));
+                out.push("slide", "at most 1000 windows may overlap");
             }
         }
         if self.aggregations.is_empty() {
-            out.push(("aggregations", "name at least one".to_owned()));
+            out.push("aggregations", "name at least one");
         }
         if self
             .idle_timeout
             .is_some_and(|t| t < Duration::from_millis(10))
         {
-            out.push(("idle_timeout", "must be at least 10ms".to_owned()));
+            out.push("idle_timeout", "must be at least 10ms");
         }
         out
     }
@@ -401,8 +398,11 @@ fn ms(d: Duration) -> i64 {
 impl WindowPrep {
     /// Windows as configured.
     pub fn new(config: &WindowConfig) -> Result<Self> {
-        if let Some((field, message)) = config.problems().into_iter().next() {
-            return Err(Error::schema("prep:window", format!("{field}: {message}")));
+        if let Some(e) = config.problems().into_iter().next() {
+            return Err(Error::schema(
+                "prep:window",
+                format!("{}: {}", e.path, e.message),
+            ));
         }
         let size = ms(config.size);
         Ok(Self {
@@ -712,7 +712,7 @@ impl Prep for WindowPrep {
 
 impl ComponentConfig for WindowConfig {
     fn problems(&self) -> Problems {
-        WindowConfig::problems(self).into_iter().collect()
+        WindowConfig::problems(self)
     }
 }
 
@@ -733,11 +733,17 @@ impl ComponentConfig for ResampleConfig {
             idle_timeout: self.idle_timeout,
             ..WindowConfig::tumbling(self.step)
         };
-        window
+        let renamed = window
             .problems()
             .into_iter()
-            .map(|(field, message)| (if field == "size" { "step" } else { field }, message))
-            .collect()
+            .map(|mut e| {
+                if e.path == "size" {
+                    e.path = "step".into();
+                }
+                e
+            })
+            .collect::<Vec<_>>();
+        Problems(renamed)
     }
 }
 
