@@ -16,13 +16,14 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use redis::AsyncCommands;
 use smartcloudops_core::action::{
-    RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig, SinkPayload,
+    RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig, ResultCache,
+    ResultCacheConfig, SinkPayload,
 };
 use smartcloudops_core::dead_letter::{DeadLetter, DeadLetterSink};
-use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
-use smartcloudops_core::redis::{
-    RedisConnection, RedisStateStore, RedisStateStoreConfig, ResultCache, ResultCacheConfig,
+use smartcloudops_core::detector::{
+    EwmaConfig, EwmaDetector, RedisStateStore, RedisStateStoreConfig,
 };
+use smartcloudops_core::redis::RedisConnection;
 use smartcloudops_core::schema::MetricsColumns;
 use smartcloudops_core::source::generator::{GeneratorConfig, GeneratorSource, InjectedAnomaly};
 use smartcloudops_core::source::{

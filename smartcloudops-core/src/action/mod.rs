@@ -13,6 +13,8 @@ pub mod kafka;
 pub mod log;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub mod redis_cache;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,6 +33,8 @@ pub use self::kafka::{KafkaSink, KafkaSinkConfig, KafkaSinkPayload};
 pub use self::log::{LogAction, LogActionConfig, LogFormat};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig};
+#[cfg(feature = "redis")]
+pub use self::redis_cache::{CachedResult, ResultCache, ResultCacheConfig};
 
 /// Consumes scored batches. See the [module docs](self).
 pub trait Action: Send + Sync + fmt::Debug {

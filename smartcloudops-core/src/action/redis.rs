@@ -13,7 +13,7 @@
 //! reconnects by itself, and complete only when Redis answered every command: a failure fails
 //! the action, which nacks the batch.
 //!
-//! The result cache, the third Redis action, is [`crate::redis::ResultCache`].
+//! The result cache, the third Redis action, is [`super::redis_cache::ResultCache`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,8 +23,6 @@ use serde::{Deserialize, Serialize};
 use super::{Action, ActionInput, Event, SinkPayload};
 use crate::error::{Error, Result};
 use crate::redis::{LazyConnection, RedisConnection};
-
-pub use crate::redis::{CachedResult, ResultCache, ResultCacheConfig};
 
 /// Events per pipelined round trip.
 const CHUNK: usize = 1000;

@@ -266,7 +266,7 @@ pub struct DetectorSection {
     /// Per-series state kept in Redis (`[detector.redis_state]`), so a restarted replica, or
     /// one that takes over another's series, resumes where it left off.
     #[cfg(feature = "redis")]
-    pub redis_state: Option<crate::redis::RedisStateStoreConfig>,
+    pub redis_state: Option<crate::detector::RedisStateStoreConfig>,
 }
 
 /// Most series a detector may be configured to hold.
@@ -292,7 +292,7 @@ pub enum ActionConfig {
     RedisStream(crate::action::RedisStreamSinkConfig),
     /// Keep the latest score and explanation per series in Redis.
     #[cfg(feature = "redis")]
-    RedisCache(crate::redis::ResultCacheConfig),
+    RedisCache(crate::action::ResultCacheConfig),
 }
 
 /// Where dead letters go (`[dead_letter]`).
@@ -848,7 +848,7 @@ impl PipelineConfig {
             }
             #[cfg(feature = "redis")]
             if let Some(state) = &section.redis_state {
-                let store = crate::redis::RedisStateStore::new(state, self.redis_connection());
+                let store = crate::detector::RedisStateStore::new(state, self.redis_connection());
                 builder = builder.series_state_store(Arc::new(store), state.interval);
             }
             builder = builder.boxed_detector(detector);
@@ -871,7 +871,7 @@ impl PipelineConfig {
                 )),
                 #[cfg(feature = "redis")]
                 ActionConfig::RedisCache(c) => {
-                    Arc::new(crate::redis::ResultCache::new(c, self.redis_connection()))
+                    Arc::new(crate::action::ResultCache::new(c, self.redis_connection()))
                 }
             };
             builder = builder.shared_action(action);
@@ -1157,7 +1157,7 @@ fn parse_detector(value: &toml::Value, errors: &mut Vec<ConfigError>) -> Option<
         #[serde(default, with = "humantime_serde")]
         snapshot_interval: Option<Duration>,
         #[cfg(feature = "redis")]
-        redis_state: Option<crate::redis::RedisStateStoreConfig>,
+        redis_state: Option<crate::detector::RedisStateStoreConfig>,
     }
     let (kind, mut rest) = tagged(value, "detector", &DETECTOR_TYPES, errors)?;
     let mut state = toml::Table::new();

@@ -30,6 +30,8 @@ pub mod hst;
 pub mod keyed;
 pub mod mad;
 pub mod postprocess;
+#[cfg(feature = "redis")]
+pub mod redis_state;
 pub mod seasonal;
 pub mod threshold;
 
@@ -51,6 +53,8 @@ use crate::schema::{TIME_ZONE, scored_schema_for};
 pub use self::ensemble::{EnsembleConfig, EnsembleDetector, Preset};
 pub use self::ewma::{EwmaConfig, EwmaDetector};
 pub use self::keyed::{KeyedDetector, SeriesModel};
+#[cfg(feature = "redis")]
+pub use self::redis_state::{RedisStateStore, RedisStateStoreConfig};
 pub use self::threshold::{ThresholdConfig, ThresholdDetector};
 
 /// Scores batches of canonical metrics. See the [module docs](self).

@@ -1,10 +1,10 @@
-//! Redis: the connection options shared by every Redis stage, per-series detector state
-//! ([`RedisStateStore`]) and the result cache ([`ResultCache`]).
+//! The Redis client: the connection options shared by every Redis stage, a lazily made
+//! self-reconnecting connection and the mapping of Redis failures to this crate's error.
 //!
-//! The Redis sources and sinks live with the other stages:
-//! [`RedisPubSubSource`](crate::source::RedisPubSubSource),
-//! [`RedisStreamSource`](crate::source::RedisStreamSource) and the actions in
-//! [`crate::action::redis`].
+//! The Redis stages live with the other stages and use this module, never the other way
+//! round: the sources `source::redis_pubsub` and `source::redis_stream`, the sinks in
+//! `action::redis`, the result cache `action::redis_cache` and the per-series detector
+//! state store `detector::redis_state`.
 //!
 //! A pipeline's `[redis]` section holds the connection every Redis stage uses unless the stage
 //! has a `redis` table of its own:
@@ -19,9 +19,6 @@
 //! Passwords never appear in logs, `Debug` output or error messages: [`RedisConnection`]
 //! redacts any password in the URL.
 
-pub mod cache;
-pub mod state;
-
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,9 +27,6 @@ use redis::{ConnectionAddr, IntoConnectionInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-
-pub use self::cache::{CachedResult, ResultCache, ResultCacheConfig};
-pub use self::state::{RedisStateStore, RedisStateStoreConfig};
 
 /// How to reach Redis. See the [module docs](self).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +58,11 @@ pub struct RedisConnection {
     /// Longest wait for the answer to a command (blocking reads add their block time).
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
+}
+
+/// The first part of every key the Redis stages write unless configured otherwise.
+pub(crate) fn default_key_prefix() -> String {
+    "smartcloudops".to_owned()
 }
 
 fn default_url() -> String {
