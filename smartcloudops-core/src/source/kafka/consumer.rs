@@ -1,185 +1,33 @@
-//! Kafka source: one member of a consumer group, at-least-once.
-//!
-//! - **Consumer group**: every replica runs with the same `group_id`; Kafka spreads the
-//!   partitions of `topics` over them and moves them on rebalance.
-//! - **At-least-once**: offsets are committed by this source (`enable.auto.commit = false`,
-//!   `enable.auto.offset.store = false`) and only up to the contiguous acknowledged high-water
-//!   mark of each partition (see `kafka/offsets.rs`): a failed batch is never skipped by a
-//!   later success. A nacked batch is redelivered: the partition is rewound to its first
-//!   offset after a backoff that doubles with each consecutive failure.
-//! - **Rebalance-safe**: on revoke, batches of the revoked partitions still in the pipeline get
-//!   up to `drain_timeout` to finish (keep it below `session.timeout.ms`), the offsets are
-//!   committed synchronously, and late acks for those partitions are ignored (the new owner
-//!   redelivers them).
-//! - **Dead letters**: an undecodable message goes to `dead_letter_topic` with the reason and
-//!   its origin in headers (or to the pipeline's dead-letter output when no topic is set),
-//!   and is counted; its offset counts as handled once the dead letter is delivered.
-//! - **Backpressure**: when the pipeline does not take batches (one is waiting and the next
-//!   is full), or `max_unacked` messages are in flight, the source pauses its partitions and
-//!   keeps polling, so neither memory nor the poll interval runs away.
+//! The consumer side: the group member (rebalance and commit callbacks, lag gauges) and the
+//! consumer loop that polls Kafka, applies backpressure and redelivery, cuts batches and
+//! claims their offsets.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use arrow::array::{
-    ArrayRef, Int32Builder, Int64Builder, MapBuilder, StringBuilder, StringDictionaryBuilder,
-    TimestampMillisecondBuilder,
-};
-use arrow::datatypes::{Field, Int32Type, Schema};
-use arrow::record_batch::RecordBatch;
 use futures::FutureExt;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Source, SourceBatch, SourceContext, SourceStream, spawn_watched, stream_from};
+use super::config::{AutoOffsetReset, KafkaSourceConfig};
+use super::kafka_error;
+use super::offsets::{OffsetTracker, RangeTicket, TopicPartition};
 use crate::ack::{Ack, AckOutcome};
 use crate::dead_letter::DeadLetterQueue;
-use crate::decode::{CsvOptions, Decoder, Format, Reject};
-use crate::error::{Error, Result};
-use crate::kafka::KafkaClientConfig;
-use crate::kafka::offsets::{OffsetTracker, RangeTicket, TopicPartition};
-use crate::schema::{MetricsBatchBuilder, TIME_ZONE};
+use crate::error::Result;
+use crate::metrics::StageMetrics;
 use crate::util::run_blocking;
-
-/// Where a new consumer group starts reading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AutoOffsetReset {
-    /// From the oldest retained message.
-    Earliest,
-    /// Only messages produced from now on (Kafka's default).
-    #[default]
-    Latest,
-}
-
-/// Configuration of a [`KafkaSource`] (`[source] type = "kafka"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSourceConfig {
-    /// `bootstrap.servers`.
-    pub brokers: String,
-    /// The consumer group; every replica of the pipeline uses the same one.
-    pub group_id: String,
-    /// Topics to subscribe to.
-    pub topics: Vec<String>,
-    /// Payload format of the messages.
-    #[serde(default)]
-    pub format: Format,
-    /// CSV options (`format = "csv"`); set `csv.metric` for headerless feeds.
-    #[serde(default)]
-    pub csv: CsvOptions,
-    /// Where a new group starts.
-    #[serde(default)]
-    pub auto_offset_reset: AutoOffsetReset,
-    /// Messages per batch.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
-    /// Longest wait to fill a batch.
-    #[serde(default = "default_batch_timeout", with = "humantime_serde")]
-    pub batch_timeout: Duration,
-    /// Messages in flight (sent to the pipeline, not yet acknowledged) before the source
-    /// pauses its partitions.
-    #[serde(default = "default_max_unacked")]
-    pub max_unacked: usize,
-    /// Topic for undecodable messages; without it they go to the pipeline's dead-letter output.
-    #[serde(default)]
-    pub dead_letter_topic: Option<String>,
-    /// How long a revoke waits for in-flight batches of the revoked partitions.
-    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
-    pub drain_timeout: Duration,
-    /// How often acknowledged offsets are committed.
-    #[serde(default = "default_commit_interval", with = "humantime_serde")]
-    pub commit_interval: Duration,
-    /// First delay before redelivering a nacked batch (doubles per failure, up to 30 s).
-    #[serde(default = "default_retry_backoff", with = "humantime_serde")]
-    pub retry_backoff: Duration,
-    /// Append `kafka_topic`, `kafka_partition`, `kafka_offset`, `kafka_key`,
-    /// `kafka_timestamp` and `kafka_headers` columns for prep stages.
-    #[serde(default)]
-    pub metadata: bool,
-    /// Any librdkafka consumer property, e.g. `"session.timeout.ms" = "10000"`.
-    #[serde(default)]
-    pub options: BTreeMap<String, String>,
-}
-
-fn default_batch_size() -> usize {
-    1024
-}
-fn default_batch_timeout() -> Duration {
-    Duration::from_millis(100)
-}
-fn default_max_unacked() -> usize {
-    100_000
-}
-fn default_drain_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_commit_interval() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_retry_backoff() -> Duration {
-    Duration::from_millis(500)
-}
-
-impl KafkaSourceConfig {
-    /// A config with defaults for everything but the connection.
-    pub fn new(
-        brokers: impl Into<String>,
-        group_id: impl Into<String>,
-        topics: Vec<String>,
-    ) -> Self {
-        Self {
-            brokers: brokers.into(),
-            group_id: group_id.into(),
-            topics,
-            format: Format::Json,
-            csv: CsvOptions::default(),
-            auto_offset_reset: AutoOffsetReset::Latest,
-            batch_size: default_batch_size(),
-            batch_timeout: default_batch_timeout(),
-            max_unacked: default_max_unacked(),
-            dead_letter_topic: None,
-            drain_timeout: default_drain_timeout(),
-            commit_interval: default_commit_interval(),
-            retry_backoff: default_retry_backoff(),
-            metadata: false,
-            options: BTreeMap::new(),
-        }
-    }
-
-    fn client(&self) -> KafkaClientConfig {
-        KafkaClientConfig {
-            brokers: self.brokers.clone(),
-            options: self.options.clone(),
-        }
-    }
-}
-
-/// Consumes a Kafka consumer group. See the [module docs](self).
-#[derive(Debug)]
-pub struct KafkaSource {
-    config: KafkaSourceConfig,
-}
-
-impl KafkaSource {
-    /// A source for `config`; it connects when the pipeline starts.
-    pub fn new(config: KafkaSourceConfig) -> Self {
-        Self { config }
-    }
-}
 
 /// State shared by the consumer task, the rebalance callbacks and the ack callbacks.
 #[derive(Debug, Default)]
-struct Shared {
+pub(super) struct Shared {
     tracker: Mutex<OffsetTracker>,
     /// Signalled whenever a batch's outcome arrives.
     resolved: Condvar,
@@ -195,21 +43,22 @@ struct Shared {
     /// Bumped with every revoke, so the loop checks `revoked` without a lock per message.
     revocations: AtomicUsize,
     /// Set by the commit callback when an asynchronous commit failed.
-    commit_failed: std::sync::atomic::AtomicBool,
+    commit_failed: AtomicBool,
 }
 
 impl Shared {
-    fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+    pub(super) fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
         // A panic while holding the lock leaves plain bookkeeping behind; keep going.
         self.tracker.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-struct RebalanceContext {
+/// The consumer's callbacks: rebalances, commit results and statistics.
+pub(super) struct RebalanceContext {
     shared: Arc<Shared>,
     drain_timeout: Duration,
     /// The source's stage metrics, where consumer lag is published.
-    stage: Arc<crate::metrics::StageMetrics>,
+    stage: Arc<StageMetrics>,
 }
 
 /// Gauge name of the per-partition consumer lag.
@@ -319,107 +168,56 @@ impl ConsumerContext for RebalanceContext {
     }
 }
 
-type KafkaConsumer = StreamConsumer<RebalanceContext>;
+/// The group member, with this source's callbacks.
+pub(super) type KafkaConsumer = StreamConsumer<RebalanceContext>;
 
-impl Source for KafkaSource {
-    fn name(&self) -> &str {
-        "kafka"
-    }
-
-    fn open(self: Box<Self>, ctx: SourceContext) -> Result<SourceStream> {
-        let config = self.config;
-        let shared = Arc::new(Shared::default());
-        let reset = match config.auto_offset_reset {
-            AutoOffsetReset::Earliest => "earliest",
-            AutoOffsetReset::Latest => "latest",
-        };
-        let client = config.client();
-        let consumer: KafkaConsumer = client
-            .client_config(&[
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("enable.partition.eof", "false"),
-                // Statistics feed the consumer-lag gauges.
-                ("statistics.interval.ms", "5000"),
-                // librdkafka waits 1 s before fetching again once its prefetch queue was full;
-                // a consumer that pauses between batches (decoding) then stalls for a second
-                // at a time. Re-check soon instead.
-                ("fetch.queue.backoff.ms", "10"),
-            ])
-            .set("group.id", &config.group_id)
-            .set("auto.offset.reset", reset)
-            // At-least-once rests on these; user options cannot switch them off.
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .create_with_context(RebalanceContext {
-                shared: shared.clone(),
-                drain_timeout: config.drain_timeout,
-                stage: ctx.dead_letters.stage().clone(),
-            })
-            .map_err(|e| kafka_error("creating the Kafka consumer", e))?;
-        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|e| kafka_error("subscribing", e))?;
-        let dead_letter_producer = match &config.dead_letter_topic {
-            Some(topic) => {
-                let producer: FutureProducer = client
-                    .client_config(&[("enable.idempotence", "true")])
-                    .create()
-                    .map_err(|e| kafka_error("creating the dead-letter producer", e))?;
-                Some((producer, topic.clone()))
-            }
-            None => None,
-        };
-        let (tx, rx) = mpsc::channel(1);
-        let (claims_tx, claims_rx) = mpsc::channel(1);
-        let decode = DecodeTask {
-            shared: shared.clone(),
-            decoder: config.format.decoder(config.csv.clone()),
-            dead_letters: ctx.dead_letters.clone(),
-            dead_letter_producer,
-            metadata: config.metadata,
-        };
-        let task = ConsumerTask {
-            consumer: Arc::new(consumer),
+/// The consumer of `config`, subscribed to its topics, with `shared` bookkeeping and
+/// consumer-lag gauges in `stage`.
+pub(super) fn subscribe(
+    config: &KafkaSourceConfig,
+    shared: Arc<Shared>,
+    stage: Arc<StageMetrics>,
+) -> Result<KafkaConsumer> {
+    let reset = match config.auto_offset_reset {
+        AutoOffsetReset::Earliest => "earliest",
+        AutoOffsetReset::Latest => "latest",
+    };
+    let consumer: KafkaConsumer = config
+        .client()
+        .client_config(&[
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "false"),
+            // Statistics feed the consumer-lag gauges.
+            ("statistics.interval.ms", "5000"),
+            // librdkafka waits 1 s before fetching again once its prefetch queue was full;
+            // a consumer that pauses between batches (decoding) then stalls for a second
+            // at a time. Re-check soon instead.
+            ("fetch.queue.backoff.ms", "10"),
+        ])
+        .set("group.id", &config.group_id)
+        .set("auto.offset.reset", reset)
+        // At-least-once rests on these; user options cannot switch them off.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create_with_context(RebalanceContext {
             shared,
-            dead_letters: ctx.dead_letters,
-            paused: false,
-            seen_assignments: 0,
-            seen_revocations: 0,
-            backoff: HashMap::new(),
-            last_committed: HashMap::new(),
-            config,
-        };
-        spawn_watched(
-            &ctx.tasks,
-            "kafka",
-            "consumer",
-            task.run(claims_tx),
-            tx.clone(),
-        );
-        spawn_watched(
-            &ctx.tasks,
-            "kafka",
-            "decode",
-            decode.run(claims_rx, tx.clone()),
-            tx,
-        );
-        Ok(stream_from(rx))
-    }
-}
-
-fn kafka_error(context: &str, e: rdkafka::error::KafkaError) -> Error {
-    Error::Connector {
-        connector: "kafka".into(),
-        message: format!("{context}: {e}"),
-    }
+            drain_timeout: config.drain_timeout,
+            stage,
+        })
+        .map_err(|e| kafka_error("creating the Kafka consumer", e))?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| kafka_error("subscribing", e))?;
+    Ok(consumer)
 }
 
 /// How long a batch may wait for the pipeline before the source pauses its partitions.
 const BACKPRESSURE_GRACE: Duration = Duration::from_millis(500);
 
-struct ConsumerTask {
+/// The consumer loop's state; runs on its own task (see [`ConsumerTask::run`]).
+pub(super) struct ConsumerTask {
     consumer: Arc<KafkaConsumer>,
     shared: Arc<Shared>,
     config: KafkaSourceConfig,
@@ -434,9 +232,29 @@ struct ConsumerTask {
 }
 
 impl ConsumerTask {
+    /// The loop of `consumer`; consumer errors are counted in `dead_letters`' stage.
+    pub(super) fn new(
+        consumer: KafkaConsumer,
+        shared: Arc<Shared>,
+        dead_letters: DeadLetterQueue,
+        config: KafkaSourceConfig,
+    ) -> Self {
+        Self {
+            consumer: Arc::new(consumer),
+            shared,
+            config,
+            dead_letters,
+            paused: false,
+            seen_assignments: 0,
+            seen_revocations: 0,
+            backoff: HashMap::new(),
+            last_committed: HashMap::new(),
+        }
+    }
+
     /// The consumer loop: polls Kafka, cuts batches and claims their offsets, hands them to
     /// the decode task through `tx`.
-    async fn run(mut self, tx: mpsc::Sender<Claimed>) {
+    pub(super) async fn run(mut self, tx: mpsc::Sender<Claimed>) {
         let batch_size = self.config.batch_size.max(1);
         let mut buffer: Vec<OwnedMessage> = Vec::with_capacity(batch_size);
         let mut ready: Option<Claimed> = None;
@@ -756,258 +574,15 @@ impl ConsumerTask {
 }
 
 /// Offsets claimed by the consumer task, on their way to being decoded.
-struct Claimed {
-    messages: Vec<OwnedMessage>,
-    tickets: Vec<RangeTicket>,
-    ack: Ack,
-}
-
-/// Decodes claimed messages into batches, on its own task so that polling Kafka and decoding
-/// run on different cores.
-struct DecodeTask {
-    shared: Arc<Shared>,
-    decoder: Box<dyn Decoder>,
-    dead_letters: DeadLetterQueue,
-    dead_letter_producer: Option<(FutureProducer, String)>,
-    metadata: bool,
-}
-
-impl DecodeTask {
-    async fn run(
-        mut self,
-        mut claims: mpsc::Receiver<Claimed>,
-        tx: mpsc::Sender<Result<SourceBatch>>,
-    ) {
-        loop {
-            let claimed = tokio::select! {
-                claimed = claims.recv() => match claimed {
-                    Some(c) => c,
-                    None => break,
-                },
-                () = tx.closed() => break,
-            };
-            let tickets = claimed.tickets.clone();
-            if !self.is_current(&tickets) {
-                // Every partition of the claim was revoked (or rewound) meanwhile: its next
-                // owner reads it again. Dropping the claim nacks it; the tracker ignores that.
-                tracing::debug!("dropped a claim for partitions this consumer no longer owns");
-                continue;
-            }
-            let Some(batch) = self.decode(claimed).await else {
-                continue;
-            };
-            let Ok(permit) = tx.reserve().await else {
-                break; // the pipeline is gone; the batch's ack nacks as it drops
-            };
-            // From here on a revoke waits for this batch's outcome.
-            {
-                let mut tracker = self.shared.tracker();
-                for ticket in &tickets {
-                    tracker.mark_handed(ticket);
-                }
-            }
-            permit.send(Ok(batch));
-        }
-    }
-
-    fn is_current(&self, tickets: &[RangeTicket]) -> bool {
-        let tracker = self.shared.tracker();
-        tickets.iter().any(|t| tracker.is_current(t))
-    }
-
-    /// Decodes one claim into a batch whose ack commits its offsets.
-    async fn decode(&mut self, claimed: Claimed) -> Option<SourceBatch> {
-        let Claimed { messages, ack, .. } = claimed;
-        let count = messages.len();
-        let mut builder = MetricsBatchBuilder::with_capacity(count);
-        let mut meta = self.metadata.then(|| MetadataColumns::with_capacity(count));
-        let mut rejects: Vec<Reject> = Vec::new();
-        let mut bad: Vec<(&OwnedMessage, Reject)> = Vec::new();
-        for m in &messages {
-            let before = builder.len();
-            rejects.clear();
-            self.decoder
-                .decode(m.payload().unwrap_or_default(), &mut builder, &mut rejects);
-            if let Some(meta) = &mut meta {
-                meta.push(m, builder.len() - before);
-            }
-            bad.extend(rejects.drain(..).map(|r| (m, r)));
-        }
-        if let Err(e) = self.dead_letter(&bad).await {
-            // Not stored: fail the batch so it is redelivered, never skipped.
-            ack.nack(format!("dead-lettering failed: {e}"));
-            return None;
-        }
-        let mut batch = builder.finish();
-        if let Some(meta) = meta {
-            batch = match meta.append_to(&batch) {
-                Ok(b) => b,
-                Err(e) => {
-                    ack.nack(format!("adding Kafka metadata columns: {e}"));
-                    return None;
-                }
-            };
-        }
-        if batch.num_rows() == 0 {
-            // Every message was dead-lettered: nothing for the pipeline, the offsets are done.
-            ack.ack();
-            return None;
-        }
-        Some(SourceBatch::new(batch, ack))
-    }
-
-    async fn dead_letter(&self, bad: &[(&OwnedMessage, Reject)]) -> Result<()> {
-        if bad.is_empty() {
-            return Ok(());
-        }
-        let Some((producer, topic)) = &self.dead_letter_producer else {
-            for (m, r) in bad {
-                self.dead_letters
-                    .send(origin(m), r.reason.clone(), r.raw.clone())?;
-            }
-            return Ok(());
-        };
-        let mut deliveries = Vec::with_capacity(bad.len());
-        for (m, r) in bad {
-            let partition = m.partition().to_string();
-            let offset = m.offset().to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "dlq_reason",
-                    value: Some(r.reason.as_str()),
-                })
-                .insert(Header {
-                    key: "dlq_stage",
-                    value: Some(self.dead_letters.stage().name()),
-                })
-                .insert(Header {
-                    key: "dlq_topic",
-                    value: Some(m.topic()),
-                })
-                .insert(Header {
-                    key: "dlq_partition",
-                    value: Some(partition.as_str()),
-                })
-                .insert(Header {
-                    key: "dlq_offset",
-                    value: Some(offset.as_str()),
-                })
-                .insert(Header {
-                    key: "dlq_record",
-                    value: Some(r.record.to_string().as_str()),
-                });
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-                .payload(r.raw.as_bytes())
-                .headers(headers);
-            if let Some(key) = m.key() {
-                record = record.key(key);
-            }
-            deliveries.push(producer.send(record, Duration::from_secs(30)));
-        }
-        for delivery in futures::future::join_all(deliveries).await {
-            delivery.map_err(|(e, _)| Error::DeadLetter(format!("producing to {topic}: {e}")))?;
-        }
-        self.dead_letters.stage().record_dead_lettered(bad.len());
-        Ok(())
-    }
+pub(super) struct Claimed {
+    pub(super) messages: Vec<OwnedMessage>,
+    pub(super) tickets: Vec<RangeTicket>,
+    pub(super) ack: Ack,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => futures::future::pending().await,
-    }
-}
-
-fn origin(m: &OwnedMessage) -> String {
-    format!("{}/{}@{}", m.topic(), m.partition(), m.offset())
-}
-
-/// The schema of this source's batches: the canonical columns, then with `metadata = true`
-/// `kafka_topic`, `kafka_partition`, `kafka_offset`, `kafka_key`, `kafka_timestamp` and
-/// `kafka_headers`.
-pub(crate) fn output_schema(metadata: bool) -> arrow::datatypes::SchemaRef {
-    let canonical = crate::schema::metrics_schema();
-    if !metadata {
-        return canonical;
-    }
-    MetadataColumns::with_capacity(0)
-        .append_to(&RecordBatch::new_empty(canonical.clone()))
-        .map_or(canonical, |b| b.schema())
-}
-
-/// The optional per-row Kafka metadata columns.
-struct MetadataColumns {
-    topic: StringDictionaryBuilder<Int32Type>,
-    partition: Int32Builder,
-    offset: Int64Builder,
-    key: StringBuilder,
-    timestamp: TimestampMillisecondBuilder,
-    headers: MapBuilder<StringBuilder, StringBuilder>,
-}
-
-impl MetadataColumns {
-    fn with_capacity(rows: usize) -> Self {
-        Self {
-            topic: StringDictionaryBuilder::new(),
-            partition: Int32Builder::with_capacity(rows),
-            offset: Int64Builder::with_capacity(rows),
-            key: StringBuilder::new(),
-            timestamp: TimestampMillisecondBuilder::with_capacity(rows).with_timezone(TIME_ZONE),
-            headers: MapBuilder::new(None, StringBuilder::new(), StringBuilder::new()),
-        }
-    }
-
-    /// Repeats `m`'s metadata for the `rows` rows decoded from it.
-    fn push(&mut self, m: &OwnedMessage, rows: usize) {
-        for _ in 0..rows {
-            self.topic.append_value(m.topic());
-            self.partition.append_value(m.partition());
-            self.offset.append_value(m.offset());
-            self.key
-                .append_option(m.key().map(|k| String::from_utf8_lossy(k).into_owned()));
-            self.timestamp.append_option(m.timestamp().to_millis());
-            if let Some(headers) = m.headers() {
-                for h in headers.iter() {
-                    self.headers.keys().append_value(h.key);
-                    self.headers
-                        .values()
-                        .append_option(h.value.map(|v| String::from_utf8_lossy(v).into_owned()));
-                }
-            }
-            let _ = self.headers.append(true);
-        }
-    }
-
-    fn append_to(mut self, batch: &RecordBatch) -> Result<RecordBatch> {
-        let columns: [(&str, ArrayRef); 6] = [
-            ("kafka_topic", std::sync::Arc::new(self.topic.finish())),
-            (
-                "kafka_partition",
-                std::sync::Arc::new(self.partition.finish()),
-            ),
-            ("kafka_offset", std::sync::Arc::new(self.offset.finish())),
-            ("kafka_key", std::sync::Arc::new(self.key.finish())),
-            (
-                "kafka_timestamp",
-                std::sync::Arc::new(self.timestamp.finish()),
-            ),
-            ("kafka_headers", std::sync::Arc::new(self.headers.finish())),
-        ];
-        let mut fields: Vec<Field> = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        let mut arrays = batch.columns().to_vec();
-        for (name, array) in columns {
-            fields.push(Field::new(name, array.data_type().clone(), true));
-            arrays.push(array);
-        }
-        Ok(RecordBatch::try_new(
-            std::sync::Arc::new(Schema::new(fields)),
-            arrays,
-        )?)
     }
 }
