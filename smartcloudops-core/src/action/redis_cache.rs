@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Action, ActionInput, Alert};
 use crate::error::{Error, Result};
-use crate::redis::{LazyConnection, RedisConnection, default_key_prefix, error};
+use crate::redis::{
+    LazyConnection, RedisConnection, default_key_prefix, error, expiring_keys_problems,
+};
 use crate::schema::{MetricsColumns, ScoreColumns};
 
 /// `[[action]] type = "redis_cache"`.
@@ -58,15 +60,7 @@ impl Default for ResultCacheConfig {
 impl ResultCacheConfig {
     /// Configuration problems, as `(field, message)`.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = self
-            .redis
-            .as_ref()
-            .map(RedisConnection::problems)
-            .unwrap_or_default();
-        if self.ttl < Duration::from_secs(1) {
-            problems.push(("ttl", "must be at least 1s".to_owned()));
-        }
-        problems
+        expiring_keys_problems(self.redis.as_ref(), self.ttl)
     }
 }
 

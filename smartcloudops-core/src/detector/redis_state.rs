@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{SeriesStateStore, SeriesStates};
 use crate::error::Result;
-use crate::redis::{LazyConnection, RedisConnection, default_key_prefix, error};
+use crate::redis::{
+    LazyConnection, RedisConnection, default_key_prefix, error, expiring_keys_problems,
+};
 
 /// `[detector.redis_state]`: where and how long per-series states are kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,14 +62,7 @@ impl Default for RedisStateStoreConfig {
 impl RedisStateStoreConfig {
     /// Configuration problems, as `(field, message)`.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = self
-            .redis
-            .as_ref()
-            .map(RedisConnection::problems)
-            .unwrap_or_default();
-        if self.ttl < Duration::from_secs(1) {
-            problems.push(("ttl", "must be at least 1s".to_owned()));
-        }
+        let mut problems = expiring_keys_problems(self.redis.as_ref(), self.ttl);
         if self.interval.is_zero() {
             problems.push(("interval", "must be longer than 0".to_owned()));
         }

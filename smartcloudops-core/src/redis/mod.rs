@@ -65,6 +65,19 @@ pub(crate) fn default_key_prefix() -> String {
     "smartcloudops".to_owned()
 }
 
+/// The problems every stage keeping expiring keys shares, as `(field, message)`: those of
+/// its own connection, if it has one, and a `ttl` under the one second that `EX` can express.
+pub(crate) fn expiring_keys_problems(
+    own: Option<&RedisConnection>,
+    ttl: Duration,
+) -> Vec<(&'static str, String)> {
+    let mut problems = own.map(RedisConnection::problems).unwrap_or_default();
+    if ttl < Duration::from_secs(1) {
+        problems.push(("ttl", "must be at least 1s".to_owned()));
+    }
+    problems
+}
+
 fn default_url() -> String {
     "redis://127.0.0.1:6379".to_owned()
 }
