@@ -19,7 +19,7 @@ pub enum AutoOffsetReset {
     Latest,
 }
 
-/// Configuration of a [`KafkaSource`] (`[source] type = "kafka"`).
+/// Configuration of a [`KafkaSource`](super::KafkaSource) (`[source] type = "kafka"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSourceConfig {

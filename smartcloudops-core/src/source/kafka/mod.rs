@@ -4,7 +4,7 @@
 //!   partitions of `topics` over them and moves them on rebalance.
 //! - **At-least-once**: offsets are committed by this source (`enable.auto.commit = false`,
 //!   `enable.auto.offset.store = false`) and only up to the contiguous acknowledged high-water
-//!   mark of each partition (see [`offsets`]): a failed batch is never skipped by a
+//!   mark of each partition (see `source/kafka/offsets.rs`): a failed batch is never skipped by a
 //!   later success. A nacked batch is redelivered: the partition is rewound to its first
 //!   offset after a backoff that doubles with each consecutive failure.
 //! - **Rebalance-safe**: on revoke, batches of the revoked partitions still in the pipeline get

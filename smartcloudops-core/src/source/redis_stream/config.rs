@@ -18,7 +18,7 @@ pub enum StreamStart {
     Latest,
 }
 
-/// Configuration of a [`RedisStreamSource`].
+/// Configuration of a [`RedisStreamSource`](super::RedisStreamSource).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisStreamSourceConfig {
