@@ -246,7 +246,7 @@ async fn pipeline_streams(stream: &str, events: usize) -> f64 {
 async fn state_store() {
     use smartcloudops_core::Detector;
     use smartcloudops_core::detector::{EnsembleDetector, Preset, SeriesStateStore};
-    use smartcloudops_core::redis::{RedisStateStore, RedisStateStoreConfig};
+    use smartcloudops_core::detector::{RedisStateStore, RedisStateStoreConfig};
     use smartcloudops_core::schema::MetricsBatchBuilder;
     const N: usize = 100_000;
     let mut detector = EnsembleDetector::new("fast", Preset::Fast.config(), N);

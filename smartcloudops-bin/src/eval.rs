@@ -100,8 +100,8 @@ pub(crate) fn eval(args: &EvalArgs) -> anyhow::Result<()> {
                 }
             }
             let problems = config.problems();
-            if let Some((field, message)) = problems.first() {
-                bail!("{}: {field}: {message}", path.display());
+            if let Some(problem) = problems.iter().next() {
+                bail!("{}: {problem}", path.display());
             }
             if let Some(t) = args.threshold {
                 config.threshold = t;

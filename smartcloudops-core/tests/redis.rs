@@ -19,13 +19,13 @@ use futures::future::BoxFuture;
 use redis::AsyncCommands;
 use smartcloudops_core::action::{
     MemoryAction, RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig,
-    SinkPayload,
+    ResultCache, ResultCacheConfig, SinkPayload,
 };
 use smartcloudops_core::dead_letter::MemoryDeadLetters;
-use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
-use smartcloudops_core::redis::{
-    RedisConnection, RedisStateStore, RedisStateStoreConfig, ResultCache, ResultCacheConfig,
+use smartcloudops_core::detector::{
+    EwmaConfig, EwmaDetector, RedisStateStore, RedisStateStoreConfig,
 };
+use smartcloudops_core::redis::RedisConnection;
 use smartcloudops_core::source::generator::{GeneratorConfig, GeneratorSource, InjectedAnomaly};
 use smartcloudops_core::source::{
     FileSource, FileSourceConfig, RedisPubSubSource, RedisPubSubSourceConfig, RedisStreamSource,

@@ -15,6 +15,8 @@ pub mod log;
 mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub mod redis_cache;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -36,6 +38,8 @@ pub use self::log::{LogAction, LogActionConfig, LogFormat};
 pub use self::memory::MemoryAction;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisPublish, RedisPublishConfig, RedisStreamSink, RedisStreamSinkConfig};
+#[cfg(feature = "redis")]
+pub use self::redis_cache::{CachedResult, ResultCache, ResultCacheConfig};
 
 /// An `[[action]]` kind's configuration: a serde struct that checks itself
 /// ([`ComponentConfig`]) and builds its action. Listed in the

@@ -13,7 +13,7 @@
 //! reconnects by itself, and complete only when Redis answered every command: a failure fails
 //! the action, which nacks the batch.
 //!
-//! The result cache, the third Redis action, is [`crate::redis::ResultCache`].
+//! The result cache, the third Redis action, is [`super::redis_cache::ResultCache`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,8 +23,6 @@ use serde::{Deserialize, Serialize};
 use super::{Action, ActionInput, Event, SinkPayload};
 use crate::error::{Error, Result};
 use crate::redis::{LazyConnection, RedisConnection};
-
-pub use crate::redis::{CachedResult, ResultCache, ResultCacheConfig};
 
 /// Events per pipelined round trip.
 const CHUNK: usize = 1000;
@@ -97,36 +95,30 @@ impl Action for RedisPublish {
     }
 
     fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let events = Event::from_input(input, self.config.payload, self.name())?;
-            if events.is_empty() {
-                return Ok(());
-            }
-            let ce_type = self.config.payload.ce_type();
-            let mut con = self.connection.get().await?;
-            for chunk in events.chunks(CHUNK) {
-                let mut pipe = redis::pipe();
-                for event in chunk {
-                    pipe.cmd("PUBLISH")
-                        .arg(&self.config.channel)
-                        .arg(event.structured(ce_type, &self.config.event_source));
-                }
-                let receivers: Vec<u64> = pipe
-                    .query_async(&mut con)
-                    .await
-                    .map_err(|e| sink_error(self.name(), &self.config.channel, e))?;
+        let config = &self.config;
+        Box::pin(send(
+            &self.connection,
+            input,
+            config.payload,
+            self.name(),
+            &config.channel,
+            |pipe, event, ce_type| {
+                pipe.cmd("PUBLISH")
+                    .arg(&config.channel)
+                    .arg(event.structured(ce_type, &config.event_source));
+            },
+            |receivers: Vec<u64>| {
                 let unheard = receivers.iter().filter(|&&n| n == 0).count() as u64;
                 if unheard > 0 {
                     self.unheard.fetch_add(unheard, Ordering::Relaxed);
                     tracing::debug!(
-                        channel = %self.config.channel,
+                        channel = %config.channel,
                         unheard,
                         "published with no subscriber listening"
                     );
                 }
-            }
-            Ok(())
-        })
+            },
+        ))
     }
 }
 
@@ -192,46 +184,72 @@ impl Action for RedisStreamSink {
     }
 
     fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let events = Event::from_input(input, self.config.payload, self.name())?;
-            if events.is_empty() {
-                return Ok(());
-            }
-            let ce_type = self.config.payload.ce_type();
-            let mut con = self.connection.get().await?;
-            for chunk in events.chunks(CHUNK) {
-                let mut pipe = redis::pipe();
-                for event in chunk {
-                    let cmd = pipe.cmd("XADD").arg(&self.config.stream);
-                    if self.config.maxlen > 0 {
-                        cmd.arg("MAXLEN").arg("~").arg(self.config.maxlen);
-                    }
-                    cmd.arg("*")
-                        .arg("ce_specversion")
-                        .arg("1.0")
-                        .arg("ce_id")
-                        .arg(&event.id)
-                        .arg("ce_source")
-                        .arg(&self.config.event_source)
-                        .arg("ce_type")
-                        .arg(ce_type)
-                        .arg("ce_time")
-                        .arg(&event.time)
-                        .arg("content-type")
-                        .arg("application/json")
-                        .arg("key")
-                        .arg(&event.key)
-                        .arg("data")
-                        .arg(event.body.as_slice())
-                        .ignore();
+        let config = &self.config;
+        Box::pin(send(
+            &self.connection,
+            input,
+            config.payload,
+            self.name(),
+            &config.stream,
+            |pipe, event, ce_type| {
+                let cmd = pipe.cmd("XADD").arg(&config.stream);
+                if config.maxlen > 0 {
+                    cmd.arg("MAXLEN").arg("~").arg(config.maxlen);
                 }
-                pipe.query_async::<()>(&mut con)
-                    .await
-                    .map_err(|e| sink_error(self.name(), &self.config.stream, e))?;
-            }
-            Ok(())
-        })
+                cmd.arg("*")
+                    .arg("ce_specversion")
+                    .arg("1.0")
+                    .arg("ce_id")
+                    .arg(&event.id)
+                    .arg("ce_source")
+                    .arg(&config.event_source)
+                    .arg("ce_type")
+                    .arg(ce_type)
+                    .arg("ce_time")
+                    .arg(&event.time)
+                    .arg("content-type")
+                    .arg("application/json")
+                    .arg("key")
+                    .arg(&event.key)
+                    .arg("data")
+                    .arg(event.body.as_slice())
+                    .ignore();
+            },
+            |()| {},
+        ))
     }
+}
+
+/// The body both sinks share: the batch's events as `payload`, one command each (added by
+/// `command`, given the CloudEvents type), pipelined in chunks on the shared connection;
+/// `answered` sees each chunk's replies. Fails on the first chunk Redis did not take.
+async fn send<T: redis::FromRedisValue>(
+    connection: &LazyConnection,
+    input: &ActionInput,
+    payload: SinkPayload,
+    action: &str,
+    target: &str,
+    command: impl Fn(&mut redis::Pipeline, &Event, &'static str),
+    mut answered: impl FnMut(T),
+) -> Result<()> {
+    let events = Event::from_input(input, payload, action)?;
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ce_type = payload.ce_type();
+    let mut con = connection.get().await?;
+    for chunk in events.chunks(CHUNK) {
+        let mut pipe = redis::pipe();
+        for event in chunk {
+            command(&mut pipe, event, ce_type);
+        }
+        let replies: T = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(|e| sink_error(action, target, e))?;
+        answered(replies);
+    }
+    Ok(())
 }
 
 fn sink_error(action: &str, target: &str, e: redis::RedisError) -> Error {
@@ -248,7 +266,7 @@ impl crate::component::ComponentConfig for RedisPublishConfig {
     fn problems(&self) -> crate::error::Problems {
         let mut p = crate::error::Problems::new();
         if let Some(redis) = &self.redis {
-            p.extend_at("redis", redis.problems().into_iter().collect());
+            p.extend_at("redis", redis.problems());
         }
         p.check(
             !self.channel.trim().is_empty(),
@@ -273,7 +291,7 @@ impl crate::component::ComponentConfig for RedisStreamSinkConfig {
     fn problems(&self) -> crate::error::Problems {
         let mut p = crate::error::Problems::new();
         if let Some(redis) = &self.redis {
-            p.extend_at("redis", redis.problems().into_iter().collect());
+            p.extend_at("redis", redis.problems());
         }
         p.check(
             !self.stream.trim().is_empty(),

@@ -74,7 +74,7 @@ pub struct DetectorSection {
     /// Per-series state kept in Redis (`[detector.redis_state]`), so a restarted replica, or
     /// one that takes over another's series, resumes where it left off.
     #[cfg(feature = "redis")]
-    pub redis_state: Option<crate::redis::RedisStateStoreConfig>,
+    pub redis_state: Option<crate::detector::RedisStateStoreConfig>,
 }
 
 /// Most series a detector may be configured to hold.
@@ -284,7 +284,7 @@ impl PipelineConfig {
         problems.extend_at("source", self.source.config.problems());
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.context.redis {
-            problems.extend_at("redis", redis.problems().into_iter().collect());
+            problems.extend_at("redis", redis.problems());
         }
         let mut schema = Some(self.source.config.output_schema());
         for (i, p) in self.prep.iter().enumerate() {
@@ -325,10 +325,7 @@ impl PipelineConfig {
             );
             #[cfg(feature = "redis")]
             if let Some(state) = &section.redis_state {
-                problems.extend_at(
-                    "detector.redis_state",
-                    state.problems().into_iter().collect(),
-                );
+                problems.extend_at("detector.redis_state", state.problems());
             }
         }
         for (i, a) in self.actions.iter().enumerate() {
@@ -406,7 +403,7 @@ impl PipelineConfig {
             }
             #[cfg(feature = "redis")]
             if let Some(state) = &section.redis_state {
-                let store = crate::redis::RedisStateStore::new(state, self.redis_connection());
+                let store = crate::detector::RedisStateStore::new(state, self.redis_connection());
                 builder = builder.series_state_store(Arc::new(store), state.interval);
             }
             builder = builder.boxed_detector(detector);
@@ -500,7 +497,7 @@ fn parse_detector(
         #[serde(default, with = "humantime_serde")]
         snapshot_interval: Option<Duration>,
         #[cfg(feature = "redis")]
-        redis_state: Option<crate::redis::RedisStateStoreConfig>,
+        redis_state: Option<crate::detector::RedisStateStoreConfig>,
     }
     let mut kind_fields = value.clone();
     let mut state = toml::Table::new();

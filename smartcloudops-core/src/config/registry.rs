@@ -241,7 +241,7 @@ impl Registry {
             "redis",
             action,
             "redis_cache",
-            crate::redis::ResultCacheConfig
+            crate::action::ResultCacheConfig
         );
         r
     }

@@ -31,6 +31,8 @@ pub mod keyed;
 pub mod mad;
 pub mod postprocess;
 pub mod preset;
+#[cfg(feature = "redis")]
+pub mod redis_state;
 pub mod seasonal;
 pub mod threshold;
 
@@ -53,6 +55,8 @@ use crate::schema::{TIME_ZONE, scored_schema_for};
 pub use self::ensemble::{EnsembleConfig, EnsembleDetector, Preset};
 pub use self::ewma::{EwmaConfig, EwmaDetector};
 pub use self::keyed::{KeyedDetector, SeriesModel};
+#[cfg(feature = "redis")]
+pub use self::redis_state::{RedisStateStore, RedisStateStoreConfig};
 pub use self::threshold::{ThresholdConfig, ThresholdDetector};
 /// Detector configurations report their problems in the crate's one problem list.
 pub use crate::error::Problems;

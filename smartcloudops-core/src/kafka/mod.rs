@@ -1,7 +1,6 @@
-//! Shared pieces of the Kafka source ([`crate::source::kafka`]) and sink
-//! ([`crate::action::kafka`]): client settings and offset bookkeeping.
-
-pub(crate) mod offsets;
+//! The Kafka client settings shared by the Kafka source (`source::kafka`), the Kafka sink
+//! (`action::kafka`) and the decision receivers. Stage-specific bookkeeping lives with its
+//! stage (the source's offset tracking is `source::kafka::offsets`).
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,10 +1,10 @@
-//! Redis: the connection options shared by every Redis stage, per-series detector state
-//! ([`RedisStateStore`]) and the result cache ([`ResultCache`]).
+//! The Redis client: the connection options shared by every Redis stage, a lazily made
+//! self-reconnecting connection and the mapping of Redis failures to this crate's error.
 //!
-//! The Redis sources and sinks live with the other stages:
-//! [`RedisPubSubSource`](crate::source::RedisPubSubSource),
-//! [`RedisStreamSource`](crate::source::RedisStreamSource) and the actions in
-//! [`crate::action::redis`].
+//! The Redis stages live with the other stages and use this module, never the other way
+//! round: the sources `source::redis_pubsub` and `source::redis_stream`, the sinks in
+//! `action::redis`, the result cache `action::redis_cache` and the per-series detector
+//! state store `detector::redis_state`.
 //!
 //! A pipeline's `[redis]` section holds the connection every Redis stage uses unless the stage
 //! has a `redis` table of its own:
@@ -19,9 +19,6 @@
 //! Passwords never appear in logs, `Debug` output or error messages: [`RedisConnection`]
 //! redacts any password in the URL.
 
-pub mod cache;
-pub mod state;
-
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,10 +26,7 @@ use std::time::Duration;
 use redis::{ConnectionAddr, IntoConnectionInfo};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-
-pub use self::cache::{CachedResult, ResultCache, ResultCacheConfig};
-pub use self::state::{RedisStateStore, RedisStateStoreConfig};
+use crate::error::{Error, Problems, Result};
 
 /// How to reach Redis. See the [module docs](self).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +58,24 @@ pub struct RedisConnection {
     /// Longest wait for the answer to a command (blocking reads add their block time).
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
+}
+
+/// The first part of every key the Redis stages write unless configured otherwise.
+pub(crate) fn default_key_prefix() -> String {
+    "smartcloudops".to_owned()
+}
+
+/// The problems every stage keeping expiring keys shares, as `(field, message)`: those of
+/// its own connection, if it has one, and a `ttl` under the one second that `EX` can express.
+pub(crate) fn expiring_keys_problems(own: Option<&RedisConnection>, ttl: Duration) -> Problems {
+    let mut problems = Problems::new();
+    if let Some(own) = own {
+        problems.extend_at("redis", own.problems());
+    }
+    if ttl < Duration::from_secs(1) {
+        problems.push("ttl", "must be at least 1s");
+    }
+    problems
 }
 
 fn default_url() -> String {
@@ -117,27 +129,27 @@ impl RedisConnection {
         redact_url(&self.url)
     }
 
-    /// Configuration problems, as `(field, message)`; the password source is not read here.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
+    /// Configuration problems; the password source is not read here.
+    pub fn problems(&self) -> Problems {
+        let mut problems = Problems::new();
         if let Err(e) = self.url.as_str().into_connection_info() {
-            problems.push((
+            problems.push(
                 "url",
                 format!("`{}` is not a Redis URL: {e}", self.redacted_url()),
-            ));
+            );
         }
         if self.password_env.is_some() && self.password_file.is_some() {
-            problems.push((
+            problems.push(
                 "password_env",
-                "set either `password_env` or `password_file`, not both".to_owned(),
-            ));
+                "set either `password_env` or `password_file`, not both",
+            );
         }
         for (field, d) in [
             ("connect_timeout", self.connect_timeout),
             ("response_timeout", self.response_timeout),
         ] {
             if d.is_zero() {
-                problems.push((field, "must be longer than 0".to_owned()));
+                problems.push(field, "must be longer than 0");
             }
         }
         problems
@@ -300,7 +312,7 @@ mod tests {
         let bad = RedisConnection::new("http://app:s3cret@cache");
         let problems = bad.problems();
         assert_eq!(problems.len(), 1);
-        assert!(!problems[0].1.contains("s3cret"), "{problems:?}");
+        assert!(!problems.0[0].message.contains("s3cret"), "{problems:?}");
         let err = bad.client().unwrap_err().to_string();
         assert!(!err.contains("s3cret"), "{err}");
     }

@@ -375,7 +375,7 @@ impl ComponentConfig for RedisPubSubSourceConfig {
     fn problems(&self) -> Problems {
         let mut p = Problems::new();
         if let Some(redis) = &self.redis {
-            p.extend_at("redis", redis.problems().into_iter().collect());
+            p.extend_at("redis", redis.problems());
         }
         p.check(
             !self.channels.is_empty() || !self.patterns.is_empty(),

@@ -1,7 +1,7 @@
 //! Per-series detector state in Redis: one key per series, with a TTL.
 //!
 //! Key layout (versioned through the namespace, see
-//! [`Detector::series_state_namespace`](crate::Detector::series_state_namespace)):
+//! [`Detector::series_state_namespace`](super::Detector::series_state_namespace)):
 //!
 //! ```text
 //! {key_prefix}:state:{namespace}:{series_id}      e.g. smartcloudops:state:v1:ewma:9f2c…:1234
@@ -17,9 +17,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::{LazyConnection, RedisConnection, error};
-use crate::detector::{SeriesStateStore, SeriesStates};
+use super::{SeriesStateStore, SeriesStates};
 use crate::error::Result;
+use crate::redis::{
+    LazyConnection, RedisConnection, default_key_prefix, error, expiring_keys_problems,
+};
 
 /// `[detector.redis_state]`: where and how long per-series states are kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,7 +31,7 @@ pub struct RedisStateStoreConfig {
     #[serde(default)]
     pub redis: Option<RedisConnection>,
     /// First part of every key.
-    #[serde(default = "default_prefix")]
+    #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     /// How long a series' state outlives its last save.
     #[serde(default = "default_ttl", with = "humantime_serde")]
@@ -39,9 +41,6 @@ pub struct RedisStateStoreConfig {
     pub interval: Duration,
 }
 
-pub(crate) fn default_prefix() -> String {
-    "smartcloudops".to_owned()
-}
 fn default_ttl() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
@@ -53,7 +52,7 @@ impl Default for RedisStateStoreConfig {
     fn default() -> Self {
         Self {
             redis: None,
-            key_prefix: default_prefix(),
+            key_prefix: default_key_prefix(),
             ttl: default_ttl(),
             interval: default_interval(),
         }
@@ -61,21 +60,14 @@ impl Default for RedisStateStoreConfig {
 }
 
 impl RedisStateStoreConfig {
-    /// Configuration problems, as `(field, message)`.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = self
-            .redis
-            .as_ref()
-            .map(RedisConnection::problems)
-            .unwrap_or_default();
-        if self.ttl < Duration::from_secs(1) {
-            problems.push(("ttl", "must be at least 1s".to_owned()));
-        }
+    /// Configuration problems.
+    pub fn problems(&self) -> crate::error::Problems {
+        let mut problems = expiring_keys_problems(self.redis.as_ref(), self.ttl);
         if self.interval.is_zero() {
-            problems.push(("interval", "must be longer than 0".to_owned()));
+            problems.push("interval", "must be longer than 0");
         }
         if self.key_prefix.is_empty() {
-            problems.push(("key_prefix", "must not be empty".to_owned()));
+            problems.push("key_prefix", "must not be empty");
         }
         problems
     }

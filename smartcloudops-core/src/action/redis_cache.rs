@@ -21,9 +21,11 @@ use futures::future::BoxFuture;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{LazyConnection, RedisConnection, error};
-use crate::action::{Action, ActionInput, Alert};
-use crate::error::Result;
+use super::{Action, ActionInput, Alert};
+use crate::error::{Error, Result};
+use crate::redis::{
+    LazyConnection, RedisConnection, default_key_prefix, error, expiring_keys_problems,
+};
 use crate::schema::{MetricsColumns, ScoreColumns};
 
 /// `[[action]] type = "redis_cache"`.
@@ -34,7 +36,7 @@ pub struct ResultCacheConfig {
     #[serde(default)]
     pub redis: Option<RedisConnection>,
     /// First part of every key.
-    #[serde(default = "super::state::default_prefix")]
+    #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     /// How long a series' results outlive its last row.
     #[serde(default = "default_ttl", with = "humantime_serde")]
@@ -49,7 +51,7 @@ impl Default for ResultCacheConfig {
     fn default() -> Self {
         Self {
             redis: None,
-            key_prefix: super::state::default_prefix(),
+            key_prefix: default_key_prefix(),
             ttl: default_ttl(),
         }
     }
@@ -57,16 +59,8 @@ impl Default for ResultCacheConfig {
 
 impl ResultCacheConfig {
     /// Configuration problems, as `(field, message)`.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = self
-            .redis
-            .as_ref()
-            .map(RedisConnection::problems)
-            .unwrap_or_default();
-        if self.ttl < Duration::from_secs(1) {
-            problems.push(("ttl", "must be at least 1s".to_owned()));
-        }
-        problems
+    pub fn problems(&self) -> crate::error::Problems {
+        expiring_keys_problems(self.redis.as_ref(), self.ttl)
     }
 }
 
@@ -345,8 +339,8 @@ impl Action for ResultCache {
     }
 }
 
-fn cache_error(e: redis::RedisError) -> crate::Error {
-    crate::Error::Action {
+fn cache_error(e: redis::RedisError) -> Error {
+    Error::Action {
         action: "redis_cache".into(),
         message: format!("writing the result cache: {e}"),
         retryable: true,
@@ -355,7 +349,7 @@ fn cache_error(e: redis::RedisError) -> crate::Error {
 
 impl crate::component::ComponentConfig for ResultCacheConfig {
     fn problems(&self) -> crate::error::Problems {
-        ResultCacheConfig::problems(self).into_iter().collect()
+        ResultCacheConfig::problems(self)
     }
 }
 

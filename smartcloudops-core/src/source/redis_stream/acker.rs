@@ -1,0 +1,284 @@
+//! Ack bookkeeping: what the reader, the ack callbacks and the acker share (entries held,
+//! to acknowledge, to retry; counters and gauges), and the acker task that sends `XACK`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use rustc_hash::FxHashSet;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{EntryRef, MAX_RECONNECT_BACKOFF, lock};
+use crate::ack::AckOutcome;
+use crate::error::Result;
+use crate::metrics::StageMetrics;
+use crate::redis::{RedisConnection, error};
+
+/// A nacked batch's entries, waiting to be delivered again.
+#[derive(Debug)]
+pub(super) struct Retry {
+    pub(super) due: Instant,
+    pub(super) entries: Vec<EntryRef>,
+    /// How many times these entries failed in a row: the next wait doubles with it.
+    pub(super) attempt: u32,
+    /// Failures that count against the entries: those after which other batches had
+    /// succeeded since the previous failure. When every batch fails (the pipeline's outage,
+    /// not the entries' fault), nothing counts. At `max_deliveries` strikes an entry is
+    /// dead-lettered as poison.
+    pub(super) strikes: u32,
+    /// Acked batches at the time of the nack.
+    pub(super) successes_at_nack: u64,
+}
+
+/// What a batch's entries carry from their earlier failures into its outcome.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Strikes {
+    pub(super) attempt: u32,
+    pub(super) strikes: u32,
+    /// Acked batches when the entries last failed (or were delivered the first time).
+    pub(super) successes: u64,
+}
+
+/// State shared by the reader, the acker and the ack callbacks.
+#[derive(Debug)]
+pub(super) struct Shared {
+    /// Entries whose batch was acknowledged, waiting for `XACK`.
+    pub(super) to_ack: Mutex<Vec<EntryRef>>,
+    /// Entries of nacked batches and when to deliver them again.
+    pub(super) retry: Mutex<Vec<Retry>>,
+    /// Entries this consumer holds: in a batch, waiting for a retry, or waiting for `XACK`.
+    /// They are never delivered again while held; the set is the backpressure measure.
+    pub(super) owned: Mutex<FxHashSet<EntryRef>>,
+    /// Batches sent to the pipeline and not resolved yet.
+    pub(super) batches_out: AtomicUsize,
+    /// Batches acknowledged since start.
+    pub(super) successes: AtomicU64,
+    /// Consecutive nacked batches, for the retry backoff.
+    pub(super) failures: AtomicU64,
+    pub(super) wake_acker: Notify,
+    pub(super) wake_reader: Notify,
+    /// Cancelled when the reader stopped: nothing new will be read or dead-lettered.
+    pub(super) reader_done: CancellationToken,
+    pub(super) stage: Arc<StageMetrics>,
+    pub(super) acked: AtomicU64,
+    pub(super) claimed: AtomicU64,
+    pub(super) poison: AtomicU64,
+    pub(super) trimmed: AtomicU64,
+}
+
+impl Shared {
+    pub(super) fn new(stage: Arc<StageMetrics>) -> Self {
+        let shared = Self {
+            to_ack: Mutex::default(),
+            retry: Mutex::default(),
+            owned: Mutex::default(),
+            batches_out: AtomicUsize::new(0),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            wake_acker: Notify::new(),
+            wake_reader: Notify::new(),
+            reader_done: CancellationToken::new(),
+            stage,
+            acked: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            poison: AtomicU64::new(0),
+            trimmed: AtomicU64::new(0),
+        };
+        shared.publish();
+        shared
+    }
+
+    /// Publishes the counters as the stage's gauges.
+    pub(super) fn publish(&self) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        self.stage
+            .set_gauge("redis_stream_acked_total", &[], get(&self.acked));
+        self.stage
+            .set_gauge("redis_stream_claimed_total", &[], get(&self.claimed));
+        self.stage
+            .set_gauge("redis_stream_poison_total", &[], get(&self.poison));
+        self.stage
+            .set_gauge("redis_stream_trimmed_total", &[], get(&self.trimmed));
+        let owned = lock(&self.owned).len();
+        self.stage
+            .set_gauge("redis_stream_in_flight", &[], owned as f64);
+    }
+
+    /// The outcome of a batch holding `entries`. The entries are queued (for `XACK` or a
+    /// retry) before the batch stops counting as out, so the acker, which exits when no batch
+    /// is out, never misses them.
+    pub(super) fn resolve(
+        &self,
+        entries: Vec<EntryRef>,
+        outcome: AckOutcome,
+        retry_backoff: Duration,
+        max_wait: Duration,
+        previous: Strikes,
+    ) {
+        match outcome {
+            AckOutcome::Acked => {
+                self.failures.store(0, Ordering::Relaxed);
+                self.successes.fetch_add(1, Ordering::Relaxed);
+                lock(&self.to_ack).extend(entries);
+                self.wake_acker.notify_one();
+            }
+            AckOutcome::Nacked(reason) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                // Per entry, not per batch: a nacked batch redelivered as many one-entry
+                // batches must not push every retry to the maximum wait.
+                let wait = retry_backoff
+                    .saturating_mul(1 << previous.attempt.min(16))
+                    .min(max_wait);
+                let successes = self.successes.load(Ordering::Relaxed);
+                let strike = u32::from(successes > previous.successes);
+                tracing::warn!(
+                    entries = entries.len(),
+                    retry_in_ms = wait.as_millis() as u64,
+                    "redis streams: batch failed ({reason}); it will be delivered again"
+                );
+                lock(&self.retry).push(Retry {
+                    due: Instant::now() + wait,
+                    entries,
+                    attempt: previous.attempt + 1,
+                    strikes: previous.strikes + strike,
+                    successes_at_nack: successes,
+                });
+            }
+        }
+        self.batches_out.fetch_sub(1, Ordering::Release);
+        self.wake_reader.notify_one();
+        self.wake_acker.notify_one();
+    }
+}
+
+/// Acknowledges entries of acknowledged batches (`XACK`), on its own connection: the reader's
+/// connection spends most of its time in a blocking read.
+pub(super) struct Acker {
+    streams: Vec<String>,
+    group: String,
+    connection: RedisConnection,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+}
+
+impl Acker {
+    /// An acker of `streams` in `group`, connecting on its own through `connection`.
+    pub(super) fn new(
+        streams: Vec<String>,
+        group: String,
+        connection: RedisConnection,
+        shared: Arc<Shared>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            streams,
+            group,
+            connection,
+            shared,
+            shutdown,
+        }
+    }
+
+    /// Acknowledges entries until the reader stopped and every batch is resolved (or Redis
+    /// stays away while stopping).
+    pub(super) async fn run(self) {
+        let mut con: Option<MultiplexedConnection> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut attempts_while_stopping = 0u32;
+        loop {
+            let stopping = self.shutdown.is_cancelled() || self.shared.reader_done.is_cancelled();
+            let batch = std::mem::take(&mut *lock(&self.shared.to_ack));
+            if !batch.is_empty() {
+                match self.ack(&mut con, &batch).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(100);
+                        self.shared
+                            .acked
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        {
+                            let mut owned = lock(&self.shared.owned);
+                            for e in &batch {
+                                owned.remove(e);
+                            }
+                        }
+                        self.shared.publish();
+                    }
+                    Err(e) if stopping && attempts_while_stopping >= 5 => {
+                        // Redis stays away at shutdown: the entries stay pending and are
+                        // delivered again after a restart (at-least-once), rather than
+                        // holding the process forever.
+                        tracing::error!(
+                            entries = batch.len(),
+                            "redis streams: XACK still failing at shutdown, giving up: {e}"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        if stopping {
+                            attempts_while_stopping += 1;
+                        }
+                        // Kept for the next attempt; the entries stay pending meanwhile.
+                        tracing::warn!("redis streams: XACK failed, retrying: {e}");
+                        self.shared.stage.record_error();
+                        con = None;
+                        lock(&self.shared.to_ack).extend(batch);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+                        continue;
+                    }
+                }
+            }
+            if stopping
+                && self.shared.reader_done.is_cancelled()
+                && self.shared.batches_out.load(Ordering::Acquire) == 0
+            {
+                // Every batch is resolved and everything acked is acknowledged.
+                if lock(&self.shared.to_ack).is_empty() {
+                    return;
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = self.shared.wake_acker.notified() => {}
+                _ = self.shutdown.cancelled(), if !stopping => {}
+                _ = self.shared.reader_done.cancelled(), if !stopping => {}
+                // While stopping, look again now and then for the last outcomes.
+                _ = tokio::time::sleep(Duration::from_millis(50)), if stopping => {}
+            }
+        }
+    }
+
+    async fn ack(
+        &self,
+        con: &mut Option<MultiplexedConnection>,
+        entries: &[EntryRef],
+    ) -> Result<()> {
+        if con.is_none() {
+            *con = Some(self.connection.connect().await?);
+        }
+        let Some(c) = con.as_mut() else {
+            return Ok(());
+        };
+        let mut by_stream: HashMap<usize, Vec<&str>> = HashMap::new();
+        for (stream, id) in entries {
+            by_stream.entry(*stream).or_default().push(id);
+        }
+        let mut pipe = redis::pipe();
+        for (stream, ids) in by_stream {
+            for chunk in ids.chunks(1000) {
+                pipe.cmd("XACK")
+                    .arg(&self.streams[stream])
+                    .arg(&self.group)
+                    .arg(chunk)
+                    .ignore();
+            }
+        }
+        pipe.query_async::<()>(c)
+            .await
+            .map_err(|e| error("acknowledging entries", e))
+    }
+}

@@ -1,0 +1,217 @@
+//! Configuration of the Redis Streams source.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::{CsvOptions, Format};
+use crate::redis::RedisConnection;
+
+/// Where a group this source creates starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamStart {
+    /// From the stream's first entry (`0`).
+    Earliest,
+    /// Only entries added from now on (`$`).
+    #[default]
+    Latest,
+}
+
+/// Configuration of a [`RedisStreamSource`](super::RedisStreamSource).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStreamSourceConfig {
+    /// The connection; without it, the pipeline's `[redis]` section (or the default).
+    #[serde(default)]
+    pub redis: Option<RedisConnection>,
+    /// Streams to read.
+    pub streams: Vec<String>,
+    /// The consumer group; every replica uses the same one.
+    pub group: String,
+    /// This replica's name within the group; unique per replica, and stable across restarts
+    /// if it can be (a pod name), so a restart finds its own pending entries at once.
+    /// Default: `{hostname}-{pid}`.
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// Where a group created by this source starts.
+    #[serde(default)]
+    pub start: StreamStart,
+    /// The entry field holding the payload.
+    #[serde(default = "default_field")]
+    pub field: String,
+    /// Payload format.
+    #[serde(default)]
+    pub format: Format,
+    /// CSV options (`format = "csv"`).
+    #[serde(default)]
+    pub csv: CsvOptions,
+    /// Entries per read (`COUNT`), and so per batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Longest wait of a read for new entries (`BLOCK`).
+    #[serde(default = "default_block", with = "humantime_serde")]
+    pub block: Duration,
+    /// How long an entry must have been pending with another consumer before it is claimed.
+    /// Keep it well above the pipeline's usual batch latency.
+    #[serde(default = "default_claim_idle", with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// How often stale pending entries are looked for.
+    #[serde(default = "default_claim_interval", with = "humantime_serde")]
+    pub claim_interval: Duration,
+    /// Deliveries after which an entry that was never acknowledged is dead-lettered.
+    #[serde(default = "default_max_deliveries")]
+    pub max_deliveries: u32,
+    /// First wait before a nacked batch is delivered again.
+    #[serde(default = "default_retry_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Stream for dead letters; without it they go to the pipeline's dead-letter output.
+    #[serde(default)]
+    pub dead_letter_stream: Option<String>,
+    /// Entries in flight (read, not yet acknowledged) before reading pauses.
+    #[serde(default = "default_max_unacked")]
+    pub max_unacked: usize,
+}
+
+fn default_field() -> String {
+    "data".to_owned()
+}
+fn default_batch_size() -> usize {
+    1024
+}
+fn default_block() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_claim_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_claim_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_deliveries() -> u32 {
+    5
+}
+fn default_retry_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_unacked() -> usize {
+    100_000
+}
+
+impl RedisStreamSourceConfig {
+    /// A source of `streams` for `group` with defaults.
+    pub fn new(streams: Vec<String>, group: impl Into<String>) -> Self {
+        Self {
+            redis: None,
+            streams,
+            group: group.into(),
+            consumer: None,
+            start: StreamStart::Latest,
+            field: default_field(),
+            format: Format::Json,
+            csv: CsvOptions::default(),
+            batch_size: default_batch_size(),
+            block: default_block(),
+            claim_idle: default_claim_idle(),
+            claim_interval: default_claim_interval(),
+            max_deliveries: default_max_deliveries(),
+            retry_backoff: default_retry_backoff(),
+            dead_letter_stream: None,
+            max_unacked: default_max_unacked(),
+        }
+    }
+
+    /// The consumer name: configured, or `{hostname}-{pid}`.
+    pub fn consumer_name(&self) -> String {
+        self.consumer.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "smartcloudops".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+impl crate::component::ComponentConfig for RedisStreamSourceConfig {
+    fn problems(&self) -> crate::error::Problems {
+        let mut p = crate::error::Problems::new();
+        if let Some(redis) = &self.redis {
+            p.extend_at("redis", redis.problems());
+        }
+        p.check(
+            !self.streams.is_empty(),
+            "streams",
+            "must list at least one stream",
+            "",
+        );
+        p.check(
+            !self.group.trim().is_empty(),
+            "group",
+            "must not be empty",
+            "every replica of the pipeline uses the same group",
+        );
+        p.check(
+            self.consumer.as_ref().is_none_or(|c| !c.trim().is_empty()),
+            "consumer",
+            "must not be empty",
+            "leave it out for {hostname}-{pid}",
+        );
+        crate::source::check_batch_size(&mut p, self.batch_size, "");
+        p.check(
+            self.max_deliveries >= 1,
+            "max_deliveries",
+            "must be at least 1",
+            "",
+        );
+        p.check(
+            self.max_unacked >= 1,
+            "max_unacked",
+            "must be at least 1",
+            "",
+        );
+        p.check(
+            !self.block.is_zero() && self.block <= crate::component::MAX_DURATION,
+            "block",
+            "must be longer than 0 and at most a day",
+            "e.g. \"500ms\"",
+        );
+        p.check(
+            !self.claim_interval.is_zero(),
+            "claim_interval",
+            "must be longer than 0",
+            "e.g. \"5s\"",
+        );
+        p.check(
+            self.claim_idle >= self.block,
+            "claim_idle",
+            "must be at least `block`",
+            "an entry is claimed from a consumer that kept it this long without acknowledging it",
+        );
+        p
+    }
+
+    fn summary(&self, ctx: &crate::component::BuildContext) -> String {
+        let url = self.redis.clone().unwrap_or_else(|| ctx.redis_connection());
+        format!(
+            "redis streams {} (group {}, streams {})",
+            url.redacted_url(),
+            self.group,
+            self.streams.join(",")
+        )
+    }
+}
+
+impl crate::source::SourceConfig for RedisStreamSourceConfig {
+    fn build(
+        &self,
+        ctx: &crate::component::BuildContext,
+    ) -> crate::error::Result<Box<dyn crate::source::Source>> {
+        Ok(Box::new(super::RedisStreamSource::new(
+            self.clone(),
+            ctx.redis_connection(),
+        )))
+    }
+}

@@ -1,0 +1,122 @@
+//! Redis Streams source: one consumer of a consumer group, at-least-once
+//! (`[source] type = "redis_stream"`).
+//!
+//! - **Consumer group**: every replica reads with the same `group` and its own `consumer`
+//!   name; Redis hands each entry to one of them (`XREADGROUP … >`). The group is created
+//!   (with the stream, `MKSTREAM`) if missing, at the stream's end or beginning (`start`).
+//! - **At-least-once**: an entry is acknowledged (`XACK`) only after the pipeline
+//!   acknowledged the batch holding it. Until then it stays in the group's pending entries
+//!   list (PEL). The entries of a nacked batch are claimed again (`XCLAIM`) after
+//!   `retry_backoff` (doubling per consecutive failure, up to 30 s) and redelivered one per
+//!   batch, so one bad entry cannot keep failing the entries that shared its batch.
+//! - **Dead consumers**: entries pending for longer than `claim_idle` with any consumer (one
+//!   that crashed, or this one's previous run) are taken over with `XAUTOCLAIM` every
+//!   `claim_interval`. At start, the consumer first re-reads its own pending entries (they
+//!   belong to a run that stopped before acknowledging them).
+//! - **Poison entries**: an entry delivered more than `max_deliveries` times (it keeps
+//!   failing, or keeps killing its consumer) goes to the dead-letter output with the reason,
+//!   then is acknowledged. Undecodable records are dead-lettered at once. With
+//!   `dead_letter_stream`, dead letters are appended to that stream (fields `dlq_reason`,
+//!   `dlq_stage`, `dlq_stream`, `dlq_id`, `dlq_deliveries`, `data`) instead of the
+//!   pipeline's dead-letter output.
+//! - **Trimmed entries**: an entry trimmed from the stream (`MAXLEN`) while pending can no
+//!   longer be read; Redis reports it to `XAUTOCLAIM`, and it is counted as lost.
+//! - **Backpressure**: at most `max_unacked` entries are in flight; the consumer stops
+//!   reading until acknowledgements come back.
+//!
+//! Each entry carries one payload in `format` (JSON lines or CSV, possibly several records)
+//! in the field `field` (`data` by default, as the Redis Streams sink writes it).
+//!
+//! Gauges of the source stage: `redis_stream_acked_total`, `redis_stream_claimed_total`,
+//! `redis_stream_poison_total`, `redis_stream_trimmed_total`, `redis_stream_in_flight`.
+
+mod acker;
+mod config;
+mod reader;
+mod reply;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use self::acker::{Acker, Shared};
+use self::reader::Reader;
+use super::{Source, SourceContext, SourceStream, spawn_watched, stream_from};
+use crate::error::Result;
+use crate::redis::RedisConnection;
+
+pub use self::config::{RedisStreamSourceConfig, StreamStart};
+
+/// The longest wait before redelivering a batch that keeps failing.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest wait between reconnection attempts.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Consumes Redis streams with a consumer group. See the [module docs](self).
+#[derive(Debug)]
+pub struct RedisStreamSource {
+    config: RedisStreamSourceConfig,
+    connection: RedisConnection,
+}
+
+impl RedisStreamSource {
+    /// A source for `config`, connecting through `connection` unless the config has its own.
+    pub fn new(config: RedisStreamSourceConfig, connection: RedisConnection) -> Self {
+        let connection = config.redis.clone().unwrap_or(connection);
+        Self { config, connection }
+    }
+}
+
+impl Source for RedisStreamSource {
+    fn name(&self) -> &str {
+        "redis_stream"
+    }
+
+    fn open(self: Box<Self>, ctx: SourceContext) -> Result<SourceStream> {
+        // Fail fast on a bad URL or a missing password; connecting is retried in the tasks.
+        self.connection.client()?;
+        let shared = Arc::new(Shared::new(ctx.dead_letters.stage().clone()));
+        let (tx, rx) = mpsc::channel(1);
+        let consumer = self.config.consumer_name();
+        tracing::info!(
+            streams = ?self.config.streams,
+            group = %self.config.group,
+            consumer = %consumer,
+            "redis streams: consuming"
+        );
+        let acker = Acker::new(
+            self.config.streams.clone(),
+            self.config.group.clone(),
+            self.connection.clone(),
+            shared.clone(),
+            ctx.shutdown.clone(),
+        );
+        let reader = Reader::new(
+            self.config,
+            consumer,
+            self.connection,
+            shared,
+            ctx.dead_letters,
+            ctx.shutdown,
+            tx.clone(),
+        );
+        spawn_watched(
+            &ctx.tasks,
+            "redis",
+            "stream reader",
+            reader.run(),
+            tx.clone(),
+        );
+        spawn_watched(&ctx.tasks, "redis", "stream acker", acker.run(), tx);
+        Ok(stream_from(rx))
+    }
+}
+
+/// An entry of one of the source's streams: the stream's index and the entry id.
+type EntryRef = (usize, String);
+
+/// Locks `m`, going on after a panic elsewhere: the data is plain bookkeeping.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
