@@ -1,0 +1,77 @@
+//! A time limit on each try: a try that takes longer fails as transient (worth another try).
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::{Deliver, Layer, Outcome, Request};
+use crate::decision::receiver::DeliveryError;
+use crate::error::Result;
+
+/// Bounds each try by `timeout`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TimeoutLayer(pub(crate) Duration);
+
+impl<S: Deliver> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+    fn layer(self, inner: S) -> Timeout<S> {
+        Timeout {
+            timeout: self.0,
+            inner,
+        }
+    }
+}
+
+/// See [`TimeoutLayer`].
+#[derive(Debug)]
+pub(crate) struct Timeout<S> {
+    timeout: Duration,
+    inner: S,
+}
+
+impl<S: Deliver> Deliver for Timeout<S> {
+    fn deliver<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Outcome>> {
+        Box::pin(async move {
+            match tokio::time::timeout(self.timeout, self.inner.deliver(request)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Ok(Outcome::failed(DeliveryError::transient(format!(
+                    "timed out after {:?}",
+                    self.timeout
+                )))),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+    use crate::decision::AlertStatus;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_try_fails_as_transient_and_a_quick_one_passes() {
+        let n = notification(AlertStatus::Firing);
+        let slow = Script {
+            takes: Duration::from_secs(5),
+            ..Script::default()
+        };
+        let limited = TimeoutLayer(Duration::from_secs(2)).layer(&slow);
+        let start = tokio::time::Instant::now();
+        assert_eq!(
+            limited.deliver(Request::new(&n)).await.unwrap(),
+            transient("timed out after 2s")
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+
+        let quick = Script {
+            takes: Duration::from_secs(1),
+            ..Script::default()
+        };
+        let limited = TimeoutLayer(Duration::from_secs(2)).layer(&quick);
+        assert_eq!(
+            limited.deliver(Request::new(&n)).await.unwrap(),
+            Outcome::Delivered("ok".into())
+        );
+    }
+}
