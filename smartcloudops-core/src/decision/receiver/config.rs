@@ -288,16 +288,19 @@ fn part<T: DeserializeOwned, E: de::Error>(fields: toml::Table) -> Result<T, E> 
             .and_then(|rest| rest.split_once('`'))
             .map(|(field, _)| field)
         {
+            // The path ends with the unknown field itself.
+            let full = if path == field || path.ends_with(&format!(".{field}")) {
+                path.clone()
+            } else {
+                format!("{within}{field}")
+            };
             let mut known: Vec<&str> = Vec::new();
-            if within.is_empty() {
+            if full == field {
                 known.extend(["name", "type"]);
                 known.extend(field_names::<GuardConfig>());
             }
             known.extend(expected_fields(&message));
-            return E::custom(format_args!(
-                "unknown field `{within}{field}`, {}",
-                OneOf(&known)
-            ));
+            return E::custom(format_args!("unknown field `{full}`, {}", OneOf(&known)));
         }
         if let Some(rest) = message.strip_prefix("missing field `") {
             return E::custom(format_args!("missing field `{within}{rest}"));
