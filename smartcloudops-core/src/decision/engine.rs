@@ -91,7 +91,7 @@ pub(super) struct Inner {
     pub(super) slots: HashMap<String, Slot>,
     state: Mutex<EngineState>,
     pub(super) audit: AuditLog,
-    pub(super) idempotency: Box<dyn IdempotencyStore>,
+    pub(super) idempotency: Arc<dyn IdempotencyStore>,
     pub(super) idempotency_ttl: Duration,
     pub(super) clock: Arc<dyn Clock>,
     max_silence: Duration,
@@ -126,20 +126,6 @@ impl Default for EngineOptions {
             #[cfg(feature = "redis")]
             redis: None,
         }
-    }
-}
-
-#[derive(Debug)]
-struct SharedStore(Arc<dyn IdempotencyStore>);
-
-impl IdempotencyStore for SharedStore {
-    fn claim<'a>(
-        &'a self,
-        key: &'a str,
-        ttl: Duration,
-        now_ms: i64,
-    ) -> BoxFuture<'a, Result<bool>> {
-        self.0.claim(key, ttl, now_ms)
     }
 }
 
@@ -191,17 +177,17 @@ impl DecisionEngine {
             .map(Rule::new)
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(config_error)?;
-        let idempotency: Box<dyn IdempotencyStore> = match options.idempotency {
-            Some(store) => Box::new(SharedStore(store)),
+        let idempotency: Arc<dyn IdempotencyStore> = match options.idempotency {
+            Some(store) => store,
             None => match config.idempotency.store {
-                IdempotencyBackend::Memory => Box::new(MemoryIdempotency::default()),
+                IdempotencyBackend::Memory => Arc::new(MemoryIdempotency::default()),
                 IdempotencyBackend::File => {
-                    Box::new(FileIdempotency::open(&config.idempotency.path, now)?)
+                    Arc::new(FileIdempotency::open(&config.idempotency.path, now)?)
                 }
                 IdempotencyBackend::Redis => {
                     #[cfg(feature = "redis")]
                     {
-                        Box::new(super::guard::RedisIdempotency::new(
+                        Arc::new(super::guard::RedisIdempotency::new(
                             options.redis.clone().unwrap_or_default(),
                             config.idempotency.key_prefix.clone(),
                         ))

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use super::audit::AuditRecord;
 use super::engine::{Inner, Slot, Suggestion};
 use super::guard::{
-    CircuitBreakerLayer, CooldownLayer, Deliver, Layer, Outcome, RateLimitLayer, ReceiverService,
-    Request, RetryLayer, Stack, TimeoutLayer,
+    CircuitBreakerLayer, CooldownLayer, Deliver, Guard, Guarded, Outcome, RateLimitLayer,
+    ReceiverService, Request, RetryLayer, Stack, TimeoutLayer,
 };
 use super::notification::hash_hex;
 use super::receiver::ExecutionMode;
@@ -136,15 +136,13 @@ impl Inner {
                     global: &self.global_bucket,
                     now_ms: now,
                 })
-                .layer(Audited {
+                .layer(AuditStart {
                     inner: self,
-                    started: Some(decision("execute", String::new(), plan)),
-                    key: &key,
+                    record: decision("execute", String::new(), plan),
                 })
                 .layer(RetryLayer::new(guards.retry, remediation))
-                .layer(Audited {
+                .layer(AuditTries {
                     inner: self,
-                    started: None,
                     key: &key,
                 })
                 .layer(TimeoutLayer(guards.timeout))
@@ -239,73 +237,63 @@ impl Inner {
     }
 }
 
-/// The audit trail as a layer: with `started`, the decision to execute, written once the
-/// guards let the notification through; without, each try (`execution` when it starts,
-/// `result` when it ends) and the delivery counters.
-struct Audited<'e> {
+/// Records the decision to execute once the guards let a notification through.
+struct AuditStart<'e> {
     inner: &'e Inner,
-    started: Option<AuditRecord>,
+    record: AuditRecord,
+}
+
+impl Guard for AuditStart<'_> {}
+
+impl<S: Deliver> Deliver for Guarded<AuditStart<'_>, S> {
+    fn deliver<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Outcome>> {
+        Box::pin(async move {
+            let start = std::slice::from_ref(&self.guard.record);
+            self.guard.inner.audit.write(start)?;
+            self.inner.deliver(request).await
+        })
+    }
+}
+
+/// Records each try (`execution` when it starts, `result` when it ends) and counts
+/// deliveries and failed tries.
+struct AuditTries<'e> {
+    inner: &'e Inner,
     key: &'e str,
 }
 
-impl<'e, S: Deliver> Layer<S> for Audited<'e> {
-    type Service = AuditedService<'e, S>;
-    fn layer(self, service: S) -> AuditedService<'e, S> {
-        AuditedService {
-            audit: self,
-            service,
-        }
-    }
-}
+impl Guard for AuditTries<'_> {}
 
-struct AuditedService<'e, S> {
-    audit: Audited<'e>,
-    service: S,
-}
-
-impl<S: Deliver> AuditedService<'_, S> {
-    /// Records one try of `request` around `service`.
-    async fn attempt(&self, request: Request<'_>) -> Result<Outcome> {
-        let Audited { inner, key, .. } = self.audit;
-        let n = request.notification;
-        let mut exec = inner.record("execution", n, "started");
-        exec.key = Some(key.to_owned());
-        exec.attempt = Some(request.attempt);
-        inner.audit.write(&[exec])?;
-        let outcome = self.service.deliver(request).await?;
-        let mut res = inner.record("result", n, "");
-        res.key = Some(key.to_owned());
-        res.attempt = Some(request.attempt);
-        match &outcome {
-            Outcome::Delivered(detail) => {
-                res.outcome = "delivered".into();
-                res.details = json!({ "detail": detail });
-                inner.audit.write(&[res])?;
-                inner.stats.delivered.fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::Failed { error, .. } => {
-                inner.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                res.outcome = "failed".into();
-                res.reason = error.message.clone();
-                res.details = json!({ "retryable": error.retryable });
-                inner.audit.write(&[res])?;
-            }
-            Outcome::Held(_) => {} // no guard sits between a try and its receiver
-        }
-        Ok(outcome)
-    }
-}
-
-impl<S: Deliver> Deliver for AuditedService<'_, S> {
+impl<S: Deliver> Deliver for Guarded<AuditTries<'_>, S> {
     fn deliver<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Outcome>> {
         Box::pin(async move {
-            match &self.audit.started {
-                Some(record) => {
-                    self.audit.inner.audit.write(std::slice::from_ref(record))?;
-                    self.service.deliver(request).await
+            let AuditTries { inner, key } = self.guard;
+            let n = request.notification;
+            let mut exec = inner.record("execution", n, "started");
+            exec.key = Some(key.to_owned());
+            exec.attempt = Some(request.attempt);
+            inner.audit.write(&[exec])?;
+            let outcome = self.inner.deliver(request).await?;
+            let mut res = inner.record("result", n, "");
+            res.key = Some(key.to_owned());
+            res.attempt = Some(request.attempt);
+            match &outcome {
+                Outcome::Delivered(detail) => {
+                    res.outcome = "delivered".into();
+                    res.details = json!({ "detail": detail });
+                    inner.audit.write(&[res])?;
+                    inner.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
-                None => self.attempt(request).await,
+                Outcome::Failed { error, .. } => {
+                    inner.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                    res.outcome = "failed".into();
+                    res.reason = error.message.clone();
+                    res.details = json!({ "retryable": error.retryable });
+                    inner.audit.write(&[res])?;
+                }
+                Outcome::Held(_) => {} // no guard sits between a try and its receiver
             }
+            Ok(outcome)
         })
     }
 }

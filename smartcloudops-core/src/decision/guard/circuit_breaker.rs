@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::{Deliver, Hold, Layer, Outcome, Request};
+use super::{Deliver, Guard, Guarded, Hold, Outcome, Request};
 use crate::decision::Clock;
 use crate::error::Result;
 
@@ -111,31 +111,19 @@ pub(crate) struct CircuitBreakerLayer<'b> {
     pub(crate) now_ms: i64,
 }
 
-impl<'b, S: Deliver> Layer<S> for CircuitBreakerLayer<'b> {
-    type Service = Breaker<'b, S>;
-    fn layer(self, inner: S) -> Breaker<'b, S> {
-        Breaker { layer: self, inner }
-    }
-}
+impl Guard for CircuitBreakerLayer<'_> {}
 
-/// See [`CircuitBreakerLayer`].
-#[derive(Debug)]
-pub(crate) struct Breaker<'b, S> {
-    layer: CircuitBreakerLayer<'b>,
-    inner: S,
-}
-
-impl<S> Breaker<'_, S> {
+impl CircuitBreakerLayer<'_> {
     fn with<T>(&self, f: impl FnOnce(&mut CircuitBreaker) -> T) -> Option<T> {
-        let mut breaker = self.layer.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
         breaker.as_mut().map(f)
     }
 }
 
-impl<S: Deliver> Deliver for Breaker<'_, S> {
+impl<S: Deliver> Deliver for Guarded<CircuitBreakerLayer<'_>, S> {
     fn deliver<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Outcome>> {
         Box::pin(async move {
-            if self.with(|b| b.try_pass(self.layer.now_ms)) == Some(false) {
+            if self.guard.with(|b| b.try_pass(self.guard.now_ms)) == Some(false) {
                 return Ok(Outcome::Held(Hold::overflow(
                     "circuit_open",
                     "the receiver's circuit is open after repeated failures",
@@ -144,11 +132,13 @@ impl<S: Deliver> Deliver for Breaker<'_, S> {
             let mut outcome = self.inner.deliver(request).await?;
             match &mut outcome {
                 Outcome::Delivered(_) => {
-                    self.with(|b| b.record(true, self.layer.clock.now_ms()));
+                    self.guard
+                        .with(|b| b.record(true, self.guard.clock.now_ms()));
                 }
                 Outcome::Failed { circuit_opened, .. } => {
                     *circuit_opened = self
-                        .with(|b| b.record(false, self.layer.clock.now_ms()))
+                        .guard
+                        .with(|b| b.record(false, self.guard.clock.now_ms()))
                         .unwrap_or(false);
                 }
                 Outcome::Held(_) => {}
@@ -160,6 +150,7 @@ impl<S: Deliver> Deliver for Breaker<'_, S> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Layer;
     use super::super::testing::*;
     use super::*;
     use crate::decision::{AlertStatus, ManualClock};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::{Deliver, Hold, IdempotencyStore, Layer, Outcome, Request};
+use super::{Deliver, Guard, Guarded, Hold, IdempotencyStore, Outcome, Request};
 use crate::decision::{AlertStatus, Notification, NotificationKind};
 use crate::error::Result;
 
@@ -44,24 +44,12 @@ impl CooldownLayer {
     }
 }
 
-impl<S: Deliver> Layer<S> for CooldownLayer {
-    type Service = Cooldown<S>;
-    fn layer(self, inner: S) -> Cooldown<S> {
-        Cooldown { layer: self, inner }
-    }
-}
+impl Guard for CooldownLayer {}
 
-/// See [`CooldownLayer`].
-#[derive(Debug)]
-pub(crate) struct Cooldown<S> {
-    layer: CooldownLayer,
-    inner: S,
-}
-
-impl<S: Deliver> Deliver for Cooldown<S> {
+impl<S: Deliver> Deliver for Guarded<CooldownLayer, S> {
     fn deliver<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Outcome>> {
         Box::pin(async move {
-            if let Some(cooldown) = self.layer.running {
+            if let Some(cooldown) = self.guard.running {
                 return Ok(Outcome::Held(Hold::pause(
                     "cooldown",
                     format!("ran for this group less than {cooldown:?} ago"),
@@ -74,6 +62,7 @@ impl<S: Deliver> Deliver for Cooldown<S> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Layer;
     use super::super::MemoryIdempotency;
     use super::super::testing::*;
     use super::*;

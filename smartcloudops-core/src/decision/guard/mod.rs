@@ -131,6 +131,29 @@ pub(crate) trait Layer<S> {
     fn layer(self, inner: S) -> Self::Service;
 }
 
+/// A guard's settings and state, put in front of a service as a [`Layer`]; what it does is
+/// its [`Deliver`] impl for [`Guarded`].
+pub(crate) trait Guard {}
+
+/// A guard in front of a service.
+#[derive(Debug)]
+pub(crate) struct Guarded<G, S> {
+    /// The guard.
+    pub(crate) guard: G,
+    /// What it guards.
+    pub(crate) inner: S,
+}
+
+impl<G: Guard, S> Layer<S> for G
+where
+    Guarded<G, S>: Deliver,
+{
+    type Service = Guarded<G, S>;
+    fn layer(self, inner: S) -> Guarded<G, S> {
+        Guarded { guard: self, inner }
+    }
+}
+
 /// A receiver as the innermost [`Deliver`].
 #[derive(Debug)]
 pub(crate) struct ReceiverService<'r>(pub(crate) &'r dyn Receiver);

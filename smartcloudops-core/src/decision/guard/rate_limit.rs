@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::{Deliver, Hold, Layer, Outcome, Request};
+use super::{Deliver, Guard, Guarded, Hold, Outcome, Request};
 use crate::error::Result;
 
 /// `rate_limit = { per_minute = N }`: a token bucket refilled continuously.
@@ -71,26 +71,14 @@ pub(crate) struct RateLimitLayer<'b> {
     pub(crate) now_ms: i64,
 }
 
-impl<'b, S: Deliver> Layer<S> for RateLimitLayer<'b> {
-    type Service = RateLimited<'b, S>;
-    fn layer(self, inner: S) -> RateLimited<'b, S> {
-        RateLimited { layer: self, inner }
-    }
-}
+impl Guard for RateLimitLayer<'_> {}
 
-/// See [`RateLimitLayer`].
-#[derive(Debug)]
-pub(crate) struct RateLimited<'b, S> {
-    layer: RateLimitLayer<'b>,
-    inner: S,
-}
-
-impl<S> RateLimited<'_, S> {
+impl RateLimitLayer<'_> {
     /// Takes a token from both buckets, or from neither and says which was empty.
     fn take(&self) -> Option<&'static str> {
-        let now = self.layer.now_ms;
-        let mut own = self.layer.own.lock().unwrap_or_else(|p| p.into_inner());
-        let mut global = self.layer.global.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.now_ms;
+        let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
         let own_ok = own.as_ref().is_none_or(|b| b.has_token(now));
         let global_ok = global.as_ref().is_none_or(|b| b.has_token(now));
         if !own_ok {
@@ -106,10 +94,10 @@ impl<S> RateLimited<'_, S> {
     }
 }
 
-impl<S: Deliver> Deliver for RateLimited<'_, S> {
+impl<S: Deliver> Deliver for Guarded<RateLimitLayer<'_>, S> {
     fn deliver<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Outcome>> {
         Box::pin(async move {
-            if let Some(reason) = self.take() {
+            if let Some(reason) = self.guard.take() {
                 return Ok(Outcome::Held(Hold::overflow("rate_limited", reason)));
             }
             self.inner.deliver(request).await
@@ -119,6 +107,7 @@ impl<S: Deliver> Deliver for RateLimited<'_, S> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Layer;
     use super::super::testing::*;
     use super::*;
     use crate::decision::AlertStatus;

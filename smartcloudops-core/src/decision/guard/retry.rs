@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::{Deliver, Layer, Outcome, Request};
+use super::{Deliver, Guard, Guarded, Outcome, Request};
 use crate::error::Result;
 
 /// How a receiver retries a failed delivery.
@@ -77,21 +77,9 @@ impl RetryLayer {
     }
 }
 
-impl<S: Deliver> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-    fn layer(self, inner: S) -> Retry<S> {
-        Retry { layer: self, inner }
-    }
-}
+impl Guard for RetryLayer {}
 
-/// See [`RetryLayer`].
-#[derive(Debug)]
-pub(crate) struct Retry<S> {
-    layer: RetryLayer,
-    inner: S,
-}
-
-impl<S: Deliver> Deliver for Retry<S> {
+impl<S: Deliver> Deliver for Guarded<RetryLayer, S> {
     fn deliver<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Outcome>> {
         Box::pin(async move {
             let mut attempt = 1;
@@ -100,10 +88,10 @@ impl<S: Deliver> Deliver for Retry<S> {
                 let Outcome::Failed { error, .. } = &outcome else {
                     return Ok(outcome);
                 };
-                if !error.retryable || attempt >= self.layer.attempts {
+                if !error.retryable || attempt >= self.guard.attempts {
                     return Ok(outcome);
                 }
-                tokio::time::sleep(self.layer.policy.backoff(attempt, error.retry_after)).await;
+                tokio::time::sleep(self.guard.policy.backoff(attempt, error.retry_after)).await;
                 attempt += 1;
             }
         })
@@ -112,6 +100,7 @@ impl<S: Deliver> Deliver for Retry<S> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Layer;
     use super::super::testing::*;
     use super::*;
     use crate::decision::AlertStatus;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::{Deliver, Layer, Outcome, Request};
+use super::{Deliver, Guard, Guarded, Outcome, Request};
 use crate::decision::receiver::DeliveryError;
 use crate::error::Result;
 
@@ -12,31 +12,16 @@ use crate::error::Result;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TimeoutLayer(pub(crate) Duration);
 
-impl<S: Deliver> Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-    fn layer(self, inner: S) -> Timeout<S> {
-        Timeout {
-            timeout: self.0,
-            inner,
-        }
-    }
-}
+impl Guard for TimeoutLayer {}
 
-/// See [`TimeoutLayer`].
-#[derive(Debug)]
-pub(crate) struct Timeout<S> {
-    timeout: Duration,
-    inner: S,
-}
-
-impl<S: Deliver> Deliver for Timeout<S> {
+impl<S: Deliver> Deliver for Guarded<TimeoutLayer, S> {
     fn deliver<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Outcome>> {
         Box::pin(async move {
-            match tokio::time::timeout(self.timeout, self.inner.deliver(request)).await {
+            match tokio::time::timeout(self.guard.0, self.inner.deliver(request)).await {
                 Ok(outcome) => outcome,
                 Err(_) => Ok(Outcome::failed(DeliveryError::transient(format!(
                     "timed out after {:?}",
-                    self.timeout
+                    self.guard.0
                 )))),
             }
         })
@@ -45,6 +30,7 @@ impl<S: Deliver> Deliver for Timeout<S> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Layer;
     use super::super::testing::*;
     use super::*;
     use crate::decision::AlertStatus;
