@@ -214,6 +214,21 @@ mod tests {
     }
 
     #[test]
+    fn the_example_parses_unchanged_and_has_no_problem() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/decision.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let example: toml::Table = toml::from_str(&text).unwrap();
+        let config: DecisionConfig = example["decision"].clone().try_into().unwrap();
+        assert_eq!(config.receivers.len(), 2);
+        assert_eq!(config.receivers[1].kind(), ReceiverKind::Command);
+        assert_eq!(
+            config.receivers[1].guards.cooldown,
+            Duration::from_secs(30 * 60)
+        );
+        assert!(config.problems().is_empty(), "{:?}", config.problems());
+    }
+
+    #[test]
     fn the_defaults_have_no_problem() {
         let config: DecisionConfig = toml::from_str("").unwrap();
         assert!(config.problems().is_empty());
