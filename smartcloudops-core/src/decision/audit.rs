@@ -14,14 +14,14 @@
 //! the log says happened did happen. Secrets never reach it: receivers describe their target
 //! with credentials masked.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::util::jsonl::{JsonlAppender, encode_lines};
 
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -76,8 +76,8 @@ impl AuditRecord {
 /// Where audit records go.
 #[derive(Debug)]
 pub struct AuditLog {
-    path: Option<PathBuf>,
-    file: Option<Mutex<std::fs::File>>,
+    /// The file, unless the log is kept in memory only.
+    file: Option<JsonlAppender>,
     /// The last records, for tests and the API.
     recent: Mutex<std::collections::VecDeque<AuditRecord>>,
 }
@@ -89,18 +89,10 @@ const RECENT: usize = 2_000;
 impl AuditLog {
     /// A log appending to `path` (created with its directories).
     pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        let file = JsonlAppender::open(path)
             .map_err(|e| Error::io(format!("opening the audit log {}", path.display()), e))?;
         Ok(Self {
-            path: Some(path.to_owned()),
-            file: Some(Mutex::new(file)),
+            file: Some(file),
             recent: Mutex::default(),
         })
     }
@@ -108,7 +100,6 @@ impl AuditLog {
     /// A log kept in memory only (its recent records), for tests and embedding.
     pub fn in_memory() -> Self {
         Self {
-            path: None,
             file: None,
             recent: Mutex::default(),
         }
@@ -120,20 +111,17 @@ impl AuditLog {
             return Ok(());
         }
         if let Some(file) = &self.file {
-            let mut bytes = Vec::with_capacity(records.len() * 256);
-            for r in records {
-                serde_json::to_writer(&mut bytes, r).map_err(|e| Error::Action {
-                    action: "decision".into(),
-                    message: format!("encoding an audit record: {e}"),
-                    retryable: false,
-                })?;
-                bytes.push(b'\n');
-            }
-            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
-            let path = self.path.as_deref().unwrap_or(Path::new("audit log"));
-            file.write_all(&bytes)
-                .and_then(|()| file.sync_data())
-                .map_err(|e| Error::io(format!("writing the audit log {}", path.display()), e))?;
+            let bytes = encode_lines(records).map_err(|e| Error::Action {
+                action: "decision".into(),
+                message: format!("encoding an audit record: {e}"),
+                retryable: false,
+            })?;
+            file.append(&bytes, true).map_err(|e| {
+                Error::io(
+                    format!("writing the audit log {}", file.path().display()),
+                    e,
+                )
+            })?;
         }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         for r in records {

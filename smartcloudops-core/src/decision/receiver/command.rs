@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
-use super::Notification;
-use super::receiver::{DeliveryError, ExecutionMode, Receiver};
+use super::{BuildContext, Built, DeliveryError, ExecutionMode, Receiver};
+use crate::decision::Notification;
 
 /// A parameter's type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -66,7 +66,26 @@ pub struct ParamSpec {
     pub values: Vec<String>,
 }
 
-/// `type = "command"` receiver settings.
+/// `type = "command"` settings: the `command` table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandReceiverConfig {
+    /// What to run and how (required).
+    pub command: Option<CommandConfig>,
+}
+
+impl CommandReceiverConfig {
+    pub(crate) fn build(&self, ctx: &BuildContext<'_>) -> Built {
+        let c = self
+            .command
+            .clone()
+            .ok_or("a `command` table is required")?;
+        CommandReceiver::new(c, ctx.allowed_commands, ctx.timeout)
+            .map(|c| Box::new(c) as Box<dyn Receiver>)
+    }
+}
+
+/// The `command` table of a `type = "command"` receiver.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandConfig {

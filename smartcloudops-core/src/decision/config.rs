@@ -1,0 +1,321 @@
+//! `[decision]`: rules, receivers, silences, inhibitions, the audit log and the idempotency
+//! store, and the checks of references between them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::dispatch::{Inhibit, InhibitConfig, Silence, SilenceConfig};
+use super::guard::RateLimit;
+use super::matcher;
+use super::receiver::{BuildContext, PipelineRedis, ReceiverConfig, ReceiverKind};
+use super::rule::RuleConfig;
+
+/// Where idempotency keys are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdempotencyBackend {
+    /// In memory: this process only.
+    Memory,
+    /// A local file (`path`): survives restarts of one replica.
+    #[default]
+    File,
+    /// Redis (`SET NX PX`): shared by all replicas.
+    Redis,
+}
+
+/// `[decision.idempotency]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// The backend.
+    #[serde(default)]
+    pub store: IdempotencyBackend,
+    /// The file of the `file` backend.
+    #[serde(default = "default_idempotency_path")]
+    pub path: PathBuf,
+    /// How long a key is remembered.
+    #[serde(default = "default_idempotency_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Key prefix of the `redis` backend.
+    #[serde(default = "default_idempotency_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_idempotency_path() -> PathBuf {
+    PathBuf::from("smartcloudops-state/idempotency.jsonl")
+}
+fn default_idempotency_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_idempotency_prefix() -> String {
+    "smartcloudops".into()
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            store: IdempotencyBackend::File,
+            path: default_idempotency_path(),
+            ttl: default_idempotency_ttl(),
+            key_prefix: default_idempotency_prefix(),
+        }
+    }
+}
+
+/// `[decision]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionConfig {
+    /// `[[decision.rule]]`.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+    /// `[[decision.receiver]]`.
+    #[serde(default, rename = "receiver")]
+    pub receivers: Vec<ReceiverConfig>,
+    /// `[[decision.silence]]`: silences from the start.
+    #[serde(default, rename = "silence")]
+    pub silences: Vec<SilenceConfig>,
+    /// `[[decision.inhibit]]`.
+    #[serde(default, rename = "inhibit")]
+    pub inhibits: Vec<InhibitConfig>,
+    /// The audit log (JSON lines, synced); in memory only when absent.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
+    /// Where idempotency keys are kept.
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
+    /// Most executions per minute over all receivers.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Longest silence allowed; longer ones are cut.
+    #[serde(default = "default_max_silence", with = "humantime_serde")]
+    pub max_silence: Duration,
+    /// Link back to this deployment in notifications (Alertmanager's `externalURL`).
+    #[serde(default)]
+    pub external_url: String,
+    /// Programs commands may run (absolute paths).
+    #[serde(default)]
+    pub allowed_commands: Vec<PathBuf>,
+    /// How often pending notifications are looked at.
+    #[serde(default = "default_tick", with = "humantime_serde")]
+    pub tick: Duration,
+}
+
+fn default_max_silence() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_tick() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl DecisionConfig {
+    /// Configuration problems, as `(path, message)` (paths relative to `[decision]`).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let names: Vec<&str> = self.receivers.iter().map(|r| r.name.as_str()).collect();
+        for (i, rule) in self.rules.iter().enumerate() {
+            if self.rules[..i].iter().any(|r| r.name == rule.name) {
+                out.push((
+                    format!("rule[{i}].name"),
+                    format!("`{}` is used twice", rule.name),
+                ));
+            }
+            for (field, message) in rule.problems() {
+                out.push((format!("rule[{i}].{field}"), message));
+            }
+            for r in &rule.receivers {
+                if !names.contains(&r.as_str()) {
+                    out.push((
+                        format!("rule[{i}].receivers"),
+                        format!("no receiver named `{r}`"),
+                    ));
+                }
+            }
+        }
+        for (i, r) in self.receivers.iter().enumerate() {
+            if names.iter().filter(|n| **n == r.name).count() > 1 {
+                out.push((
+                    format!("receiver[{i}].name"),
+                    format!("`{}` is used twice", r.name),
+                ));
+            }
+            for (field, target) in [
+                ("escalate_to", &r.guards.escalate_to),
+                ("fallback", &r.guards.fallback),
+            ] {
+                if let Some(t) = target {
+                    let other = self
+                        .receivers
+                        .iter()
+                        .find(|o| &o.name == t && o.name != r.name);
+                    match other {
+                        None => out.push((format!("receiver[{i}].{field}"), format!("no other receiver named `{t}`"))),
+                        Some(o) if o.kind() == ReceiverKind::Command => out.push((
+                            format!("receiver[{i}].{field}"),
+                            format!("`{t}` is a command; escalations and fallbacks go to people and channels"),
+                        )),
+                        Some(_) => {}
+                    }
+                }
+            }
+            for (field, message) in r.guards.problems() {
+                out.push((format!("receiver[{i}].{field}"), message));
+            }
+            if let Err(e) = r.settings.build(&self.build_context(r, None)) {
+                out.push((format!("receiver[{i}]"), e));
+            }
+        }
+        for (i, s) in self.silences.iter().enumerate() {
+            if let Ok(m) = matcher::Matchers::parse(&s.matchers)
+                && m.matches(&BTreeMap::new())
+            {
+                out.push((
+                        format!("silence[{i}].matchers"),
+                        "these matchers match an alert with no labels, so every alert: name a label value".into(),
+                    ));
+            }
+            if let Err(e) = Silence::new(String::new(), s.clone(), 0, self.max_silence) {
+                out.push((format!("silence[{i}]"), e));
+            }
+        }
+        for (i, c) in self.inhibits.iter().enumerate() {
+            if let Err(e) = Inhibit::new(c) {
+                out.push((format!("inhibit[{i}]"), e));
+            }
+        }
+        out
+    }
+
+    /// What building receiver `r` needs; `redis` is the pipeline's connection, if any.
+    pub(crate) fn build_context<'a>(
+        &'a self,
+        r: &ReceiverConfig,
+        redis: Option<&'a PipelineRedis>,
+    ) -> BuildContext<'a> {
+        BuildContext {
+            timeout: r.guards.timeout,
+            external_url: &self.external_url,
+            allowed_commands: &self.allowed_commands,
+            redis,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> BTreeMap<String, String> {
+        let config: DecisionConfig = toml::from_str(text).unwrap();
+        config.problems().into_iter().collect()
+    }
+
+    #[test]
+    fn the_example_parses_unchanged_and_has_no_problem() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/decision.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let example: toml::Table = toml::from_str(&text).unwrap();
+        let config: DecisionConfig = example["decision"].clone().try_into().unwrap();
+        assert_eq!(config.receivers.len(), 2);
+        assert_eq!(config.receivers[1].kind(), ReceiverKind::Command);
+        assert_eq!(
+            config.receivers[1].guards.cooldown,
+            Duration::from_secs(30 * 60)
+        );
+        assert!(config.problems().is_empty(), "{:?}", config.problems());
+    }
+
+    #[test]
+    fn the_defaults_have_no_problem() {
+        let config: DecisionConfig = toml::from_str("").unwrap();
+        assert!(config.problems().is_empty());
+        assert_eq!(config.idempotency, IdempotencyConfig::default());
+        assert_eq!(config.tick, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn names_are_unique_and_references_resolve() {
+        let p = problems(
+            r#"
+            [[rule]]
+            name = "cpu"
+            receivers = ["log", "nobody"]
+            [[rule]]
+            name = "cpu"
+            receivers = ["log"]
+
+            [[receiver]]
+            name = "log"
+            type = "log"
+            fallback = "log"
+            escalate_to = "fix"
+            [[receiver]]
+            name = "log"
+            type = "log"
+            [[receiver]]
+            name = "fix"
+            type = "command"
+            "#,
+        );
+        assert!(p["rule[1].name"].contains("used twice"), "{p:?}");
+        assert!(p["rule[0].receivers"].contains("`nobody`"), "{p:?}");
+        assert!(p["receiver[0].name"].contains("used twice"), "{p:?}");
+        assert!(
+            p["receiver[0].fallback"].contains("no other receiver"),
+            "{p:?}"
+        );
+        assert!(
+            p["receiver[0].escalate_to"].contains("is a command"),
+            "{p:?}"
+        );
+        assert!(p["receiver[2]"].contains("`command` table"), "{p:?}");
+    }
+
+    #[test]
+    fn each_kind_checks_its_settings() {
+        let p = problems(
+            r#"
+            [[receiver]]
+            name = "a"
+            type = "webhook"
+            timeout = "0s"
+            retry = { attempts = 0 }
+            [[receiver]]
+            name = "b"
+            type = "slack"
+            url = "ftp://example.com"
+            [[receiver]]
+            name = "c"
+            type = "pagerduty"
+            [[receiver]]
+            name = "d"
+            type = "webhook"
+            url = "http://example.com"
+            body = "{{ unclosed"
+            "#,
+        );
+        assert_eq!(p["receiver[0].timeout"], "must be longer than 0");
+        assert_eq!(p["receiver[0].retry.attempts"], "must be at least 1");
+        assert_eq!(p["receiver[0]"], "`url` is required");
+        assert!(p["receiver[1]"].contains("not an http(s) URL"), "{p:?}");
+        assert!(p["receiver[2]"].contains("routing_key"), "{p:?}");
+        assert!(p["receiver[3]"].contains("invalid body template"), "{p:?}");
+    }
+
+    #[test]
+    fn a_silence_must_name_a_label_value() {
+        let p = problems(
+            r#"
+            [[silence]]
+            matchers = {}
+            created_by = "me"
+            comment = "all"
+            duration = "1h"
+            "#,
+        );
+        assert!(p["silence[0].matchers"].contains("every alert"), "{p:?}");
+    }
+}

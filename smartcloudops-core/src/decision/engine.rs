@@ -1,0 +1,598 @@
+//! The engine: rules over each scored batch, the dispatcher's groups, the ticker that sends
+//! what falls due later, and the [`Action`] the pipeline runs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::audit::{AuditLog, AuditRecord};
+use super::config::{DecisionConfig, IdempotencyBackend};
+use super::dispatch::{Dispatcher, Inhibit, Silence, SilenceConfig};
+use super::guard::rate_limit::Bucket;
+use super::guard::{
+    CircuitBreaker, FileIdempotency, IdempotencyStore, MemoryIdempotency, TokenBucket,
+};
+use super::receiver::{Receiver, ReceiverConfig};
+use super::rule::{AlertState, Phase, Rule, RuleConfig, Transition};
+use super::{AlertRecord, AlertStatus, Clock, Notification, NotificationKind, SystemClock};
+use crate::action::{Action, ActionInput, Alert};
+use crate::error::{Error, Result};
+use crate::schema::{MetricsColumns, ScoreColumns};
+
+/// One receiver with its guards.
+#[derive(Debug)]
+pub(super) struct Slot {
+    pub(super) config: ReceiverConfig,
+    pub(super) receiver: Box<dyn Receiver>,
+    /// The receiver's rate limit.
+    pub(super) bucket: Bucket,
+    /// The receiver's circuit breaker.
+    pub(super) breaker: Mutex<Option<CircuitBreaker>>,
+}
+
+/// A suggested remediation waiting for a person.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Suggestion {
+    /// The notification it came from.
+    pub notification: String,
+    /// The receiver (command) that would run.
+    pub receiver: String,
+    /// What would run.
+    pub plan: Value,
+    /// When it was suggested, ms.
+    pub at_ms: i64,
+}
+
+/// Counters of the engine's outcomes.
+#[derive(Debug, Default)]
+pub struct DecisionStats {
+    /// Notifications delivered (including to fallbacks).
+    pub delivered: AtomicU64,
+    /// Notifications held back by a guard, a silence or inhibition.
+    pub held_back: AtomicU64,
+    /// Notifications dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Delivery attempts that failed.
+    pub failed_attempts: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct EngineState {
+    alerts: rustc_hash::FxHashMap<(usize, u64), AlertState>,
+    dispatcher: Dispatcher,
+    pub(super) suggestions: Vec<Suggestion>,
+    silence_seq: u64,
+    /// Notifications whose execution failed before it was recorded (the audit log or the key
+    /// store failed); the ticker tries them again.
+    pub(super) pending: Vec<Notification>,
+}
+
+/// The decision layer as a pipeline action. See the [module docs](self).
+#[derive(Debug)]
+pub struct DecisionEngine {
+    inner: Arc<Inner>,
+    ticker: Mutex<
+        Option<(
+            tokio::task::JoinHandle<()>,
+            tokio_util::sync::CancellationToken,
+        )>,
+    >,
+}
+
+#[derive(Debug)]
+pub(super) struct Inner {
+    rules: Vec<Rule>,
+    rule_configs: Vec<RuleConfig>,
+    pub(super) slots: HashMap<String, Slot>,
+    state: Mutex<EngineState>,
+    pub(super) audit: AuditLog,
+    pub(super) idempotency: Arc<dyn IdempotencyStore>,
+    pub(super) idempotency_ttl: Duration,
+    pub(super) clock: Arc<dyn Clock>,
+    max_silence: Duration,
+    tick: Option<Duration>,
+    pub(super) stats: DecisionStats,
+    /// The rate limit over all receivers.
+    pub(super) global_bucket: Bucket,
+    /// One lock per (receiver, group): a group's notifications reach a receiver in order.
+    pub(super) delivery_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Options of [`DecisionEngine::with_options`].
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// The wall clock.
+    pub clock: Arc<dyn Clock>,
+    /// Run the background ticker that sends notifications falling due later.
+    pub ticker: bool,
+    /// Use this idempotency store instead of the configured one.
+    pub idempotency: Option<Arc<dyn IdempotencyStore>>,
+    /// The pipeline's `[redis]` connection, for Redis receivers and the Redis key store.
+    #[cfg(feature = "redis")]
+    pub redis: Option<crate::redis::RedisConnection>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            ticker: true,
+            idempotency: None,
+            #[cfg(feature = "redis")]
+            redis: None,
+        }
+    }
+}
+
+fn config_error(message: String) -> Error {
+    Error::Action {
+        action: "decision".into(),
+        message,
+        retryable: false,
+    }
+}
+
+impl DecisionEngine {
+    /// An engine for `config` on the system clock.
+    pub fn new(config: DecisionConfig) -> Result<Self> {
+        Self::with_options(config, EngineOptions::default())
+    }
+
+    /// An engine for `config` with `options`.
+    pub fn with_options(config: DecisionConfig, options: EngineOptions) -> Result<Self> {
+        let problems = config.problems();
+        if let Some((path, message)) = problems.first() {
+            return Err(config_error(format!("decision.{path}: {message}")));
+        }
+        let now = options.clock.now_ms();
+        #[cfg(feature = "redis")]
+        let redis_ref = options.redis.as_ref();
+        #[cfg(not(feature = "redis"))]
+        let redis_ref: Option<&super::receiver::PipelineRedis> = None;
+        let mut slots = HashMap::new();
+        for r in &config.receivers {
+            let receiver = r
+                .settings
+                .build(&config.build_context(r, redis_ref))
+                .map_err(config_error)?;
+            slots.insert(
+                r.name.clone(),
+                Slot {
+                    config: r.clone(),
+                    receiver,
+                    bucket: Mutex::new(r.guards.rate_limit.map(|l| TokenBucket::new(l, now))),
+                    breaker: Mutex::new(r.guards.circuit_breaker.map(CircuitBreaker::new)),
+                },
+            );
+        }
+        let rules = config
+            .rules
+            .iter()
+            .cloned()
+            .map(Rule::new)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(config_error)?;
+        let idempotency: Arc<dyn IdempotencyStore> = match options.idempotency {
+            Some(store) => store,
+            None => match config.idempotency.store {
+                IdempotencyBackend::Memory => Arc::new(MemoryIdempotency::default()),
+                IdempotencyBackend::File => {
+                    Arc::new(FileIdempotency::open(&config.idempotency.path, now)?)
+                }
+                IdempotencyBackend::Redis => {
+                    #[cfg(feature = "redis")]
+                    {
+                        Arc::new(super::guard::RedisIdempotency::new(
+                            options.redis.clone().unwrap_or_default(),
+                            config.idempotency.key_prefix.clone(),
+                        ))
+                    }
+                    #[cfg(not(feature = "redis"))]
+                    return Err(config_error("this build has no Redis support".into()));
+                }
+            },
+        };
+        let audit = match &config.audit_log {
+            Some(path) => AuditLog::open(path)?,
+            None => AuditLog::in_memory(),
+        };
+        let mut state = EngineState::default();
+        for c in &config.inhibits {
+            state
+                .dispatcher
+                .inhibits
+                .push(Inhibit::new(c).map_err(config_error)?);
+        }
+        for s in &config.silences {
+            state.silence_seq += 1;
+            let id = format!("static-{}", state.silence_seq);
+            state
+                .dispatcher
+                .silences
+                .push(Silence::new(id, s.clone(), now, config.max_silence).map_err(config_error)?);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                rule_configs: config.rules.clone(),
+                rules,
+                slots,
+                state: Mutex::new(state),
+                audit,
+                idempotency,
+                idempotency_ttl: config.idempotency.ttl,
+                clock: options.clock,
+                max_silence: config.max_silence,
+                tick: options.ticker.then_some(config.tick),
+                stats: DecisionStats::default(),
+                global_bucket: Mutex::new(config.rate_limit.map(|l| TokenBucket::new(l, now))),
+                delivery_locks: Mutex::default(),
+            }),
+            ticker: Mutex::new(None),
+        })
+    }
+
+    /// Sends the notifications due now; returns how many went out (or were held back).
+    pub async fn tick(&self) -> Result<usize> {
+        self.inner.tick(false).await
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.inner.audit
+    }
+
+    /// Outcome counters.
+    pub fn stats(&self) -> &DecisionStats {
+        &self.inner.stats
+    }
+
+    /// Alerts firing now (notified or waiting for their group).
+    pub fn firing(&self) -> Vec<AlertRecord> {
+        self.inner.lock().dispatcher.firing()
+    }
+
+    /// Remediations suggested and waiting for a person.
+    pub fn suggestions(&self) -> Vec<Suggestion> {
+        self.inner.lock().suggestions.clone()
+    }
+
+    /// Adds a silence; returns its id. Its end is capped at `max_silence`.
+    pub fn add_silence(&self, config: SilenceConfig) -> Result<String> {
+        let now = self.inner.clock.now_ms();
+        let mut state = self.inner.lock();
+        state.silence_seq += 1;
+        let id = format!("silence-{}", state.silence_seq);
+        let silence =
+            Silence::new(id.clone(), config, now, self.inner.max_silence).map_err(config_error)?;
+        let mut record = AuditRecord::new("decision", "silence_added");
+        record.reason = format!(
+            "by {}: {}",
+            silence.config.created_by, silence.config.comment
+        );
+        record.details =
+            json!({ "id": id, "matchers": silence.config.matchers, "ends_ms": silence.ends_ms });
+        state.dispatcher.silences.push(silence);
+        drop(state);
+        self.inner.audit.write(&[record])?;
+        Ok(id)
+    }
+
+    /// Active and future silences.
+    pub fn silences(&self) -> Vec<Silence> {
+        let now = self.inner.clock.now_ms();
+        let mut state = self.inner.lock();
+        state.dispatcher.silences.retain(|s| s.ends_ms > now);
+        state.dispatcher.silences.clone()
+    }
+
+    fn ensure_ticker(&self) {
+        let Some(every) = self.inner.tick else { return };
+        let mut ticker = self.ticker.lock().unwrap_or_else(|p| p.into_inner());
+        if ticker.is_some() {
+            return;
+        }
+        let inner = Arc::downgrade(&self.inner);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let handle = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let Some(inner) = inner.upgrade() else { return };
+                // Not cancelled while it works: a claimed execution runs to its end.
+                if let Err(e) = inner.tick(false).await {
+                    tracing::error!("decision: sending due notifications failed: {e}");
+                }
+            }
+        });
+        *ticker = Some((handle, stop));
+    }
+}
+
+impl Drop for DecisionEngine {
+    fn drop(&mut self) {
+        if let Some((handle, _)) = self.ticker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            handle.abort();
+        }
+    }
+}
+
+impl Inner {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, EngineState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs the rules over one scored batch; returns the audit records and the
+    /// notifications due now.
+    fn evaluate(&self, input: &ActionInput) -> Result<(Vec<AuditRecord>, Vec<Notification>)> {
+        let batch = &input.batch;
+        let Ok(scores) = ScoreColumns::try_new(batch, "decision") else {
+            return Ok((Vec::new(), Vec::new())); // not scored: nothing to decide
+        };
+        let cols = MetricsColumns::try_new(batch, "decision")?;
+        let now = self.clock.now_ms();
+        let mut records = Vec::new();
+        let mut notices = Vec::new();
+        let mut due = Vec::new();
+        let mut state = self.lock();
+        let state = &mut *state;
+        for row in 0..batch.num_rows() {
+            let metric = cols.metric(row);
+            let detector = scores.detector(row);
+            let series_id = cols.series_id.value(row);
+            let mut labels: Option<BTreeMap<String, String>> = None;
+            for (ri, rule) in self.rules.iter().enumerate() {
+                let key = (ri, series_id);
+                let firing = state.alerts.get(&key).is_some_and(AlertState::is_firing);
+                let active = rule.is_active(
+                    scores.score.value(row),
+                    scores.is_anomaly.value(row),
+                    firing,
+                );
+                if !active && !state.alerts.contains_key(&key) {
+                    continue; // the common case: a normal row of a series with no alert
+                }
+                let labels = labels.get_or_insert_with(|| cols.labels(row).into_iter().collect());
+                if !rule.matches(metric, labels, detector) {
+                    continue;
+                }
+                let alert_state = state.alerts.entry(key).or_default();
+                let transition = alert_state.step(&rule.config, cols.ts.value(row), active);
+                alert_state.seen_ms = now;
+                if alert_state.is_idle() {
+                    state.alerts.remove(&key);
+                }
+                if transition == Transition::None {
+                    continue;
+                }
+                let alert = Alert::at(&cols, &scores, row);
+                let (status, starts, ends, outcome) = match transition {
+                    Transition::Fired { since } => (AlertStatus::Firing, since, None, "fired"),
+                    Transition::StoppedFlapping {
+                        firing_since: Some(since),
+                        ..
+                    } => (AlertStatus::Firing, since, None, "stable"),
+                    Transition::Resolved { since, at } => {
+                        (AlertStatus::Resolved, since, Some(at), "resolved")
+                    }
+                    Transition::StoppedFlapping {
+                        at,
+                        firing_since: None,
+                    } => (AlertStatus::Resolved, at, Some(at), "stable"),
+                    Transition::StartedFlapping { at } => {
+                        (AlertStatus::Firing, at, None, "flapping")
+                    }
+                    Transition::None => unreachable!("handled above"),
+                };
+                let record = AlertRecord::new(&rule.config, &alert, status, starts, ends);
+                let mut trigger = AuditRecord::new("trigger", outcome);
+                trigger.rule = Some(rule.config.name.clone());
+                trigger.reason = alert.reason.clone();
+                trigger.details = json!({
+                    "fingerprint": record.fingerprint,
+                    "status": status.as_str(),
+                    "labels": record.labels,
+                    "value": alert.value,
+                    "score": alert.score,
+                    "time": alert.time,
+                });
+                records.push(trigger);
+                if let Transition::StartedFlapping { at } = transition {
+                    // One notice to the receivers that only notify; no remediation. A muted
+                    // alert's notice is muted too.
+                    if let Some(m) = state.dispatcher.muted(&record, now) {
+                        let (outcome, by) = m.outcome();
+                        let mut d = AuditRecord::new("decision", outcome);
+                        d.rule = Some(rule.config.name.clone());
+                        d.reason = format!("flapping notice {outcome} by {by}");
+                        d.details = json!({ "fingerprint": record.fingerprint });
+                        records.push(d);
+                        continue;
+                    }
+                    for receiver in &rule.config.receivers {
+                        if self
+                            .slots
+                            .get(receiver)
+                            .is_some_and(|s| !s.receiver.is_remediation())
+                        {
+                            notices.push(Notification::new(
+                                receiver,
+                                &rule.config.name,
+                                &format!("{}:flapping:{}", rule.config.name, record.fingerprint),
+                                BTreeMap::from([(
+                                    "alertname".to_owned(),
+                                    rule.config.name.clone(),
+                                )]),
+                                vec![record.clone()],
+                                at,
+                                0,
+                                NotificationKind::Flapping,
+                            ));
+                        }
+                    }
+                    continue;
+                }
+                if let Some(alert_state) = state.alerts.get_mut(&key) {
+                    // Kept for the staleness sweep: a series that stops reporting resolves.
+                    alert_state.record = (status == AlertStatus::Firing).then(|| record.clone());
+                }
+                let group = state.dispatcher.update(ri, &rule.config, record, now);
+                if rule.config.group_wait.is_zero() {
+                    // Announce now, before a later row of this batch resolves it again.
+                    due.extend(state.dispatcher.due_one(&self.rule_configs, &group, now));
+                }
+            }
+        }
+        due.extend(state.dispatcher.due(&self.rule_configs, now, false));
+        records.extend(dispatch_records(&mut state.dispatcher, &self.stats));
+        due.extend(notices);
+        Ok((records, due))
+    }
+
+    /// Resolves firing alerts whose series went quiet for `stale_after`, and forgets quiet
+    /// alerts that have nothing left to remember.
+    fn sweep(&self, state: &mut EngineState, now: i64) -> Vec<AuditRecord> {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let mut stale = Vec::new();
+        state.alerts.retain(|(ri, _), st| {
+            let rule = &self.rule_configs[*ri];
+            let quiet = now.saturating_sub(st.seen_ms);
+            if let Phase::Firing { active_at, .. } = st.phase {
+                if !rule.stale_after.is_zero() && quiet >= ms(rule.stale_after) {
+                    if let Some(mut record) = st.record.take() {
+                        record.status = AlertStatus::Resolved;
+                        record.ends_at_ms = Some(active_at);
+                        stale.push((*ri, record));
+                    }
+                    return false;
+                }
+                return true;
+            }
+            quiet < ms(rule.flap.window).max(ms(rule.stale_after))
+        });
+        let mut records = Vec::new();
+        for (ri, record) in stale {
+            let rule = &self.rule_configs[ri];
+            let mut trigger = AuditRecord::new("trigger", "stale");
+            trigger.rule = Some(rule.name.clone());
+            trigger.reason = format!("no row for {:?}: resolved", rule.stale_after);
+            trigger.details = json!({ "fingerprint": record.fingerprint, "status": "resolved", "labels": record.labels });
+            records.push(trigger);
+            state.dispatcher.update(ri, rule, record, now);
+        }
+        records
+    }
+
+    async fn tick(&self, flush: bool) -> Result<usize> {
+        let now = self.clock.now_ms();
+        let (due, records) = {
+            let mut state = self.lock();
+            let mut records = self.sweep(&mut state, now);
+            let due = state.dispatcher.due(&self.rule_configs, now, flush);
+            records.extend(dispatch_records(&mut state.dispatcher, &self.stats));
+            (due, records)
+        };
+        self.audit.write(&records)?;
+        let mut all = std::mem::take(&mut self.lock().pending);
+        all.extend(due);
+        let n = all.len();
+        self.run_all(all).await?;
+        Ok(n)
+    }
+
+    /// Executes `notifications`; one whose execution failed before it was recorded is kept
+    /// for the ticker, and the first such error is returned after the others ran.
+    async fn run_all(&self, notifications: Vec<Notification>) -> Result<()> {
+        let mut first_error = None;
+        for n in notifications {
+            if let Err(e) = self.execute(n.clone(), true).await {
+                self.lock().pending.push(n);
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Audit records of what the dispatcher decided without notifying: muting that started or
+/// ended, and alerts that resolved before anything about them was notified.
+fn dispatch_records(dispatcher: &mut Dispatcher, stats: &DecisionStats) -> Vec<AuditRecord> {
+    let mut out: Vec<AuditRecord> = dispatcher
+        .mute_changes
+        .drain(..)
+        .map(|change| {
+            let (outcome, reason) = match &change.muted {
+                Some(m) => {
+                    stats.held_back.fetch_add(1, Ordering::Relaxed);
+                    let (outcome, by) = m.outcome();
+                    (outcome, format!("{outcome} by {by}"))
+                }
+                None => (
+                    "unmuted",
+                    "no silence or inhibition applies any more".to_owned(),
+                ),
+            };
+            let mut r = AuditRecord::new("decision", outcome);
+            r.rule = Some(change.rule);
+            r.reason = reason;
+            r.details = json!({ "fingerprint": change.fingerprint });
+            r
+        })
+        .collect();
+    out.extend(
+        dispatcher
+            .unannounced
+            .drain(..)
+            .map(|(rule, group_key, fingerprints)| {
+                let mut r = AuditRecord::new("decision", "resolved_before_notified");
+                r.rule = Some(rule);
+                r.reason =
+                    "resolved before a notification announced it (group_wait, or muted)".into();
+                r.details = json!({ "group_key": group_key, "fingerprints": fingerprints });
+                r
+            }),
+    );
+    out
+}
+
+impl Action for DecisionEngine {
+    fn name(&self) -> &str {
+        "decision"
+    }
+
+    fn wants_every_batch(&self) -> bool {
+        true // resolving needs the normal rows too
+    }
+
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.ensure_ticker();
+            let (records, due) = self.inner.evaluate(input)?;
+            // Durable before anything is acted on, and before the batch is acknowledged.
+            if let Err(e) = self.inner.audit.write(&records) {
+                self.inner.lock().pending.extend(due);
+                return Err(e);
+            }
+            self.inner.run_all(due).await
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let ticker = self.ticker.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((handle, stop)) = ticker {
+                stop.cancel();
+                let _ = handle.await; // let a running tick finish its executions
+            }
+            // What was decided must not be lost with the process: send every pending group.
+            self.inner.tick(true).await.map(|_| ())
+        })
+    }
+}
