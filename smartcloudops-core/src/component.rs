@@ -100,12 +100,21 @@ pub fn parse_table<T: DeserializeOwned>(
             let inner = e.path().to_string();
             // toml appends "\nin `field`"; the path already says where.
             let message = e.inner().to_string();
-            let message = message.lines().next().unwrap_or_default().to_owned();
+            let mut message = message.lines().next().unwrap_or_default().to_owned();
             let mut full = if inner == "." || inner.is_empty() {
                 path.to_owned()
             } else {
                 format!("{path}.{inner}")
             };
+            // A hand-written `Deserialize` that parses a part of its table on its own says
+            // where in it the fault is as "at `field.sub`: message".
+            if let Some((within, rest)) = message
+                .strip_prefix("at `")
+                .and_then(|rest| rest.split_once("`: "))
+            {
+                full = format!("{full}.{within}");
+                message = rest.to_owned();
+            }
             // serde names unknown and missing fields only in its message; put them in the path
             // (and suggest the closest known field).
             if let Some(field) = message
@@ -119,7 +128,9 @@ pub fn parse_table<T: DeserializeOwned>(
                     full = format!("{full}.{field}");
                 }
                 let known: Vec<&str> = expected.iter().map(String::as_str).collect();
-                let hint = match suggest(&field, &known) {
+                // A nested field (`command.argvv`) is matched by its own name.
+                let name = field.rsplit('.').next().unwrap_or(&field);
+                let hint = match suggest(name, &known) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None if known.is_empty() => "this table takes no fields".to_owned(),
                     None => format!("known fields: {}", known.join(", ")),

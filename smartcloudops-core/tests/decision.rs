@@ -1007,7 +1007,11 @@ async fn configuration_mistakes_are_refused_with_their_path() {
         "#,
     )
     .unwrap();
-    let problems: BTreeMap<String, String> = config.problems().into_iter().collect();
+    let problems: BTreeMap<String, String> = config
+        .problems()
+        .into_iter()
+        .map(|e| (e.path, e.message))
+        .collect();
     assert!(
         problems.contains_key("rule[0].resolve_score"),
         "{problems:?}"

@@ -300,7 +300,7 @@ impl PipelineConfig {
             });
         }
         if let Some(d) = &self.decision {
-            problems.extend_at("decision", d.problems().into_iter().collect());
+            problems.extend_at("decision", d.problems());
         }
         if let Some(section) = &self.detector {
             problems.extend_at("detector", section.detector.config.problems());

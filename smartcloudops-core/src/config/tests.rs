@@ -560,3 +560,28 @@ fn a_sql_stage_without_the_feature_says_how_to_get_it() {
     );
     assert_eq!(paths, ["prep[0].type"]);
 }
+
+#[test]
+fn a_receiver_kind_reports_its_nested_fields_by_full_path() {
+    let config = |command: &str| {
+        format!(
+            "{GENERATOR}[decision]\n[[decision.receiver]]\nname = \"restart\"\ntype = \"command\"\n\
+             [decision.receiver.command]\n{command}\n"
+        )
+    };
+    let errors = parse(&config("argv = [\"true\"]\nmode = \"sometimes\"")).unwrap_err();
+    assert_eq!(
+        errors.0[0].path, "decision.receiver[0].command.mode",
+        "{errors}"
+    );
+    assert!(
+        errors.0[0].message.starts_with("unknown variant"),
+        "{errors}"
+    );
+    let errors = parse(&config("argvv = [\"true\"]")).unwrap_err();
+    assert_eq!(
+        errors.0[0].path, "decision.receiver[0].command.argvv",
+        "{errors}"
+    );
+    assert_eq!(errors.0[0].hint.as_deref(), Some("did you mean `argv`?"));
+}

@@ -12,6 +12,7 @@ use super::guard::RateLimit;
 use super::matcher;
 use super::receiver::{BuildContext, PipelineRedis, ReceiverConfig, ReceiverKind};
 use super::rule::RuleConfig;
+use crate::error::Problems;
 
 /// Where idempotency keys are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -112,35 +113,33 @@ fn default_tick() -> Duration {
 }
 
 impl DecisionConfig {
-    /// Configuration problems, as `(path, message)` (paths relative to `[decision]`).
-    pub fn problems(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
+    /// Configuration problems (paths relative to `[decision]`).
+    pub fn problems(&self) -> Problems {
+        let mut out = Problems::new();
         let names: Vec<&str> = self.receivers.iter().map(|r| r.name.as_str()).collect();
         for (i, rule) in self.rules.iter().enumerate() {
             if self.rules[..i].iter().any(|r| r.name == rule.name) {
-                out.push((
+                out.push(
                     format!("rule[{i}].name"),
                     format!("`{}` is used twice", rule.name),
-                ));
+                );
             }
-            for (field, message) in rule.problems() {
-                out.push((format!("rule[{i}].{field}"), message));
-            }
+            out.extend_at(&format!("rule[{i}]"), rule.problems());
             for r in &rule.receivers {
                 if !names.contains(&r.as_str()) {
-                    out.push((
+                    out.push(
                         format!("rule[{i}].receivers"),
                         format!("no receiver named `{r}`"),
-                    ));
+                    );
                 }
             }
         }
         for (i, r) in self.receivers.iter().enumerate() {
             if names.iter().filter(|n| **n == r.name).count() > 1 {
-                out.push((
+                out.push(
                     format!("receiver[{i}].name"),
                     format!("`{}` is used twice", r.name),
-                ));
+                );
             }
             for (field, target) in [
                 ("escalate_to", &r.guards.escalate_to),
@@ -152,38 +151,36 @@ impl DecisionConfig {
                         .iter()
                         .find(|o| &o.name == t && o.name != r.name);
                     match other {
-                        None => out.push((format!("receiver[{i}].{field}"), format!("no other receiver named `{t}`"))),
-                        Some(o) if o.kind() == ReceiverKind::Command => out.push((
+                        None => out.push(format!("receiver[{i}].{field}"), format!("no other receiver named `{t}`")),
+                        Some(o) if o.kind() == ReceiverKind::Command => out.push(
                             format!("receiver[{i}].{field}"),
                             format!("`{t}` is a command; escalations and fallbacks go to people and channels"),
-                        )),
+                        ),
                         Some(_) => {}
                     }
                 }
             }
-            for (field, message) in r.guards.problems() {
-                out.push((format!("receiver[{i}].{field}"), message));
-            }
+            out.extend_at(&format!("receiver[{i}]"), r.guards.problems());
             if let Err(e) = r.settings.build(&self.build_context(r, None)) {
-                out.push((format!("receiver[{i}]"), e));
+                out.push(format!("receiver[{i}]"), e);
             }
         }
         for (i, s) in self.silences.iter().enumerate() {
             if let Ok(m) = matcher::Matchers::parse(&s.matchers)
                 && m.matches(&BTreeMap::new())
             {
-                out.push((
+                out.push(
                         format!("silence[{i}].matchers"),
-                        "these matchers match an alert with no labels, so every alert: name a label value".into(),
-                    ));
+                        "these matchers match an alert with no labels, so every alert: name a label value",
+                    );
             }
             if let Err(e) = Silence::new(String::new(), s.clone(), 0, self.max_silence) {
-                out.push((format!("silence[{i}]"), e));
+                out.push(format!("silence[{i}]"), e);
             }
         }
         for (i, c) in self.inhibits.iter().enumerate() {
             if let Err(e) = Inhibit::new(c) {
-                out.push((format!("inhibit[{i}]"), e));
+                out.push(format!("inhibit[{i}]"), e);
             }
         }
         out
@@ -210,7 +207,11 @@ mod tests {
 
     fn problems(text: &str) -> BTreeMap<String, String> {
         let config: DecisionConfig = toml::from_str(text).unwrap();
-        config.problems().into_iter().collect()
+        config
+            .problems()
+            .into_iter()
+            .map(|e| (e.path, e.message))
+            .collect()
     }
 
     #[test]

@@ -146,8 +146,8 @@ impl DecisionEngine {
     /// An engine for `config` with `options`.
     pub fn with_options(config: DecisionConfig, options: EngineOptions) -> Result<Self> {
         let problems = config.problems();
-        if let Some((path, message)) = problems.first() {
-            return Err(config_error(format!("decision.{path}: {message}")));
+        if let Some(e) = problems.iter().next() {
+            return Err(config_error(format!("decision.{}: {}", e.path, e.message)));
         }
         let now = options.clock.now_ms();
         #[cfg(feature = "redis")]

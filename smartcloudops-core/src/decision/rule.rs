@@ -23,6 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::matcher::{Matcher, Matchers};
+use crate::error::Problems;
 
 /// How urgent an alert is.
 #[derive(
@@ -175,41 +176,41 @@ impl RuleConfig {
     }
 
     /// Configuration problems, as `(field, message)`.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
+    pub fn problems(&self) -> Problems {
+        let mut problems = Problems::new();
         if self.name.trim().is_empty() {
-            problems.push(("name", "must not be empty".to_owned()));
+            problems.push("name", "must not be empty".to_owned());
         }
         for (field, v) in [
             ("min_score", self.min_score),
             ("resolve_score", self.resolve_score),
         ] {
             if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
-                problems.push((field, "must be within [0, 1]".to_owned()));
+                problems.push(field, "must be within [0, 1]".to_owned());
             }
         }
         if let (Some(fire), Some(resolve)) = (self.min_score, self.resolve_score)
             && resolve > fire
         {
-            problems.push(("resolve_score", "must not be above min_score".to_owned()));
+            problems.push("resolve_score", "must not be above min_score".to_owned());
         }
         if self.resolve_score.is_some() && self.min_score.is_none() {
-            problems.push(("resolve_score", "needs min_score".to_owned()));
+            problems.push("resolve_score", "needs min_score".to_owned());
         }
         if let Err(e) = Matchers::parse(&self.labels) {
-            problems.push(("labels", e));
+            problems.push("labels", e);
         }
         if self.receivers.is_empty() {
-            problems.push(("receivers", "name at least one receiver".to_owned()));
+            problems.push("receivers", "name at least one receiver".to_owned());
         }
         if self.flap.max_changes == 0 || self.flap.window.is_zero() {
-            problems.push(("flap", "max_changes and window must be above 0".to_owned()));
+            problems.push("flap", "max_changes and window must be above 0".to_owned());
         }
         if self.group_interval.is_zero() || self.repeat_interval.is_zero() {
-            problems.push((
+            problems.push(
                 "group_interval",
                 "group_interval and repeat_interval must be above 0".to_owned(),
-            ));
+            );
         }
         problems
     }

@@ -24,6 +24,7 @@ use super::redis::RedisConfig;
 use super::slack::SlackConfig;
 use super::{BuildContext, Built};
 use crate::decision::guard::{CircuitBreakerConfig, RateLimit, RetryPolicy};
+use crate::error::Problems;
 
 /// The kinds of receiver (`type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,14 +161,14 @@ impl Default for GuardConfig {
 }
 
 impl GuardConfig {
-    /// Problems of these settings, as `(field, message)`.
-    pub fn problems(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
+    /// Problems of these settings.
+    pub fn problems(&self) -> Problems {
+        let mut out = Problems::new();
         if self.timeout.is_zero() {
-            out.push(("timeout".into(), "must be longer than 0".into()));
+            out.push("timeout", "must be longer than 0");
         }
         if self.retry.attempts == 0 {
-            out.push(("retry.attempts".into(), "must be at least 1".into()));
+            out.push("retry.attempts", "must be at least 1");
         }
         out
     }
@@ -308,7 +309,8 @@ fn part<T: DeserializeOwned, E: de::Error>(fields: toml::Table) -> Result<T, E> 
         if within.is_empty() {
             E::custom(message)
         } else {
-            E::custom(format_args!("{path}: {message}"))
+            // `parse_table` moves a leading "at `path`: " into the problem's path.
+            E::custom(format_args!("at `{path}`: {message}"))
         }
     })
 }
@@ -434,7 +436,10 @@ mod tests {
             "name = \"x\"\ntype = \"command\"\ncommand = { argv = [], mode = \"sometimes\" }",
         )
         .unwrap_err();
-        assert!(e.starts_with(". | command.mode: unknown variant"), "{e}");
+        assert!(
+            e.starts_with(". | at `command.mode`: unknown variant"),
+            "{e}"
+        );
         let e = parse("name = \"x\"\ntype = \"command\"\ncommand = { argvv = [] }").unwrap_err();
         assert!(
             e.starts_with(". | unknown field `command.argvv`, expected one of `argv`"),
@@ -464,7 +469,7 @@ mod tests {
             },
             ..GuardConfig::default()
         };
-        let fields: Vec<String> = guards.problems().into_iter().map(|(f, _)| f).collect();
+        let fields: Vec<String> = guards.problems().into_iter().map(|e| e.path).collect();
         assert_eq!(fields, ["timeout", "retry.attempts"]);
         assert!(GuardConfig::default().problems().is_empty());
     }
