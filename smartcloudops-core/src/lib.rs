@@ -17,7 +17,7 @@
 //! Batches flow through bounded queues; a slow action slows the source down rather than
 //! growing memory. A batch is acknowledged to its source only after every action finished with
 //! it. Records that cannot be decoded or processed go to a [dead-letter output](dead_letter)
-//! with the reason and are counted in the stage's [metrics](metrics).
+//! with the reason and are counted in the stage's [metrics].
 //!
 //! ## Example
 //!

@@ -72,7 +72,7 @@ pub(super) struct EngineState {
     pub(super) pending: Vec<Notification>,
 }
 
-/// The decision layer as a pipeline action. See the [module docs](self).
+/// The decision layer as a pipeline action. See the [module docs](crate::decision).
 #[derive(Debug)]
 pub struct DecisionEngine {
     inner: Arc<Inner>,

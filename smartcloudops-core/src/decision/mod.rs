@@ -1,7 +1,7 @@
 //! The decision layer: from scored rows to notifications and guarded remediation, with an
 //! audit trail (`[decision]`).
 //!
-//! [`DecisionEngine`] is an [`Action`]: it sees every scored batch and
+//! [`DecisionEngine`] is an [`Action`](crate::action::Action): it sees every scored batch and
 //!
 //! 1. runs the **rules** ([`rule`]): which rows are active, `for`, `keep_firing_for`,
 //!    hysteresis and flap detection give each (rule, series) alert its life — firing,

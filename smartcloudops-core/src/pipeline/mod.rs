@@ -11,7 +11,7 @@
 //!   default [`WhenFull::Block`] a slow action stalls the transform task, which stalls the
 //!   source: memory is bounded by `2 × capacity + concurrency + 2` batches (the `2` are
 //!   the batches the source and transform tasks hold while they wait to send).
-//! - **Acknowledgement**: a batch's [`Ack`] is resolved after every action
+//! - **Acknowledgement**: a batch's [`Ack`](crate::ack::Ack) is resolved after every action
 //!   finished with it — or right after the detector when no action has anything to do. A prep
 //!   or detector error dead-letters the batch (acked once stored); an action error nacks it.
 //! - **Shutdown**: cancelling the token stops the source from being polled; queued and

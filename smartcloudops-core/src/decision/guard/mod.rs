@@ -2,8 +2,8 @@
 //! cooldown, rate limits, retries with error classification and a timeout per try (each in
 //! its module), plus the idempotency stores ([`idempotency`]).
 //!
-//! A guard is a [`Layer`] that wraps a [`Deliver`] (a receiver, or guards around one) in
-//! another [`Deliver`], as tower's layers wrap services. The engine stacks them, outer first:
+//! A guard is a `Layer` that wraps a `Deliver` (a receiver, or guards around one) in
+//! another `Deliver`, as tower's layers wrap services. The engine stacks them, outer first:
 //!
 //! ```text
 //! circuit breaker → cooldown → rate limit → (audit: execute) → retry → (audit: each try) → timeout → receiver
@@ -12,7 +12,7 @@
 //! so an open circuit is the first reason given, a cooldown or a rate limit never spends the
 //! other's budget, the retries happen inside one pass of the breaker (it counts a
 //! notification that failed all its tries as one failure), and the timeout bounds each try.
-//! A guard that holds a notification back answers [`Outcome::Held`] without calling inward.
+//! A guard that holds a notification back answers `Outcome::Held` without calling inward.
 
 pub mod circuit_breaker;
 pub mod cooldown;
