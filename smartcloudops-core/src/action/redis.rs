@@ -15,13 +15,15 @@
 //!
 //! The result cache, the third Redis action, is [`super::redis_cache::ResultCache`].
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::{Action, ActionInput, Event, SinkPayload};
-use crate::error::{Error, Result};
+use super::{Action, ActionConfig, ActionInput, Event, SinkPayload};
+use crate::component::{BuildContext, ComponentConfig};
+use crate::error::{Error, Problems, Result};
 use crate::redis::{LazyConnection, RedisConnection};
 
 /// Events per pipelined round trip.
@@ -262,52 +264,33 @@ fn sink_error(action: &str, target: &str, e: redis::RedisError) -> Error {
     }
 }
 
-impl crate::component::ComponentConfig for RedisPublishConfig {
-    fn problems(&self) -> crate::error::Problems {
-        let mut p = crate::error::Problems::new();
-        if let Some(redis) = &self.redis {
-            p.extend_at("redis", redis.problems());
+/// The checks both Redis sinks make: their own connection, if they have one, and a target.
+fn sink_problems(redis: Option<&RedisConnection>, field: &str, target: &str) -> Problems {
+    let mut p = Problems::new();
+    if let Some(redis) = redis {
+        p.extend_at("redis", redis.problems());
+    }
+    p.check(!target.trim().is_empty(), field, "must not be empty", "");
+    p
+}
+
+/// Both sinks are built the same way: checked by [`sink_problems`], given the shared
+/// `[redis]` connection unless they name their own.
+macro_rules! redis_sink_kind {
+    ($config:ty, $sink:ident, $target:ident) => {
+        impl ComponentConfig for $config {
+            fn problems(&self) -> Problems {
+                sink_problems(self.redis.as_ref(), stringify!($target), &self.$target)
+            }
         }
-        p.check(
-            !self.channel.trim().is_empty(),
-            "channel",
-            "must not be empty",
-            "",
-        );
-        p
-    }
-}
 
-impl super::ActionConfig for RedisPublishConfig {
-    fn build(&self, ctx: &crate::component::BuildContext) -> Result<std::sync::Arc<dyn Action>> {
-        Ok(std::sync::Arc::new(RedisPublish::new(
-            self.clone(),
-            ctx.redis_connection(),
-        )))
-    }
-}
-
-impl crate::component::ComponentConfig for RedisStreamSinkConfig {
-    fn problems(&self) -> crate::error::Problems {
-        let mut p = crate::error::Problems::new();
-        if let Some(redis) = &self.redis {
-            p.extend_at("redis", redis.problems());
+        impl ActionConfig for $config {
+            fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn Action>> {
+                Ok(Arc::new($sink::new(self.clone(), ctx.redis_connection())))
+            }
         }
-        p.check(
-            !self.stream.trim().is_empty(),
-            "stream",
-            "must not be empty",
-            "",
-        );
-        p
-    }
+    };
 }
 
-impl super::ActionConfig for RedisStreamSinkConfig {
-    fn build(&self, ctx: &crate::component::BuildContext) -> Result<std::sync::Arc<dyn Action>> {
-        Ok(std::sync::Arc::new(RedisStreamSink::new(
-            self.clone(),
-            ctx.redis_connection(),
-        )))
-    }
-}
+redis_sink_kind!(RedisPublishConfig, RedisPublish, channel);
+redis_sink_kind!(RedisStreamSinkConfig, RedisStreamSink, stream);
