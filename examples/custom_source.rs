@@ -9,16 +9,16 @@
 //! with one host falling behind at a chosen tick. The pipeline around it (detector, actions)
 //! comes from a TOML file like any other.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use serde::Deserialize;
+use smartcloudops_core::action::MemoryAction;
 use smartcloudops_core::component::{BuildContext, ComponentConfig};
 use smartcloudops_core::config::{PipelineConfig, Registry};
 use smartcloudops_core::schema::MetricsBatchBuilder;
 use smartcloudops_core::source::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream};
-use smartcloudops_core::{Ack, Action, ActionInput, Alert, Problems, Result};
+use smartcloudops_core::{Ack, Problems, Result};
 
 // ---- the kind: config, checks, summary, build -------------------------------------------
 
@@ -100,24 +100,6 @@ impl Source for HeartbeatSource {
 
 // ---- using it ----------------------------------------------------------------------------
 
-/// Keeps the alerts, to show what the pipeline did.
-#[derive(Debug, Default)]
-struct Keep(Mutex<Vec<Alert>>);
-
-impl Action for Keep {
-    fn name(&self) -> &str {
-        "keep"
-    }
-
-    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(input.alerts.iter().cloned());
-        Box::pin(async { Ok(()) })
-    }
-}
-
 const PIPELINE: &str = r#"
 [source]
 type = "heartbeat"
@@ -148,7 +130,8 @@ async fn main() -> anyhow::Result<()> {
 
     let config = PipelineConfig::parse_with(PIPELINE, ".".as_ref(), |_| None, &registry)?;
     println!("{}", config.summary());
-    let alerts = Arc::new(Keep::default());
+    // An action that exists only in code joins the configured ones: it keeps the alerts.
+    let alerts = Arc::new(MemoryAction::new());
     let report = config
         .builder()?
         .shared_action(alerts.clone())
@@ -156,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
         .spawn()
         .wait()
         .await?;
-    let alerts = alerts.0.lock().unwrap_or_else(|p| p.into_inner());
+    let alerts = alerts.alerts();
     println!(
         "{} rows scored, {} alerts: {:?}",
         report.metrics.rows_acked,

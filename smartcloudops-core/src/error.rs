@@ -287,17 +287,6 @@ impl From<ConfigError> for Problems {
     }
 }
 
-/// Problems as `(field, message)` pairs, the shape the simpler checks produce.
-impl<P: Into<String>, M: Into<String>> FromIterator<(P, M)> for Problems {
-    fn from_iter<I: IntoIterator<Item = (P, M)>>(iter: I) -> Self {
-        Problems(
-            iter.into_iter()
-                .map(|(p, m)| ConfigError::new(p, m))
-                .collect(),
-        )
-    }
-}
-
 impl IntoIterator for Problems {
     type Item = ConfigError;
     type IntoIter = std::vec::IntoIter<ConfigError>;

@@ -288,3 +288,34 @@ async fn a_window_behind_a_filter_closes_while_the_source_stays_busy() {
     stop.cancel();
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn windows_flushed_at_the_end_are_counted_through_the_stages_after_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two one-minute windows; the second is still open when the input ends.
+    let path = file(dir.path(), &[(5_000, 1.0), (65_000, 2.0), (70_000, 3.0)]);
+    let rows = Arc::new(MemoryAction::new().every_batch());
+    let report = Pipeline::builder(FileSource::new(FileSourceConfig::new(path)))
+        .prep(
+            WindowPrep::new(&WindowConfig {
+                aggregations: vec![Aggregation::Max],
+                ..WindowConfig::tumbling(Duration::from_secs(60))
+            })
+            .unwrap(),
+        )
+        .prep(MetricFilter::new(MetricFilterConfig {
+            include: vec!["cpu_max".into()],
+            exclude: Vec::new(),
+        }))
+        .shared_action(rows.clone())
+        .build()
+        .spawn()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(received(&rows).len(), 2, "both windows");
+    let filter = report.metrics.stage("prep:filter").unwrap();
+    assert_eq!(filter.rows_in, 2);
+    assert_eq!(filter.rows_out, 2, "the flushed window counted out too");
+    assert_eq!(filter.batches_in, filter.batches_out);
+}

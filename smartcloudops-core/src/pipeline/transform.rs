@@ -264,19 +264,22 @@ async fn release_held(t: &mut TransformTask, why: Held) -> bool {
         };
         let mut batch = flushed;
         let mut failed = None;
+        // The released rows go through the later stages as any batch does (counted in and
+        // out, timed); on a failure the input of the failing stage is dead-lettered.
         for (prep, stage) in &mut t.preps[i + 1..] {
-            stage.record_in(batch.num_rows());
-            match prep.process(&batch) {
-                Ok(out) => batch = out,
-                Err(error) => {
-                    stage.record_error();
-                    failed = Some((stage.clone(), error));
+            match run_stage(stage, batch.clone(), |b| prep.process(b)) {
+                Ok(out) => {
+                    if let Err(error) = dead_letter_rejected(&t.dead_letters, prep.as_mut(), stage)
+                    {
+                        failed = Some((stage.clone(), error));
+                        break;
+                    }
+                    batch = out;
+                }
+                Err(f) => {
+                    failed = Some((f.stage, f.error));
                     break;
                 }
-            }
-            if let Err(error) = dead_letter_rejected(&t.dead_letters, prep.as_mut(), stage) {
-                failed = Some((stage.clone(), error));
-                break;
             }
         }
         if let Some((stage, error)) = failed {

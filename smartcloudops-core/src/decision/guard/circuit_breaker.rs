@@ -66,6 +66,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// Gives back a trial that produced no outcome (a cooldown or rate limit held it, or an
+    /// error stopped it before the receiver answered): the next delivery is the trial.
+    /// Without this, a half-open circuit would wait for an outcome that never comes.
+    pub(crate) fn release_trial(&mut self, now_ms: i64) {
+        if self.circuit == Circuit::HalfOpen {
+            self.circuit = Circuit::Open { until_ms: now_ms };
+        }
+    }
+
     /// Records a delivery's outcome; true when this failure opened the circuit (a failed
     /// trial opens it again). Failures that were in flight while it opened change nothing.
     pub(crate) fn record(&mut self, ok: bool, now_ms: i64) -> bool {
@@ -129,7 +138,12 @@ impl<S: Deliver> Deliver for Guarded<CircuitBreakerLayer<'_>, S> {
                     "the receiver's circuit is open after repeated failures",
                 )));
             }
-            let mut outcome = self.inner.deliver(request).await?;
+            let result = self.inner.deliver(request).await;
+            let Ok(mut outcome) = result else {
+                self.guard
+                    .with(|b| b.release_trial(self.guard.clock.now_ms()));
+                return result;
+            };
             match &mut outcome {
                 Outcome::Delivered(_) => {
                     self.guard
@@ -141,7 +155,10 @@ impl<S: Deliver> Deliver for Guarded<CircuitBreakerLayer<'_>, S> {
                         .with(|b| b.record(false, self.guard.clock.now_ms()))
                         .unwrap_or(false);
                 }
-                Outcome::Held(_) => {}
+                Outcome::Held(_) => {
+                    self.guard
+                        .with(|b| b.release_trial(self.guard.clock.now_ms()));
+                }
             }
             Ok(outcome)
         })
@@ -223,6 +240,71 @@ mod tests {
         clock.advance(Duration::from_secs(60));
         assert_eq!(deliver(120_000).await, Outcome::Delivered("ok".into()));
         assert_eq!(deliver(120_001).await, Outcome::Delivered("ok".into()));
+    }
+
+    #[test]
+    fn a_trial_without_an_outcome_is_given_back() {
+        let mut c = CircuitBreaker::new(CircuitBreakerConfig {
+            failures: 1,
+            open_for: Duration::from_secs(60),
+        });
+        assert!(c.record(false, 0));
+        assert!(c.try_pass(60_000), "the trial");
+        c.release_trial(60_001);
+        assert!(
+            c.try_pass(60_002),
+            "held back, so the next one is the trial"
+        );
+        assert!(!c.try_pass(60_003), "and still only one");
+        c.release_trial(60_004);
+        c.release_trial(60_005);
+        assert!(c.try_pass(60_006));
+        assert!(!c.record(true, 60_007));
+        c.release_trial(60_008);
+        assert!(c.try_pass(60_009), "a closed circuit stays closed");
+    }
+
+    #[tokio::test]
+    async fn a_trial_held_further_in_does_not_leave_the_circuit_half_open() {
+        let n = notification(AlertStatus::Firing);
+        let clock = ManualClock::at(0);
+        let breaker = Mutex::new(Some(CircuitBreaker::new(CircuitBreakerConfig {
+            failures: 1,
+            open_for: Duration::from_secs(60),
+        })));
+        let held = Outcome::Held(Hold::overflow("rate_limited", "over the limit"));
+        let script = Script::new([
+            transient("a"),
+            held.clone(),
+            Outcome::Delivered("ok".into()),
+        ]);
+        let deliver = |now_ms| {
+            let layer = CircuitBreakerLayer {
+                breaker: &breaker,
+                clock: &clock,
+                now_ms,
+            };
+            let (script, n) = (&script, &n);
+            async move { layer.layer(script).deliver(Request::new(n)).await.unwrap() }
+        };
+        assert!(matches!(
+            deliver(0).await,
+            Outcome::Failed {
+                circuit_opened: true,
+                ..
+            }
+        ));
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(
+            deliver(60_000).await,
+            held,
+            "the trial, held by a rate limit"
+        );
+        assert_eq!(
+            deliver(60_001).await,
+            Outcome::Delivered("ok".into()),
+            "the next notification is the trial, and it closes the circuit"
+        );
     }
 
     #[tokio::test]
