@@ -4,7 +4,7 @@
     scripts/check-module-dag.py smartcloudops-core/src
 
 A top-level module is a file `src/NAME.rs` or a folder `src/NAME/`. Module A depends on B when
-code in A (comments excluded) names `crate::B` — as a path, or inside `use crate::{B, ...}`.
+code or a doc comment in A names `crate::B` — as a path, or inside `use crate::{B, ...}`.
 Paths through the crate root (`crate::Error`) are reported too: they hide the edge. The
 check reports every strongly connected component of more than one module, with one
 file:line per edge of the cycle, and prints the layers (a topological order) when there is
@@ -86,7 +86,8 @@ def edges(src: Path, hidden: list[str]) -> dict[str, dict[str, str]]:
     for module, files in modules.items():
         for path in files:
             lines = path.read_text().splitlines()
-            code = "\n".join(strip_comment(l) for l in lines)
+            # Doc comments count: an intra-doc link to a higher module is an upward edge too.
+            code = "\n".join(l if l.lstrip().startswith(("///", "//!")) else strip_comment(l) for l in lines)
             line_starts = [0]
             for l in code.split("\n"):
                 line_starts.append(line_starts[-1] + len(l) + 1)

@@ -3,10 +3,10 @@
 //!
 //! A component (a source, prep stage, detector or action) is a config struct next to its code.
 //! The struct implements [`ComponentConfig`] (checks, summary, relative paths) and its stage's
-//! build trait — [`SourceConfig`](crate::source::SourceConfig),
-//! [`PrepConfig`](crate::prep::PrepConfig), [`DetectorConfig`](crate::detector::DetectorConfig)
-//! or [`ActionConfig`](crate::action::ActionConfig) — and is listed under a `type` name in the
-//! [registry](crate::config::Registry), which is all the central code knows of it.
+//! build trait — `source::SourceConfig`, `prep::PrepConfig`, `detector::DetectorConfig` or
+//! `action::ActionConfig`, each defined beside its stage's trait — and is listed under a
+//! `type` name in the registry (`config::Registry`), which is all the central code knows of
+//! it. This module sits below the stages, so it names none of them.
 
 use std::any::Any;
 use std::fmt;

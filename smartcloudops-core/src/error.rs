@@ -8,7 +8,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong inside `smartcloudops-core`.
 ///
 /// Bad *records* are not errors of this kind: they are dead-lettered and counted
-/// (see [`crate::dead_letter`]). An `Error` means a stage or a connector failed.
+/// (see the `dead_letter` module). An `Error` means a stage or a connector failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

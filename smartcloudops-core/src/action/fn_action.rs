@@ -1,5 +1,5 @@
 //! [`FnAction`]: an [`Action`] from a closure, the counterpart of
-//! [`FnPrep`](crate::prep::FnPrep).
+//! `prep::FnPrep`.
 
 use std::fmt;
 

@@ -43,7 +43,7 @@ pub use self::redis_cache::{CachedResult, ResultCache, ResultCacheConfig};
 
 /// An `[[action]]` kind's configuration: a serde struct that checks itself
 /// ([`ComponentConfig`]) and builds its action. Listed in the
-/// [registry](crate::config::Registry) under its `type` name.
+/// registry (`config::Registry`) under its `type` name.
 pub trait ActionConfig: ComponentConfig {
     /// Builds the action (connections are opened lazily, on first use).
     fn build(&self, ctx: &BuildContext) -> Result<std::sync::Arc<dyn Action>>;

@@ -8,7 +8,7 @@
 //! ignored.
 //!
 //! [`RemoteWriteDecoder`] decodes one whole request; the receiver
-//! ([`crate::source::remote_write`]) answers 400 to a request that does not decode, so
+//! (`source::remote_write`) answers 400 to a request that does not decode, so
 //! Prometheus does not retry it.
 
 use prost::Message;

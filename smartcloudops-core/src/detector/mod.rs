@@ -63,7 +63,7 @@ pub use crate::error::Problems;
 
 /// A `[detector]` kind's configuration: a serde struct that checks itself
 /// ([`ComponentConfig`]) and builds its detector. Listed in the
-/// [registry](crate::config::Registry) under its `type` name.
+/// registry (`config::Registry`) under its `type` name.
 pub trait DetectorConfig: ComponentConfig {
     /// Builds the detector, holding state for at most `max_series` series.
     fn build(&self, ctx: &BuildContext, max_series: usize) -> Result<Box<dyn Detector>>;

@@ -26,7 +26,7 @@ pub use self::window::{FillPolicy, ResampleConfig, WindowConfig, WindowPrep};
 
 /// A `[[prep]]` kind's configuration: a serde struct that checks itself
 /// ([`ComponentConfig`]) and builds its stage for the schema it will receive. Listed in the
-/// [registry](crate::config::Registry) under its `type` name.
+/// registry (`config::Registry`) under its `type` name.
 pub trait PrepConfig: ComponentConfig {
     /// Builds the stage for batches of `input` (the source's schema after the earlier preps).
     fn build(&self, ctx: &BuildContext, input: &SchemaRef) -> Result<Box<dyn Prep>>;

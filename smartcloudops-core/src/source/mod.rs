@@ -86,7 +86,7 @@ impl SourceContext {
 
 /// A `[source]` kind's configuration: a serde struct that checks itself
 /// ([`ComponentConfig`]) and builds its source. Listed in the
-/// [registry](crate::config::Registry) under its `type` name.
+/// registry (`config::Registry`) under its `type` name.
 pub trait SourceConfig: ComponentConfig {
     /// Builds the source (binding sockets, opening files; connecting happens on `open`).
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Source>>;
