@@ -164,6 +164,40 @@ fn bench_decoders(c: &mut Criterion) {
             black_box(out.finish())
         });
     });
+    // One series whose 20 000 labels share a name: the shape that made label
+    // de-duplication quadratic (one request could pin a worker for seconds).
+    let hostile = {
+        use smartcloudops_core::decode::remote_write::{Label, Sample, TimeSeries, WriteRequest};
+        let labels = (0..20_000)
+            .map(|i| Label {
+                name: "dup".into(),
+                value: format!("v{i}"),
+            })
+            .chain([Label {
+                name: "__name__".into(),
+                value: "cpu".into(),
+            }])
+            .collect();
+        WriteRequest {
+            timeseries: vec![TimeSeries {
+                labels,
+                samples: vec![Sample {
+                    value: 1.0,
+                    timestamp: 1_764_028_800_000,
+                }],
+            }],
+        }
+        .to_body()
+    };
+    group.throughput(Throughput::Elements(20_000));
+    group.bench_function("remote_write/20k_duplicate_labels", |b| {
+        let mut decoder = smartcloudops_core::decode::RemoteWriteDecoder::default();
+        let mut out = MetricsBatchBuilder::with_capacity(1);
+        b.iter(|| {
+            decoder.decode(black_box(&hostile), &mut out).unwrap();
+            black_box(out.finish())
+        });
+    });
     group.finish();
 }
 

@@ -258,17 +258,21 @@ impl MetricsBatchBuilder {
 }
 
 /// Sorts labels by key and keeps the last value of a duplicated key, as Prometheus does.
+///
+/// O(n log n) whatever the input: a request repeating one label name thousands of times
+/// costs a sort, not a quadratic cascade of removals.
 pub fn sort_labels<K: AsRef<str>, V>(labels: &mut Vec<(K, V)>) {
     labels.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
-    // After a stable sort equal keys keep input order; keep the last one of each run.
-    let mut i = 0;
-    while i + 1 < labels.len() {
-        if labels[i].0.as_ref() == labels[i + 1].0.as_ref() {
-            labels.remove(i);
-        } else {
-            i += 1;
+    // After a stable sort equal keys keep input order. `dedup_by` keeps the first of a run
+    // and hands each later duplicate next to it: swapping moves the later value into the
+    // kept slot, so the last one wins, in one pass.
+    labels.dedup_by(|later, kept| {
+        let same = later.0.as_ref() == kept.0.as_ref();
+        if same {
+            std::mem::swap(later, kept);
         }
-    }
+        same
+    });
 }
 
 /// Typed, borrowed access to the canonical columns of a batch.
@@ -467,6 +471,26 @@ mod tests {
         let mut labels = vec![("b", "1"), ("a", "2"), ("b", "3")];
         sort_labels(&mut labels);
         assert_eq!(labels, vec![("a", "2"), ("b", "3")]);
+        let mut many: Vec<(String, usize)> = (0..100_000).map(|i| ("x".into(), i)).collect();
+        sort_labels(&mut many);
+        assert_eq!(many, vec![("x".to_owned(), 99_999)]);
+    }
+
+    proptest::proptest! {
+        /// The same as inserting every label into a map in order (the last value wins).
+        #[test]
+        fn sort_labels_matches_a_last_wins_map(
+            pairs in proptest::collection::vec(("[a-d]{0,2}", 0u32..1000), 0..64)
+        ) {
+            let mut labels = pairs.clone();
+            sort_labels(&mut labels);
+            let expected: Vec<(String, u32)> = pairs
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>()
+                .into_iter()
+                .collect();
+            proptest::prop_assert_eq!(labels, expected);
+        }
     }
 
     #[test]
