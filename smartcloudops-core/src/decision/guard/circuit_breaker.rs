@@ -172,6 +172,22 @@ mod tests {
     use super::*;
     use crate::decision::{AlertStatus, ManualClock};
 
+    /// One notification through a breaker layer around `script`, decided at `now_ms`.
+    async fn through_breaker(
+        breaker: &Mutex<Option<CircuitBreaker>>,
+        clock: &ManualClock,
+        script: &Script,
+        n: &crate::decision::Notification,
+        now_ms: i64,
+    ) -> Outcome {
+        let layer = CircuitBreakerLayer {
+            breaker,
+            clock,
+            now_ms,
+        };
+        layer.layer(script).deliver(Request::new(n)).await.unwrap()
+    }
+
     #[test]
     fn breaker_opens_after_k_failures_and_lets_one_trial_through_after_open_for() {
         let mut c = CircuitBreaker::new(CircuitBreakerConfig {
@@ -204,15 +220,7 @@ mod tests {
             open_for: Duration::from_secs(60),
         })));
         let script = Script::new([transient("a"), transient("b"), transient("c")]);
-        let deliver = |now_ms| {
-            let layer = CircuitBreakerLayer {
-                breaker: &breaker,
-                clock: &clock,
-                now_ms,
-            };
-            let (script, n) = (&script, &n);
-            async move { layer.layer(script).deliver(Request::new(n)).await.unwrap() }
-        };
+        let deliver = |now_ms| through_breaker(&breaker, &clock, &script, &n, now_ms);
         assert_eq!(deliver(0).await, transient("a"));
         let opened = deliver(0).await;
         assert_eq!(
@@ -278,15 +286,7 @@ mod tests {
             held.clone(),
             Outcome::Delivered("ok".into()),
         ]);
-        let deliver = |now_ms| {
-            let layer = CircuitBreakerLayer {
-                breaker: &breaker,
-                clock: &clock,
-                now_ms,
-            };
-            let (script, n) = (&script, &n);
-            async move { layer.layer(script).deliver(Request::new(n)).await.unwrap() }
-        };
+        let deliver = |now_ms| through_breaker(&breaker, &clock, &script, &n, now_ms);
         assert!(matches!(
             deliver(0).await,
             Outcome::Failed {
