@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{Action, ActionConfig, ActionInput};
 use crate::component::{BuildContext, ComponentConfig};
 use crate::error::{Error, Result};
+use crate::util::text::escape_control;
 
 /// How the [`LogAction`] prints alerts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -28,7 +29,8 @@ pub struct LogActionConfig {
     pub format: LogFormat,
 }
 
-/// Writes one line per alert to standard output.
+/// Writes one line per alert to standard output; in text, control characters are written out
+/// (`\n`), so each alert stays one line.
 #[derive(Debug)]
 pub struct LogAction {
     config: LogActionConfig,
@@ -46,13 +48,18 @@ impl LogAction {
         for alert in &input.alerts {
             match self.config.format {
                 LogFormat::Text => {
-                    out.push_str(&format!(
-                        "ALERT {} {} = {}: {}\n",
+                    // Labels and reasons come from the data: a newline in one must not forge
+                    // a line.
+                    let line = format!(
+                        "{} {} = {}: {}",
                         alert.time,
                         alert.series(),
                         alert.value,
                         alert.reason
-                    ));
+                    );
+                    out.push_str("ALERT ");
+                    out.push_str(&escape_control(&line));
+                    out.push('\n');
                 }
                 LogFormat::Json => {
                     out.push_str(&serde_json::to_string(alert).map_err(|e| Error::Action {

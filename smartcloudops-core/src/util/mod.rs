@@ -1,6 +1,8 @@
-//! Small helpers shared by stages: the JSON-lines appender, the URL redactor, batch display.
+//! Small helpers shared by stages: the JSON-lines appender, the URL redactor, control-character
+//! escaping for log lines, batch display.
 
 pub mod jsonl;
+pub mod text;
 pub mod url;
 
 use arrow::array::Array;

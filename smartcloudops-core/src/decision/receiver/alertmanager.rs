@@ -19,18 +19,25 @@ pub struct AlertmanagerConfig {
     pub url: Option<String>,
     /// Extra headers (e.g. `Authorization = "Bearer ${TOKEN}"`).
     pub headers: BTreeMap<String, String>,
+    /// Accept a plain `http://` URL to a host other than loopback although `headers` are set.
+    pub allow_insecure_http: bool,
 }
 
 impl AlertmanagerConfig {
     pub(crate) fn build(&self, ctx: &BuildContext<'_>) -> Built {
-        let options = HttpOptions::new(&self.headers, ctx);
+        let options = HttpOptions {
+            allow_insecure_http: self.allow_insecure_http,
+            ..HttpOptions::new(&self.headers, ctx)
+        };
         http_receiver(HttpFormat::Alertmanager, self.url.as_deref(), ctx, options)
     }
 }
 
 impl fmt::Debug for AlertmanagerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        debug_http(f, "AlertmanagerConfig", self.url.as_deref(), &self.headers).finish()
+        debug_http(f, "AlertmanagerConfig", self.url.as_deref(), &self.headers)
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .finish()
     }
 }
 

@@ -25,14 +25,20 @@ pub struct WebhookConfig {
     pub url: Option<String>,
     /// Extra headers (e.g. `Authorization = "Bearer ${TOKEN}"`).
     pub headers: BTreeMap<String, String>,
-    /// A minijinja template of the body, over the notification's fields.
+    /// A minijinja template of the body, over the notification's fields. Values are
+    /// written as JSON (`{{ rule }}` gives `"cpu-high"`, quotes included), so data cannot
+    /// change the body's structure; `tojson` is there too.
     pub body: Option<String>,
+    /// Accept a plain `http://` URL to a host other than loopback although the request
+    /// carries secrets (`headers`, credentials in the URL).
+    pub allow_insecure_http: bool,
 }
 
 impl WebhookConfig {
     pub(crate) fn build(&self, ctx: &BuildContext<'_>) -> Built {
         let options = HttpOptions {
             template: self.body.clone(),
+            allow_insecure_http: self.allow_insecure_http,
             ..HttpOptions::new(&self.headers, ctx)
         };
         http_receiver(HttpFormat::Webhook, self.url.as_deref(), ctx, options)
@@ -41,7 +47,9 @@ impl WebhookConfig {
 
 impl fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        debug_http(f, "WebhookConfig", self.url.as_deref(), &self.headers).finish_non_exhaustive()
+        debug_http(f, "WebhookConfig", self.url.as_deref(), &self.headers)
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .finish_non_exhaustive()
     }
 }
 
@@ -59,7 +67,8 @@ pub(crate) fn debug_http<'f, 'b>(
     d
 }
 
-/// An HTTP receiver posting `format` to `url`, which must be set and be http(s).
+/// An HTTP receiver posting `format` to `url`, which must be set and be http(s); https when
+/// the request carries a secret ([`check_url`]).
 pub(crate) fn http_receiver(
     format: HttpFormat,
     url: Option<&str>,
@@ -67,11 +76,52 @@ pub(crate) fn http_receiver(
     options: HttpOptions,
 ) -> Built {
     let url = url.ok_or("`url` is required")?;
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(format!("`{}` is not an http(s) URL", mask_url(url)));
-    }
+    check_url(url, format, &options)?;
     HttpReceiver::new(url.to_owned(), format, ctx.timeout, options)
         .map(|h| Box::new(h) as Box<dyn Receiver>)
+}
+
+/// Whether `url` may carry this receiver's requests. A request carrying a secret (Slack's URL
+/// path, PagerDuty's routing key, custom headers, credentials in the URL) goes over https,
+/// unless to a loopback address (a sidecar, a test) or `allow_insecure_http` says so.
+fn check_url(url: &str, format: HttpFormat, options: &HttpOptions) -> Result<(), String> {
+    let shown = mask_url(url);
+    let parsed = reqwest::Url::parse(url).map_err(|_| format!("`{shown}` is not a URL"))?;
+    match parsed.scheme() {
+        "https" => return Ok(()),
+        "http" => {}
+        _ => return Err(format!("`{shown}` is not an http(s) URL")),
+    }
+    let secret = match format {
+        HttpFormat::Slack => Some("a Slack webhook URL is a secret"),
+        HttpFormat::PagerDuty => Some("the body carries the routing key"),
+        HttpFormat::Webhook | HttpFormat::Alertmanager if !options.headers.is_empty() => {
+            Some("`headers` are sent with every request")
+        }
+        _ if !parsed.username().is_empty() || parsed.password().is_some() => {
+            Some("the URL holds credentials")
+        }
+        _ => None,
+    };
+    match secret {
+        Some(why) if !options.allow_insecure_http && !is_loopback(&parsed) => Err(format!(
+            "`{shown}` is plain http and {why}: use https (hint: set `allow_insecure_http = true` \
+             to send it unencrypted anyway; loopback addresses need no flag)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `url` points at this machine: `localhost`, 127.0.0.0/8 or `::1`.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The payload a webhook-style receiver posts.
@@ -116,6 +166,7 @@ pub(crate) struct HttpOptions {
     pub(crate) routing_key: Option<String>,
     pub(crate) external_url: String,
     pub(crate) slack_channel: Option<String>,
+    pub(crate) allow_insecure_http: bool,
 }
 
 impl HttpOptions {
@@ -142,7 +193,10 @@ impl HttpReceiver {
             reqwest::header::HeaderValue::from_str(v)
                 .map_err(|_| format!("the value of header `{k}` is not valid"))?;
         }
+        // Never follow a redirect: it would carry the headers, the routing key or the Slack
+        // path to wherever the receiver (or whoever answers for it) points.
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("smartcloudops/", env!("CARGO_PKG_VERSION")))
@@ -152,6 +206,9 @@ impl HttpReceiver {
             Some(t) => {
                 let mut env = minijinja::Environment::new();
                 env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+                // The body is JSON: every value is written as JSON (strings quoted and
+                // escaped), so a label holding `"` cannot add or change a field.
+                env.set_auto_escape_callback(|_| minijinja::AutoEscape::Json);
                 env.add_template_owned("body", t)
                     .map_err(|e| format!("invalid body template: {e}"))?;
                 Some(env)
@@ -177,10 +234,17 @@ impl HttpReceiver {
                 let data = serde_json::to_value(n).map_err(|e| e.to_string())?;
                 if let Some(env) = &self.template {
                     let t = env.get_template("body").map_err(|e| e.to_string())?;
-                    return t
+                    let body = t
                         .render(minijinja::Value::from_serialize(&data))
-                        .map(String::into_bytes)
-                        .map_err(|e| format!("rendering the body template: {e}"));
+                        .map_err(|e| format!("rendering the body template: {e}"))?;
+                    serde_json::from_str::<serde::de::IgnoredAny>(&body).map_err(|e| {
+                        format!(
+                            "the body template did not render JSON ({e}): values are written \
+                             as JSON, quotes included, so write `{{{{ rule }}}}`, not \
+                             `\"{{{{ rule }}}}\"`, and build longer strings with `~`"
+                        )
+                    })?;
+                    return Ok(body.into_bytes());
                 }
                 data
             }
@@ -233,6 +297,18 @@ impl Receiver for HttpReceiver {
             let status = response.status();
             if status.is_success() {
                 return Ok(format!("HTTP {}", status.as_u16()));
+            }
+            if status.is_redirection() {
+                let to = response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map_or_else(|| "nowhere".to_owned(), mask_url);
+                return Err(DeliveryError::permanent(format!(
+                    "HTTP {}: redirect to {to} not followed (the request carries secrets); \
+                     set `url` to the final address",
+                    status.as_u16()
+                )));
             }
             let retry_after = response
                 .headers()

@@ -1,6 +1,6 @@
 //! `type = "kafka"`: produce to a topic, as JSON keyed by group.
 
-#[cfg(feature = "kafka")]
+use std::collections::BTreeMap;
 use std::fmt;
 #[cfg(feature = "kafka")]
 use std::time::Duration;
@@ -15,14 +15,46 @@ use super::{DeliveryError, Receiver};
 #[cfg(feature = "kafka")]
 use crate::decision::Notification;
 
-/// `type = "kafka"` settings: both are required.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `type = "kafka"` settings: `brokers` and `topic` are required. The `Debug` output masks
+/// secret options (`sasl.password` …).
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub brokers: Option<String>,
     /// The topic.
     pub topic: Option<String>,
+    /// Any librdkafka producer property, passed through as is, as the Kafka source takes
+    /// them: `security.protocol`, `sasl.mechanism`, `sasl.username`, `sasl.password`,
+    /// `ssl.ca.location` … Use `${VAR}` for secrets.
+    pub options: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let options: BTreeMap<&str, &str> = self
+            .options
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("options", &options)
+            .finish()
+    }
+}
+
+/// Whether option `key` holds a secret, the Kafka clients' own test where the build has them.
+#[cfg(feature = "kafka")]
+fn is_secret(key: &str) -> bool {
+    crate::kafka::is_secret(key)
+}
+
+/// Whether option `key` holds a secret: without Kafka support, every value is hidden.
+#[cfg(not(feature = "kafka"))]
+fn is_secret(_: &str) -> bool {
+    true
 }
 
 impl KafkaConfig {
@@ -33,7 +65,11 @@ impl KafkaConfig {
             let (Some(brokers), Some(topic)) = (&self.brokers, &self.topic) else {
                 return Err("`brokers` and `topic` are required".into());
             };
-            KafkaReceiver::new(brokers, topic, ctx.timeout)
+            let client = crate::kafka::KafkaClientConfig {
+                brokers: brokers.clone(),
+                options: self.options.clone(),
+            };
+            KafkaReceiver::new(&client, topic, ctx.timeout)
                 .map(|k| Box::new(k) as Box<dyn Receiver>)
         }
         #[cfg(not(feature = "kafka"))]
@@ -62,21 +98,34 @@ impl fmt::Debug for KafkaReceiver {
 
 #[cfg(feature = "kafka")]
 impl KafkaReceiver {
-    pub(crate) fn new(brokers: &str, topic: &str, timeout: Duration) -> Result<Self, String> {
-        let ms = timeout.as_millis().to_string();
-        let producer = crate::kafka::KafkaClientConfig::new(brokers)
-            .client_config(&[
-                ("enable.idempotence", "true"),
-                ("message.timeout.ms", ms.as_str()),
-            ])
+    pub(crate) fn new(
+        client: &crate::kafka::KafkaClientConfig,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        // librdkafka checks every option here (an unknown name, a bad value, TLS in a build
+        // without it), so `validate` reports them.
+        let producer = Self::client_config(client, timeout)
             .create()
             .map_err(|e| format!("creating the Kafka producer: {e}"))?;
         Ok(Self {
             producer,
             topic: topic.to_owned(),
-            target: format!("kafka {brokers} {topic}"),
+            target: format!("kafka {} {topic}", client.brokers),
             timeout,
         })
+    }
+
+    /// The producer's librdkafka settings: ours, then the user's `options` (which win).
+    fn client_config(
+        client: &crate::kafka::KafkaClientConfig,
+        timeout: Duration,
+    ) -> rdkafka::ClientConfig {
+        let ms = timeout.as_millis().to_string();
+        client.client_config(&[
+            ("enable.idempotence", "true"),
+            ("message.timeout.ms", ms.as_str()),
+        ])
     }
 }
 
@@ -109,5 +158,68 @@ impl Receiver for KafkaReceiver {
                 ))),
             }
         })
+    }
+}
+
+#[cfg(all(test, feature = "kafka"))]
+mod tests {
+    use super::*;
+    use crate::kafka::KafkaClientConfig;
+
+    fn config(options: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            brokers: Some("127.0.0.1:9".into()),
+            topic: Some("alerts".into()),
+            options: options
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn build(c: &KafkaConfig) -> Built {
+        c.build(&BuildContext {
+            timeout: Duration::from_secs(5),
+            external_url: "",
+            allowed_commands: &[],
+            redis: None,
+        })
+    }
+
+    #[test]
+    fn sasl_options_reach_the_producer_and_stay_out_of_debug() {
+        let c = config(&[
+            ("security.protocol", "SASL_PLAINTEXT"),
+            ("sasl.mechanism", "PLAIN"),
+            ("sasl.username", "notifier"),
+            ("sasl.password", "hunter2"),
+        ]);
+        let client = KafkaClientConfig {
+            brokers: "127.0.0.1:9".into(),
+            options: c.options.clone(),
+        };
+        let settings = KafkaReceiver::client_config(&client, Duration::from_secs(5));
+        assert_eq!(settings.get("security.protocol"), Some("SASL_PLAINTEXT"));
+        assert_eq!(settings.get("sasl.password"), Some("hunter2"));
+        assert_eq!(settings.get("enable.idempotence"), Some("true"));
+        build(&c).expect("librdkafka accepts the SASL settings");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("SASL_PLAINTEXT"), "{shown}");
+    }
+
+    #[test]
+    fn a_bad_option_fails_validation_with_its_name() {
+        let e = build(&config(&[("sasl.pasword", "x")])).unwrap_err();
+        assert!(e.contains("sasl.pasword"), "{e}");
+    }
+
+    #[test]
+    fn the_options_table_parses_from_toml() {
+        let c: KafkaConfig = toml::from_str(
+            "brokers = \"b:9092\"\ntopic = \"t\"\n[options]\n\"security.protocol\" = \"SASL_SSL\"",
+        )
+        .unwrap();
+        assert_eq!(c.options["security.protocol"], "SASL_SSL");
     }
 }

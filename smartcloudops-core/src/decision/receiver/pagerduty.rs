@@ -26,6 +26,9 @@ pub struct PagerDutyConfig {
     pub routing_key_env: Option<String>,
     /// File holding the routing key.
     pub routing_key_file: Option<PathBuf>,
+    /// Accept a plain `http://` URL to a host other than loopback (the body carries the
+    /// routing key).
+    pub allow_insecure_http: bool,
 }
 
 impl PagerDutyConfig {
@@ -35,6 +38,7 @@ impl PagerDutyConfig {
         let url = self.url.as_deref().unwrap_or(PAGERDUTY_URL);
         let options = HttpOptions {
             routing_key: Some(key),
+            allow_insecure_http: self.allow_insecure_http,
             ..HttpOptions::new(&self.headers, ctx)
         };
         http_receiver(HttpFormat::PagerDuty, Some(url), ctx, options)
@@ -46,6 +50,7 @@ impl fmt::Debug for PagerDutyConfig {
         debug_http(f, "PagerDutyConfig", self.url.as_deref(), &self.headers)
             .field("routing_key_env", &self.routing_key_env)
             .field("routing_key_file", &self.routing_key_file)
+            .field("allow_insecure_http", &self.allow_insecure_http)
             .finish()
     }
 }
