@@ -7,7 +7,8 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use smartcloudops_core::decode::{
-    CsvDecoder, CsvOptions, Decoder, InfluxDecoder, JsonDecoder, PrometheusDecoder,
+    CsvDecoder, CsvOptions, DecodeLimits, Decoder, InfluxDecoder, JsonDecoder, PrometheusDecoder,
+    RemoteWriteDecoder,
 };
 use smartcloudops_core::schema::MetricsBatchBuilder;
 
@@ -103,6 +104,32 @@ fn remote_write_payload() -> Vec<u8> {
     WriteRequest { timeseries }.to_body()
 }
 
+/// One series whose `count` labels share a name: the shape that made label de-duplication
+/// quadratic (one request could pin a worker for seconds).
+fn duplicate_labels(count: usize) -> Vec<u8> {
+    use smartcloudops_core::decode::remote_write::{Label, Sample, TimeSeries, WriteRequest};
+    let labels = (0..count)
+        .map(|i| Label {
+            name: "dup".into(),
+            value: format!("v{i}"),
+        })
+        .chain([Label {
+            name: "__name__".into(),
+            value: "cpu".into(),
+        }])
+        .collect();
+    WriteRequest {
+        timeseries: vec![TimeSeries {
+            labels,
+            samples: vec![Sample {
+                value: 1.0,
+                timestamp: 1_764_028_800_000,
+            }],
+        }],
+    }
+    .to_body()
+}
+
 fn bench_decoders(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
     let json = json_payload();
@@ -164,38 +191,42 @@ fn bench_decoders(c: &mut Criterion) {
             black_box(out.finish())
         });
     });
-    // One series whose 20 000 labels share a name: the shape that made label
-    // de-duplication quadratic (one request could pin a worker for seconds).
-    let hostile = {
-        use smartcloudops_core::decode::remote_write::{Label, Sample, TimeSeries, WriteRequest};
-        let labels = (0..20_000)
-            .map(|i| Label {
-                name: "dup".into(),
-                value: format!("v{i}"),
-            })
-            .chain([Label {
-                name: "__name__".into(),
-                value: "cpu".into(),
-            }])
-            .collect();
-        WriteRequest {
-            timeseries: vec![TimeSeries {
-                labels,
-                samples: vec![Sample {
-                    value: 1.0,
-                    timestamp: 1_764_028_800_000,
-                }],
-            }],
-        }
-        .to_body()
+    let hostile = duplicate_labels(20_000);
+    // Limits raised so the request is accepted: this times the de-duplication itself.
+    let unlimited = DecodeLimits {
+        max_labels: 1_000_000,
+        ..DecodeLimits::default()
     };
     group.throughput(Throughput::Elements(20_000));
     group.bench_function("remote_write/20k_duplicate_labels", |b| {
-        let mut decoder = smartcloudops_core::decode::RemoteWriteDecoder::default();
+        let mut decoder = RemoteWriteDecoder::with_limits(unlimited);
         let mut out = MetricsBatchBuilder::with_capacity(1);
         b.iter(|| {
             decoder.decode(black_box(&hostile), &mut out).unwrap();
             black_box(out.finish())
+        });
+    });
+    // The request: 80 000 labels of one name. Accepted with the limits raised, and
+    // refused with the default limits (`max_labels`) after reading 129 labels.
+    let hostile_80k = duplicate_labels(80_000);
+    group.throughput(Throughput::Elements(80_000));
+    group.bench_function("remote_write/80k_duplicate_labels_accepted", |b| {
+        let mut decoder = RemoteWriteDecoder::with_limits(unlimited);
+        let mut out = MetricsBatchBuilder::with_capacity(1);
+        b.iter(|| {
+            decoder.decode(black_box(&hostile_80k), &mut out).unwrap();
+            black_box(out.finish())
+        });
+    });
+    group.bench_function("remote_write/80k_duplicate_labels_refused", |b| {
+        let mut decoder = RemoteWriteDecoder::default();
+        let mut out = MetricsBatchBuilder::with_capacity(1);
+        b.iter(|| {
+            black_box(
+                decoder
+                    .decode(black_box(&hostile_80k), &mut out)
+                    .unwrap_err(),
+            )
         });
     });
     group.finish();

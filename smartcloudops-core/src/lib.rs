@@ -73,6 +73,7 @@ pub mod decode;
 pub mod detector;
 pub mod error;
 pub mod eval;
+pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod metrics;

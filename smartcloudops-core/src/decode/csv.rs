@@ -16,7 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Decoder, Reject, parse_timestamp, parse_value};
+use super::{DecodeLimits, Decoder, Reject, over_limit, parse_timestamp, parse_value};
 use crate::schema::MetricsBatchBuilder;
 
 /// How to read CSV payloads.
@@ -59,6 +59,7 @@ enum HeaderState {
 pub struct CsvDecoder {
     options: CsvOptions,
     header: HeaderState,
+    limits: DecodeLimits,
 }
 
 impl CsvDecoder {
@@ -67,7 +68,14 @@ impl CsvDecoder {
         Self {
             options,
             header: HeaderState::Pending,
+            limits: DecodeLimits::default(),
         }
+    }
+
+    /// The same decoder, rejecting records over `limits`.
+    pub fn with_limits(mut self, limits: DecodeLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     fn parse_header(&self, names: &csv::StringRecord) -> Result<Header, String> {
@@ -87,6 +95,15 @@ impl CsvDecoder {
         if metric.is_none() && self.options.metric.is_none() {
             return Err(format!(
                 "CSV header {names:?} has no `metric` column and no `metric` option is set"
+            ));
+        }
+        let label_columns = names
+            .len()
+            .saturating_sub(2 + usize::from(metric.is_some()));
+        if label_columns > self.limits.max_labels {
+            return Err(format!(
+                "CSV header has {label_columns} label columns, over the limit of {} (max_labels)",
+                self.limits.max_labels
             ));
         }
         let mut labels: Vec<(usize, String)> = names
@@ -135,6 +152,13 @@ impl Decoder for CsvDecoder {
                     });
                     continue;
                 }
+            }
+            let end = reader.position().byte() as usize;
+            if let Err(reason) = self.limits.check_line(end.saturating_sub(before)) {
+                let line = record.position().map_or(0, |p| line_index(payload, p));
+                let raw = &payload[before.min(payload.len())..end.min(payload.len())];
+                rejects.push(over_limit(line, raw, reason));
+                continue;
             }
             // The record's own position: blank lines before it are not counted by `before`.
             let start = record
@@ -190,6 +214,19 @@ impl Decoder for CsvDecoder {
                             .map(|(i, name)| (name.as_str(), field(*i).trim()))
                             .filter(|(_, v)| !v.is_empty()),
                     );
+                    let checked = self
+                        .limits
+                        .check_metric(metric)
+                        .and_then(|()| self.limits.check_labels(&labels));
+                    if let Err(reason) = checked {
+                        let raw = record.iter().collect::<Vec<_>>().join(",");
+                        rejects.push(over_limit(
+                            line_index(payload, &start),
+                            raw.as_bytes(),
+                            reason,
+                        ));
+                        continue;
+                    }
                     out.push(ts, metric, &labels, value);
                 }
                 Err(reason) => rejects.push(Reject {

@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Decoder, Reject, lines};
+use super::{DecodeLimits, Decoder, Reject, lines, over_limit};
 use crate::schema::{MetricsBatchBuilder, sort_labels};
 
 /// The unit of line-protocol timestamps.
@@ -55,6 +55,7 @@ pub struct InfluxDecoder {
     /// Time given to points without a timestamp; `None`: the wall clock at decode time.
     default_ts_ms: Option<i64>,
     labels: Vec<(String, String)>,
+    limits: DecodeLimits,
 }
 
 impl Default for InfluxDecoder {
@@ -89,7 +90,14 @@ impl InfluxDecoder {
             precision,
             default_ts_ms: None,
             labels: Vec::new(),
+            limits: DecodeLimits::default(),
         }
+    }
+
+    /// The same decoder, rejecting lines over `limits`.
+    pub fn with_limits(mut self, limits: DecodeLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Points without a timestamp get `ts_ms` instead of the wall clock (tests, replays).
@@ -134,6 +142,13 @@ impl InfluxDecoder {
             let (value, after_value) = scan(text, after_key + 1, b", ", true);
             if value.is_empty() {
                 return err(after_key + 2, format!("tag `{key}` has an empty value"));
+            }
+            if self.labels.len() == self.limits.max_labels {
+                let reason = format!("more than {} tags (max_labels)", self.limits.max_labels);
+                return err(i + 2, reason);
+            }
+            if let Err(reason) = self.limits.check_label(&key, &value) {
+                return err(i + 2, reason);
             }
             self.labels.push((key, value));
             i = after_value;
@@ -197,9 +212,15 @@ impl InfluxDecoder {
                     } else {
                         format!("{measurement}_{field}")
                     };
+                    if let Err(reason) = self.limits.check_metric(&metric) {
+                        field_rejects.push(reason);
+                        continue;
+                    }
                     out.push(ts_ms, &metric, &self.labels, v);
                 }
-                FieldValue::Text => field_rejects.push(field),
+                FieldValue::Text => {
+                    field_rejects.push(format!("field `{field}` is a string, not a metric value"))
+                }
             }
         }
         Ok(())
@@ -279,6 +300,10 @@ impl Decoder for InfluxDecoder {
     fn decode(&mut self, payload: &[u8], out: &mut MetricsBatchBuilder, rejects: &mut Vec<Reject>) {
         let mut field_rejects = Vec::new();
         for (index, line) in lines(payload) {
+            if let Err(reason) = self.limits.check_line(line.len()) {
+                rejects.push(over_limit(index, line, reason));
+                continue;
+            }
             let trimmed = line.trim_ascii();
             if trimmed.is_empty() || trimmed.starts_with(b"#") {
                 continue;
@@ -287,11 +312,11 @@ impl Decoder for InfluxDecoder {
             let raw = || String::from_utf8_lossy(line).into_owned();
             match self.line(trimmed, out, &mut field_rejects) {
                 Ok(()) => {
-                    for field in &field_rejects {
+                    for reason in field_rejects.drain(..) {
                         rejects.push(Reject {
                             record: index,
                             raw: raw(),
-                            reason: format!("field `{field}` is a string, not a metric value"),
+                            reason,
                         });
                     }
                 }

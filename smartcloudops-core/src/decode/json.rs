@@ -18,13 +18,20 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
-use super::{Decoder, Reject, lines, parse_timestamp, parse_value};
+use super::{DecodeLimits, Decoder, Reject, lines, over_limit, parse_timestamp, parse_value};
 use crate::schema::{MetricsBatchBuilder, sort_labels};
 
 /// Decodes JSON lines (see the [module docs](self)).
 #[derive(Debug, Default)]
 pub struct JsonDecoder {
-    _private: (),
+    limits: DecodeLimits,
+}
+
+impl JsonDecoder {
+    /// A decoder rejecting records over `limits`.
+    pub fn with_limits(limits: DecodeLimits) -> Self {
+        Self { limits }
+    }
 }
 
 impl Decoder for JsonDecoder {
@@ -34,11 +41,23 @@ impl Decoder for JsonDecoder {
 
     fn decode(&mut self, payload: &[u8], out: &mut MetricsBatchBuilder, rejects: &mut Vec<Reject>) {
         for (index, line) in lines(payload) {
+            if let Err(reason) = self.limits.check_line(line.len()) {
+                rejects.push(over_limit(index, line, reason));
+                continue;
+            }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             match serde_json::from_slice::<JsonSample<'_>>(line) {
                 Ok(mut sample) => {
+                    let checked = self
+                        .limits
+                        .check_metric(&sample.metric.0)
+                        .and_then(|()| self.limits.check_labels(&sample.labels.0));
+                    if let Err(reason) = checked {
+                        rejects.push(over_limit(index, line, reason));
+                        continue;
+                    }
                     sort_labels(&mut sample.labels.0);
                     out.push(
                         sample.ts.0,

@@ -7,6 +7,7 @@
 pub mod csv;
 pub mod influx;
 pub mod json;
+pub mod limits;
 pub mod prometheus;
 pub mod remote_write;
 
@@ -19,6 +20,7 @@ use crate::schema::MetricsBatchBuilder;
 pub use self::csv::{CsvDecoder, CsvOptions};
 pub use self::influx::{InfluxDecoder, Precision};
 pub use self::json::JsonDecoder;
+pub use self::limits::DecodeLimits;
 pub use self::prometheus::PrometheusDecoder;
 pub use self::remote_write::RemoteWriteDecoder;
 
@@ -59,13 +61,18 @@ pub enum Format {
 }
 
 impl Format {
-    /// A fresh decoder for this format.
+    /// A fresh decoder for this format, with the default [`DecodeLimits`].
     pub fn decoder(self, csv: CsvOptions) -> Box<dyn Decoder> {
+        self.decoder_with_limits(csv, DecodeLimits::default())
+    }
+
+    /// A fresh decoder for this format that rejects records over `limits`.
+    pub fn decoder_with_limits(self, csv: CsvOptions, limits: DecodeLimits) -> Box<dyn Decoder> {
         match self {
-            Format::Json => Box::new(JsonDecoder::default()),
-            Format::Csv => Box::new(CsvDecoder::new(csv)),
-            Format::Influx => Box::new(InfluxDecoder::default()),
-            Format::Prometheus => Box::new(PrometheusDecoder::default()),
+            Format::Json => Box::new(JsonDecoder::with_limits(limits)),
+            Format::Csv => Box::new(CsvDecoder::new(csv).with_limits(limits)),
+            Format::Influx => Box::new(InfluxDecoder::default().with_limits(limits)),
+            Format::Prometheus => Box::new(PrometheusDecoder::default().with_limits(limits)),
         }
     }
 }
@@ -109,6 +116,21 @@ pub(crate) fn lines(payload: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
         .split(|&b| b == b'\n')
         .enumerate()
         .map(|(i, line)| (i, line.strip_suffix(b"\r").unwrap_or(line)))
+}
+
+/// A reject for a record refused by a limit: its raw text is cut to a short prefix, so a
+/// hostile record is not copied whole into the dead-letter output.
+pub(crate) fn over_limit(record: usize, raw: &[u8], reason: String) -> Reject {
+    const KEEP: usize = 256;
+    let mut text = String::from_utf8_lossy(&raw[..raw.len().min(KEEP)]).into_owned();
+    if raw.len() > KEEP {
+        text.push('…');
+    }
+    Reject {
+        record,
+        raw: text,
+        reason,
+    }
 }
 
 /// What the decoders' unit tests share: decode a text and read the rows back.

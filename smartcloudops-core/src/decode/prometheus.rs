@@ -17,7 +17,7 @@
 //! - `# HELP`, `# TYPE` and other comments, and blank lines, are skipped. Any other line that
 //!   does not parse is rejected with the reason and its column.
 
-use super::{Decoder, Reject, lines, parse_value};
+use super::{DecodeLimits, Decoder, Reject, lines, over_limit, parse_value};
 use crate::schema::{MetricsBatchBuilder, sort_labels};
 
 /// Decodes the Prometheus text format (see the [module docs](self)).
@@ -26,6 +26,7 @@ pub struct PrometheusDecoder {
     /// Time of samples without a timestamp; `None`: the wall clock at decode time.
     default_ts_ms: Option<i64>,
     labels: Vec<(String, String)>,
+    limits: DecodeLimits,
 }
 
 struct ParseError {
@@ -38,8 +39,14 @@ impl PrometheusDecoder {
     pub fn with_default_ts(ts_ms: i64) -> Self {
         Self {
             default_ts_ms: Some(ts_ms),
-            labels: Vec::new(),
+            ..Self::default()
         }
+    }
+
+    /// The same decoder, rejecting lines over `limits`.
+    pub fn with_limits(mut self, limits: DecodeLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Sets the time given to samples without a timestamp (a scraper sets it per scrape).
@@ -62,6 +69,9 @@ impl PrometheusDecoder {
         let name = &text[..name_end];
         if name.is_empty() || name.as_bytes()[0].is_ascii_digit() {
             return fail(0, "expected a metric name".into());
+        }
+        if let Err(reason) = self.limits.check_metric(name) {
+            return fail(0, reason);
         }
         let mut i = name_end;
         self.labels.clear();
@@ -110,6 +120,14 @@ impl PrometheusDecoder {
                 }
                 value.push_str(&text[run..i]);
                 i += 1; // the closing quote
+                if self.labels.len() == self.limits.max_labels {
+                    let reason =
+                        format!("more than {} labels (max_labels)", self.limits.max_labels);
+                    return fail(key_end - key.len(), reason);
+                }
+                if let Err(reason) = self.limits.check_label(key, &value) {
+                    return fail(key_end - key.len(), reason);
+                }
                 self.labels.push((key.to_owned(), value));
                 while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
                     i += 1;
@@ -166,6 +184,10 @@ impl Decoder for PrometheusDecoder {
 
     fn decode(&mut self, payload: &[u8], out: &mut MetricsBatchBuilder, rejects: &mut Vec<Reject>) {
         for (index, line) in lines(payload) {
+            if let Err(reason) = self.limits.check_line(line.len()) {
+                rejects.push(over_limit(index, line, reason));
+                continue;
+            }
             let trimmed = line.trim_ascii();
             if trimmed.is_empty() || trimmed.starts_with(b"#") {
                 continue;
