@@ -183,7 +183,7 @@ async fn every_notifier_speaks_its_format_and_the_audit_links_each_step() {
             name = "hook"
             type = "webhook"
             url = "http://{addr}/hook"
-            body = '{{"text": {{{{ rule ~ ": " ~ (alerts | length) ~ " alert(s), first on " ~ alerts[0].labels.host }}}}}}'
+            body = '{{"text": "{{{{ rule }}}}: {{{{ alerts | length }}}} alert(s), first on {{{{ alerts[0].labels.host }}}}"}}'
 
             [[receiver]]
             name = "am"
@@ -773,6 +773,7 @@ fn command_engine(
     let config: DecisionConfig = toml::from_str(&format!(
         r#"
         allowed_commands = ["/usr/bin/mktemp", "/bin/echo"]
+        audit_log = "{dir}/audit.jsonl"
 
         [[rule]]
         name = "cpu"
@@ -794,7 +795,7 @@ fn command_engine(
         [receiver.command]
         argv = ["/bin/echo", "service={{service}}"]
         mode = "auto"
-        params = {{ service = {{ pattern = "{pattern}" }} }}
+        params = {{ service = {{ pattern = "{pattern}", path = true }} }}
         "#,
         dir = dir.display()
     ))
@@ -837,6 +838,7 @@ async fn a_remediation_runs_once_across_a_restart_and_a_replay() {
             let config: DecisionConfig = toml::from_str(&format!(
                 r#"
                 allowed_commands = ["/usr/bin/mktemp"]
+                audit_log = "{dir}/audit.jsonl"
                 idempotency = {{ store = "file", path = "{keys}" }}
 
                 [[rule]]
@@ -887,10 +889,11 @@ async fn a_remediation_runs_once_across_a_restart_and_a_replay() {
 #[tokio::test]
 async fn event_data_with_shell_metacharacters_never_reaches_a_shell() {
     let dir = tempfile::tempdir().unwrap();
-    let evil = "api; touch /tmp/smartcloudops-pwned";
+    // No whitespace (a pattern may not admit it), `${IFS}` in its place.
+    let evil = "api;touch${IFS}/tmp/smartcloudops-pwned";
     let store = Arc::new(MemoryIdempotency::default());
     // A strict pattern blocks the value outright.
-    let strict = command_engine(dir.path(), "auto", "[a-z-]+", store.clone());
+    let strict = command_engine(dir.path(), "auto", "[a-z][a-z-]*", store.clone());
     strict
         .execute(&input(&[("web-1", evil, 0, 99.0, 1.0, true)]))
         .await
@@ -913,7 +916,7 @@ async fn event_data_with_shell_metacharacters_never_reaches_a_shell() {
     let loose = command_engine(
         dir.path(),
         "dry_run",
-        ".+",
+        "[a-zA-Z;${}][a-zA-Z;${}/-]*",
         Arc::new(MemoryIdempotency::default()),
     );
     loose

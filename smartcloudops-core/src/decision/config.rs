@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::audit::Rotation as AuditRotation;
 use super::dispatch::{Inhibit, InhibitConfig, Silence, SilenceConfig};
 use super::guard::RateLimit;
 use super::matcher;
-use super::receiver::{BuildContext, PipelineRedis, ReceiverConfig, ReceiverKind};
+use super::receiver::{
+    BuildContext, ExecutionMode, PipelineRedis, ReceiverConfig, ReceiverKind, ReceiverSettings,
+};
 use super::rule::RuleConfig;
 use crate::error::Problems;
 
@@ -82,9 +85,25 @@ pub struct DecisionConfig {
     /// `[[decision.inhibit]]`.
     #[serde(default, rename = "inhibit")]
     pub inhibits: Vec<InhibitConfig>,
-    /// The audit log (JSON lines, synced); in memory only when absent.
+    /// The audit log (JSON lines, synced, hash-chained, mode 0600); in memory only when
+    /// absent, which is allowed only while no command runs in `auto` mode.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log before it grows past this many bytes (0: never).
+    #[serde(default = "default_audit_max_bytes")]
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept (`audit.jsonl.1` … `audit.jsonl.N`).
+    #[serde(default = "default_audit_keep")]
+    pub audit_keep: u32,
+    /// Most new alert groups one rule may open per minute; alerts beyond it are counted, not
+    /// notified one by one, and the rule's receivers get one escalation. A flood of new series
+    /// (forged, or a fleet-wide fault) cannot use up the shared rate limit.
+    #[serde(default = "default_max_new_groups_per_minute")]
+    pub max_new_groups_per_minute: u32,
+    /// Most suggestions (`mode = "suggest"`) waiting for a person; a new one beyond it drops
+    /// the oldest, with an audit record.
+    #[serde(default = "default_max_pending_suggestions")]
+    pub max_pending_suggestions: usize,
     /// Where idempotency keys are kept.
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
@@ -105,6 +124,18 @@ pub struct DecisionConfig {
     pub tick: Duration,
 }
 
+fn default_audit_max_bytes() -> u64 {
+    AuditRotation::default().max_bytes
+}
+fn default_audit_keep() -> u32 {
+    AuditRotation::default().keep
+}
+fn default_max_new_groups_per_minute() -> u32 {
+    100
+}
+fn default_max_pending_suggestions() -> usize {
+    100
+}
 fn default_max_silence() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
@@ -160,10 +191,48 @@ impl DecisionConfig {
                     }
                 }
             }
+            if let ReceiverSettings::Command(c) = &r.settings
+                && c.command
+                    .as_ref()
+                    .is_some_and(|c| c.mode == ExecutionMode::Auto)
+                && self.audit_log.is_none()
+            {
+                out.push_hint(
+                    format!("receiver[{i}].command.mode"),
+                    format!(
+                        "receiver `{}` runs commands (`mode = \"auto\"`), so an audit log is \
+                         required",
+                        r.name
+                    ),
+                    "set `[decision] audit_log = \"/var/lib/smartcloudops/audit.jsonl\"`: every \
+                     execution must leave a durable record",
+                );
+            }
             out.extend_at(&format!("receiver[{i}]"), r.guards.problems());
             if let Err(e) = r.settings.build(&self.build_context(r, None)) {
                 out.push(format!("receiver[{i}]"), e);
             }
+        }
+        if self.audit_max_bytes > 0 && self.audit_keep == 0 {
+            out.push_hint(
+                "audit_keep",
+                "must be at least 1 while the audit log rotates",
+                "keep at least one rotated file, or set `audit_max_bytes = 0` to never rotate",
+            );
+        }
+        if self.max_new_groups_per_minute == 0 {
+            out.push_hint(
+                "max_new_groups_per_minute",
+                "must be at least 1",
+                "the default, 100, leaves room for a real incident across a fleet",
+            );
+        }
+        if self.max_pending_suggestions == 0 {
+            out.push_hint(
+                "max_pending_suggestions",
+                "must be at least 1",
+                "use `mode = \"dry_run\"` to record plans without keeping suggestions",
+            );
         }
         for (i, s) in self.silences.iter().enumerate() {
             if let Ok(m) = matcher::Matchers::parse(&s.matchers)
@@ -304,6 +373,50 @@ mod tests {
         assert!(p["receiver[1]"].contains("not an http(s) URL"), "{p:?}");
         assert!(p["receiver[2]"].contains("routing_key"), "{p:?}");
         assert!(p["receiver[3]"].contains("invalid body template"), "{p:?}");
+    }
+
+    #[test]
+    fn a_command_in_auto_mode_needs_an_audit_log() {
+        let receivers = r#"
+            allowed_commands = ["/usr/bin/systemctl"]
+            [[receiver]]
+            name = "restart"
+            type = "command"
+            [receiver.command]
+            argv = ["/usr/bin/systemctl", "restart", "api"]
+            mode = "auto"
+            [[receiver]]
+            name = "plan"
+            type = "command"
+            [receiver.command]
+            argv = ["/usr/bin/systemctl", "restart", "api"]
+            "#;
+        let p = problems(receivers);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p["receiver[0].command.mode"].contains("`restart`")
+                && p["receiver[0].command.mode"].contains("audit log is required"),
+            "{p:?}"
+        );
+        let config: DecisionConfig = toml::from_str(receivers).unwrap();
+        let hint = config.problems().into_iter().next().unwrap().hint.unwrap();
+        assert!(hint.contains("audit_log"), "{hint}");
+        let p = problems(&format!("audit_log = \"/tmp/audit.jsonl\"\n{receivers}"));
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn caps_and_rotation_must_leave_room() {
+        let p =
+            problems("audit_keep = 0\nmax_new_groups_per_minute = 0\nmax_pending_suggestions = 0");
+        for field in [
+            "audit_keep",
+            "max_new_groups_per_minute",
+            "max_pending_suggestions",
+        ] {
+            assert!(p.contains_key(field), "{field}: {p:?}");
+        }
+        assert!(problems("audit_keep = 0\naudit_max_bytes = 0").is_empty());
     }
 
     #[test]

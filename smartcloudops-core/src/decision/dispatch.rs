@@ -11,6 +11,12 @@
 //!   **inhibited** one (a firing alert matching an inhibition rule's `source` mutes alerts
 //!   matching its `target` that agree on the `equal` labels).
 //! - Resolved alerts are notified once, then leave the group; an empty group is removed.
+//!
+//! Unlike Alertmanager, a rule opens at most `max_new_groups_per_minute` new groups per
+//! minute: a flood of new series (forged data, say) would otherwise be one notification per
+//! series, and use up the rate limits that the real alerts of every rule share. Alerts beyond
+//! the cap are counted and not grouped; the first of them in a minute is reported
+//! ([`CapTrip`]) so that the engine escalates once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -219,10 +225,38 @@ impl Group {
     }
 }
 
+/// A rule that reached its cap of new groups in the current minute.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CapTrip {
+    /// The rule's index.
+    pub(crate) rule: usize,
+    /// Start of the minute (ms).
+    pub(crate) window_start_ms: i64,
+    /// The first alert over the cap.
+    pub(crate) alert: AlertRecord,
+}
+
+/// New groups a rule opened in the current minute.
+#[derive(Debug, Clone, Copy)]
+struct NewGroups {
+    window_start_ms: i64,
+    opened: u32,
+    tripped: bool,
+}
+
+/// The length of the window of `max_new_groups_per_minute`.
+const MINUTE_MS: i64 = 60_000;
+
 /// All groups and the muting rules. See the [module docs](self).
 #[derive(Debug, Default)]
 pub(crate) struct Dispatcher {
     groups: HashMap<String, Group>,
+    /// New groups a rule may open per minute (0: no cap).
+    pub(crate) max_new_groups_per_minute: u32,
+    /// Per rule: the new groups opened in the current minute.
+    new_groups: HashMap<usize, NewGroups>,
+    /// Rules that reached their cap, for the engine to escalate (once per rule and minute).
+    pub(crate) cap_trips: Vec<CapTrip>,
     /// Groups whose alerts all resolved before anything about them was notified; the engine
     /// records them in the audit log.
     pub(crate) unannounced: Vec<(String, String, Vec<String>)>,
@@ -272,14 +306,48 @@ impl Dispatcher {
         None
     }
 
-    /// Takes a fired or resolved alert into its group.
+    /// Whether `rule_index` may open one more group at `now_ms` (counting it if so); the
+    /// first refusal of a minute is recorded as a [`CapTrip`].
+    fn may_open_group(&mut self, rule_index: usize, alert: &AlertRecord, now_ms: i64) -> bool {
+        let cap = self.max_new_groups_per_minute;
+        if cap == 0 {
+            return true;
+        }
+        let fresh = NewGroups {
+            window_start_ms: now_ms,
+            opened: 0,
+            tripped: false,
+        };
+        let window = self.new_groups.entry(rule_index).or_insert(fresh);
+        let elapsed = now_ms.saturating_sub(window.window_start_ms);
+        if !(0..MINUTE_MS).contains(&elapsed) {
+            *window = fresh;
+        }
+        if window.opened < cap {
+            window.opened += 1;
+            return true;
+        }
+        if !window.tripped {
+            window.tripped = true;
+            self.cap_trips.push(CapTrip {
+                rule: rule_index,
+                window_start_ms: window.window_start_ms,
+                alert: alert.clone(),
+            });
+        }
+        false
+    }
+
+    /// Takes a fired or resolved alert into its group; returns the group's key, or `None`
+    /// when the alert would open a group beyond the rule's cap of new groups per minute (it
+    /// is then not grouped, so never notified on its own).
     pub(crate) fn update(
         &mut self,
         rule_index: usize,
         rule: &RuleConfig,
         alert: AlertRecord,
         now_ms: i64,
-    ) -> String {
+    ) -> Option<String> {
         let labels: BTreeMap<String, String> = rule
             .group_by
             .iter()
@@ -292,7 +360,10 @@ impl Dispatcher {
                 .get(&key)
                 .is_some_and(|g| g.alerts.contains_key(&alert.fingerprint))
         {
-            return key; // not in a group (already notified as resolved, or never fired here)
+            return Some(key); // not in a group (already notified as resolved, or never fired here)
+        }
+        if !self.groups.contains_key(&key) && !self.may_open_group(rule_index, &alert, now_ms) {
+            return None;
         }
         let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
             rule: rule_index,
@@ -315,7 +386,7 @@ impl Dispatcher {
             group.sequence = 0;
         }
         group.alerts.insert(alert.fingerprint.clone(), alert);
-        key
+        Some(key)
     }
 
     /// The notifications due at `now_ms` (every pending one with `flush`, at shutdown).

@@ -1,7 +1,7 @@
 //! The engine: rules over each scored batch, the dispatcher's groups, the ticker that sends
 //! what falls due later, and the [`Action`] the pipeline runs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,9 +10,9 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::audit::{AuditLog, AuditRecord};
+use super::audit::{AuditLog, AuditRecord, Rotation};
 use super::config::{DecisionConfig, IdempotencyBackend};
-use super::dispatch::{Dispatcher, Inhibit, Silence, SilenceConfig};
+use super::dispatch::{CapTrip, Dispatcher, Inhibit, Silence, SilenceConfig};
 use super::guard::rate_limit::Bucket;
 use super::guard::{
     CircuitBreaker, FileIdempotency, IdempotencyStore, MemoryIdempotency, TokenBucket,
@@ -59,13 +59,19 @@ pub struct DecisionStats {
     pub dead_lettered: AtomicU64,
     /// Delivery attempts that failed.
     pub failed_attempts: AtomicU64,
+    /// Alerts not grouped because their rule had opened `max_new_groups_per_minute` groups
+    /// in the minute.
+    pub over_group_cap: AtomicU64,
+    /// Suggestions dropped from a full queue (`max_pending_suggestions`).
+    pub suggestions_dropped: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 pub(super) struct EngineState {
     alerts: rustc_hash::FxHashMap<(usize, u64), AlertState>,
     dispatcher: Dispatcher,
-    pub(super) suggestions: Vec<Suggestion>,
+    /// Oldest first, at most `max_pending_suggestions`.
+    pub(super) suggestions: VecDeque<Suggestion>,
     silence_seq: u64,
     /// Notifications whose execution failed before it was recorded (the audit log or the key
     /// store failed); the ticker tries them again.
@@ -101,6 +107,8 @@ pub(super) struct Inner {
     pub(super) global_bucket: Bucket,
     /// One lock per (receiver, group): a group's notifications reach a receiver in order.
     pub(super) delivery_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// `[decision] max_pending_suggestions`.
+    pub(super) max_pending_suggestions: usize,
 }
 
 /// Options of [`DecisionEngine::with_options`].
@@ -198,10 +206,17 @@ impl DecisionEngine {
             },
         };
         let audit = match &config.audit_log {
-            Some(path) => AuditLog::open(path)?,
+            Some(path) => AuditLog::open_with(
+                path,
+                Rotation {
+                    max_bytes: config.audit_max_bytes,
+                    keep: config.audit_keep,
+                },
+            )?,
             None => AuditLog::in_memory(),
         };
         let mut state = EngineState::default();
+        state.dispatcher.max_new_groups_per_minute = config.max_new_groups_per_minute;
         for c in &config.inhibits {
             state
                 .dispatcher
@@ -231,6 +246,7 @@ impl DecisionEngine {
                 stats: DecisionStats::default(),
                 global_bucket: Mutex::new(config.rate_limit.map(|l| TokenBucket::new(l, now))),
                 delivery_locks: Mutex::default(),
+                max_pending_suggestions: config.max_pending_suggestions,
             }),
             ticker: Mutex::new(None),
         })
@@ -258,7 +274,7 @@ impl DecisionEngine {
 
     /// Remediations suggested and waiting for a person.
     pub fn suggestions(&self) -> Vec<Suggestion> {
-        self.inner.lock().suggestions.clone()
+        self.inner.lock().suggestions.iter().cloned().collect()
     }
 
     /// Adds a silence; returns its id. Its end is capped at `max_silence`.
@@ -443,7 +459,10 @@ impl Inner {
                     // Kept for the staleness sweep: a series that stops reporting resolves.
                     alert_state.record = (status == AlertStatus::Firing).then(|| record.clone());
                 }
-                let group = state.dispatcher.update(ri, &rule.config, record, now);
+                let Some(group) = state.dispatcher.update(ri, &rule.config, record, now) else {
+                    self.stats.over_group_cap.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
                 if rule.config.group_wait.is_zero() {
                     // Announce now, before a later row of this batch resolves it again.
                     due.extend(state.dispatcher.due_one(&self.rule_configs, &group, now));
@@ -452,8 +471,68 @@ impl Inner {
         }
         due.extend(state.dispatcher.due(&self.rule_configs, now, false));
         records.extend(dispatch_records(&mut state.dispatcher, &self.stats));
+        let cap = state.dispatcher.max_new_groups_per_minute;
+        for trip in std::mem::take(&mut state.dispatcher.cap_trips) {
+            let (record, escalations) = self.cap_escalation(trip, cap);
+            records.push(record);
+            due.extend(escalations);
+        }
         due.extend(notices);
         Ok((records, due))
+    }
+
+    /// The audit record and the escalations of a rule that reached its cap of new groups:
+    /// one to each of the rule's receivers that notify people, and to the `escalate_to` of
+    /// its remediations.
+    fn cap_escalation(&self, trip: CapTrip, cap: u32) -> (AuditRecord, Vec<Notification>) {
+        let rule = &self.rule_configs[trip.rule];
+        let reason = format!(
+            "rule `{}` opened {cap} new alert groups within a minute: further new alerts are \
+             counted, not notified one by one, until the minute is over (a flood of new series: \
+             a fleet-wide fault, or forged data)",
+            rule.name
+        );
+        let mut record = AuditRecord::new("decision", "group_cap_reached");
+        record.rule = Some(rule.name.clone());
+        record.reason = reason.clone();
+        record.details = json!({
+            "max_new_groups_per_minute": cap,
+            "window_start_ms": trip.window_start_ms,
+            "first_over_cap": { "fingerprint": trip.alert.fingerprint, "labels": trip.alert.labels },
+        });
+        let mut targets: Vec<&str> = Vec::new();
+        for name in &rule.receivers {
+            let Some(slot) = self.slots.get(name) else {
+                continue;
+            };
+            let target = if slot.receiver.is_remediation() {
+                slot.config.guards.escalate_to.as_deref()
+            } else {
+                Some(name.as_str())
+            };
+            if let Some(t) = target.filter(|t| !targets.contains(t)) {
+                targets.push(t);
+            }
+        }
+        let escalations = targets
+            .into_iter()
+            .map(|to| {
+                Notification::new(
+                    to,
+                    &rule.name,
+                    &format!("{}:group-cap", rule.name),
+                    BTreeMap::from([("alertname".to_owned(), rule.name.clone())]),
+                    vec![trip.alert.clone()],
+                    trip.window_start_ms,
+                    0,
+                    NotificationKind::Escalation {
+                        failed_receiver: format!("rule {} (max_new_groups_per_minute)", rule.name),
+                        reason: reason.clone(),
+                    },
+                )
+            })
+            .collect();
+        (record, escalations)
     }
 
     /// Resolves firing alerts whose series went quiet for `stale_after`, and forgets quiet

@@ -1,7 +1,8 @@
 //! Executing one notification on one receiver: the checks before any guard (remediation only
-//! for firing alerts, parameters, the idempotency key, the mode), then the guard layers
-//! ([`super::guard`]) around the receiver, then what follows a failure: the circuit's
-//! escalation, the fallback or a dead letter. Every step is in the audit log.
+//! for firing alerts, parameters, a key already claimed, the mode), then the guard layers
+//! ([`super::guard`]) around the receiver, the idempotency key claimed innermost, then what
+//! follows a failure: the circuit's escalation, the fallback or a dead letter. Every step is
+//! in the audit log.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,13 +13,29 @@ use serde_json::{Value, json};
 use super::audit::AuditRecord;
 use super::engine::{Inner, Slot, Suggestion};
 use super::guard::{
-    CircuitBreakerLayer, CooldownLayer, Deliver, Guard, Guarded, Outcome, RateLimitLayer,
-    ReceiverService, Request, RetryLayer, Stack, TimeoutLayer,
+    CircuitBreakerLayer, CooldownLayer, Deliver, Guard, Guarded, IdempotencyLayer, Outcome,
+    RateLimitLayer, ReceiverService, Request, RetryLayer, Stack, TimeoutLayer,
 };
 use super::notification::hash_hex;
 use super::receiver::ExecutionMode;
 use super::{AlertStatus, Notification, NotificationKind};
 use crate::error::Result;
+
+/// Bytes of a failure's text an escalation carries: enough for a person to see what went
+/// wrong, never a command's whole output in a chat channel (the audit log keeps that).
+pub(super) const ESCALATION_TEXT: usize = 4 * 1024;
+
+/// `text` cut to at most `cap` bytes (at a character boundary), with how much was cut.
+pub(super) fn cut(text: &str, cap: usize) -> String {
+    if text.len() <= cap {
+        return text.to_owned();
+    }
+    let mut end = cap;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes cut)", &text[..end], text.len() - end)
+}
 
 impl Inner {
     fn delivery_lock(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
@@ -84,41 +101,65 @@ impl Inner {
                 Ok(plan) => plan,
                 Err(reason) => return self.held(decision("blocked", reason, Value::Null)),
             };
-            // Idempotency, before any guard spends anything: a duplicate is not news, and
-            // never goes to a fallback.
-            if !self
-                .idempotency
-                .claim(&key, self.idempotency_ttl, now)
-                .await?
-            {
-                return self.held(decision(
+            // A key claimed before: a duplicate is not news, spends no guard's budget, and
+            // never goes to a fallback. (Only a look: the key is claimed once every guard
+            // has let the notification through, below.)
+            let duplicate = || {
+                decision(
                     "duplicate",
                     "this execution already happened".into(),
-                    plan,
-                ));
+                    plan.clone(),
+                )
+            };
+            if self.idempotency.is_claimed(&key, now).await? {
+                return self.held(duplicate());
             }
-            match slot.receiver.mode() {
-                ExecutionMode::DryRun => {
+            let mode = slot.receiver.mode();
+            if mode != ExecutionMode::Auto {
+                // Nothing runs, so no guard applies: the key makes the plan recorded (or
+                // suggested) once per execution it stands for.
+                if !self
+                    .idempotency
+                    .claim(&key, self.idempotency_ttl, now)
+                    .await?
+                {
+                    return self.held(duplicate());
+                }
+                if mode == ExecutionMode::DryRun {
                     return self.held(decision(
                         "dry_run",
                         "mode = dry_run: not executed".into(),
                         plan,
                     ));
                 }
-                ExecutionMode::Suggest => {
-                    self.lock().suggestions.push(Suggestion {
-                        notification: n.id.clone(),
-                        receiver: n.receiver.clone(),
-                        plan: plan.clone(),
-                        at_ms: now,
-                    });
-                    return self.held(decision(
-                        "suggested",
-                        "mode = suggest: waits for a person".into(),
-                        plan,
-                    ));
+                let dropped = self.suggest(Suggestion {
+                    notification: n.id.clone(),
+                    receiver: n.receiver.clone(),
+                    plan: plan.clone(),
+                    at_ms: now,
+                });
+                let mut records = vec![decision(
+                    "suggested",
+                    "mode = suggest: waits for a person".into(),
+                    plan,
+                )];
+                if let Some(old) = dropped {
+                    self.stats
+                        .suggestions_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                    let mut r = AuditRecord::new("decision", "suggestion_dropped");
+                    r.notification = Some(old.notification.clone());
+                    r.receiver = Some(old.receiver.clone());
+                    r.reason = format!(
+                        "the queue of suggestions is full (max_pending_suggestions = {}): the \
+                         oldest is dropped",
+                        self.max_pending_suggestions
+                    );
+                    r.details = json!({ "plan": old.plan, "suggested_at_ms": old.at_ms });
+                    records.push(r);
                 }
-                ExecutionMode::Auto => {}
+                self.stats.held_back.fetch_add(1, Ordering::Relaxed);
+                return self.audit.write(&records);
             }
             let guards = &slot.config.guards;
             // The cooldown is claimed before the other guards decide (see CooldownLayer).
@@ -136,6 +177,12 @@ impl Inner {
                     global: &self.global_bucket,
                     now_ms: now,
                 })
+                .layer(IdempotencyLayer {
+                    store: &*self.idempotency,
+                    key: &key,
+                    ttl: self.idempotency_ttl,
+                    now_ms: now,
+                })
                 .layer(AuditStart {
                     inner: self,
                     record: decision("execute", String::new(), plan),
@@ -150,9 +197,10 @@ impl Inner {
             match stack.deliver(Request::new(&n)).await? {
                 Outcome::Delivered(_) => Ok(()),
                 Outcome::Held(hold) => {
-                    // A cooldown is a deliberate pause: recorded only. An open circuit or a
-                    // rate limit is an overflow: the notification goes to the fallback or the
-                    // dead letters (a remediation is just not run).
+                    // A cooldown or a duplicate is a deliberate pause: recorded only. An open
+                    // circuit or a rate limit is an overflow: the notification goes to the
+                    // fallback or the dead letters (a remediation is just not run, and keeps
+                    // its key for a later notification of the episode).
                     self.held(decision(hold.outcome, hold.reason.clone(), Value::Null))?;
                     if !hold.overflow || remediation {
                         return Ok(());
@@ -186,6 +234,8 @@ impl Inner {
         r.reason = last_error.to_owned();
         self.audit.write(&[r])?;
         if let (Some(person), true) = (&slot.config.guards.escalate_to, may_escalate) {
+            // The audit log has the whole error; a person's channel gets its start.
+            let last_error = cut(last_error, ESCALATION_TEXT);
             let escalation = Notification::new(
                 person,
                 &n.rule,
@@ -196,12 +246,21 @@ impl Inner {
                 n.sequence,
                 NotificationKind::Escalation {
                     failed_receiver: n.receiver.clone(),
-                    reason: last_error.to_owned(),
+                    reason: last_error,
                 },
             );
             self.execute(escalation, false).await?;
         }
         Ok(())
+    }
+
+    /// Queues `suggestion`; returns the oldest one, dropped when the queue was full.
+    fn suggest(&self, suggestion: Suggestion) -> Option<Suggestion> {
+        let mut state = self.lock();
+        state.suggestions.push_back(suggestion);
+        (state.suggestions.len() > self.max_pending_suggestions.max(1))
+            .then(|| state.suggestions.pop_front())
+            .flatten()
     }
 
     /// Records a decision not to execute.
@@ -295,5 +354,24 @@ impl<S: Deliver> Deliver for Guarded<AuditTries<'_>, S> {
             }
             Ok(outcome)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_text_is_cut_at_a_character_boundary_with_a_count() {
+        assert_eq!(cut("short", 10), "short");
+        let long = "é".repeat(3_000); // 6 000 bytes
+        let out = cut(&long, ESCALATION_TEXT);
+        assert!(out.starts_with(&"é".repeat(2_048)), "{}", &out[..10]);
+        assert!(
+            out.ends_with("… (1904 bytes cut)"),
+            "{}",
+            &out[out.len() - 30..]
+        );
+        assert_eq!(cut("aé", 2), "a… (2 bytes cut)");
     }
 }

@@ -1,5 +1,10 @@
 //! Idempotency keys: which executions already happened, so a redelivered batch or a replay
 //! never runs the same one twice. In memory, in a local file, or in Redis.
+//!
+//! A key is claimed by [`IdempotencyLayer`], inside the circuit breaker, the cooldown and the
+//! rate limits: a notification one of them holds back has not happened, so it keeps its key
+//! and may run later in the same episode. A key already claimed is looked up
+//! ([`IdempotencyStore::is_claimed`]) before those guards, so a duplicate spends nothing.
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -10,6 +15,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+use super::{Deliver, Guard, Guarded, Hold, Outcome, Request};
 use crate::error::{Error, Result};
 use crate::util::jsonl::{JsonlAppender, encode_lines};
 
@@ -19,6 +25,50 @@ pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
     /// Claims `key` for `ttl`; false if it was claimed before and has not expired.
     fn claim<'a>(&'a self, key: &'a str, ttl: Duration, now_ms: i64)
     -> BoxFuture<'a, Result<bool>>;
+
+    /// Whether `key` is claimed and not expired at `now_ms`, without claiming it. Only a
+    /// shortcut (so a duplicate spends no rate-limit token): `claim` decides. The default
+    /// says no.
+    fn is_claimed<'a>(&'a self, key: &'a str, now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+        let _ = (key, now_ms);
+        Box::pin(async { Ok(false) })
+    }
+}
+
+/// Claims the execution's idempotency key just before it runs; a key claimed before holds
+/// it back (`duplicate`, recorded only).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IdempotencyLayer<'s> {
+    /// Where keys are kept.
+    pub(crate) store: &'s dyn IdempotencyStore,
+    /// The execution's key.
+    pub(crate) key: &'s str,
+    /// How long it is remembered.
+    pub(crate) ttl: Duration,
+    /// When the notification is decided.
+    pub(crate) now_ms: i64,
+}
+
+impl Guard for IdempotencyLayer<'_> {}
+
+impl<S: Deliver> Deliver for Guarded<IdempotencyLayer<'_>, S> {
+    fn deliver<'a>(&'a self, request: Request<'a>) -> BoxFuture<'a, Result<Outcome>> {
+        Box::pin(async move {
+            let IdempotencyLayer {
+                store,
+                key,
+                ttl,
+                now_ms,
+            } = self.guard;
+            if !store.claim(key, ttl, now_ms).await? {
+                return Ok(Outcome::Held(Hold::pause(
+                    "duplicate",
+                    "this execution already happened",
+                )));
+            }
+            self.inner.deliver(request).await
+        })
+    }
 }
 
 /// Keys in memory: deduplicates within one process only.
@@ -35,6 +85,12 @@ impl IdempotencyStore for MemoryIdempotency {
         let mut keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let won = claim_in(&mut keys, key, ttl, now_ms);
         Box::pin(async move { Ok(won) })
+    }
+
+    fn is_claimed<'a>(&'a self, key: &'a str, now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+        let keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let claimed = keys.get(key).is_some_and(|&expires| expires > now_ms);
+        Box::pin(async move { Ok(claimed) })
     }
 }
 
@@ -137,6 +193,12 @@ impl IdempotencyStore for FileIdempotency {
         })();
         Box::pin(async move { result })
     }
+
+    fn is_claimed<'a>(&'a self, key: &'a str, now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let claimed = keys.get(key).is_some_and(|&expires| expires > now_ms);
+        Box::pin(async move { Ok(claimed) })
+    }
 }
 
 /// Keys in Redis (`SET key 1 NX PX ttl`): shared by every replica.
@@ -180,6 +242,18 @@ impl IdempotencyStore for RedisIdempotency {
             Ok(set.is_some())
         })
     }
+
+    fn is_claimed<'a>(&'a self, key: &'a str, _now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let mut con = self.connection.get().await?;
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("{}:idempotency:{key}", self.prefix))
+                .query_async(&mut con)
+                .await
+                .map_err(|e| crate::redis::error("looking up an idempotency key", e))?;
+            Ok(exists)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -204,6 +278,33 @@ mod tests {
         drop(reopened);
         let later = FileIdempotency::open(&path, 120_000).unwrap();
         assert!(later.claim("a", ttl, 120_000).await.unwrap(), "expired");
+    }
+
+    #[tokio::test]
+    async fn the_layer_claims_once_and_holds_duplicates_back() {
+        use super::super::Layer;
+        use super::super::testing::*;
+        use crate::decision::AlertStatus;
+        let store = MemoryIdempotency::default();
+        let script = Script::default();
+        let n = notification(AlertStatus::Firing);
+        let layer = IdempotencyLayer {
+            store: &store,
+            key: "k",
+            ttl: Duration::from_secs(60),
+            now_ms: 0,
+        };
+        assert!(!store.is_claimed("k", 0).await.unwrap());
+        let first = layer.layer(&script).deliver(Request::new(&n)).await;
+        assert_eq!(first.unwrap(), Outcome::Delivered("ok".into()));
+        assert!(store.is_claimed("k", 0).await.unwrap());
+        let again = layer.layer(&script).deliver(Request::new(&n)).await;
+        assert_eq!(
+            again.unwrap(),
+            Outcome::Held(Hold::pause("duplicate", "this execution already happened"))
+        );
+        assert_eq!(script.calls().len(), 1);
+        assert!(!store.is_claimed("k", 60_000).await.unwrap(), "expired");
     }
 
     #[tokio::test]

@@ -1,18 +1,21 @@
 //! Guards around every execution, as layers around a receiver: a circuit breaker, a
-//! cooldown, rate limits, retries with error classification and a timeout per try (each in
-//! its module), plus the idempotency stores ([`idempotency`]).
+//! cooldown, rate limits, the idempotency key, retries with error classification and a
+//! timeout per try (each in its module, with the idempotency stores in [`idempotency`]).
 //!
 //! A guard is a `Layer` that wraps a `Deliver` (a receiver, or guards around one) in
 //! another `Deliver`, as tower's layers wrap services. The engine stacks them, outer first:
 //!
 //! ```text
-//! circuit breaker → cooldown → rate limit → (audit: execute) → retry → (audit: each try) → timeout → receiver
+//! circuit breaker → cooldown → rate limit → idempotency → (audit: execute) → retry → (audit: each try) → timeout → receiver
 //! ```
 //!
 //! so an open circuit is the first reason given, a cooldown or a rate limit never spends the
-//! other's budget, the retries happen inside one pass of the breaker (it counts a
-//! notification that failed all its tries as one failure), and the timeout bounds each try.
-//! A guard that holds a notification back answers `Outcome::Held` without calling inward.
+//! other's budget, the idempotency key is claimed only by a notification that every other
+//! guard let through (a rate-limited remediation keeps its key and runs later in the same
+//! episode, once the limit allows), the retries happen inside one pass of the breaker (it
+//! counts a notification that failed all its tries as one failure), and the timeout bounds
+//! each try. A guard that holds a notification back answers `Outcome::Held` without calling
+//! inward.
 
 pub mod circuit_breaker;
 pub mod cooldown;
@@ -26,6 +29,7 @@ use futures::future::BoxFuture;
 pub use self::circuit_breaker::CircuitBreakerConfig;
 pub(crate) use self::circuit_breaker::{CircuitBreaker, CircuitBreakerLayer};
 pub(crate) use self::cooldown::CooldownLayer;
+pub(crate) use self::idempotency::IdempotencyLayer;
 #[cfg(feature = "redis")]
 pub use self::idempotency::RedisIdempotency;
 pub use self::idempotency::{FileIdempotency, IdempotencyStore, MemoryIdempotency};
