@@ -74,6 +74,12 @@ impl Source for HeartbeatSource {
 
     fn open(self: Box<Self>, _ctx: SourceContext) -> Result<SourceStream> {
         let c = self.0;
+        // Live data, dated up to now: the pipeline checks a custom source's timestamps
+        // against the wall clock as it does any live source's.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let first = now - c.ticks as i64 * 10_000;
         let batches = (0..c.ticks).map(move |tick| {
             let mut rows = MetricsBatchBuilder::with_capacity(c.hosts);
             for host in 0..c.hosts {
@@ -86,7 +92,7 @@ impl Source for HeartbeatSource {
                 };
                 let name = format!("host-{host}");
                 rows.push(
-                    tick as i64 * 10_000,
+                    first + tick as i64 * 10_000,
                     "heartbeat_lag_seconds",
                     &[("host", name.as_str())],
                     lag,

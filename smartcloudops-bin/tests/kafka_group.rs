@@ -117,12 +117,18 @@ payload = "scored"
     let mut killed = false;
     const ROUNDS: usize = 30;
     const SERIES: usize = 1000;
+    // Live data: dated within the ingestion check's window (an hour ago onwards).
+    let first_ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 3_600_000;
     for round in 0..ROUNDS {
         let deliveries: Vec<_> = (0..SERIES)
             .map(|s| {
                 let payload = format!(
                     r#"{{"ts": {}, "metric": "cpu", "labels": {{"host": "h{s}"}}, "value": {}}}"#,
-                    1_764_028_800_000i64 + round as i64 * 10_000,
+                    first_ts + round as i64 * 10_000,
                     (s % 7) as f64
                 );
                 let key = format!("h{s}");

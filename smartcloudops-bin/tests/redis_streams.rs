@@ -95,12 +95,18 @@ payload = "scored"
     let started = Instant::now();
     let mut killed = false;
     let mut left_pending_by_a = 0usize;
+    // Live data: dated within the ingestion check's window (an hour ago onwards).
+    let first_ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 3_600_000;
     for round in 0..ROUNDS {
         let mut pipe = redis::pipe();
         for s in 0..SERIES {
             let payload = format!(
                 r#"{{"ts": {}, "metric": "cpu", "labels": {{"host": "h{s}"}}, "value": {}}}"#,
-                1_764_028_800_000i64 + round as i64 * 10_000,
+                first_ts + round as i64 * 10_000,
                 (s % 7) as f64
             );
             pipe.cmd("XADD")

@@ -57,7 +57,7 @@ pub use crate::error::{ConfigError, ConfigErrors, Problems};
 use crate::error::{Error, Result};
 use crate::pipeline::{Pipeline, PipelineBuilder, PipelineOptions};
 use crate::prep::PrepConfig;
-use crate::source::SourceConfig;
+use crate::source::{SourceConfig, TimestampPolicy};
 
 /// `[detector]`: the detector and how its state is kept.
 #[derive(Debug)]
@@ -99,6 +99,9 @@ pub enum DeadLetterConfig {
 pub struct PipelineConfig {
     /// `[source]`.
     pub source: Component<dyn SourceConfig>,
+    /// `[source] timestamps`: which event times the source's rows may carry; when absent,
+    /// the source kind's [default](SourceConfig::default_timestamps).
+    pub timestamps: Option<TimestampPolicy>,
     /// `[[prep]]`, in order.
     pub prep: Vec<Component<dyn PrepConfig>>,
     /// `[detector]`, if any.
@@ -177,6 +180,7 @@ impl PipelineConfig {
             }
         }
 
+        let mut timestamps = None;
         let source = match table.get("source") {
             None => {
                 problems.push_hint(
@@ -186,7 +190,14 @@ impl PipelineConfig {
                 );
                 None
             }
-            Some(v) => registry.parse_source(v, "source", &mut problems),
+            Some(v) => {
+                // `timestamps` belongs to every kind: the pipeline checks it, not the source.
+                let mut v = v.clone();
+                if let Some(policy) = v.as_table_mut().and_then(|t| t.remove("timestamps")) {
+                    timestamps = parse_table(policy, "source.timestamps", &mut problems);
+                }
+                registry.parse_source(&v, "source", &mut problems)
+            }
         };
         let prep = array_of(&table, "prep", &mut problems)
             .into_iter()
@@ -236,6 +247,7 @@ impl PipelineConfig {
                 kind: "generator".into(),
                 config: Box::new(crate::source::GeneratorConfig::default()),
             }),
+            timestamps,
             prep,
             detector,
             actions,
@@ -282,6 +294,9 @@ impl PipelineConfig {
     /// receives (SQL stages are planned against it), and the pipeline-wide settings.
     fn check(&self, problems: &mut Problems) {
         problems.extend_at("source", self.source.config.problems());
+        if let Some(policy) = &self.timestamps {
+            problems.extend_at("source.timestamps", policy.problems());
+        }
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.context.redis {
             problems.extend_at("redis", redis.problems());
@@ -363,6 +378,12 @@ impl PipelineConfig {
         self.context.redis_connection()
     }
 
+    /// The timestamp check of the source's rows: `[source] timestamps`, or the kind's default.
+    pub fn source_timestamps(&self) -> TimestampPolicy {
+        self.timestamps
+            .unwrap_or_else(|| self.source.config.default_timestamps())
+    }
+
     /// Builds the runtime pipeline: opens output files and constructs every stage.
     pub fn build(&self) -> Result<Pipeline> {
         Ok(self.builder()?.build())
@@ -379,6 +400,7 @@ impl PipelineConfig {
             DeadLetterConfig::File { path } => Arc::new(JsonlDeadLetters::open(path)?),
         };
         let mut builder = Pipeline::builder_boxed(source)
+            .timestamps(self.source_timestamps())
             .dead_letters(dead_letters)
             .options(self.runtime.clone());
         let mut schema = self.source.config.output_schema();

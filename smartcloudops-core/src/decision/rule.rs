@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::Clock;
 use super::matcher::{Matcher, Matchers};
 use crate::error::Problems;
 
@@ -265,9 +266,11 @@ impl Rule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
     Inactive,
-    /// Active since `since`, not for long enough yet.
+    /// Active since event time `since`, first seen when the wall clock read `since_wall`;
+    /// not for long enough yet.
     Pending {
         since: i64,
+        since_wall: i64,
     },
     /// Firing since `since`; last active at `active_at`.
     Firing {
@@ -328,6 +331,13 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// How much less than `for` a live alert's pending time may measure on the wall clock: rows
+/// reach the engine with jitter (scrape intervals, batching, windows), so half of `for`, at
+/// most 5 minutes.
+fn tolerance(for_ms: i64) -> i64 {
+    (for_ms / 2).min(300_000)
+}
+
 impl AlertState {
     pub(crate) fn is_firing(&self) -> bool {
         matches!(self.phase, Phase::Firing { .. })
@@ -338,8 +348,24 @@ impl AlertState {
         self.phase == Phase::Inactive && !self.flapping && self.changes.is_empty()
     }
 
-    /// Advances on one row at event time `ts`.
+    /// Advances on one row at event time `ts`, seen now on the system clock.
     pub(crate) fn step(&mut self, rule: &RuleConfig, ts: i64, active: bool) -> Transition {
+        self.step_at(rule, ts, super::SystemClock.now_ms(), active)
+    }
+
+    /// Advances on one row at event time `ts`, seen when the wall clock read `now_ms`.
+    ///
+    /// A pending alert fires once its rows have been active for `for` in event time and,
+    /// unless they are replayed history ([`is_history`](super::clock::is_history)), for
+    /// `for` less a tolerance on the wall clock too: two rows with forged timestamps an hour
+    /// apart, arriving a second apart, do not satisfy a `for` of 30 minutes.
+    pub(crate) fn step_at(
+        &mut self,
+        rule: &RuleConfig,
+        ts: i64,
+        now_ms: i64,
+        active: bool,
+    ) -> Transition {
         let change = match (self.phase, active) {
             (Phase::Inactive, true) => {
                 if rule.for_duration.is_zero() {
@@ -349,12 +375,19 @@ impl AlertState {
                     };
                     Transition::Fired { since: ts }
                 } else {
-                    self.phase = Phase::Pending { since: ts };
+                    self.phase = Phase::Pending {
+                        since: ts,
+                        since_wall: now_ms,
+                    };
                     Transition::None
                 }
             }
-            (Phase::Pending { since }, true) => {
-                if ts.saturating_sub(since) >= ms(rule.for_duration) {
+            (Phase::Pending { since, since_wall }, true) => {
+                let for_ms = ms(rule.for_duration);
+                let wall_ok = super::clock::is_history(since, since_wall)
+                    || now_ms.saturating_sub(since_wall)
+                        >= for_ms.saturating_sub(tolerance(for_ms));
+                if ts.saturating_sub(since) >= for_ms && wall_ok {
                     self.phase = Phase::Firing {
                         since,
                         active_at: ts,
@@ -458,6 +491,48 @@ mod tests {
         assert_eq!(s.step(&r, 300_000, true), Transition::None);
         assert_eq!(s.step(&r, 310_000, false), Transition::None);
         assert_eq!(s.phase, Phase::Inactive);
+    }
+
+    #[test]
+    fn forged_timestamps_an_hour_apart_arriving_a_second_apart_do_not_satisfy_for() {
+        const MIN: i64 = 60_000;
+        let mut r = rule();
+        r.for_duration = Duration::from_secs(30 * 60);
+        let wall = crate::decision::SystemClock.now_ms();
+        let mut s = AlertState::default();
+        assert_eq!(s.step_at(&r, wall, wall, true), Transition::None);
+        assert_eq!(
+            s.step_at(&r, wall + 60 * MIN, wall + 1_000, true),
+            Transition::None,
+            "an hour of event time in a second of wall time"
+        );
+        // Rows that keep coming: it fires once 30 minutes less the tolerance went by.
+        assert_eq!(
+            s.step_at(&r, wall + 70 * MIN, wall + 20 * MIN, true),
+            Transition::None
+        );
+        assert_eq!(
+            s.step_at(&r, wall + 80 * MIN, wall + 25 * MIN, true),
+            Transition::Fired { since: wall }
+        );
+    }
+
+    #[test]
+    fn replayed_history_fires_on_event_time_alone() {
+        let mut r = rule();
+        r.for_duration = Duration::from_secs(30 * 60);
+        let wall = crate::decision::SystemClock.now_ms();
+        let day_in_2014 = 1_388_534_400_000; // 2014-01-01T00:00:00Z
+        let mut s = AlertState::default();
+        assert_eq!(s.step_at(&r, day_in_2014, wall, true), Transition::None);
+        assert_eq!(
+            s.step_at(&r, day_in_2014 + 30 * 60_000, wall + 5, true),
+            Transition::Fired { since: day_in_2014 }
+        );
+        // The ends of time neither overflow nor fire early.
+        let mut s = AlertState::default();
+        assert_eq!(s.step_at(&r, i64::MAX, i64::MIN, true), Transition::None);
+        assert_eq!(s.step_at(&r, i64::MIN, i64::MAX, true), Transition::None);
     }
 
     #[test]

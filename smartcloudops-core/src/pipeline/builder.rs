@@ -9,7 +9,7 @@ use crate::action::Action;
 use crate::dead_letter::{DeadLetterSink, LogDeadLetters};
 use crate::detector::{Detector, SeriesStateStore};
 use crate::prep::Prep;
-use crate::source::Source;
+use crate::source::{Source, TimestampPolicy};
 
 /// Builds a [`Pipeline`] from its parts.
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub struct PipelineBuilder {
 #[derive(Debug)]
 pub(super) struct Parts {
     pub(super) source: Box<dyn Source>,
+    /// Which event timestamps the source's rows may carry.
+    pub(super) timestamps: TimestampPolicy,
     pub(super) preps: Vec<Box<dyn Prep>>,
     pub(super) detector: Option<Box<dyn Detector>>,
     pub(super) snapshot: Option<SnapshotFile>,
@@ -48,6 +50,7 @@ impl Pipeline {
         PipelineBuilder {
             parts: Parts {
                 source,
+                timestamps: TimestampPolicy::unchecked(),
                 preps: Vec::new(),
                 detector: None,
                 snapshot: None,
@@ -61,6 +64,16 @@ impl Pipeline {
 }
 
 impl PipelineBuilder {
+    /// Checks the event time of every row the source yields against the wall clock: rows
+    /// outside `policy`'s window are dead-lettered with the reason, the rest of their batch
+    /// goes on. Unchecked unless set (a pipeline built in code may replay anything); a
+    /// pipeline built from a configuration sets its source's policy, see
+    /// [`TimestampPolicy`].
+    pub fn timestamps(mut self, policy: TimestampPolicy) -> Self {
+        self.parts.timestamps = policy;
+        self
+    }
+
     /// Adds a prep stage; preps run in the order added.
     pub fn prep(mut self, prep: impl Prep + 'static) -> Self {
         self.parts.preps.push(Box::new(prep));

@@ -11,6 +11,9 @@
 //!   default [`WhenFull::Block`] a slow action stalls the transform task, which stalls the
 //!   source: memory is bounded by `2 × capacity + concurrency + 2` batches (the `2` are
 //!   the batches the source and transform tasks hold while they wait to send).
+//! - **Ingestion check**: right after the source, rows dated outside the source's
+//!   [`TimestampPolicy`](crate::source::TimestampPolicy) (too far behind or ahead of the wall
+//!   clock) are dead-lettered with the reason, and the rest of their batch goes on.
 //! - **Acknowledgement**: a batch's [`Ack`](crate::ack::Ack) is resolved after every action
 //!   finished with it — or right after the detector when no action has anything to do. A prep
 //!   or detector error dead-letters the batch (acked once stored); an action error nacks it.
@@ -19,6 +22,7 @@
 //!   than `shutdown_timeout`, the remaining tasks are aborted and their batches nacked.
 //!
 //! Inside: `builder` assembles a pipeline, `run` drives the source task and the drain,
+//! `ingest` is the timestamp check,
 //! `transform` and `actions` are the other two tasks, `handle` and `options` the public
 //! handle, report and settings.
 
@@ -26,6 +30,7 @@ mod actions;
 mod builder;
 mod handle;
 mod handoff;
+mod ingest;
 mod options;
 mod run;
 mod transform;

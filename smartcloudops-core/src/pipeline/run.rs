@@ -14,13 +14,14 @@ use tokio_util::task::TaskTracker;
 use super::actions::action_task;
 use super::builder::Parts;
 use super::handoff::StateHandoff;
+use super::ingest::accepted_rows;
 use super::transform::{TransformTask, transform_task};
 use super::{Pipeline, PipelineMetrics, RunReport, StageMetrics, WhenFull};
 use crate::ack::{Ack, AckOutcome};
 use crate::action::ActionInput;
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::{Error, Result};
-use crate::source::SourceContext;
+use crate::source::{SourceContext, TimestampPolicy};
 
 /// A batch between the source and the transform task.
 pub(super) struct Pending {
@@ -95,6 +96,7 @@ impl Pipeline {
             parts:
                 Parts {
                     source,
+                    timestamps,
                     preps,
                     detector,
                     snapshot,
@@ -118,6 +120,7 @@ impl Pipeline {
             shutdown: shutdown.clone(),
             tasks: background.clone(),
         };
+        let refused = ctx.dead_letters.clone();
         let stream = source.open(ctx)?;
 
         // The first stage after the source owns the source→transform queue's depth gauge.
@@ -143,10 +146,13 @@ impl Pipeline {
             let draining = draining.clone();
             let source = source_task(
                 stream,
+                Ingest {
+                    timestamps,
+                    refused,
+                },
                 pending_tx,
                 shutdown.clone(),
                 options.when_full,
-                stages.source.clone(),
                 transform_stage.clone(),
                 metrics.clone(),
             );
@@ -257,15 +263,23 @@ impl Pipeline {
     }
 }
 
+/// What the source task checks each batch against, and where refused rows go (on behalf
+/// of the source's stage, whose metrics it carries).
+struct Ingest {
+    timestamps: TimestampPolicy,
+    refused: DeadLetterQueue,
+}
+
 async fn source_task(
     mut stream: crate::source::SourceStream,
+    ingest: Ingest,
     tx: mpsc::Sender<Pending>,
     shutdown: CancellationToken,
     policy: WhenFull,
-    stage: Arc<StageMetrics>,
     queue_stage: Arc<StageMetrics>,
     metrics: Arc<PipelineMetrics>,
 ) -> Result<()> {
+    let stage = ingest.refused.stage().clone();
     loop {
         let polled = Instant::now();
         let next = tokio::select! {
@@ -283,9 +297,21 @@ async fn source_task(
         };
         let rows = source_batch.batch.num_rows();
         stage.record_in(rows);
-        stage.record_out(rows, polled.elapsed());
-        // The pipeline's own share of the ack counts the outcome, then passes it on.
         let outer = source_batch.ack;
+        let batch = match accepted_rows(&ingest.timestamps, source_batch.batch, &ingest.refused) {
+            Ok(batch) => batch,
+            Err(e) => {
+                // A refused row could not be stored: the source may deliver the batch again.
+                metrics.record_outcome(false, rows);
+                outer.nack(format!(
+                    "dead-lettering rows with bad timestamps failed: {e}"
+                ));
+                continue;
+            }
+        };
+        let kept = batch.num_rows();
+        stage.record_out(kept, polled.elapsed());
+        // The pipeline's own share of the ack counts the outcome, then passes it on.
         let counter = metrics.clone();
         let ack = Ack::new(move |outcome| {
             counter.record_outcome(outcome.is_acked(), rows);
@@ -294,11 +320,8 @@ async fn source_task(
                 AckOutcome::Nacked(reason) => outer.nack(reason),
             }
         });
-        let pending = Pending {
-            batch: source_batch.batch,
-            ack,
-        };
-        let open = send_with_policy(&tx, pending, policy, &queue_stage, &stage, rows, |p| {
+        let pending = Pending { batch, ack };
+        let open = send_with_policy(&tx, pending, policy, &queue_stage, &stage, kept, |p| {
             p.ack.nack(unsent_reason(policy))
         })
         .await;

@@ -428,6 +428,11 @@ impl SourceConfig for FileSourceConfig {
     fn build(&self, _ctx: &BuildContext) -> Result<Box<dyn Source>> {
         Ok(Box::new(FileSource::new(self.clone())))
     }
+
+    /// A file is history: replayed rows keep the dates they were recorded with.
+    fn default_timestamps(&self) -> super::TimestampPolicy {
+        super::TimestampPolicy::unchecked()
+    }
 }
 
 #[cfg(test)]

@@ -335,6 +335,11 @@ impl SourceConfig for GeneratorConfig {
     fn build(&self, _ctx: &BuildContext) -> Result<Box<dyn Source>> {
         Ok(Box::new(GeneratorSource::new(self.clone())))
     }
+
+    /// Synthetic rows are dated from `start`, not from the wall clock.
+    fn default_timestamps(&self) -> super::TimestampPolicy {
+        super::TimestampPolicy::unchecked()
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod redis_pubsub;
 pub mod redis_stream;
 pub mod remote_write;
 pub mod scrape;
+pub mod timestamps;
 
 use std::fmt;
 
@@ -38,6 +39,7 @@ pub use self::redis_pubsub::{RedisPubSubSource, RedisPubSubSourceConfig};
 pub use self::redis_stream::{RedisStreamSource, RedisStreamSourceConfig, StreamStart};
 pub use self::remote_write::{RemoteWriteConfig, RemoteWriteSource};
 pub use self::scrape::{ScrapeConfig, ScrapeSource};
+pub use self::timestamps::TimestampPolicy;
 
 /// A batch from a source and the acknowledgement that tells the source its fate.
 #[derive(Debug)]
@@ -95,6 +97,14 @@ pub trait SourceConfig: ComponentConfig {
     /// adds columns (Kafka metadata, say).
     fn output_schema(&self) -> arrow::datatypes::SchemaRef {
         crate::schema::metrics_schema()
+    }
+
+    /// Which event timestamps the pipeline accepts from this source when its table has no
+    /// `timestamps`: checked against the wall clock (7 days back, 10 minutes ahead) unless
+    /// the kind replays history, as the `file` source and the `generator` do
+    /// ([`TimestampPolicy::unchecked`]). See [`timestamps`].
+    fn default_timestamps(&self) -> TimestampPolicy {
+        TimestampPolicy::default()
     }
 }
 

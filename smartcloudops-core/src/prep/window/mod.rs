@@ -6,22 +6,35 @@
 //! - **Aggregations**: `avg`, `min`, `max`, `sum`, `count`, `last`, `p50`, `p90`, `p95`,
 //!   `p99`. Each becomes one output row per window, named `{metric}_{aggregation}`, at the
 //!   window's end, with `window_start` and `window_end` columns appended.
-//! - **Watermark**: the largest event time seen, minus `max_out_of_orderness`. A window is
-//!   emitted once the watermark passes its end plus `allowed_lateness`, so rows up to that late
-//!   still count.
+//! - **Watermarks, per series**: a series' watermark is the largest event time it sent, minus
+//!   `max_out_of_orderness`. A window is emitted once its series' watermark passes its end
+//!   plus `allowed_lateness`, so rows up to that late still count. One series dated far ahead
+//!   thus makes only its own later rows late, never another series'.
+//! - **The stage watermark** closes the windows of series gone quiet while the others go on:
+//!   about once per as many rows as there are series (a *round*), it becomes the upper median
+//!   of the series' watermarks, and a series that sent nothing since the previous round has
+//!   its windows closed at it. A series new to the stage starts at it. Being a median, it
+//!   moves only when most series move: a minority dated ahead cannot drag it along (with two
+//!   series, the later one is the upper median).
 //! - **Late rows**, whose every window was already emitted, are dropped and counted
 //!   ([`WindowPrep::late_rows`]); or, with `late = "dead_letter"`, sent to the dead-letter
 //!   output as a side output while the rest of the batch goes on; or, with `late = "fail"`,
 //!   they fail their batch, which the pipeline dead-letters with the reason.
-//! - **Idle sources**: with `idle_timeout`, once no row has arrived for that long, the
-//!   watermark moves on with the wall clock ([`Prep::tick`]), so the last windows of a source
-//!   gone quiet close without waiting for its next row.
+//! - **Idle sources**: with `idle_timeout`, once no row has arrived for that long, every
+//!   series' watermark moves on with the wall clock ([`Prep::tick`]), so the last windows of
+//!   a source gone quiet close without waiting for its next row.
 //! - At the end of the input, every open window is emitted ([`Prep::flush`]).
+//! - **State** is bounded: a series is forgotten at the round after its last window closed
+//!   (a new row brings it back), and a row opens at most `size / slide` windows.
+//! - **Event-time arithmetic** cannot overflow: window bounds are computed in `i128` and
+//!   saturate at the ends of `i64`; a row too near `i64::MIN` for any window holding it to
+//!   start is dropped and counted ([`WindowPrep::out_of_range_rows`]).
 //!
 //! Resampling is a tumbling window of `step` with one aggregation, `last` or `mean`, that
 //! keeps the metric's name and stamps rows at the window's start. Irregular series thus come
 //! out one row per step, and a detector sees regular series; with `fill = "previous"`, steps
-//! missing between two samples repeat the previous value (up to `max_fill` steps a gap).
+//! missing between two samples repeat the previous value (up to `max_fill` steps a gap, at
+//! most 10 000).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -228,6 +241,9 @@ fn default_max_fill() -> u32 {
     10
 }
 
+/// Most steps one gap may be filled with: each is an output row.
+const MAX_FILL: u32 = 10_000;
+
 impl ResampleConfig {
     /// Resampling to `step` with `last`, no out-of-orderness and no filling.
     pub fn new(step: Duration) -> Self {
@@ -315,24 +331,50 @@ pub struct WindowPrep {
     /// Resample: keep the metric name and stamp rows at the window start.
     resample: bool,
     keep_values: bool,
-    /// Open windows by (window start, series).
-    /// Open windows by start, then by series. Windows close in order of their start, and a
-    /// row touches only a few starts, so the outer map stays tiny.
-    open: BTreeMap<i64, FxHashMap<u64, Acc>>,
-    /// What each series' output rows are called: its labels, and per aggregation the metric
-    /// name and series id (`{metric}_{aggregation}`, or the metric itself when resampling).
-    series: FxHashMap<u64, SeriesNames>,
-    max_ts: Option<i64>,
+    /// The series with open windows (and, until the next round, those whose windows just
+    /// closed): their windows, names and event time.
+    series: FxHashMap<u64, SeriesWindows>,
+    /// The stage's watermark: the upper median of the series' watermarks at the last round.
+    /// It closes the windows of series gone quiet and starts new series off; one series (or
+    /// any minority) dated far ahead cannot move it.
+    stage_watermark: Option<i64>,
+    /// Rows since the last round; a round comes once there were as many as series, so its
+    /// cost (a pass over the series) is constant per row.
+    rows_since_round: usize,
     late_rows: u64,
+    out_of_range_rows: u64,
     /// Late rows set aside for the dead-letter output (`late = "dead_letter"`).
     rejected: Option<MetricsBatchBuilder>,
     /// Resample gap filling: the last step emitted per series and its value.
     fill: FillPolicy,
     max_fill: i64,
     last_step: HashMap<u64, (i64, f64)>,
-    /// The watermark when `series` and `last_step` were last pruned.
-    pruned_at: i64,
     idle: Option<Idle>,
+}
+
+/// One series: its open windows, output names and event time.
+#[derive(Debug)]
+struct SeriesWindows {
+    names: SeriesNames,
+    /// Open windows by start.
+    windows: BTreeMap<i64, Acc>,
+    /// The series' largest event time.
+    max_ts: Option<i64>,
+    /// The watermark the stage imposed: when the series was new, or went quiet while the
+    /// others moved on. Its windows ending (plus `allowed_lateness`) by then are closed.
+    floor: i64,
+    /// Whether a row came since the last round.
+    seen: bool,
+}
+
+impl SeriesWindows {
+    /// The series' watermark: its largest event time minus `max_out_of_orderness`, or what
+    /// the stage imposed if that is later.
+    fn watermark(&self, ooo: i64) -> i64 {
+        self.max_ts
+            .map_or(i64::MIN, |t| t.saturating_sub(ooo))
+            .max(self.floor)
+    }
 }
 
 /// Watermark advance while the source is quiet.
@@ -341,7 +383,7 @@ struct Idle {
     timeout: Duration,
     /// When the last row arrived.
     quiet_since: std::time::Instant,
-    /// Wall-clock time up to which the watermark has been advanced.
+    /// Wall-clock time up to which the watermarks have been advanced.
     advanced_to: std::time::Instant,
 }
 
@@ -395,6 +437,9 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A closed window of one series, ready to be emitted.
+type Closed = (i64, u64, Acc);
+
 impl WindowPrep {
     /// Windows as configured.
     pub fn new(config: &WindowConfig) -> Result<Self> {
@@ -415,15 +460,15 @@ impl WindowPrep {
             lateness: ms(config.allowed_lateness),
             late: config.late,
             resample: false,
-            open: BTreeMap::new(),
             series: FxHashMap::default(),
-            max_ts: None,
+            stage_watermark: None,
+            rows_since_round: 0,
             late_rows: 0,
+            out_of_range_rows: 0,
             rejected: None,
             fill: FillPolicy::None,
             max_fill: 0,
             last_step: HashMap::new(),
-            pruned_at: i64::MIN,
             idle: config.idle_timeout.map(|timeout| Idle {
                 timeout,
                 quiet_since: std::time::Instant::now(),
@@ -434,6 +479,12 @@ impl WindowPrep {
 
     /// Resampling as configured.
     pub fn resample(config: &ResampleConfig) -> Result<Self> {
+        if let Some(e) = ComponentConfig::problems(config).into_iter().next() {
+            return Err(Error::schema(
+                "prep:resample",
+                format!("{}: {}", e.path, e.message),
+            ));
+        }
         let mut w = Self::new(&WindowConfig {
             max_out_of_orderness: config.max_out_of_orderness,
             idle_timeout: config.idle_timeout,
@@ -455,42 +506,122 @@ impl WindowPrep {
         self.late_rows
     }
 
-    /// Series the stage keeps names for: those with an open window, and for a while those
-    /// whose windows just closed.
+    /// Rows dated so near the ends of time (`i64::MIN` milliseconds, say) that no window
+    /// holding them can be represented; dropped.
+    pub fn out_of_range_rows(&self) -> u64 {
+        self.out_of_range_rows
+    }
+
+    /// Series the stage keeps names for: those with an open window, and until the next
+    /// round those whose windows just closed.
     pub fn tracked_series(&self) -> usize {
         self.series.len()
     }
 
-    fn watermark(&self) -> Option<i64> {
-        self.max_ts.map(|t| t.saturating_sub(self.ooo))
+    /// Whether the window at `start` is closed at `watermark`: its end plus
+    /// `allowed_lateness` is not after it. In `i128`, so no sum overflows.
+    fn is_closed(&self, start: i64, watermark: i64) -> bool {
+        i128::from(start) + i128::from(self.size) + i128::from(self.lateness)
+            <= i128::from(watermark)
+    }
+
+    /// Moves the windows of `series` that are closed at its watermark to `out`.
+    fn close_series(&mut self, series: u64, out: &mut Vec<Closed>) {
+        let (ooo, size, lateness) = (self.ooo, self.size, self.lateness);
+        let Some(state) = self.series.get_mut(&series) else {
+            return;
+        };
+        let watermark = state.watermark(ooo);
+        // Closed: start + size + lateness <= watermark.
+        let last_closed = i128::from(watermark) - i128::from(size) - i128::from(lateness);
+        if last_closed < i128::from(i64::MIN) {
+            return;
+        }
+        let still_open = match i64::try_from(last_closed + 1) {
+            Ok(first_open) => state.windows.split_off(&first_open),
+            Err(_) => BTreeMap::new(), // past the end of time: all closed
+        };
+        let closed = std::mem::replace(&mut state.windows, still_open);
+        out.extend(closed.into_iter().map(|(start, acc)| (start, series, acc)));
+    }
+
+    /// Once there were as many rows as series since the last one: the stage watermark
+    /// becomes the upper median of the series' watermarks, series that sent nothing since
+    /// the last round have their windows closed at it, and series without open windows are
+    /// forgotten.
+    fn round(&mut self, out: &mut Vec<Closed>) {
+        self.rows_since_round = 0;
+        if self.series.is_empty() {
+            return;
+        }
+        let ooo = self.ooo;
+        let mut marks: Vec<i64> = self.series.values().map(|s| s.watermark(ooo)).collect();
+        let middle = marks.len() / 2;
+        let (_, median, _) = marks.select_nth_unstable(middle);
+        let stage = self.stage_watermark.map_or(*median, |w| w.max(*median));
+        self.stage_watermark = Some(stage);
+        let quiet: Vec<u64> = self
+            .series
+            .iter_mut()
+            .filter_map(|(id, s)| {
+                let quiet = !s.seen;
+                s.seen = false;
+                if quiet {
+                    s.floor = s.floor.max(stage);
+                }
+                quiet.then_some(*id)
+            })
+            .collect();
+        for series in quiet {
+            self.close_series(series, out);
+        }
+        if self.fill == FillPolicy::Previous {
+            // Every step still to be emitted ends after `stage - lateness`, and a gap is
+            // filled only up to `max_fill` steps: a last step further back than that is never
+            // needed again.
+            let horizon = (self.max_fill + 2)
+                .saturating_mul(self.size)
+                .saturating_add(self.lateness);
+            self.last_step
+                .retain(|_, (start, _)| start.saturating_add(horizon) > stage);
+        }
+    }
+
+    /// Forgets series without open windows (after their closed windows were emitted: they
+    /// need their names until then). A new row brings a series back.
+    fn forget_closed_series(&mut self) {
+        self.series.retain(|_, s| !s.windows.is_empty());
     }
 
     /// Appends the output rows of one closed window of one series.
     fn emit_window(
         &mut self,
-        start: i64,
-        series: u64,
-        mut acc: Acc,
+        (start, series, mut acc): Closed,
         out: &mut MetricsBatchBuilder,
         starts: &mut Vec<i64>,
         ends: &mut Vec<i64>,
     ) {
         let end = start.saturating_add(self.size);
-        let Some(names) = self.series.get(&series) else {
+        let Some(state) = self.series.get(&series) else {
             return;
         };
+        let names = &state.names;
         for (&agg, (metric, id)) in self.aggregations.iter().zip(&names.outputs) {
             let value = acc.value(agg);
             if self.resample {
                 if self.fill == FillPolicy::Previous {
                     if let Some(&(previous, last)) = self.last_step.get(&series) {
-                        let missing = (start - previous) / self.size - 1;
-                        if (1..=self.max_fill).contains(&missing) {
-                            for k in 1..=missing {
-                                let step = previous + k * self.size;
+                        // In i128: the two steps may be the ends of time apart.
+                        let missing =
+                            (i128::from(start) - i128::from(previous)) / i128::from(self.size) - 1;
+                        if (1..=i128::from(self.max_fill)).contains(&missing) {
+                            // Every filled step lies between `previous` and `start`.
+                            let mut step = previous;
+                            for _ in 0..missing {
+                                step = step.saturating_add(self.size);
                                 out.push_with_id(step, metric, &names.labels, last, *id);
                                 starts.push(step);
-                                ends.push(step + self.size);
+                                ends.push(step.saturating_add(self.size));
                             }
                         }
                     }
@@ -505,62 +636,15 @@ impl WindowPrep {
         }
     }
 
-    /// Emits (and forgets) the windows that are complete at `watermark`, or all of them.
-    fn emit(&mut self, watermark: Option<i64>) -> Result<RecordBatch> {
-        let mut out = MetricsBatchBuilder::with_capacity(64);
+    /// The output batch of `closed` windows: in order of their start, then of series id, so
+    /// the output does not depend on hashing.
+    fn emit(&mut self, mut closed: Vec<Closed>) -> Result<RecordBatch> {
+        closed.sort_unstable_by_key(|(start, series, _)| (*start, *series));
+        let mut out = MetricsBatchBuilder::with_capacity(closed.len() * self.aggregations.len());
         let mut starts = Vec::new();
         let mut ends = Vec::new();
-        // Windows close in order of their start: the closed ones are a prefix of `open`.
-        let closed = match watermark {
-            None => std::mem::take(&mut self.open),
-            Some(w) => {
-                // Closed: start + size + lateness <= w.
-                let last_closed = w.saturating_sub(self.lateness).saturating_sub(self.size);
-                match last_closed.checked_add(1) {
-                    Some(first_open) => {
-                        let open = self.open.split_off(&first_open);
-                        std::mem::replace(&mut self.open, open)
-                    }
-                    None => std::mem::take(&mut self.open),
-                }
-            }
-        };
-        // Within a window, series in id order: the output does not depend on hashing.
-        let mut window: Vec<(u64, Acc)> = Vec::new();
-        for (start, accs) in closed {
-            window.clear();
-            window.extend(accs);
-            window.sort_unstable_by_key(|(series, _)| *series);
-            for (series, acc) in window.drain(..) {
-                self.emit_window(start, series, acc, &mut out, &mut starts, &mut ends);
-            }
-        }
-        let prune = watermark.filter(|w| w.saturating_sub(self.pruned_at) >= self.size);
-        if prune.is_some() {
-            // Once per window length of event time: forget the names of series that have no
-            // open window (they stopped reporting; a new row brings them back).
-            let open = &self.open;
-            self.series
-                .retain(|id, _| open.values().any(|windows| windows.contains_key(id)));
-        }
-        if let Some(w) = prune
-            && self.fill == FillPolicy::Previous
-        {
-            // Every step still to be emitted ends after `w - lateness`, and a gap is filled
-            // only up to `max_fill` steps: a last step further back than that is never needed
-            // again. Forget those, once per step of event time.
-            let horizon = (self.max_fill + 2)
-                .saturating_mul(self.size)
-                .saturating_add(self.lateness);
-            self.last_step
-                .retain(|_, (start, _)| start.saturating_add(horizon) > w);
-        }
-        if let Some(w) = prune {
-            self.pruned_at = w;
-        }
-        if self.open.is_empty() {
-            // Nothing refers to the series' names any more.
-            self.series.clear();
+        for window in closed {
+            self.emit_window(window, &mut out, &mut starts, &mut ends);
         }
         let batch = out.finish();
         if self.resample {
@@ -584,23 +668,26 @@ impl Prep for WindowPrep {
     fn process(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
         let stage = format!("prep:{}", self.name);
         let cols = MetricsColumns::try_new(batch, &stage)?;
+        let (size, slide) = (i128::from(self.size), i128::from(self.slide));
+        // Windows holding one time: at most `size / slide` (checked to be at most 1000).
+        let overlap = (size - 1) / slide + 1;
+        let mut touched = Vec::new();
         for row in 0..batch.num_rows() {
             let ts = cols.ts.value(row);
             let value = cols.value.value(row);
             let series = cols.series_id.value(row);
-            // The windows holding `ts`: starts `k * slide` with start <= ts < start + size.
-            let last_start = ts.div_euclid(self.slide) * self.slide;
-            let first_start = last_start - (self.size - 1).div_euclid(self.slide) * self.slide;
-            let watermark = self.watermark();
-            let closed = |start: i64| {
-                watermark.is_some_and(|w| {
-                    start
-                        .saturating_add(self.size)
-                        .saturating_add(self.lateness)
-                        <= w
-                })
+            let watermark = match self.series.get(&series) {
+                Some(state) => state.watermark(self.ooo),
+                None => self.stage_watermark.unwrap_or(i64::MIN),
             };
-            if closed(last_start) {
+            // The windows holding `ts`: starts `k * slide` with start <= ts < start + size,
+            // in i128 (a start near the ends of time need not fit in an i64).
+            let last_start = i128::from(ts).div_euclid(slide) * slide;
+            let Ok(newest) = i64::try_from(last_start) else {
+                self.out_of_range_rows += 1;
+                continue; // before the first window an i64 can start
+            };
+            if self.is_closed(newest, watermark) {
                 match self.late {
                     LatePolicy::Drop => {
                         self.late_rows += 1;
@@ -627,49 +714,72 @@ impl Prep for WindowPrep {
             if !value.is_finite() {
                 continue; // a window of numbers: NaN and infinities do not aggregate
             }
-            if !self.series.contains_key(&series) {
-                let names = SeriesNames::new(
+            let floor = self.stage_watermark.unwrap_or(i64::MIN);
+            let state = self.series.entry(series).or_insert_with(|| SeriesWindows {
+                names: SeriesNames::new(
                     cols.metric(row),
                     cols.labels(row),
                     &self.aggregations,
                     self.resample,
                     series,
-                );
-                self.series.insert(series, names);
-            }
-            let mut start = first_start;
-            while start <= last_start {
-                if start + self.size > ts && !closed(start) {
-                    self.open
+                ),
+                windows: BTreeMap::new(),
+                max_ts: None,
+                floor,
+                seen: true,
+            });
+            state.seen = true;
+            for k in 0..overlap {
+                let start = last_start - k * slide;
+                let Ok(start) = i64::try_from(start) else {
+                    break;
+                };
+                let open = start.saturating_add(self.size) > ts
+                    && i128::from(start) + size + i128::from(self.lateness) > i128::from(watermark);
+                if open {
+                    state
+                        .windows
                         .entry(start)
-                        .or_default()
-                        .entry(series)
                         .or_default()
                         .add(ts, value, self.keep_values);
                 }
-                start += self.slide;
             }
-            self.max_ts = Some(self.max_ts.map_or(ts, |m| m.max(ts)));
+            if state.max_ts.is_none_or(|m| ts > m) {
+                state.max_ts = Some(ts);
+                touched.push(series);
+            }
         }
         if let Some(idle) = self.idle.as_mut().filter(|_| batch.num_rows() > 0) {
             let now = std::time::Instant::now();
             idle.quiet_since = now;
             idle.advanced_to = now;
         }
-        self.emit(self.watermark())
+        // Each series' windows close at its own watermark.
+        touched.sort_unstable();
+        touched.dedup();
+        let mut closed = Vec::new();
+        for series in touched {
+            self.close_series(series, &mut closed);
+        }
+        self.rows_since_round = self.rows_since_round.saturating_add(batch.num_rows());
+        let round = self.rows_since_round >= self.series.len().max(1);
+        if round {
+            self.round(&mut closed);
+        }
+        let out = self.emit(closed)?;
+        if round {
+            self.forget_closed_series();
+        }
+        Ok(out)
     }
 
     fn take_rejected(&mut self) -> Option<(RecordBatch, String)> {
         let rows = self.rejected.take()?.finish();
-        let watermark = self
-            .watermark()
-            .map_or_else(String::new, crate::schema::format_ts);
         Some((
             rows,
-            format!(
-                "late: arrived after the watermark ({watermark}) passed the end of its windows \
-                 plus allowed_lateness"
-            ),
+            "late: arrived after its series' watermark passed the end of its windows plus \
+             allowed_lateness"
+                .to_owned(),
         ))
     }
 
@@ -688,25 +798,44 @@ impl Prep for WindowPrep {
             return Ok(None);
         }
         // Quiet for `timeout`: event time is taken to have moved on with the wall clock since
-        // the last row (or the last advance).
+        // the last row (or the last advance), for every series.
         let elapsed = ms(now.duration_since(idle.advanced_to));
         idle.advanced_to = now;
-        let Some(max_ts) = self.max_ts.as_mut() else {
-            return Ok(None);
-        };
-        *max_ts = max_ts.saturating_add(elapsed);
-        if self.open.is_empty() {
+        if self.series.is_empty() {
             return Ok(None);
         }
-        let batch = self.emit(self.watermark())?;
+        self.stage_watermark = self.stage_watermark.map(|w| w.saturating_add(elapsed));
+        let mut ids = Vec::with_capacity(self.series.len());
+        for (id, state) in &mut self.series {
+            state.max_ts = state.max_ts.map(|t| t.saturating_add(elapsed));
+            state.floor = state.floor.saturating_add(elapsed);
+            ids.push(*id);
+        }
+        let mut closed = Vec::new();
+        for series in ids {
+            self.close_series(series, &mut closed);
+        }
+        let batch = self.emit(closed)?;
+        self.forget_closed_series();
         Ok((batch.num_rows() > 0).then_some(batch))
     }
 
     fn flush(&mut self) -> Result<Option<RecordBatch>> {
-        if self.open.is_empty() {
+        let closed: Vec<Closed> = self
+            .series
+            .iter_mut()
+            .flat_map(|(id, state)| {
+                std::mem::take(&mut state.windows)
+                    .into_iter()
+                    .map(|(start, acc)| (start, *id, acc))
+            })
+            .collect();
+        if closed.is_empty() {
             return Ok(None);
         }
-        self.emit(None).map(Some)
+        let batch = self.emit(closed)?;
+        self.series.clear();
+        Ok(Some(batch))
     }
 }
 
@@ -743,7 +872,14 @@ impl ComponentConfig for ResampleConfig {
                 e
             })
             .collect::<Vec<_>>();
-        Problems(renamed)
+        let mut problems = Problems(renamed);
+        problems.check(
+            self.max_fill <= MAX_FILL,
+            "max_fill",
+            format!("must be at most {MAX_FILL}, got {}", self.max_fill),
+            "a longer gap is an outage: leave it unfilled",
+        );
+        problems
     }
 }
 

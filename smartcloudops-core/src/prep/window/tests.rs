@@ -40,24 +40,25 @@ fn tumbling_windows_aggregate_per_series_and_emit_when_the_watermark_passes() {
         .unwrap();
     assert_eq!(out.num_rows(), 0, "the first minute is still open");
     let out = w.process(&batch(&[("a", 60_000, 5.0)])).unwrap();
+    // `a`'s watermark passed its first minute; `b`'s did not move (each series has its own).
     assert_eq!(
         rows(&out),
         vec![
             ("cpu_avg".into(), "a".into(), 60_000, 2.0),
             ("cpu_count".into(), "a".into(), 60_000, 2.0),
             ("cpu_max".into(), "a".into(), 60_000, 3.0),
-            ("cpu_avg".into(), "b".into(), 60_000, 10.0),
-            ("cpu_count".into(), "b".into(), 60_000, 1.0),
-            ("cpu_max".into(), "b".into(), 60_000, 10.0),
         ]
     );
     let starts = out.column_by_name("window_start").unwrap();
-    assert_eq!(starts.len(), 6);
-    // End of input: the open minute comes out.
+    assert_eq!(starts.len(), 3);
+    // End of input: the open minutes come out.
     let last = w.flush().unwrap().unwrap();
     assert_eq!(
         rows(&last),
         vec![
+            ("cpu_avg".into(), "b".into(), 60_000, 10.0),
+            ("cpu_count".into(), "b".into(), 60_000, 1.0),
+            ("cpu_max".into(), "b".into(), 60_000, 10.0),
             ("cpu_avg".into(), "a".into(), 120_000, 5.0),
             ("cpu_count".into(), "a".into(), 120_000, 1.0),
             ("cpu_max".into(), "a".into(), 120_000, 5.0)
@@ -141,15 +142,95 @@ fn series_that_stop_reporting_are_forgotten_while_others_go_on() {
             .unwrap();
     }
     assert_eq!(w.tracked_series(), 1, "only the series still reporting");
-    // A series that comes back is named again.
-    let out = w
-        .process(&batch(&[("gone", 300_000, 2.0), ("busy", 360_000, 1.0)]))
+    // A series that comes back is named again; its window closes once it was quiet for a
+    // round (as many rows as series) while the others went on.
+    w.process(&batch(&[("gone", 300_000, 2.0), ("busy", 360_000, 1.0)]))
         .unwrap();
-    assert!(
-        rows(&out).iter().any(|r| r.1 == "gone" && r.3 == 2.0),
-        "{:?}",
-        rows(&out)
+    let mut out = Vec::new();
+    for minute in 7..9 {
+        let b = w.process(&batch(&[("busy", minute * 60_000, 1.0)]));
+        out.extend(rows(&b.unwrap()));
+    }
+    assert!(out.iter().any(|r| r.1 == "gone" && r.3 == 2.0), "{out:?}");
+    assert_eq!(w.tracked_series(), 1);
+}
+
+#[test]
+fn one_series_dated_ahead_makes_only_its_own_rows_late() {
+    let mut w = WindowPrep::new(&WindowConfig {
+        aggregations: vec![Aggregation::Count],
+        ..WindowConfig::tumbling(Duration::from_secs(60))
+    })
+    .unwrap();
+    const YEAR: i64 = 365 * 86_400_000;
+    w.process(&batch(&[("a", 0, 1.0), ("b", 0, 1.0), ("c", 0, 1.0)]))
+        .unwrap();
+    // A sample from a year ahead: only `forged`'s watermark jumps.
+    w.process(&batch(&[("forged", YEAR, 1.0)])).unwrap();
+    let mut out = Vec::new();
+    for minute in 1..=3 {
+        let t = minute * 60_000;
+        let b = w
+            .process(&batch(&[("a", t, 1.0), ("b", t, 1.0), ("c", t, 1.0)]))
+            .unwrap();
+        out.extend(rows(&b));
+    }
+    assert_eq!(w.late_rows(), 0, "no row of the other series is late");
+    let windows = |host: &str| out.iter().filter(|r| r.1 == host).count();
+    assert_eq!(
+        (windows("a"), windows("b"), windows("c")),
+        (3, 3, 3),
+        "{out:?}"
     );
+    // The forged series' own earlier rows are late.
+    w.process(&batch(&[("forged", 0, 1.0)])).unwrap();
+    assert_eq!(w.late_rows(), 1);
+}
+
+/// Rows at the ends of time through windows, sliding windows and resampling with gap fill.
+fn extremes() -> Vec<(&'static str, i64, f64)> {
+    vec![
+        ("a", i64::MIN, 1.0),
+        ("b", i64::MAX, 2.0),
+        ("a", i64::MIN + 1, 3.0),
+        ("b", i64::MAX - 1, 4.0),
+        ("c", 0, 5.0),
+        ("a", i64::MAX, 6.0),
+        ("b", i64::MIN, 7.0),
+        ("c", i64::MIN + 59_999, 8.0),
+        ("c", i64::MAX - 60_000, 9.0),
+    ]
+}
+
+#[test]
+fn timestamps_at_the_ends_of_time_neither_overflow_nor_hang_nor_pile_up() {
+    let window = WindowConfig {
+        aggregations: vec![Aggregation::Count, Aggregation::Last],
+        slide: Some(Duration::from_secs(20)),
+        max_out_of_orderness: Duration::from_secs(30),
+        allowed_lateness: Duration::from_secs(30),
+        ..WindowConfig::tumbling(Duration::from_secs(60))
+    };
+    let resample = ResampleConfig {
+        fill: FillPolicy::Previous,
+        max_fill: 5,
+        ..ResampleConfig::new(Duration::from_secs(60))
+    };
+    for mut stage in [
+        WindowPrep::new(&window).unwrap(),
+        WindowPrep::resample(&resample).unwrap(),
+    ] {
+        let mut emitted = 0;
+        for row in extremes() {
+            emitted += stage.process(&batch(&[row])).unwrap().num_rows();
+            assert!(stage.tracked_series() <= 3);
+        }
+        emitted += stage.flush().unwrap().map_or(0, |b| b.num_rows());
+        // Each row opens at most 3 windows of 2 aggregations; resampling fills at most 5
+        // steps a gap.
+        assert!(emitted <= extremes().len() * 6, "{emitted} rows out");
+        assert!(stage.out_of_range_rows() >= 1, "i64::MIN has no window");
+    }
 }
 
 #[test]
@@ -214,5 +295,61 @@ proptest::proptest! {
         }
         proptest::prop_assert_eq!(total as usize, sorted.len());
         proptest::prop_assert_eq!(w.late_rows(), 0);
+    }
+}
+
+/// Timestamps anywhere in `i64`, the ends most of all.
+fn any_time() -> impl proptest::strategy::Strategy<Value = i64> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(i64::MIN),
+        Just(i64::MAX),
+        (i64::MIN..i64::MIN + 1_000_000),
+        (i64::MAX - 1_000_000..=i64::MAX),
+        any::<i64>(),
+        (0i64..600_000),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+    #[test]
+    fn any_timestamps_give_bounded_output_and_state(
+        rows_in in proptest::collection::vec(
+            (0usize..4, any_time(), -1e6f64..1e6), 1..60),
+        size_s in 1u64..120,
+        slides in 1u64..4,
+        fill in 0u32..20,
+        resample in proptest::bool::ANY,
+    ) {
+        let hosts = ["a", "b", "c", "d"];
+        let size = Duration::from_secs(size_s);
+        let slide = Duration::from_millis((size.as_millis() as u64 / slides).max(1));
+        let mut stage = if resample {
+            WindowPrep::resample(&ResampleConfig {
+                fill: FillPolicy::Previous,
+                max_fill: fill,
+                max_out_of_orderness: Duration::from_secs(5),
+                ..ResampleConfig::new(size)
+            }).unwrap()
+        } else {
+            WindowPrep::new(&WindowConfig {
+                slide: Some(slide),
+                aggregations: vec![Aggregation::Count, Aggregation::P90],
+                allowed_lateness: Duration::from_secs(5),
+                ..WindowConfig::tumbling(size)
+            }).unwrap()
+        };
+        let per_row = if resample { fill as usize + 1 } else { 2 * (slides as usize + 1) };
+        let mut emitted = 0;
+        for chunk in rows_in.chunks(3) {
+            let rows: Vec<(&str, i64, f64)> =
+                chunk.iter().map(|(h, t, v)| (hosts[*h], *t, *v)).collect();
+            emitted += stage.process(&batch(&rows)).unwrap().num_rows();
+            proptest::prop_assert!(stage.tracked_series() <= hosts.len());
+        }
+        emitted += stage.flush().unwrap().map_or(0, |b| b.num_rows());
+        proptest::prop_assert!(emitted <= rows_in.len() * per_row, "{} rows out", emitted);
+        proptest::prop_assert_eq!(stage.tracked_series(), 0);
     }
 }
