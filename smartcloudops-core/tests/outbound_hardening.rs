@@ -143,10 +143,23 @@ async fn a_quote_in_a_label_cannot_change_a_json_webhook_body() {
 }
 
 #[tokio::test]
-async fn a_body_template_that_does_not_render_json_fails_with_the_reason() {
-    // The old way, a value in quotes, renders `""cpu""`: refused, with the fix in the message.
-    let (seen, addr) = recorder(None).await;
+async fn a_body_template_that_does_not_render_json_is_refused_with_the_fix() {
+    // The old way, a value in quotes, renders `""cpu""`: refused at validate, with the fix.
     let hint = "`{{ rule }}`, not `\"{{ rule }}\"`";
+    let problems = receiver_problems(
+        "type = \"webhook\"\nurl = \"http://127.0.0.1:9/hook\"\nbody = '{\"text\": \"{{ rule }}\"}'",
+    );
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("did not render JSON"),
+        "{}",
+        problems[0]
+    );
+    assert!(problems[0].contains(hint), "{}", problems[0]);
+
+    // A template that breaks only on some data fails that delivery, permanently, and sends
+    // nothing.
+    let (seen, addr) = recorder(None).await;
     let engine = engine(&format!(
         r#"
         [[rule]]
@@ -158,7 +171,8 @@ async fn a_body_template_that_does_not_render_json_fails_with_the_reason() {
         name = "hook"
         type = "webhook"
         url = "http://{addr}/hook"
-        body = '{{"text": "{{{{ rule }}}}"}}'
+        retry = {{ attempts = 3, initial_backoff = "10ms" }}
+        body = '{{"host": {{{{ alerts[0].labels.host }}}}{{% if alerts[0].labels.host == "a" %}} oops{{% endif %}}}}'
         "#
     ));
     engine.execute(&anomaly(&[("host", "a")])).await.unwrap();

@@ -13,8 +13,9 @@ use super::alertmanager::alertmanager_payload;
 use super::pagerduty::pagerduty_payload;
 use super::slack::slack_payload;
 use super::{BuildContext, Built, DeliveryError, Receiver};
-use crate::decision::Notification;
+use crate::decision::{AlertRecord, AlertStatus, Notification, NotificationKind};
 use crate::schema::format_ts;
+use crate::util::text::escape_control;
 use crate::util::url::mask_url;
 
 /// `type = "webhook"` settings: POST the notification as JSON (or a template of it).
@@ -211,6 +212,7 @@ impl HttpReceiver {
                 env.set_auto_escape_callback(|_| minijinja::AutoEscape::Json);
                 env.add_template_owned("body", t)
                     .map_err(|e| format!("invalid body template: {e}"))?;
+                check_template(&env)?;
                 Some(env)
             }
             None => None,
@@ -231,22 +233,13 @@ impl HttpReceiver {
     pub(crate) fn body(&self, n: &Notification) -> Result<Vec<u8>, String> {
         let value = match self.format {
             HttpFormat::Webhook => {
-                let data = serde_json::to_value(n).map_err(|e| e.to_string())?;
                 if let Some(env) = &self.template {
-                    let t = env.get_template("body").map_err(|e| e.to_string())?;
-                    let body = t
-                        .render(minijinja::Value::from_serialize(&data))
+                    let body = render_template(env, n)
                         .map_err(|e| format!("rendering the body template: {e}"))?;
-                    serde_json::from_str::<serde::de::IgnoredAny>(&body).map_err(|e| {
-                        format!(
-                            "the body template did not render JSON ({e}): values are written \
-                             as JSON, quotes included, so write `{{{{ rule }}}}`, not \
-                             `\"{{{{ rule }}}}\"`, and build longer strings with `~`"
-                        )
-                    })?;
+                    check_json(&body)?;
                     return Ok(body.into_bytes());
                 }
-                data
+                serde_json::to_value(n).map_err(|e| e.to_string())?
             }
             HttpFormat::Alertmanager => alertmanager_payload(n, &self.external_url),
             HttpFormat::Slack => slack_payload(n, self.slack_channel.as_deref()),
@@ -319,7 +312,8 @@ impl Receiver for HttpReceiver {
             let message = format!(
                 "HTTP {}: {}",
                 status.as_u16(),
-                text.chars().take(200).collect::<String>()
+                // The far end's words go into logs and the audit trail: one line of them.
+                escape_control(&text.chars().take(200).collect::<String>())
             );
             // 4xx means the request is wrong and will be wrong again, except 429 (slow down).
             let retryable =
@@ -330,6 +324,76 @@ impl Receiver for HttpReceiver {
                 retry_after,
             })
         })
+    }
+}
+
+/// `n` through the `body` template of `env`.
+fn render_template(
+    env: &minijinja::Environment<'static>,
+    n: &Notification,
+) -> Result<String, minijinja::Error> {
+    env.get_template("body")?
+        .render(minijinja::Value::from_serialize(n))
+}
+
+/// Whether a rendered body is JSON, with the likely fix when it is not.
+fn check_json(body: &str) -> Result<(), String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(body)
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "the body template did not render JSON ({e}): values are written as JSON, \
+                 quotes included, so write `{{{{ rule }}}}`, not `\"{{{{ rule }}}}\"`, and \
+                 build longer strings with `~`"
+            )
+        })
+}
+
+/// Renders the template for a made-up firing notification, so a template that cannot give
+/// JSON (most likely a value in quotes, `"{{ rule }}"`, written before values were written as
+/// JSON) is refused at `validate`, not at the first alert. A render error is no verdict: the
+/// template may use a label the sample lacks.
+fn check_template(env: &minijinja::Environment<'static>) -> Result<(), String> {
+    let pairs = |list: &[(&str, &str)]| -> BTreeMap<String, String> {
+        list.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let alert = AlertRecord {
+        fingerprint: "0000000000000000".into(),
+        rule: "example".into(),
+        status: AlertStatus::Firing,
+        severity: Default::default(),
+        labels: pairs(&[
+            ("alertname", "example"),
+            ("host", "example"),
+            ("instance", "example:9100"),
+            ("job", "example"),
+            ("metric", "cpu"),
+            ("service", "example"),
+        ]),
+        annotations: pairs(&[
+            ("description", "example"),
+            ("series", "cpu{host=\"example\"}"),
+            ("summary", "example"),
+        ]),
+        starts_at_ms: 0,
+        ends_at_ms: None,
+        series_id: 0,
+    };
+    let sample = Notification::new(
+        "example",
+        "example",
+        "example:{}",
+        pairs(&[("alertname", "example")]),
+        vec![alert],
+        0,
+        1,
+        NotificationKind::Alerts,
+    );
+    match render_template(env, &sample) {
+        Ok(body) => check_json(&body).map_err(|e| format!("`body`: {e}")),
+        Err(_) => Ok(()),
     }
 }
 
