@@ -243,7 +243,9 @@ impl Generator {
                     }
                 };
             }
-            let ts = self.start_ms + (t as f64 * interval_ms) as i64;
+            let ts = self
+                .start_ms
+                .saturating_add((t as f64 * interval_ms) as i64);
             self.builder
                 .push_with_id(ts, &s.metric, &s.labels, value, s.id);
             self.next_series += 1;
