@@ -21,7 +21,8 @@ const T0: i64 = 1_764_072_000_000; // 2025-11-25T12:00:00Z
 /// One request a server saw: path, headers, body.
 type Request = (String, HeaderMap, String);
 
-/// Serves on 127.0.0.1: records every request; `/redirect` answers 307 to `location`.
+/// Serves on 127.0.0.1: records every request; `/redirect` answers 307 to `location`,
+/// `/refuse` 400 with a body holding a newline and an escape sequence.
 async fn recorder(location: Option<String>) -> (Arc<Mutex<Vec<Request>>>, SocketAddr) {
     let seen: Arc<Mutex<Vec<Request>>> = Arc::default();
     let log = seen.clone();
@@ -37,6 +38,11 @@ async fn recorder(location: Option<String>) -> (Arc<Mutex<Vec<Request>>>, Socket
                     Some(to) if uri.path() == "/redirect" => {
                         axum::response::Redirect::temporary(&to).into_response()
                     }
+                    _ if uri.path() == "/refuse" => (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "no\nresult delivered\u{1b}[2K",
+                    )
+                        .into_response(),
                     _ => "ok".into_response(),
                 }
             }
@@ -355,4 +361,31 @@ fn plain_http_to_another_machine_needs_allow_insecure_http_when_secrets_ride_alo
         receiver_problems("type = \"webhook\"\nurl = \"http://hooks.example.com/x\""),
         Vec::<String>::new()
     );
+}
+
+#[tokio::test]
+async fn a_receiver_s_answer_is_quoted_on_one_line() {
+    let (_, addr) = recorder(None).await;
+    let engine = engine(&format!(
+        r#"
+        [[rule]]
+        name = "cpu"
+        group_wait = "0s"
+        receivers = ["hook"]
+
+        [[receiver]]
+        name = "hook"
+        type = "webhook"
+        url = "http://{addr}/refuse"
+        "#
+    ));
+    engine.execute(&anomaly(&[("host", "a")])).await.unwrap();
+    let failed: Vec<String> = engine
+        .audit()
+        .recent()
+        .into_iter()
+        .filter(|r| r.kind == "result" && r.outcome == "failed")
+        .map(|r| r.reason)
+        .collect();
+    assert_eq!(failed, ["HTTP 400: no\\nresult delivered\\x1b[2K"]);
 }
