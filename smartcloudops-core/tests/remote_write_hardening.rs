@@ -470,3 +470,61 @@ async fn https_with_a_self_signed_certificate() {
     r.handle.shutdown();
     r.handle.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_concurrency_limit_get_503_and_a_slow_body_times_out() {
+    let r = start(RemoteWriteConfig {
+        server: ServerConfig {
+            max_concurrent_requests: 1,
+            body_read_timeout: Duration::from_secs(2),
+            ..ServerConfig::default()
+        },
+        ..RemoteWriteConfig::default()
+    });
+    // A request whose body never finishes holds the only slot.
+    let mut slow = TcpStream::connect(r.address).await.unwrap();
+    slow.write_all(
+        b"POST /api/v1/write HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b",
+    )
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..100 {
+        let status = post(&client, &r.url, good_request())
+            .await
+            .status()
+            .as_u16();
+        statuses.push(status);
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(statuses.last(), Some(&503), "{statuses:?}");
+    // The slow body runs out of time: the request is answered (and dead-lettered), and the
+    // slot is free again.
+    let answer = read_to_close_or_answer(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer:?}");
+    assert!(
+        r.letters
+            .letters()
+            .iter()
+            .any(|l| l.reason.contains("body")),
+        "{:?}",
+        r.letters.letters()
+    );
+    assert_eq!(post(&client, &r.url, good_request()).await.status(), 204);
+    r.handle.shutdown();
+    r.handle.wait().await.unwrap();
+}
+
+/// The first bytes the server answers (or all of it, if it closes first).
+async fn read_to_close_or_answer(stream: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+        .await
+        .expect("the server did not answer")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}

@@ -14,7 +14,7 @@
 use prost::Message;
 
 use super::DecodeLimits;
-use crate::schema::{MetricsBatchBuilder, sort_labels};
+use crate::schema::{MetricsBatchBuilder, series_id_with, sort_labels};
 
 /// The bit pattern of Prometheus's stale marker.
 pub const STALE_NAN: u64 = 0x7ff0_0000_0000_0002;
@@ -204,6 +204,7 @@ impl RemoteWriteDecoder {
         )?;
         // Pass 2: append. The walk is the same, so it cannot fail now.
         let mut decoded = Decoded::default();
+        let mut scratch = Vec::with_capacity(256);
         for_each_series(
             raw,
             &limits,
@@ -215,12 +216,14 @@ impl RemoteWriteDecoder {
                     return Ok(());
                 };
                 sort_labels(labels);
+                // One hash per series, not per sample: the samples share its labels.
+                let id = series_id_with(&mut scratch, name, labels.iter().copied());
                 for &(value, timestamp) in samples.iter() {
                     if value.to_bits() == STALE_NAN {
                         decoded.stale += 1;
                         continue;
                     }
-                    out.push(timestamp, name, labels, value);
+                    out.push_with_id(timestamp, name, labels, value, id);
                     decoded.samples += 1;
                 }
                 Ok(())
