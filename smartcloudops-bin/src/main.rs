@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+mod audit;
 mod eval;
 mod plot;
 
@@ -102,6 +103,26 @@ enum Command {
         /// The pipeline configuration (TOML).
         config: PathBuf,
     },
+    /// Work with the decision layer's audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit log and say where it breaks (file, line, seq, and
+    /// whether a record was edited, deleted or moved).
+    ///
+    /// Give the files oldest first (audit.jsonl.2 audit.jsonl.1 audit.jsonl), or the live
+    /// file alone: its rotated files are then found and checked first. Exit status: 0 when
+    /// the chain holds, 4 when it is broken, 1 when a file cannot be read.
+    Verify {
+        /// The audit files, oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -129,6 +150,9 @@ fn main() -> ExitCode {
     init_logging(cli.verbose, cli.quiet);
     match cli.command {
         Command::Validate { config } => validate(&config),
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => audit::verify(&files),
         Command::Eval {
             corpus,
             preset,

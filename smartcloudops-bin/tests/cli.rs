@@ -578,3 +578,79 @@ fn validate_points_at_the_sql_mistake() {
         .unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
 }
+
+/// An audit log of `n` records at `path`, rotated at `max_bytes` (0: never).
+fn audit_log(path: &Path, n: usize, max_bytes: u64) {
+    use smartcloudops_core::decision::audit::{AuditLog, AuditRecord, Rotation};
+    let log = AuditLog::open_with(path, Rotation { max_bytes, keep: 5 }).unwrap();
+    for i in 0..n {
+        let mut r = AuditRecord::new("decision", "notify");
+        r.reason = format!("record {i}");
+        log.write(&[r]).unwrap();
+    }
+}
+
+#[test]
+fn audit_verify_passes_a_fresh_log_and_names_the_line_of_an_edit_or_a_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    audit_log(&path, 5, 0);
+    let verify = || bin().args(["audit", "verify"]).arg(&path).output().unwrap();
+    let ok = verify();
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("5 records, seq 0..=4, the chain is intact"));
+
+    let original = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    let edited = original.replacen("record 1", "record 9", 1);
+    std::fs::write(&path, edited).unwrap();
+    let broken = verify();
+    assert_eq!(broken.status.code(), Some(4));
+    let stdout = text(&broken.stdout);
+    assert!(
+        stdout.contains(&format!("{}:2: seq 1: record edited", path.display())),
+        "{stdout}"
+    );
+
+    let mut deleted = lines.clone();
+    deleted.remove(3);
+    std::fs::write(&path, deleted.join("\n") + "\n").unwrap();
+    let broken = verify();
+    assert_eq!(broken.status.code(), Some(4));
+    let stdout = text(&broken.stdout);
+    assert!(stdout.contains(":4: seq 4: seq 3 is missing"), "{stdout}");
+}
+
+#[test]
+fn audit_verify_follows_the_chain_across_rotated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    audit_log(&path, 12, 700);
+    let rotated = |n: u32| dir.path().join(format!("audit.jsonl.{n}"));
+    assert!(rotated(2).exists());
+    // The live file alone: its rotated files are found.
+    let out = bin().args(["audit", "verify"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("12 records, seq 0..=11"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Or every file, oldest first.
+    let mut files: Vec<PathBuf> = (1..=5).rev().map(rotated).filter(|p| p.exists()).collect();
+    files.push(path.clone());
+    let out = bin()
+        .args(["audit", "verify"])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    // Given in the wrong order, the chain breaks.
+    files.reverse();
+    let out = bin()
+        .args(["audit", "verify"])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stdout));
+}
