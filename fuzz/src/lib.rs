@@ -10,7 +10,7 @@
 //!   the stable toolchain (AFL++ through afl.rs). See `fuzz/README.md`.
 #![forbid(unsafe_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use smartcloudops_core::Detector;
 use smartcloudops_core::config::PipelineConfig;
@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("decode_remote_write", decode_remote_write),
     ("config", config),
     ("detector", detector),
+    ("audit_verify", audit_verify),
 ];
 
 /// The target called `name`.
@@ -160,4 +161,27 @@ pub fn detector(data: &[u8]) {
     let snapshot = detector.snapshot().expect("a snapshot encodes");
     let mut again = EnsembleDetector::new(preset.name(), preset.config(), 4);
     again.restore(&snapshot).expect("its own snapshot restores");
+}
+
+/// `audit verify` on an arbitrary file: it reports breaks, never panics, and a file it calls
+/// intact has a gap-free run of sequence numbers.
+pub fn audit_verify(data: &[u8]) {
+    use smartcloudops_core::decision::audit;
+    // One scratch file per process (AFL runs one input at a time per process).
+    thread_local! {
+        static FILE: PathBuf = std::env::temp_dir()
+            .join(format!("smartcloudops-fuzz-audit-{}", std::process::id()));
+    }
+    FILE.with(|path| {
+        std::fs::write(path, data).expect("the scratch file is writable");
+        let verification =
+            audit::verify(std::slice::from_ref(path)).expect("the scratch file is readable");
+        if verification.is_intact() {
+            if let (Some(first), Some(last)) = (verification.first_seq, verification.last_seq) {
+                assert_eq!(last - first + 1, verification.records);
+            }
+        } else {
+            assert!(verification.breaks.iter().all(|b| !b.problem.is_empty()));
+        }
+    });
 }
