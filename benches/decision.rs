@@ -91,7 +91,7 @@ fn engine(group_wait: &str) -> DecisionEngine {
         [receiver.command]
         argv = ["/usr/bin/systemctl", "restart", "{{service}}.service"]
         mode = "dry_run"
-        params = {{ service = {{ pattern = "[a-z0-9-]+" }} }}
+        params = {{ service = {{ pattern = "[a-z0-9][a-z0-9-]*" }} }}
         "#
     ))
     .unwrap();

@@ -567,3 +567,57 @@ impl Dispatcher {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn firing(host: &str) -> AlertRecord {
+        AlertRecord {
+            fingerprint: host.into(),
+            rule: "cpu".into(),
+            status: AlertStatus::Firing,
+            severity: Default::default(),
+            labels: BTreeMap::from([("host".to_owned(), host.to_owned())]),
+            annotations: BTreeMap::new(),
+            starts_at_ms: 0,
+            ends_at_ms: None,
+            series_id: 1,
+        }
+    }
+
+    #[test]
+    fn a_rule_opens_at_most_its_cap_of_new_groups_per_minute() {
+        let rule: RuleConfig =
+            toml::from_str("name = \"cpu\"\nreceivers = [\"hook\"]\ngroup_by = [\"host\"]")
+                .unwrap();
+        let mut d = Dispatcher {
+            max_new_groups_per_minute: 2,
+            ..Dispatcher::default()
+        };
+        assert!(d.update(0, &rule, firing("a"), 0).is_some());
+        assert!(d.update(0, &rule, firing("b"), 1).is_some());
+        assert!(
+            d.update(0, &rule, firing("a"), 2).is_some(),
+            "an open group takes its alerts"
+        );
+        assert!(d.update(0, &rule, firing("c"), 3).is_none());
+        assert!(d.update(0, &rule, firing("d"), 4).is_none());
+        assert_eq!(d.cap_trips.len(), 1, "one trip per rule and minute");
+        assert_eq!(d.cap_trips[0].alert.fingerprint, "c");
+        assert!(
+            d.update(1, &rule, firing("x"), 5).is_some(),
+            "each rule has its own cap"
+        );
+        assert!(
+            d.update(0, &rule, firing("e"), 60_000).is_some(),
+            "a new minute"
+        );
+        let unlimited = &mut Dispatcher::default();
+        assert!((0..500).all(|i| {
+            unlimited
+                .update(0, &rule, firing(&i.to_string()), 0)
+                .is_some()
+        }));
+    }
+}
