@@ -16,7 +16,7 @@
 //! minute: a flood of new series (forged data, say) would otherwise be one notification per
 //! series, and use up the rate limits that the real alerts of every rule share. Alerts beyond
 //! the cap are counted and not grouped; the first of them in a minute is reported
-//! ([`CapTrip`]) so that the engine escalates once.
+//! (a `CapTrip`) so that the engine escalates once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Idempotency keys: which executions already happened, so a redelivered batch or a replay
 //! never runs the same one twice. In memory, in a local file, or in Redis.
 //!
-//! A key is claimed by [`IdempotencyLayer`], inside the circuit breaker, the cooldown and the
+//! A key is claimed by `IdempotencyLayer`, inside the circuit breaker, the cooldown and the
 //! rate limits: a notification one of them holds back has not happened, so it keeps its key
 //! and may run later in the same episode. A key already claimed is looked up
 //! ([`IdempotencyStore::is_claimed`]) before those guards, so a duplicate spends nothing.
