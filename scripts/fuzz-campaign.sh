@@ -14,7 +14,7 @@ seconds=${1:-300}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(decode_json decode_csv decode_influx decode_prometheus decode_remote_write config detector)
+  targets=(decode_json decode_csv decode_influx decode_prometheus decode_remote_write config detector audit_verify)
 fi
 
 # Own target dir: the instrumentation flags cargo-afl sets must not invalidate the main build.

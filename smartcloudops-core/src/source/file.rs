@@ -40,6 +40,10 @@ pub struct FileSourceConfig {
     /// CSV options (`format = "csv"`).
     #[serde(default)]
     pub csv: CsvOptions,
+    /// What one record may hold (line length, labels, label sizes): over-limit records are
+    /// dead-lettered with the limit's name. See [`DecodeLimits`](crate::decode::DecodeLimits).
+    #[serde(default)]
+    pub limits: crate::decode::DecodeLimits,
     /// Longest line accepted; longer ones are dead-lettered (memory stays bounded).
     #[serde(default = "default_max_line_bytes")]
     pub max_line_bytes: usize,
@@ -57,6 +61,7 @@ impl FileSourceConfig {
     /// A config reading `path` as JSON lines with default settings.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
+            limits: crate::decode::DecodeLimits::default(),
             path: path.into(),
             format: Format::Json,
             batch_size: default_batch_size(),
@@ -133,7 +138,9 @@ impl OpenState {
         let pacing = (config.speed > 0.0).then(|| Pacing::new(config.speed));
         Ok(FileReader {
             input,
-            decoder: config.format.decoder(config.csv.clone()),
+            decoder: config
+                .format
+                .decoder_with_limits(config.csv.clone(), config.limits),
             builder: MetricsBatchBuilder::with_capacity(config.batch_size),
             chunk: Vec::with_capacity(config.batch_size * 128),
             rejects: Vec::new(),
@@ -390,6 +397,7 @@ impl Pacing {
 impl ComponentConfig for FileSourceConfig {
     fn problems(&self) -> Problems {
         let mut p = Problems::new();
+        p.extend_at("limits", self.limits.problems());
         check_batch_size(&mut p, self.batch_size, "1024 is a good start");
         p.check(
             self.speed == 0.0 || (1e-6..=1e9).contains(&self.speed),

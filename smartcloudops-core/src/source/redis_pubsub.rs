@@ -64,6 +64,10 @@ pub struct RedisPubSubSourceConfig {
     /// CSV options (`format = "csv"`).
     #[serde(default)]
     pub csv: CsvOptions,
+    /// What one record may hold (line length, labels, label sizes): over-limit records are
+    /// dead-lettered with the limit's name. See [`DecodeLimits`](crate::decode::DecodeLimits).
+    #[serde(default)]
+    pub limits: crate::decode::DecodeLimits,
     /// Rows per batch.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -92,6 +96,7 @@ impl RedisPubSubSourceConfig {
     /// A source of `channels` with defaults.
     pub fn new(channels: Vec<String>) -> Self {
         Self {
+            limits: crate::decode::DecodeLimits::default(),
             redis: None,
             channels,
             patterns: Vec::new(),
@@ -128,7 +133,10 @@ impl Source for RedisPubSubSource {
         let client = self.connection.client()?;
         let (tx, rx) = mpsc::channel(1);
         let task = Subscriber {
-            decoder: self.config.format.decoder(self.config.csv.clone()),
+            decoder: self
+                .config
+                .format
+                .decoder_with_limits(self.config.csv.clone(), self.config.limits),
             builder: MetricsBatchBuilder::with_capacity(self.config.batch_size),
             rejects: Vec::new(),
             counters: Arc::new(Counters::new(ctx.dead_letters.stage().clone())),
@@ -374,6 +382,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 impl ComponentConfig for RedisPubSubSourceConfig {
     fn problems(&self) -> Problems {
         let mut p = Problems::new();
+        p.extend_at("limits", self.limits.problems());
         if let Some(redis) = &self.redis {
             p.extend_at("redis", redis.problems());
         }

@@ -71,6 +71,10 @@ pub struct ScrapeConfig {
     /// Largest response body read; a larger one fails the scrape.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
+    /// What one record may hold (line length, labels, label sizes): over-limit records are
+    /// dead-lettered with the limit's name. See [`DecodeLimits`](crate::decode::DecodeLimits).
+    #[serde(default)]
+    pub limits: crate::decode::DecodeLimits,
     /// File holding a bearer token sent as `Authorization: Bearer …` (read at every scrape).
     #[serde(default)]
     pub bearer_token_file: Option<PathBuf>,
@@ -132,6 +136,7 @@ impl ScrapeConfig {
     /// Scrapes `targets` every 15 s.
     pub fn new(targets: Vec<String>) -> Self {
         Self {
+            limits: crate::decode::DecodeLimits::default(),
             targets,
             job: default_job(),
             interval: default_interval(),
@@ -273,7 +278,9 @@ async fn scrape(
     let mut rejects: Vec<Reject> = Vec::new();
     let up = match &page {
         Ok(body) => {
-            PrometheusDecoder::with_default_ts(ts).decode(body, &mut decoded, &mut rejects);
+            PrometheusDecoder::with_default_ts(ts)
+                .with_limits(config.limits)
+                .decode(body, &mut decoded, &mut rejects);
             true
         }
         Err(message) => {
@@ -429,6 +436,7 @@ fn attach_target_labels(
 impl ComponentConfig for ScrapeConfig {
     fn problems(&self) -> Problems {
         let mut p = Problems::new();
+        p.extend_at("limits", self.limits.problems());
         p.check(
             !self.targets.is_empty(),
             "targets",

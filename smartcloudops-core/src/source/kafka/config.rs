@@ -35,6 +35,10 @@ pub struct KafkaSourceConfig {
     /// CSV options (`format = "csv"`); set `csv.metric` for headerless feeds.
     #[serde(default)]
     pub csv: CsvOptions,
+    /// What one record may hold (line length, labels, label sizes): over-limit records are
+    /// dead-lettered with the limit's name. See [`DecodeLimits`](crate::decode::DecodeLimits).
+    #[serde(default)]
+    pub limits: crate::decode::DecodeLimits,
     /// Where a new group starts.
     #[serde(default)]
     pub auto_offset_reset: AutoOffsetReset,
@@ -96,6 +100,7 @@ impl KafkaSourceConfig {
         topics: Vec<String>,
     ) -> Self {
         Self {
+            limits: crate::decode::DecodeLimits::default(),
             brokers: brokers.into(),
             group_id: group_id.into(),
             topics,
@@ -127,6 +132,7 @@ impl KafkaSourceConfig {
 impl crate::component::ComponentConfig for KafkaSourceConfig {
     fn problems(&self) -> crate::error::Problems {
         let mut p = crate::error::Problems::new();
+        p.extend_at("limits", self.limits.problems());
         p.check(
             !self.brokers.trim().is_empty(),
             "brokers",

@@ -74,7 +74,9 @@ impl Source for KafkaSource {
         let (claims_tx, claims_rx) = mpsc::channel(1);
         let decode = DecodeTask::new(
             shared.clone(),
-            config.format.decoder(config.csv.clone()),
+            config
+                .format
+                .decoder_with_limits(config.csv.clone(), config.limits),
             ctx.dead_letters.clone(),
             dead_letter_producer,
             config.metadata,

@@ -46,6 +46,10 @@ pub struct RedisStreamSourceConfig {
     /// CSV options (`format = "csv"`).
     #[serde(default)]
     pub csv: CsvOptions,
+    /// What one record may hold (line length, labels, label sizes): over-limit records are
+    /// dead-lettered with the limit's name. See [`DecodeLimits`](crate::decode::DecodeLimits).
+    #[serde(default)]
+    pub limits: crate::decode::DecodeLimits,
     /// Entries per read (`COUNT`), and so per batch.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -102,6 +106,7 @@ impl RedisStreamSourceConfig {
     /// A source of `streams` for `group` with defaults.
     pub fn new(streams: Vec<String>, group: impl Into<String>) -> Self {
         Self {
+            limits: crate::decode::DecodeLimits::default(),
             redis: None,
             streams,
             group: group.into(),
@@ -138,6 +143,7 @@ impl RedisStreamSourceConfig {
 impl crate::component::ComponentConfig for RedisStreamSourceConfig {
     fn problems(&self) -> crate::error::Problems {
         let mut p = crate::error::Problems::new();
+        p.extend_at("limits", self.limits.problems());
         if let Some(redis) = &self.redis {
             p.extend_at("redis", redis.problems());
         }

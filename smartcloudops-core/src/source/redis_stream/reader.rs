@@ -61,7 +61,9 @@ impl Reader {
         tx: mpsc::Sender<Result<SourceBatch>>,
     ) -> Self {
         Self {
-            decoder: config.format.decoder(config.csv.clone()),
+            decoder: config
+                .format
+                .decoder_with_limits(config.csv.clone(), config.limits),
             consumer,
             connection,
             con: None,
