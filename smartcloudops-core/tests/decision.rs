@@ -183,7 +183,7 @@ async fn every_notifier_speaks_its_format_and_the_audit_links_each_step() {
             name = "hook"
             type = "webhook"
             url = "http://{addr}/hook"
-            body = '{{"text": "{{{{ rule }}}}: {{{{ alerts | length }}}} alert(s), first on {{{{ alerts[0].labels.host }}}}"}}'
+            body = '{{"text": {{{{ rule ~ ": " ~ (alerts | length) ~ " alert(s), first on " ~ alerts[0].labels.host }}}}}}'
 
             [[receiver]]
             name = "am"

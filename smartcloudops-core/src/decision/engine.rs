@@ -380,7 +380,7 @@ impl Inner {
                     continue;
                 }
                 let alert_state = state.alerts.entry(key).or_default();
-                let transition = alert_state.step(&rule.config, cols.ts.value(row), active);
+                let transition = alert_state.step_at(&rule.config, cols.ts.value(row), now, active);
                 alert_state.seen_ms = now;
                 if alert_state.is_idle() {
                     state.alerts.remove(&key);

@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::Clock;
 use super::matcher::{Matcher, Matchers};
 use crate::error::Problems;
 
@@ -348,8 +347,11 @@ impl AlertState {
         self.phase == Phase::Inactive && !self.flapping && self.changes.is_empty()
     }
 
-    /// Advances on one row at event time `ts`, seen now on the system clock.
+    /// Advances on one row at event time `ts`, seen now on the system clock (the engine
+    /// passes its own clock to [`step_at`](Self::step_at)).
+    #[cfg(test)]
     pub(crate) fn step(&mut self, rule: &RuleConfig, ts: i64, active: bool) -> Transition {
+        use super::Clock;
         self.step_at(rule, ts, super::SystemClock.now_ms(), active)
     }
 
@@ -463,6 +465,7 @@ impl AlertState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decision::Clock;
 
     fn rule() -> RuleConfig {
         RuleConfig::new("cpu", vec!["pager".into()])
