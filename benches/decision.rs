@@ -53,7 +53,7 @@ fn batch(round: usize) -> ActionInput {
     }
     let batch = s.finish(&b.finish(), "ewma").unwrap();
     let alerts = Alert::from_scored(&batch).unwrap();
-    ActionInput { batch, alerts }
+    ActionInput::new(batch, alerts)
 }
 
 fn engine(group_wait: &str) -> DecisionEngine {

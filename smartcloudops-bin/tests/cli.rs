@@ -473,6 +473,19 @@ fn the_decision_example_notifies_plans_a_dry_run_restart_and_audits_every_step()
     assert_eq!(of("trigger", "fired"), 2);
     assert_eq!(of("trigger", "resolved"), 2);
     assert_eq!(of("result", "delivered"), 2);
+    // Each fired trigger says where its rows came from: the source and the file read.
+    let fired = audit
+        .iter()
+        .find(|r| r["kind"] == "trigger" && r["outcome"] == "fired")
+        .unwrap();
+    let origin = &fired["details"]["origin"];
+    assert_eq!(origin["source"], "file", "{fired}");
+    assert!(
+        origin["from"][0]
+            .as_str()
+            .is_some_and(|f| f.ends_with("data/web-fleet.jsonl")),
+        "{fired}"
+    );
     let dry = audit
         .iter()
         .find(|r| r["outcome"] == "dry_run")

@@ -118,7 +118,7 @@ fn input(rows: &[Row]) -> ActionInput {
     }
     let batch = s.finish(&b.finish(), "ewma").unwrap();
     let alerts = Alert::from_scored(&batch).unwrap();
-    ActionInput { batch, alerts }
+    ActionInput::new(batch, alerts)
 }
 
 fn engine(toml_text: &str, clock: Arc<ManualClock>) -> DecisionEngine {

@@ -79,7 +79,7 @@ fn anomaly(labels: &[(&str, &str)]) -> ActionInput {
     });
     let batch = s.finish(&b.finish(), "ewma").unwrap();
     let alerts = Alert::from_scored(&batch).unwrap();
-    ActionInput { batch, alerts }
+    ActionInput::new(batch, alerts)
 }
 
 fn engine(toml_text: &str) -> DecisionEngine {

@@ -528,3 +528,23 @@ async fn read_to_close_or_answer(stream: &mut TcpStream) -> String {
         .unwrap_or(0);
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_rows_carry_the_client_that_sent_them() {
+    let r = start(RemoteWriteConfig::default());
+    let response = post(&reqwest::Client::new(), &r.url, good_request()).await;
+    assert_eq!(response.status(), 204);
+    let inputs = r.rows.inputs();
+    assert_eq!(inputs.len(), 1);
+    let origin = &inputs[0].origin;
+    assert_eq!(origin.source, "remote_write");
+    assert!(
+        origin
+            .client
+            .as_deref()
+            .is_some_and(|c| c.starts_with("127.0.0.1:")),
+        "{origin:?}"
+    );
+    r.handle.shutdown();
+    r.handle.wait().await.unwrap();
+}

@@ -189,7 +189,7 @@ fn anomaly_at(ts: i64) -> ActionInput {
     });
     let batch = s.finish(&b.finish(), "ewma").unwrap();
     let alerts = Alert::from_scored(&batch).unwrap();
-    ActionInput { batch, alerts }
+    ActionInput::new(batch, alerts)
 }
 
 #[tokio::test]

@@ -124,10 +124,10 @@ mod tests {
             since: None,
             reason: "99 above expected 40".into(),
         };
-        let input = ActionInput {
-            batch: arrow::record_batch::RecordBatch::new_empty(crate::schema::scored_schema()),
-            alerts: vec![alert.clone(), alert],
-        };
+        let input = ActionInput::new(
+            arrow::record_batch::RecordBatch::new_empty(crate::schema::scored_schema()),
+            vec![alert.clone(), alert],
+        );
         action.execute(&input).await.unwrap();
         action.execute(&input).await.unwrap();
         let text = std::fs::read_to_string(&path).unwrap();

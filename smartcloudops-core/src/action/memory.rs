@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 /// let memory = Arc::new(MemoryAction::new().every_batch());
 /// let mut rows = MetricsBatchBuilder::default();
 /// rows.push(0, "cpu", &[("host", "a")], 1.0);
-/// memory.execute(&ActionInput { batch: rows.finish(), alerts: Vec::new() }).await?;
+/// memory.execute(&ActionInput::new(rows.finish(), Vec::new())).await?;
 /// assert_eq!(memory.batches().len(), 1);
 /// assert!(memory.alerts().is_empty());
 /// # Ok(())

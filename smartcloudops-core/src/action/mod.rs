@@ -28,6 +28,7 @@ use serde::Serialize;
 use crate::component::{BuildContext, ComponentConfig};
 use crate::error::Result;
 use crate::schema::{MetricsColumns, ScoreColumns, format_ts};
+use crate::source::Origin;
 
 pub use self::event::{Event, SinkPayload};
 pub use self::fn_action::FnAction;
@@ -76,6 +77,19 @@ pub struct ActionInput {
     pub batch: RecordBatch,
     /// One alert per anomalous row.
     pub alerts: Vec<Alert>,
+    /// Where the rows came from (source, client, partitions).
+    pub origin: Origin,
+}
+
+impl ActionInput {
+    /// A batch and its alerts, of no particular origin.
+    pub fn new(batch: RecordBatch, alerts: Vec<Alert>) -> Self {
+        Self {
+            batch,
+            alerts,
+            origin: Origin::default(),
+        }
+    }
 }
 
 /// An anomalous row, in the words a person (or a receiver) needs.

@@ -5,7 +5,7 @@
 //!
 //! | kind | written when | links |
 //! |---|---|---|
-//! | `trigger` | an alert fires, resolves or starts flapping | `fingerprint`, `rule` |
+//! | `trigger` | an alert fires, resolves or starts flapping | `fingerprint`, `rule`, `origin` (source, client, partitions) |
 //! | `decision` | a notification is sent on, or held back (silenced, inhibited, duplicate, cooldown, rate limit, open circuit, suggest, dry run, invalid parameters, a rule over its cap of new groups, a suggestion dropped from a full queue) | `notification`, `receiver`, `key`, `fingerprints` |
 //! | `execution` | one attempt starts | `notification`, `receiver`, `key`, `attempt` |
 //! | `result` | an attempt ends, or the notification ends in a fallback, an escalation or a dead letter | `notification`, `receiver`, `attempt`, `outcome` |

@@ -418,6 +418,8 @@ impl Inner {
                     "value": alert.value,
                     "score": alert.score,
                     "time": alert.time,
+                    // Which source, client or partition fed the row: forged data is traced.
+                    "origin": input.origin,
                 });
                 records.push(trigger);
                 if let Transition::StartedFlapping { at } = transition {

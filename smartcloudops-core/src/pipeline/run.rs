@@ -21,12 +21,13 @@ use crate::ack::{Ack, AckOutcome};
 use crate::action::ActionInput;
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::{Error, Result};
-use crate::source::{SourceContext, TimestampPolicy};
+use crate::source::{Origin, SourceContext, TimestampPolicy};
 
 /// A batch between the source and the transform task.
 pub(super) struct Pending {
     pub(super) batch: RecordBatch,
     pub(super) ack: Ack,
+    pub(super) origin: Origin,
 }
 
 /// A batch between the transform task and the action task.
@@ -68,6 +69,12 @@ pub(super) async fn send_with_policy<T>(
             !closed
         }
     }
+}
+
+/// The source's name for [`Origin`]s: its stage's name without the `source:` prefix.
+fn source_name(stage: &StageMetrics) -> String {
+    let name = stage.name();
+    name.strip_prefix("source:").unwrap_or(name).to_owned()
 }
 
 const QUEUE_FULL: &str = "dropped: pipeline queue full (when_full = drop_newest)";
@@ -164,6 +171,7 @@ impl Pipeline {
         }
         tasks.spawn(transform_task(TransformTask {
             rx: pending_rx,
+            source_name: source_name(&stages.source),
             tx: scored_tx,
             preps: preps
                 .into_iter()
@@ -298,6 +306,10 @@ async fn source_task(
         let rows = source_batch.batch.num_rows();
         stage.record_in(rows);
         let outer = source_batch.ack;
+        let mut origin = source_batch.origin;
+        if origin.source.is_empty() {
+            origin.source = source_name(&stage);
+        }
         let batch = match accepted_rows(&ingest.timestamps, source_batch.batch, &ingest.refused) {
             Ok(batch) => batch,
             Err(e) => {
@@ -320,7 +332,7 @@ async fn source_task(
                 AckOutcome::Nacked(reason) => outer.nack(reason),
             }
         });
-        let pending = Pending { batch, ack };
+        let pending = Pending { batch, ack, origin };
         let open = send_with_policy(&tx, pending, policy, &queue_stage, &stage, kept, |p| {
             p.ack.nack(unsent_reason(policy))
         })

@@ -17,9 +17,12 @@ use crate::dead_letter::{DeadLetterQueue, DeadLetterSink};
 use crate::detector::Detector;
 use crate::error::{Error, Result};
 use crate::prep::Prep;
+use crate::source::Origin;
 
 pub(super) struct TransformTask {
     pub(super) rx: mpsc::Receiver<Pending>,
+    /// The source's name, the origin of rows preps release on their own.
+    pub(super) source_name: String,
     pub(super) tx: mpsc::Sender<Scored>,
     pub(super) preps: Vec<(Box<dyn Prep>, Arc<StageMetrics>)>,
     pub(super) detector: Option<(Box<dyn Detector>, Arc<StageMetrics>)>,
@@ -142,7 +145,7 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
             },
             None => t.rx.recv().await,
         };
-        let Some(Pending { batch, ack }) = next else {
+        let Some(Pending { batch, ack, origin }) = next else {
             break;
         };
         t.queue_stage.queue_pop();
@@ -169,7 +172,7 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
                 continue;
             }
         };
-        if !score_and_send(t, batch, ack).await {
+        if !score_and_send(t, batch, ack, origin).await {
             break;
         }
     }
@@ -179,7 +182,12 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
 
 /// Runs the detector on a batch that went through the preps and hands it to the actions.
 /// Returns false once the action stage is gone.
-async fn score_and_send(t: &mut TransformTask, batch: RecordBatch, ack: Ack) -> bool {
+async fn score_and_send(
+    t: &mut TransformTask,
+    batch: RecordBatch,
+    ack: Ack,
+    origin: Origin,
+) -> bool {
     if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut()) {
         handoff.load_unknown(detector.as_mut(), stage, &batch).await;
     }
@@ -213,6 +221,7 @@ async fn score_and_send(t: &mut TransformTask, batch: RecordBatch, ack: Ack) -> 
         input: Arc::new(ActionInput {
             batch: scored,
             alerts,
+            origin,
         }),
         ack,
     };
@@ -286,7 +295,13 @@ async fn release_held(t: &mut TransformTask, why: Held) -> bool {
             dead_letter_batch(&t.dead_letters, &stage, &batch, &error, Ack::none());
             continue;
         }
-        if !score_and_send(t, batch, Ack::none()).await {
+        // Rows of many input batches: the source is known, the senders are not.
+        let origin = Origin {
+            source: t.source_name.clone(),
+            via: Some(format!("released by {}", t.preps[i].1.name())),
+            ..Origin::default()
+        };
+        if !score_and_send(t, batch, Ack::none(), origin).await {
             return false;
         }
     }

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
-use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream, check_batch_size};
+use super::{
+    Origin, Source, SourceBatch, SourceConfig, SourceContext, SourceStream, check_batch_size,
+};
 use crate::ack::{Ack, AckOutcome};
 use crate::component::{BuildContext, ComponentConfig, resolve_path};
 use crate::dead_letter::DeadLetterQueue;
@@ -186,7 +188,10 @@ impl FileReader {
                 if let Some(pacing) = &mut self.pacing {
                     pacing.wait_for(&batch).await;
                 }
-                return Some(Ok(SourceBatch::new(batch, self.ack_for(range))));
+                let origin = Origin::from_parts([self.origin.clone()]);
+                return Some(Ok(
+                    SourceBatch::new(batch, self.ack_for(range)).with_origin(origin)
+                ));
             }
             if self.eof {
                 return None;

@@ -48,12 +48,68 @@ pub struct SourceBatch {
     pub batch: RecordBatch,
     /// Resolved by the pipeline after the last stage finished with `batch`.
     pub ack: Ack,
+    /// Where the rows came from, as far as the source knows; the decision layer writes it
+    /// on the audit records an alert of these rows triggers.
+    pub origin: Origin,
 }
 
 impl SourceBatch {
-    /// Pairs a batch with its acknowledgement.
+    /// Pairs a batch with its acknowledgement (the pipeline fills in the source's name as
+    /// its origin).
     pub fn new(batch: RecordBatch, ack: Ack) -> Self {
-        Self { batch, ack }
+        Self {
+            batch,
+            ack,
+            origin: Origin::default(),
+        }
+    }
+
+    /// The same batch, with where it came from.
+    pub fn with_origin(mut self, origin: Origin) -> Self {
+        self.origin = origin;
+        self
+    }
+}
+
+/// Where a batch's rows came from: the source, and what the source knows of the sender —
+/// a client address, Kafka partitions, stream or channel names, a file, a scrape target.
+/// Untrusted data is only ever *reported* with it: an audit record shows which client or
+/// partition fed the rows that triggered an alert.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Origin {
+    /// The source's name (`remote_write`, `kafka` …); set by the pipeline when empty.
+    pub source: String,
+    /// The client that sent the rows (a peer address), when the source has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// Partitions, streams, channels, files or targets the rows were read from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
+    /// How the rows reached the actions when not straight from the source, e.g. released
+    /// by a window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+}
+
+impl Origin {
+    /// An origin read from `from` (partitions, keys, files …).
+    pub fn from_parts<I, S>(from: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            from: from.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// An origin sent by `client` (a peer address).
+    pub fn client(client: impl Into<String>) -> Self {
+        Self {
+            client: Some(client.into()),
+            ..Self::default()
+        }
     }
 }
 

@@ -45,7 +45,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream};
+use super::{Origin, Source, SourceBatch, SourceConfig, SourceContext, SourceStream};
 use crate::ack::{Ack, AckOutcome};
 use crate::component::{BuildContext, ComponentConfig};
 use crate::dead_letter::DeadLetterQueue;
@@ -303,7 +303,8 @@ async fn receive(
     let ack = Ack::new(move |o| {
         let _ = done.send(o);
     });
-    let send = r.tx.send(Ok(SourceBatch::new(out.finish(), ack)));
+    let batch = SourceBatch::new(out.finish(), ack).with_origin(Origin::client(client.to_string()));
+    let send = r.tx.send(Ok(batch));
     let answered = tokio::time::timeout(r.ack_timeout, async {
         if send.await.is_err() {
             return None; // the pipeline stopped

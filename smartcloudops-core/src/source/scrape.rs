@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Source, SourceBatch, SourceConfig, SourceContext, SourceStream};
+use super::{Origin, Source, SourceBatch, SourceConfig, SourceContext, SourceStream};
 use crate::ack::{Ack, AckOutcome};
 use crate::component::{BuildContext, ComponentConfig, resolve_path};
 use crate::decode::{Decoder, PrometheusDecoder, Reject};
@@ -233,7 +233,8 @@ impl Source for ScrapeSource {
                     .targets
                     .iter()
                     .map(|t| scrape(&client, t, &config, &ctx));
-                for batch in futures::future::join_all(scrapes).await {
+                let scraped = futures::future::join_all(scrapes).await;
+                for (batch, target) in scraped.into_iter().zip(&config.targets) {
                     let rows = batch.num_rows() as u64;
                     let stage = ctx.dead_letters.stage().clone();
                     let lost = lost.clone();
@@ -247,7 +248,9 @@ impl Source for ScrapeSource {
                             );
                         }
                     });
-                    if tx.send(Ok(SourceBatch::new(batch, ack))).await.is_err() {
+                    let origin = Origin::from_parts([shown_url(target)]);
+                    let batch = SourceBatch::new(batch, ack).with_origin(origin);
+                    if tx.send(Ok(batch)).await.is_err() {
                         return;
                     }
                 }

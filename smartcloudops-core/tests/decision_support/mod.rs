@@ -40,7 +40,7 @@ pub fn input(rows: &[Row]) -> ActionInput {
     }
     let batch = s.finish(&b.finish(), "ewma").unwrap();
     let alerts = Alert::from_scored(&batch).unwrap();
-    ActionInput { batch, alerts }
+    ActionInput::new(batch, alerts)
 }
 
 /// An engine for `toml_text` on `clock`, keys in memory, no ticker.

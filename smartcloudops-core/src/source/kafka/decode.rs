@@ -15,7 +15,7 @@ use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{Decoder, Reject};
 use crate::error::{Error, Result};
 use crate::schema::MetricsBatchBuilder;
-use crate::source::SourceBatch;
+use crate::source::{Origin, SourceBatch};
 
 /// Decodes claimed messages into batches, on its own task so that polling Kafka and decoding
 /// run on different cores.
@@ -127,7 +127,14 @@ impl DecodeTask {
             ack.ack();
             return None;
         }
-        Some(SourceBatch::new(batch, ack))
+        // The partitions the rows came from, for audit records (`topic/partition`).
+        let mut partitions: Vec<String> = messages
+            .iter()
+            .map(|m| format!("{}/{}", m.topic(), m.partition()))
+            .collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        Some(SourceBatch::new(batch, ack).with_origin(Origin::from_parts(partitions)))
     }
 
     async fn dead_letter(&self, bad: &[(&OwnedMessage, Reject)]) -> Result<()> {
