@@ -308,8 +308,16 @@ impl Dispatcher {
 
     /// Whether `rule_index` may open one more group at `now_ms` (counting it if so); the
     /// first refusal of a minute is recorded as a [`CapTrip`].
-    fn may_open_group(&mut self, rule_index: usize, alert: &AlertRecord, now_ms: i64) -> bool {
-        let cap = self.max_new_groups_per_minute;
+    fn may_open_group(
+        &mut self,
+        rule_index: usize,
+        rule: &RuleConfig,
+        alert: &AlertRecord,
+        now_ms: i64,
+    ) -> bool {
+        let cap = rule
+            .max_new_groups_per_minute
+            .unwrap_or(self.max_new_groups_per_minute);
         if cap == 0 {
             return true;
         }
@@ -362,7 +370,8 @@ impl Dispatcher {
         {
             return Some(key); // not in a group (already notified as resolved, or never fired here)
         }
-        if !self.groups.contains_key(&key) && !self.may_open_group(rule_index, &alert, now_ms) {
+        if !self.groups.contains_key(&key) && !self.may_open_group(rule_index, rule, &alert, now_ms)
+        {
             return None;
         }
         let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
@@ -612,6 +621,16 @@ mod tests {
         assert!(
             d.update(0, &rule, firing("e"), 60_000).is_some(),
             "a new minute"
+        );
+        let own: RuleConfig = toml::from_str(
+            "name = \"disk\"\nreceivers = [\"hook\"]\ngroup_by = [\"host\"]\n\
+             max_new_groups_per_minute = 1",
+        )
+        .unwrap();
+        assert!(d.update(2, &own, firing("p"), 5).is_some());
+        assert!(
+            d.update(2, &own, firing("q"), 6).is_none(),
+            "a rule's own cap overrides [decision]'s"
         );
         let unlimited = &mut Dispatcher::default();
         assert!((0..500).all(|i| {

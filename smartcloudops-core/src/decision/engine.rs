@@ -473,8 +473,11 @@ impl Inner {
         }
         due.extend(state.dispatcher.due(&self.rule_configs, now, false));
         records.extend(dispatch_records(&mut state.dispatcher, &self.stats));
-        let cap = state.dispatcher.max_new_groups_per_minute;
+        let global_cap = state.dispatcher.max_new_groups_per_minute;
         for trip in std::mem::take(&mut state.dispatcher.cap_trips) {
+            let cap = self.rule_configs[trip.rule]
+                .max_new_groups_per_minute
+                .unwrap_or(global_cap);
             let (record, escalations) = self.cap_escalation(trip, cap);
             records.push(record);
             due.extend(escalations);

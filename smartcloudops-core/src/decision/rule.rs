@@ -113,6 +113,10 @@ pub struct RuleConfig {
     /// How long a firing alert keeps firing after its rows stopped being active.
     #[serde(default, with = "humantime_serde")]
     pub keep_firing_for: Duration,
+    /// This rule's cap on new alert groups per minute, instead of `[decision]`'s
+    /// `max_new_groups_per_minute`.
+    #[serde(default)]
+    pub max_new_groups_per_minute: Option<u32>,
     /// Flap detection.
     #[serde(default)]
     pub flap: FlapConfig,
@@ -156,6 +160,7 @@ impl RuleConfig {
     /// A rule named `name` notifying `receivers`, with defaults.
     pub fn new(name: impl Into<String>, receivers: Vec<String>) -> Self {
         Self {
+            max_new_groups_per_minute: None,
             name: name.into(),
             metric: None,
             labels: BTreeMap::new(),
@@ -178,6 +183,12 @@ impl RuleConfig {
     /// Configuration problems, as `(field, message)`.
     pub fn problems(&self) -> Problems {
         let mut problems = Problems::new();
+        problems.check(
+            self.max_new_groups_per_minute != Some(0),
+            "max_new_groups_per_minute",
+            "must be at least 1",
+            "leave it out for [decision]'s cap (100 by default)",
+        );
         if self.name.trim().is_empty() {
             problems.push("name", "must not be empty".to_owned());
         }
