@@ -6,144 +6,18 @@
 //! Golden files live in `tests/golden/decision/`; `UPDATE_GOLDEN=1 cargo test --test
 //! decision` rewrites them after an intended change.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod decision_support;
 
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use decision_support::{Hook as Receiver, T0, engine, outcomes, ran, scored_input as input};
 use serde_json::Value;
 use smartcloudops_core::decision::audit::AuditRecord;
 use smartcloudops_core::decision::guard::MemoryIdempotency;
 use smartcloudops_core::decision::{DecisionConfig, DecisionEngine, EngineOptions, ManualClock};
-use smartcloudops_core::detector::{ScoreColumnsBuilder, Verdict};
-use smartcloudops_core::schema::MetricsBatchBuilder;
-use smartcloudops_core::{Action, ActionInput, Alert};
-
-/// A scripted answer: status and `Retry-After`.
-type Answer = (u16, Option<&'static str>);
-
-/// A local HTTP receiver: records every request, answers from a script (then 200).
-#[derive(Clone, Default)]
-struct Receiver {
-    requests: Arc<Mutex<Vec<(String, Value, Instant)>>>,
-    script: Arc<Mutex<VecDeque<Answer>>>,
-}
-
-impl Receiver {
-    async fn spawn() -> (Self, SocketAddr) {
-        let receiver = Receiver::default();
-        let state = receiver.clone();
-        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: String| {
-            let state = state.clone();
-            async move {
-                let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-                state
-                    .requests
-                    .lock()
-                    .unwrap()
-                    .push((uri.path().to_owned(), value, Instant::now()));
-                let (status, retry_after) = state
-                    .script
-                    .lock()
-                    .unwrap()
-                    .pop_front()
-                    .unwrap_or((200, None));
-                let mut headers = HeaderMap::new();
-                if let Some(after) = retry_after {
-                    headers.insert("retry-after", after.parse().unwrap());
-                }
-                (StatusCode::from_u16(status).unwrap(), headers, "ok").into_response()
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (receiver, addr)
-    }
-
-    fn answer(&self, responses: &[Answer]) {
-        self.script
-            .lock()
-            .unwrap()
-            .extend(responses.iter().copied());
-    }
-
-    fn bodies(&self, path: &str) -> Vec<Value> {
-        self.requests
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(p, _, _)| p == path)
-            .map(|(_, v, _)| v.clone())
-            .collect()
-    }
-
-    fn times(&self, path: &str) -> Vec<Instant> {
-        self.requests
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(p, _, _)| p == path)
-            .map(|(_, _, t)| *t)
-            .collect()
-    }
-}
-
-/// One scored row: host, service, event time (s), value, score, anomalous.
-type Row<'a> = (&'a str, &'a str, i64, f64, f64, bool);
-
-const T0: i64 = 1_764_072_000_000; // 2025-11-25T12:00:00Z
-
-fn input(rows: &[Row]) -> ActionInput {
-    let mut b = MetricsBatchBuilder::default();
-    let mut s = ScoreColumnsBuilder::with_capacity(rows.len());
-    for (host, service, t, value, score, anomalous) in rows {
-        b.push(
-            T0 + t * 1000,
-            "cpu",
-            &[("host", *host), ("service", *service)],
-            *value,
-        );
-        s.push(Verdict {
-            score: *score,
-            is_anomaly: *anomalous,
-            expected: 40.0,
-            lower: 30.0,
-            upper: 50.0,
-            since_ms: anomalous.then_some(T0 + t * 1000),
-            ..Verdict::NONE
-        });
-    }
-    let batch = s.finish(&b.finish(), "ewma").unwrap();
-    let alerts = Alert::from_scored(&batch).unwrap();
-    ActionInput::new(batch, alerts)
-}
-
-fn engine(toml_text: &str, clock: Arc<ManualClock>) -> DecisionEngine {
-    let config: DecisionConfig = toml::from_str(toml_text).unwrap();
-    DecisionEngine::with_options(
-        config,
-        EngineOptions {
-            clock,
-            ticker: false,
-            idempotency: Some(Arc::new(MemoryIdempotency::default())),
-            ..EngineOptions::default()
-        },
-    )
-    .unwrap()
-}
-
-fn outcomes(engine: &DecisionEngine, kind: &str) -> Vec<String> {
-    engine
-        .audit()
-        .recent()
-        .into_iter()
-        .filter(|r| r.kind == kind)
-        .map(|r| r.outcome)
-        .collect()
-}
+use smartcloudops_core::{Action, ActionInput};
 
 fn golden(name: &str, value: &Value) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -810,16 +684,6 @@ fn command_engine(
         },
     )
     .unwrap()
-}
-
-fn ran(dir: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("ran-"))
-        .collect();
-    names.sort();
-    names
 }
 
 #[tokio::test]

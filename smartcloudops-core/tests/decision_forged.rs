@@ -9,19 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use decision_support::{Hook, T0, engine, input, outcomes};
+use decision_support::{Hook, T0, engine, input, outcomes, ran};
 use smartcloudops_core::Action;
 use smartcloudops_core::decision::ManualClock;
-
-fn ran(dir: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("ran-"))
-        .collect();
-    names.sort();
-    names
-}
 
 #[tokio::test]
 async fn a_rate_limited_remediation_runs_later_in_the_same_episode() {
