@@ -82,28 +82,23 @@ impl DecodeLimits {
     }
 
     /// Why a line of `len` bytes is refused, if it is.
+    #[inline]
     pub(crate) fn check_line(&self, len: usize) -> Result<(), String> {
         if len > self.max_line_bytes {
-            return Err(format!(
-                "line of {len} bytes is over the limit of {} (max_line_bytes)",
-                self.max_line_bytes
-            ));
+            return Err(line_too_long(len, self.max_line_bytes));
         }
         Ok(())
     }
 
     /// Why a record's labels are refused, if they are: too many, or a name or value too
     /// long. Counted before sorting, so an oversized label set costs one pass.
+    #[inline]
     pub(crate) fn check_labels<K: AsRef<str>, V: AsRef<str>>(
         &self,
         labels: &[(K, V)],
     ) -> Result<(), String> {
         if labels.len() > self.max_labels {
-            return Err(format!(
-                "{} labels, over the limit of {} (max_labels)",
-                labels.len(),
-                self.max_labels
-            ));
+            return Err(too_many_labels(labels.len(), self.max_labels));
         }
         for (name, value) in labels {
             self.check_label(name.as_ref(), value.as_ref())?;
@@ -112,38 +107,66 @@ impl DecodeLimits {
     }
 
     /// Why one label is refused, if it is.
+    #[inline]
     pub(crate) fn check_label(&self, name: &str, value: &str) -> Result<(), String> {
-        if name.len() > self.max_label_name_bytes {
-            return Err(format!(
-                "label name `{}…` of {} bytes is over the limit of {} (max_label_name_bytes)",
-                prefix(name),
-                name.len(),
-                self.max_label_name_bytes
-            ));
-        }
-        if value.len() > self.max_label_value_bytes {
-            return Err(format!(
-                "value of label `{}` is {} bytes, over the limit of {} (max_label_value_bytes)",
-                prefix(name),
-                value.len(),
-                self.max_label_value_bytes
-            ));
+        if name.len() > self.max_label_name_bytes || value.len() > self.max_label_value_bytes {
+            return Err(self.label_too_long(name, value));
         }
         Ok(())
     }
 
+    /// The reason for a label [`check_label`](Self::check_label) refused: out of line, so
+    /// the check that passes stays a pair of compares.
+    #[cold]
+    #[inline(never)]
+    fn label_too_long(&self, name: &str, value: &str) -> String {
+        if name.len() > self.max_label_name_bytes {
+            format!(
+                "label name `{}…` of {} bytes is over the limit of {} (max_label_name_bytes)",
+                prefix(name),
+                name.len(),
+                self.max_label_name_bytes
+            )
+        } else {
+            format!(
+                "value of label `{}` is {} bytes, over the limit of {} (max_label_value_bytes)",
+                prefix(name),
+                value.len(),
+                self.max_label_value_bytes
+            )
+        }
+    }
+
     /// Why a metric name is refused, if it is (held to the label-value limit).
+    #[inline]
     pub(crate) fn check_metric(&self, metric: &str) -> Result<(), String> {
         if metric.len() > self.max_label_value_bytes {
-            return Err(format!(
-                "metric name `{}…` of {} bytes is over the limit of {} (max_label_value_bytes)",
-                prefix(metric),
-                metric.len(),
-                self.max_label_value_bytes
-            ));
+            return Err(metric_too_long(metric, self.max_label_value_bytes));
         }
         Ok(())
     }
+}
+
+#[cold]
+#[inline(never)]
+fn line_too_long(len: usize, max: usize) -> String {
+    format!("line of {len} bytes is over the limit of {max} (max_line_bytes)")
+}
+
+#[cold]
+#[inline(never)]
+fn too_many_labels(count: usize, max: usize) -> String {
+    format!("{count} labels, over the limit of {max} (max_labels)")
+}
+
+#[cold]
+#[inline(never)]
+fn metric_too_long(metric: &str, max: usize) -> String {
+    format!(
+        "metric name `{}…` of {} bytes is over the limit of {max} (max_label_value_bytes)",
+        prefix(metric),
+        metric.len(),
+    )
 }
 
 /// The first few characters of `s`, for a reason that must not echo a huge name.
