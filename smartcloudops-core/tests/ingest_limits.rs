@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use smartcloudops_core::action::MemoryAction;
 use smartcloudops_core::config::PipelineConfig;
-use smartcloudops_core::dead_letter::MemoryDeadLetters;
 
 #[tokio::test]
 async fn a_file_sources_limits_table_reaches_its_decoder() {
@@ -27,18 +23,7 @@ path = "in.jsonl"
 limits = { max_labels = 2, max_label_value_bytes = 8 }
 "#;
     let config = PipelineConfig::parse(text, dir.path(), |_| None).unwrap();
-    let rows = Arc::new(MemoryAction::new().every_batch());
-    let dead = Arc::new(MemoryDeadLetters::default());
-    config
-        .builder()
-        .unwrap()
-        .shared_action(rows.clone())
-        .dead_letters(dead.clone())
-        .build()
-        .spawn()
-        .wait()
-        .await
-        .unwrap();
+    let (rows, dead) = common::run_config(config).await;
 
     let values: Vec<f64> = common::rows(&rows.batches())
         .iter()

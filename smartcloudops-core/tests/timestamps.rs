@@ -65,18 +65,7 @@ aggregations = ["count"]
 "#
     );
     let config = PipelineConfig::parse(&text, dir, |_| None).unwrap();
-    let rows = Arc::new(MemoryAction::new().every_batch());
-    let dead = Arc::new(MemoryDeadLetters::default());
-    config
-        .builder()
-        .unwrap()
-        .shared_action(rows.clone())
-        .dead_letters(dead.clone())
-        .build()
-        .spawn()
-        .wait()
-        .await
-        .unwrap();
+    let (rows, dead) = common::run_config(config).await;
     let mut per_host = std::collections::BTreeMap::new();
     for row in common::rows(&rows.batches()) {
         let host = row.labels.iter().find(|(k, _)| k == "host").unwrap();

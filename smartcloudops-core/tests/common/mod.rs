@@ -222,3 +222,27 @@ pub async fn eventually(what: &str, timeout: Duration, done: impl FnMut() -> boo
         "timed out waiting for {what}"
     );
 }
+
+/// Runs `config` to the end of its input with an every-batch [`MemoryAction`] and in-memory
+/// dead letters; returns both.
+#[allow(dead_code)] // not every test binary uses it
+pub async fn run_config(
+    config: smartcloudops_core::config::PipelineConfig,
+) -> (
+    Arc<smartcloudops_core::action::MemoryAction>,
+    Arc<smartcloudops_core::dead_letter::MemoryDeadLetters>,
+) {
+    let rows = Arc::new(smartcloudops_core::action::MemoryAction::new().every_batch());
+    let dead = Arc::new(smartcloudops_core::dead_letter::MemoryDeadLetters::default());
+    config
+        .builder()
+        .unwrap()
+        .shared_action(rows.clone())
+        .dead_letters(dead.clone())
+        .build()
+        .spawn()
+        .wait()
+        .await
+        .unwrap();
+    (rows, dead)
+}
