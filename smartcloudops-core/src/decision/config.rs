@@ -122,6 +122,11 @@ pub struct DecisionConfig {
     /// How often pending notifications are looked at.
     #[serde(default = "default_tick", with = "humantime_serde")]
     pub tick: Duration,
+    /// The directory of the decision layer's durable state (journal, outbox): the pipeline's
+    /// `[runtime] state_dir`, set by the config layer. When absent the state lives in memory
+    /// only and does not survive a restart (embedded engines, tests).
+    #[serde(skip)]
+    pub state_dir: Option<PathBuf>,
 }
 
 fn default_audit_max_bytes() -> u64 {
