@@ -109,12 +109,14 @@ impl DeadLetterQueue {
 
 /// Appends dead letters as JSON lines to a file (created with its parent directories).
 ///
-/// Each letter is written through to the operating system before `send` returns (a dead
-/// letter is what lets its batch be acknowledged); [`flush`](DeadLetterSink::flush) syncs
-/// the file to disk.
+/// Each letter is kept whole and written through to the operating system before `send`
+/// returns (a dead letter is what lets its batch be acknowledged); [`flush`](DeadLetterSink::flush)
+/// syncs the file to disk. With [`log_each`](Self::log_each), each letter is also logged as a
+/// warning, its payload shortened (the file has it whole).
 #[derive(Debug)]
 pub struct JsonlDeadLetters {
     file: JsonlAppender,
+    log_each: bool,
 }
 
 impl JsonlDeadLetters {
@@ -123,7 +125,16 @@ impl JsonlDeadLetters {
         let path = path.as_ref();
         let file = JsonlAppender::open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        Ok(Self { file })
+        Ok(Self {
+            file,
+            log_each: false,
+        })
+    }
+
+    /// Also logs each letter as a warning, pointing at the file.
+    pub fn log_each(mut self, yes: bool) -> Self {
+        self.log_each = yes;
+        self
     }
 
     /// The file written to.
@@ -137,7 +148,18 @@ impl DeadLetterSink for JsonlDeadLetters {
         let lines = encode_lines([&letter]).map_err(|e| Error::DeadLetter(e.to_string()))?;
         self.file
             .append(&lines, false)
-            .map_err(|e| Error::io(format!("writing {}", self.path().display()), e))
+            .map_err(|e| Error::io(format!("writing {}", self.path().display()), e))?;
+        if self.log_each {
+            tracing::warn!(
+                stage = %letter.stage,
+                origin = %letter.origin,
+                reason = %letter.reason,
+                payload = %truncate(&letter.payload, 512),
+                file = %self.path().display(),
+                "dead letter (whole in the file)"
+            );
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
@@ -147,7 +169,8 @@ impl DeadLetterSink for JsonlDeadLetters {
     }
 }
 
-/// Logs dead letters as warnings (the default when no dead-letter file is configured).
+/// Logs dead letters as warnings, whole. The log is only as durable as wherever the log goes;
+/// a file ([`JsonlDeadLetters`]) is the default output.
 #[derive(Debug, Default)]
 pub struct LogDeadLetters;
 
@@ -157,7 +180,7 @@ impl DeadLetterSink for LogDeadLetters {
             stage = %letter.stage,
             origin = %letter.origin,
             reason = %letter.reason,
-            payload = %truncate(&letter.payload, 512),
+            payload = %letter.payload,
             "dead letter"
         );
         Ok(())

@@ -39,6 +39,7 @@
 mod env;
 mod registry;
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +51,7 @@ use crate::action::ActionConfig;
 pub use crate::component::BuildContext;
 use crate::component::{MAX_DURATION, parse_table, resolve_path, split_tagged, suggest};
 use crate::dead_letter::{DeadLetterSink, JsonlDeadLetters, LogDeadLetters};
+use crate::decision::IdempotencyConfig;
 use crate::detector::keyed::DEFAULT_MAX_SERIES;
 pub use crate::detector::preset::PresetConfig;
 use crate::detector::{Detector, DetectorConfig};
@@ -84,8 +86,11 @@ const MAX_SERIES: usize = 100_000_000;
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DeadLetterConfig {
-    /// Log each dead letter as a warning.
+    /// The default: `dead-letters.jsonl` in `[runtime] state_dir`, every record whole, and a
+    /// warning in the log for each.
     #[default]
+    StateDir,
+    /// Log each dead letter, whole, as a warning (only as durable as the log).
     Log,
     /// Append dead letters as JSON lines to a file.
     File {
@@ -282,12 +287,34 @@ impl PipelineConfig {
         if let DeadLetterConfig::File { path } = &mut self.dead_letter {
             *path = resolve_path(base, path);
         }
-        if let Some(d) = &mut self.decision {
-            if let Some(path) = &mut d.audit_log {
-                *path = resolve_path(base, path);
+        let state_dir = resolve_path(base, &self.runtime.state_dir);
+        let replays = self.replays_history();
+        if let Some(d) = &mut self.detector {
+            // A live source's detector learns for days: by default its state survives a
+            // restart. A replay (file, generator) starts fresh each run, as before.
+            if d.snapshot.is_none() && !replays {
+                d.snapshot = Some(state_dir.join("detector.snapshot"));
             }
-            d.idempotency.path = resolve_path(base, &d.idempotency.path);
         }
+        if let Some(d) = &mut self.decision {
+            d.audit_log = Some(match &d.audit_log {
+                Some(path) => resolve_path(base, path),
+                None => state_dir.join("audit.jsonl"),
+            });
+            d.idempotency.path = if d.idempotency.path == IdempotencyConfig::default().path {
+                state_dir.join("idempotency.jsonl")
+            } else {
+                resolve_path(base, &d.idempotency.path)
+            };
+            d.state_dir = Some(state_dir.clone());
+        }
+        self.runtime.state_dir = state_dir;
+    }
+
+    /// Whether the source replays history (a file, the generator) rather than following a
+    /// live feed: its kind's default leaves event times unchecked.
+    fn replays_history(&self) -> bool {
+        self.source.config.default_timestamps() == TimestampPolicy::unchecked()
     }
 
     /// Checks what serde cannot: every component's own checks, the schema each prep stage
@@ -395,7 +422,12 @@ impl PipelineConfig {
     pub fn builder(&self) -> Result<PipelineBuilder> {
         let ctx = &self.context;
         let source = at("source", self.source.config.build(ctx))?;
+        create_state_dir(&self.runtime.state_dir)?;
         let dead_letters: Arc<dyn DeadLetterSink> = match &self.dead_letter {
+            DeadLetterConfig::StateDir => Arc::new(
+                JsonlDeadLetters::open(self.runtime.state_dir.join("dead-letters.jsonl"))?
+                    .log_each(true),
+            ),
             DeadLetterConfig::Log => Arc::new(LogDeadLetters),
             DeadLetterConfig::File { path } => Arc::new(JsonlDeadLetters::open(path)?),
         };
@@ -469,6 +501,19 @@ impl PipelineConfig {
             actions.join(", ")
         )
     }
+}
+
+/// Creates the state directory, readable by its owner only: it holds the audit log and
+/// idempotency keys, and dead letters with whatever the input carried.
+fn create_state_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("creating the state directory {}", dir.display()), e))
 }
 
 /// A component's configuration error at `path` (its own paths are relative to its table).

@@ -585,3 +585,48 @@ fn a_receiver_kind_reports_its_nested_fields_by_full_path() {
     );
     assert_eq!(errors.0[0].hint.as_deref(), Some("did you mean `argv`?"));
 }
+
+#[test]
+fn durable_state_defaults_to_one_state_directory_next_to_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let decision = "[detector]\ntype = \"ewma\"\n[decision]\n[[decision.rule]]\nname = \"r\"\nreceivers = [\"log\"]\n[[decision.receiver]]\nname = \"log\"\ntype = \"log\"\n";
+    let live = format!(
+        "[source]\ntype = \"remote_write\"\nlisten = \"127.0.0.1:0\"\nserver = {{ allow_unauthenticated = true }}\n{decision}"
+    );
+    let config = PipelineConfig::parse(&live, dir.path(), |_| None).unwrap();
+    let state = dir.path().join(crate::pipeline::DEFAULT_STATE_DIR);
+    assert_eq!(config.runtime.state_dir, state);
+    assert_eq!(config.dead_letter, DeadLetterConfig::StateDir);
+    let d = config.decision.as_ref().unwrap();
+    assert_eq!(d.state_dir.as_deref(), Some(state.as_path()));
+    assert_eq!(
+        d.audit_log.as_deref(),
+        Some(state.join("audit.jsonl").as_path())
+    );
+    assert_eq!(d.idempotency.path, state.join("idempotency.jsonl"));
+    let detector = config.detector.as_ref().unwrap();
+    assert_eq!(detector.snapshot, Some(state.join("detector.snapshot")));
+
+    // Building creates the directory (owner only) and the dead-letter file in it.
+    let _pipeline = config.build().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(state.join("dead-letters.jsonl").exists());
+
+    // `[runtime] state_dir` moves every default; a replayed source keeps no detector state.
+    let moved = format!(
+        "[source]\ntype = \"generator\"\n{decision}[runtime]\nstate_dir = \"/var/lib/sco\"\n"
+    );
+    let config = PipelineConfig::parse(&moved, dir.path(), |_| None).unwrap();
+    let d = config.decision.as_ref().unwrap();
+    assert_eq!(
+        d.idempotency.path,
+        Path::new("/var/lib/sco/idempotency.jsonl")
+    );
+    assert_eq!(
+        d.audit_log.as_deref(),
+        Some(Path::new("/var/lib/sco/audit.jsonl"))
+    );
+    assert_eq!(config.detector.as_ref().unwrap().snapshot, None);
+}

@@ -44,7 +44,7 @@ use self::builder::Parts;
 pub use self::builder::PipelineBuilder;
 pub use self::handle::{PipelineHandle, RunReport};
 pub use self::metrics::{MetricsSnapshot, PipelineMetrics, StageMetrics, StageSnapshot};
-pub use self::options::{PipelineOptions, WhenFull};
+pub use self::options::{DEFAULT_STATE_DIR, PipelineOptions, WhenFull};
 
 /// An assembled pipeline, ready to [`run`](Pipeline::run) or [`spawn`](Pipeline::spawn).
 #[derive(Debug)]

@@ -1,6 +1,7 @@
 //! Runtime settings: queue sizes, what happens when a queue is full, action concurrency,
-//! the shutdown drain limit.
+//! the shutdown drain limit, and where durable state is kept.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -30,7 +31,15 @@ pub struct PipelineOptions {
     /// How long a shutdown may drain before in-flight batches are abandoned (and nacked).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// The directory of every durable piece of state: the decision journal and outbox,
+    /// idempotency keys, the audit log, dead letters and the detector snapshot (each unless
+    /// configured elsewhere). A deployment mounts one volume here. Relative to the config
+    /// file; [`DEFAULT_STATE_DIR`] when absent. Created (mode 0700) when the pipeline is built.
+    pub state_dir: PathBuf,
 }
+
+/// `[runtime] state_dir` when absent, relative to the config file.
+pub const DEFAULT_STATE_DIR: &str = "smartcloudops-state";
 
 impl Default for PipelineOptions {
     fn default() -> Self {
@@ -39,6 +48,7 @@ impl Default for PipelineOptions {
             when_full: WhenFull::Block,
             action_concurrency: 4,
             shutdown_timeout: Duration::from_secs(30),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
 }
