@@ -125,6 +125,11 @@ impl<S> KeyedStates<S> {
         self.map.capacity() * (std::mem::size_of::<(u64, Slot<S>)>() + 1)
     }
 
+    /// Drops the state of `id`; returns whether one was held.
+    pub fn remove(&mut self, id: u64) -> bool {
+        self.map.remove(&id).is_some()
+    }
+
     /// Iterates over `(series_id, state)`.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &S)> {
         self.map.iter().map(|(id, slot)| (*id, &slot.state))
@@ -314,6 +319,10 @@ impl<M: SeriesModel> Detector for KeyedDetector<M> {
         }
         self.states.exported_tick = self.states.tick;
         Ok(out)
+    }
+
+    fn forget_series(&mut self, ids: &[u64]) -> usize {
+        ids.iter().filter(|id| self.states.remove(**id)).count()
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {

@@ -139,6 +139,13 @@ pub trait Detector: Send + fmt::Debug {
     fn export_changed_series(&mut self) -> Result<SeriesStates> {
         Ok(Vec::new())
     }
+
+    /// Drops the states of `ids` (stale: the store holds newer ones), so that the next batch
+    /// of those series loads them again; returns how many were held.
+    fn forget_series(&mut self, ids: &[u64]) -> usize {
+        let _ = ids;
+        0
+    }
 }
 
 /// Encoded per-series states: `(series_id, state)` pairs.
@@ -161,12 +168,28 @@ pub trait SeriesStateStore: Send + Sync + fmt::Debug {
         ids: &'a [u64],
     ) -> BoxFuture<'a, Result<SeriesStates>>;
 
-    /// Stores `states` within `namespace`, replacing older ones.
+    /// Stores `states` within `namespace`, replacing older ones. A versioned store refuses
+    /// to replace a state another writer stored since this store loaded or wrote it (or, for
+    /// a series it never loaded a state of, any stored state); refused series are reported
+    /// by [`take_rejected`](SeriesStateStore::take_rejected), the others are stored.
     fn save<'a>(
         &'a self,
         namespace: &'a str,
         states: &'a [(u64, Vec<u8>)],
     ) -> BoxFuture<'a, Result<()>>;
+
+    /// The series of `namespace` whose saves were refused since the last call: their
+    /// in-memory state is stale and should be dropped
+    /// ([`Detector::forget_series`]) and loaded again. Unversioned stores refuse nothing.
+    fn take_rejected(&self, namespace: &str) -> Vec<u64> {
+        let _ = namespace;
+        Vec::new()
+    }
+
+    /// Saves refused since the store was created (a counter, for metrics).
+    fn rejected_writes(&self) -> u64 {
+        0
+    }
 }
 
 /// One row's verdict.

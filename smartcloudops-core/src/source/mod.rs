@@ -182,8 +182,36 @@ pub trait Source: Send + fmt::Debug {
     /// A short name for metrics and logs, e.g. `file`.
     fn name(&self) -> &str;
 
+    /// Whether the source delivers again, after a restart or a rebalance, what it did not
+    /// get an acknowledgement for (Kafka's committed offsets, Redis Streams' pending
+    /// entries). The pipeline then holds the acknowledgements of rows waiting in open
+    /// windows until those windows are emitted (`Prep::retains_rows`). By default it does
+    /// not: to a push source an acknowledgement only says its rows were taken.
+    fn replays_unacknowledged(&self) -> bool {
+        false
+    }
+
     /// Starts the source. Called once, from inside the pipeline's tokio runtime.
     fn open(self: Box<Self>, ctx: SourceContext) -> Result<SourceStream>;
+
+    /// Registers who is told when this source gives up part of its input to another
+    /// replica (a Kafka rebalance revoking partitions). Called before
+    /// [`open`](Source::open); sources without such hand-overs ignore it (the default).
+    fn set_revoke_listener(&mut self, listener: std::sync::Arc<dyn RevokeListener>) {
+        let _ = listener;
+    }
+}
+
+/// Told when a source hands part of its input over to another replica, so that state kept
+/// per series (a detector's) is saved before the new owner loads it.
+///
+/// A source calls it once the in-flight batches of the revoked input were drained (the state
+/// then covers every row acknowledged) and before it commits their offsets.
+pub trait RevokeListener: Send + Sync + fmt::Debug {
+    /// Saves what must outlive the hand-over; returns once it is saved or `timeout` passed
+    /// (a timeout is logged: the new owner then loads older state, nothing is lost from the
+    /// input). Blocking: called on the source's own thread, never from a pipeline task.
+    fn on_revoke(&self, timeout: std::time::Duration);
 }
 
 /// Runs `task` in `tasks`; if it panics, the pipeline gets an error on `tx` instead of a

@@ -52,9 +52,23 @@ pub struct KafkaSourceConfig {
     /// pauses its partitions.
     #[serde(default = "default_max_unacked")]
     pub max_unacked: usize,
-    /// Topic for undecodable messages; without it they go to the pipeline's dead-letter output.
+    /// Topic for undecodable messages and for the messages of batches that failed
+    /// `max_attempts` times; without it they go to the pipeline's dead-letter output.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// Longest wait for `dead_letter_topic` to accept a batch's dead letters (it also sets the
+    /// dead-letter producer's `message.timeout.ms`). Past it the batch is nacked and
+    /// redelivered, never committed without its dead letters.
+    #[serde(default = "default_dead_letter_timeout", with = "humantime_serde")]
+    pub dead_letter_timeout: Duration,
+    /// Deliveries of a batch that keeps failing before its messages are dead-lettered (with
+    /// the failure and the attempts in headers) and their offsets committed. Every nack
+    /// counts, whatever the failure: a batch's outcome carries only a reason, so a
+    /// downstream outage longer than the backoff of `max_attempts` deliveries dead-letters
+    /// good messages too. `0` retries forever (an outage never dead-letters; a poison
+    /// message stops its partition until it is removed).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
     /// How long a revoke waits for in-flight batches of the revoked partitions.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -91,6 +105,12 @@ fn default_commit_interval() -> Duration {
 fn default_retry_backoff() -> Duration {
     Duration::from_millis(500)
 }
+fn default_dead_letter_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_attempts() -> u32 {
+    5
+}
 
 impl KafkaSourceConfig {
     /// A config with defaults for everything but the connection.
@@ -111,6 +131,8 @@ impl KafkaSourceConfig {
             batch_timeout: default_batch_timeout(),
             max_unacked: default_max_unacked(),
             dead_letter_topic: None,
+            dead_letter_timeout: default_dead_letter_timeout(),
+            max_attempts: default_max_attempts(),
             drain_timeout: default_drain_timeout(),
             commit_interval: default_commit_interval(),
             retry_backoff: default_retry_backoff(),
@@ -167,6 +189,13 @@ impl crate::component::ComponentConfig for KafkaSourceConfig {
                 "remove it",
             );
         }
+        p.check(
+            self.dead_letter_timeout >= Duration::from_millis(1)
+                && self.dead_letter_timeout <= crate::component::MAX_DURATION,
+            "dead_letter_timeout",
+            "must be at least 1ms and at most a day",
+            "e.g. \"10s\"; a revoke or a shutdown waits for it",
+        );
         p.check(
             self.max_unacked > 0,
             "max_unacked",

@@ -18,11 +18,12 @@ use tokio::time::Instant;
 
 use super::config::{AutoOffsetReset, KafkaSourceConfig};
 use super::kafka_error;
-use super::offsets::{OffsetTracker, RangeTicket, TopicPartition};
+use super::offsets::{OffsetTracker, Poison, RangeTicket, TopicPartition};
 use crate::ack::{Ack, AckOutcome};
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::Result;
 use crate::metrics::StageMetrics;
+use crate::source::RevokeListener;
 use crate::util::run_blocking;
 
 /// State shared by the consumer task, the rebalance callbacks and the ack callbacks.
@@ -47,6 +48,14 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// Bookkeeping that poisons a range after `max_attempts` failed deliveries (0 = never).
+    pub(super) fn new(max_attempts: u32) -> Self {
+        Self {
+            tracker: Mutex::new(OffsetTracker::with_max_attempts(max_attempts)),
+            ..Self::default()
+        }
+    }
+
     pub(super) fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
         // A panic while holding the lock leaves plain bookkeeping behind; keep going.
         self.tracker.lock().unwrap_or_else(|p| p.into_inner())
@@ -59,6 +68,8 @@ pub(super) struct RebalanceContext {
     drain_timeout: Duration,
     /// The source's stage metrics, where consumer lag is published.
     stage: Arc<StageMetrics>,
+    /// Saves the detector state of the revoked partitions' series before their commit.
+    revoke_listener: Option<Arc<dyn RevokeListener>>,
 }
 
 /// Gauge name of the per-partition consumer lag.
@@ -133,6 +144,11 @@ impl ConsumerContext for RebalanceContext {
             commit
         };
         let commit = run_blocking(drain);
+        // The drained batches are scored: save the state they built before the commit lets
+        // the new owner read on (and load that state).
+        if let Some(listener) = &self.revoke_listener {
+            run_blocking(|| listener.on_revoke(self.drain_timeout));
+        }
         if commit.count() > 0 {
             match consumer.commit(&commit, CommitMode::Sync) {
                 Ok(()) => tracing::info!(partitions = ?revoked, "revoke: offsets committed"),
@@ -177,6 +193,7 @@ pub(super) fn subscribe(
     config: &KafkaSourceConfig,
     shared: Arc<Shared>,
     stage: Arc<StageMetrics>,
+    revoke_listener: Option<Arc<dyn RevokeListener>>,
 ) -> Result<KafkaConsumer> {
     let reset = match config.auto_offset_reset {
         AutoOffsetReset::Earliest => "earliest",
@@ -204,6 +221,7 @@ pub(super) fn subscribe(
             shared,
             drain_timeout: config.drain_timeout,
             stage,
+            revoke_listener,
         })
         .map_err(|e| kafka_error("creating the Kafka consumer", e))?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -462,14 +480,53 @@ impl ConsumerTask {
         if messages.is_empty() {
             return None;
         }
-        let count = messages.len();
+        let (messages, poisoned) = self.split_poisoned(&tickets, messages);
+        let count = messages.len() + poisoned.len();
         self.shared.unacked.fetch_add(count, Ordering::SeqCst);
         let ack = self.ack_for(tickets.clone(), count);
         Some(Claimed {
             messages,
+            poisoned,
             tickets,
             ack,
         })
+    }
+
+    /// Separates the messages of ranges that failed `max_attempts` times: they go to the
+    /// dead-letter output instead of the pipeline (see [`Poison`]).
+    fn split_poisoned(
+        &self,
+        tickets: &[RangeTicket],
+        messages: Vec<OwnedMessage>,
+    ) -> (Vec<OwnedMessage>, Vec<(OwnedMessage, Poison)>) {
+        let poisons: Vec<(&RangeTicket, Poison)> = {
+            let tracker = self.shared.tracker();
+            tickets
+                .iter()
+                .filter_map(|t| tracker.poison(&t.tp).map(|p| (t, p.clone())))
+                .collect()
+        };
+        if poisons.is_empty() {
+            return (messages, Vec::new());
+        }
+        let mut poisoned = Vec::new();
+        let messages = messages
+            .into_iter()
+            .filter_map(|m| {
+                let poison = poisons.iter().find_map(|(t, p)| {
+                    (t.tp.0 == m.topic() && t.tp.1 == m.partition() && p.covers(m.offset()))
+                        .then_some(p)
+                });
+                match poison {
+                    Some(p) => {
+                        poisoned.push((m, p.clone()));
+                        None
+                    }
+                    None => Some(m),
+                }
+            })
+            .collect();
+        (messages, poisoned)
     }
 
     fn ack_for(&self, tickets: Vec<RangeTicket>, messages: usize) -> Ack {
@@ -482,7 +539,7 @@ impl ConsumerTask {
                         tracker.ack(ticket);
                     }
                     AckOutcome::Nacked(reason) => {
-                        if tracker.nack(ticket).is_some() {
+                        if tracker.nack(ticket, reason).is_some() {
                             tracing::warn!(
                                 topic = %ticket.tp.0, partition = ticket.tp.1,
                                 offsets = %format!("{}..={}", ticket.first, ticket.last),
@@ -575,7 +632,10 @@ impl ConsumerTask {
 
 /// Offsets claimed by the consumer task, on their way to being decoded.
 pub(super) struct Claimed {
+    /// Messages for the pipeline.
     pub(super) messages: Vec<OwnedMessage>,
+    /// Messages of ranges that failed `max_attempts` times, for the dead-letter output.
+    pub(super) poisoned: Vec<(OwnedMessage, Poison)>,
     pub(super) tickets: Vec<RangeTicket>,
     pub(super) ack: Ack,
 }

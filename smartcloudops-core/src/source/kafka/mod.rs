@@ -11,9 +11,22 @@
 //!   up to `drain_timeout` to finish (keep it below `session.timeout.ms`), the offsets are
 //!   committed synchronously, and late acks for those partitions are ignored (the new owner
 //!   redelivers them).
+//! - **Poison limit**: a batch nacked `max_attempts` times in a row (default 5, each
+//!   redelivery after the backoff) is not redelivered to the pipeline again: its messages
+//!   go to the dead-letter output whole, with the last failure and the attempts, and their
+//!   offsets are committed once the dead letters are delivered. Every nack counts (the
+//!   batch's outcome carries a reason, not whether the failure is retryable), so a downstream
+//!   outage longer than the backoff of those attempts dead-letters good messages too; set
+//!   `max_attempts = 0` to retry forever instead. A batch mixes partitions, so a poison
+//!   message takes the messages of the other partitions in its batch along.
 //! - **Dead letters**: an undecodable message goes to `dead_letter_topic` with the reason and
 //!   its origin in headers (or to the pipeline's dead-letter output when no topic is set),
-//!   and is counted; its offset counts as handled once the dead letter is delivered.
+//!   and is counted; its offset counts as handled once the dead letter is delivered. The
+//!   producer gives up after `dead_letter_timeout` (its `message.timeout.ms`, and the bound
+//!   of the wait); the batch is then nacked and redelivered, never committed without them.
+//! - **State hand-over**: on revoke, after the drain and before the commit, the source tells
+//!   its [`RevokeListener`](crate::source::RevokeListener) (the pipeline saves the detector
+//!   states that changed), waiting at most `drain_timeout` more.
 //! - **Backpressure**: when the pipeline does not take batches (one is waiting and the next
 //!   is full), or `max_unacked` messages are in flight, the source pauses its partitions and
 //!   keeps polling, so neither memory nor the poll interval runs away.
@@ -31,7 +44,7 @@ use tokio::sync::mpsc;
 
 use self::consumer::{ConsumerTask, Shared};
 use self::decode::DecodeTask;
-use super::{Source, SourceContext, SourceStream, spawn_watched, stream_from};
+use super::{RevokeListener, Source, SourceContext, SourceStream, spawn_watched, stream_from};
 use crate::error::{Error, Result};
 
 pub use self::config::{AutoOffsetReset, KafkaSourceConfig};
@@ -40,12 +53,16 @@ pub use self::config::{AutoOffsetReset, KafkaSourceConfig};
 #[derive(Debug)]
 pub struct KafkaSource {
     config: KafkaSourceConfig,
+    revoke_listener: Option<Arc<dyn RevokeListener>>,
 }
 
 impl KafkaSource {
     /// A source for `config`; it connects when the pipeline starts.
     pub fn new(config: KafkaSourceConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            revoke_listener: None,
+        }
     }
 }
 
@@ -54,16 +71,36 @@ impl Source for KafkaSource {
         "kafka"
     }
 
+    fn replays_unacknowledged(&self) -> bool {
+        true
+    }
+
+    fn set_revoke_listener(&mut self, listener: Arc<dyn RevokeListener>) {
+        self.revoke_listener = Some(listener);
+    }
+
     fn open(self: Box<Self>, ctx: SourceContext) -> Result<SourceStream> {
-        let config = self.config;
-        let shared = Arc::new(Shared::default());
-        let consumer =
-            consumer::subscribe(&config, shared.clone(), ctx.dead_letters.stage().clone())?;
+        let KafkaSource {
+            config,
+            revoke_listener,
+        } = *self;
+        let shared = Arc::new(Shared::new(config.max_attempts));
+        let consumer = consumer::subscribe(
+            &config,
+            shared.clone(),
+            ctx.dead_letters.stage().clone(),
+            revoke_listener,
+        )?;
         let dead_letter_producer = match &config.dead_letter_topic {
             Some(topic) => {
+                // librdkafka would otherwise retry a message for 300 s.
+                let timeout = config.dead_letter_timeout.as_millis().max(1).to_string();
                 let producer: FutureProducer = config
                     .client()
-                    .client_config(&[("enable.idempotence", "true")])
+                    .client_config(&[
+                        ("enable.idempotence", "true"),
+                        ("message.timeout.ms", timeout.as_str()),
+                    ])
                     .create()
                     .map_err(|e| kafka_error("creating the dead-letter producer", e))?;
                 Some((producer, topic.clone()))
@@ -79,6 +116,7 @@ impl Source for KafkaSource {
                 .decoder_with_limits(config.csv.clone(), config.limits),
             ctx.dead_letters.clone(),
             dead_letter_producer,
+            config.dead_letter_timeout,
             config.metadata,
         );
         let task = ConsumerTask::new(consumer, shared, ctx.dead_letters, config);

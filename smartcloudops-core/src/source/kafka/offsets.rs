@@ -7,6 +7,12 @@
 //! the failed one on are forgotten, and the consumer seeks back to redeliver them. Each range
 //! remembers the epoch it was registered in, so a late ack for a forgotten range (after a
 //! rewind or a revoke) is ignored instead of moving the commit point.
+//!
+//! **Poison limit.** A partition that failed `max_attempts` times in a row without its commit
+//! point moving marks the range of the last failure as *poisoned*: its next delivery goes to
+//! the dead-letter output instead of the pipeline, so that the partition moves on. The mark
+//! lives as long as the partition's ownership (a revoke forgets it; the new owner counts
+//! again from zero) and is lifted once the commit point passes it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -31,8 +37,28 @@ struct PartitionState {
     ranges: BTreeMap<i64, Range>,
     /// Offset to seek back to, set by a nack and taken by the consumer.
     rewind: Option<i64>,
-    /// Consecutive failures without progress, for backoff.
+    /// Consecutive failures without progress, for backoff and the poison limit.
     failures: u32,
+    /// The range to dead-letter on its next delivery, once failures reached the limit.
+    poison: Option<Poison>,
+}
+
+/// A range that failed `attempts` times: its messages are dead-lettered on the next delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Poison {
+    pub(crate) first: i64,
+    pub(crate) last: i64,
+    /// Deliveries that failed (consecutive, without the commit point moving).
+    pub(crate) attempts: u32,
+    /// The reason of the failure that reached the limit.
+    pub(crate) reason: String,
+}
+
+impl Poison {
+    /// Whether the message at `offset` is in the poisoned range.
+    pub(crate) fn covers(&self, offset: i64) -> bool {
+        (self.first..=self.last).contains(&offset)
+    }
 }
 
 /// Per-partition commit bookkeeping for the partitions this consumer owns.
@@ -42,6 +68,8 @@ pub(crate) struct OffsetTracker {
     /// Source of epochs, shared by all partitions and assignments, so a late outcome from an
     /// earlier ownership of a partition can never match a range of the current one.
     next_epoch: u64,
+    /// Failed deliveries of a range before it is poisoned; 0 = never.
+    max_attempts: u32,
 }
 
 /// A registered batch's claim on a range of one partition.
@@ -54,6 +82,14 @@ pub(crate) struct RangeTicket {
 }
 
 impl OffsetTracker {
+    /// A tracker that poisons a range after `max_attempts` failed deliveries (0 = never).
+    pub(crate) fn with_max_attempts(max_attempts: u32) -> Self {
+        Self {
+            max_attempts,
+            ..Self::default()
+        }
+    }
+
     /// The consumer now owns `tp`.
     pub(crate) fn assign(&mut self, tp: TopicPartition) {
         let epoch = self.new_epoch();
@@ -133,15 +169,19 @@ impl OffsetTracker {
             p.commit = Some(next);
             moved = Some(next);
         }
-        if moved.is_some() {
+        if let Some(next) = moved {
             p.failures = 0;
+            if p.poison.as_ref().is_some_and(|poison| poison.last < next) {
+                p.poison = None;
+            }
         }
         moved
     }
 
-    /// The range failed. Forgets it and every later range of the partition and asks for a
-    /// rewind to its first offset. Returns the rewind offset when this nack set it.
-    pub(crate) fn nack(&mut self, t: &RangeTicket) -> Option<i64> {
+    /// The range failed with `reason`. Forgets it and every later range of the partition and
+    /// asks for a rewind to its first offset; at the limit, poisons it. Returns the rewind
+    /// offset when this nack set it.
+    pub(crate) fn nack(&mut self, t: &RangeTicket, reason: &str) -> Option<i64> {
         let p = self.partitions.get_mut(&t.tp)?;
         match p.ranges.get(&t.first) {
             Some(r) if r.epoch == t.epoch => {}
@@ -152,6 +192,15 @@ impl OffsetTracker {
         let p = self.partitions.get_mut(&t.tp)?;
         p.epoch = self.next_epoch;
         p.failures = p.failures.saturating_add(1);
+        // A poisoned range whose dead letters failed stays poisoned with its first reason.
+        if self.max_attempts > 0 && p.failures >= self.max_attempts && p.poison.is_none() {
+            p.poison = Some(Poison {
+                first: t.first,
+                last: t.last,
+                attempts: p.failures,
+                reason: reason.to_owned(),
+            });
+        }
         let rewind = p.rewind.map_or(t.first, |r| r.min(t.first));
         p.rewind = Some(rewind);
         Some(rewind)
@@ -163,6 +212,17 @@ impl OffsetTracker {
             .iter_mut()
             .filter_map(|(tp, p)| p.rewind.take().map(|o| (tp.clone(), o, p.failures)))
             .collect()
+    }
+
+    /// The poison mark of `tp`, if a range of it reached the limit.
+    pub(crate) fn poison(&self, tp: &TopicPartition) -> Option<&Poison> {
+        self.partitions.get(tp)?.poison.as_ref()
+    }
+
+    /// The poison mark covering `offset` of `tp`, if any: that message is dead-lettered.
+    #[cfg(test)]
+    pub(crate) fn poisoned(&self, tp: &TopicPartition, offset: i64) -> Option<&Poison> {
+        self.poison(tp).filter(|p| p.covers(offset))
     }
 
     /// Ranges in flight for `tp`.
@@ -252,7 +312,7 @@ mod tests {
         let a = t.register(&tp(), 0, 9).unwrap();
         let b = t.register(&tp(), 10, 19).unwrap();
         let c = t.register(&tp(), 20, 29).unwrap();
-        assert_eq!(t.nack(&b), Some(10));
+        assert_eq!(t.nack(&b, "boom"), Some(10));
         assert_eq!(t.ack(&c), None, "forgotten by the rewind");
         assert_eq!(
             t.register(&tp(), 30, 39),
@@ -277,7 +337,7 @@ mod tests {
         let new = t.register(&tp(), 0, 9).unwrap();
         assert_ne!(old.epoch, new.epoch);
         assert_eq!(
-            t.nack(&old),
+            t.nack(&old, "boom"),
             None,
             "a late nack from before the revoke is ignored"
         );
@@ -290,7 +350,7 @@ mod tests {
         let mut t = OffsetTracker::default();
         t.assign(tp());
         let a = t.register(&tp(), 0, 9).unwrap();
-        t.nack(&a);
+        t.nack(&a, "boom");
         assert_eq!(t.take_rewinds().len(), 1);
         t.retry_rewind(&tp(), 0);
         assert_eq!(
@@ -311,6 +371,69 @@ mod tests {
         assert!(!t.owns(&tp()));
         assert_eq!(t.register(&tp(), 10, 19), None);
         assert_eq!(t.ack(&a), None);
+    }
+
+    #[test]
+    fn a_range_failing_max_attempts_times_is_poisoned_until_the_commit_passes_it() {
+        let mut t = OffsetTracker::with_max_attempts(3);
+        t.assign(tp());
+        let ok = t.register(&tp(), 0, 4).unwrap();
+        t.ack(&ok);
+        for attempt in 1..=3 {
+            assert_eq!(
+                t.poisoned(&tp(), 5),
+                None,
+                "not before attempt {attempt} failed"
+            );
+            let bad = t.register(&tp(), 5, 9).unwrap();
+            assert_eq!(t.nack(&bad, &format!("failure {attempt}")), Some(5));
+            assert_eq!(t.take_rewinds(), vec![(tp(), 5, attempt)]);
+        }
+        let poison = t.poisoned(&tp(), 7).cloned().unwrap();
+        assert_eq!((poison.first, poison.last, poison.attempts), (5, 9, 3));
+        assert_eq!(
+            poison.reason, "failure 3",
+            "the failure that reached the limit"
+        );
+        assert_eq!(t.poisoned(&tp(), 10), None, "only the failed range");
+        assert_eq!(t.poisoned(&tp(), 4), None);
+        // Its dead letters failed: still poisoned, with the first reason.
+        let again = t.register(&tp(), 5, 9).unwrap();
+        t.nack(&again, "dead-lettering failed");
+        assert_eq!(t.poisoned(&tp(), 5).unwrap().reason, "failure 3");
+        t.take_rewinds();
+        // A redelivery cut shorter: the rest of the range stays poisoned.
+        let part = t.register(&tp(), 5, 6).unwrap();
+        assert_eq!(t.ack(&part), Some(7));
+        assert!(t.poisoned(&tp(), 8).is_some());
+        let rest = t.register(&tp(), 7, 12).unwrap();
+        assert_eq!(t.ack(&rest), Some(13));
+        assert_eq!(t.poisoned(&tp(), 8), None, "lifted once committed past");
+    }
+
+    #[test]
+    fn no_limit_never_poisons_and_a_revoke_forgets_the_mark() {
+        let mut t = OffsetTracker::default();
+        t.assign(tp());
+        for _ in 0..50 {
+            let bad = t.register(&tp(), 0, 9).unwrap();
+            t.nack(&bad, "boom");
+            t.take_rewinds();
+        }
+        assert_eq!(
+            t.poisoned(&tp(), 0),
+            None,
+            "max_attempts = 0 retries forever"
+        );
+
+        let mut t = OffsetTracker::with_max_attempts(1);
+        t.assign(tp());
+        let bad = t.register(&tp(), 0, 9).unwrap();
+        t.nack(&bad, "boom");
+        assert!(t.poisoned(&tp(), 0).is_some());
+        t.revoke(&tp());
+        t.assign(tp());
+        assert_eq!(t.poisoned(&tp(), 0), None, "the new ownership counts again");
     }
 
     #[derive(Debug, Clone, Copy, PartialEq)]
@@ -341,7 +464,7 @@ mod tests {
                     if op == 4 {
                         prop_assert_eq!(t.ack(&ticket), None, "a late ack moved the commit point");
                     } else {
-                        prop_assert_eq!(t.nack(&ticket), None, "a late nack rewound");
+                        prop_assert_eq!(t.nack(&ticket, "boom"), None, "a late nack rewound");
                     }
                     continue;
                 }
@@ -360,7 +483,7 @@ mod tests {
                 }
                 let ticket = live.remove(pick % live.len());
                 if op == 3 {
-                    prop_assert!(t.nack(&ticket).is_some());
+                    prop_assert!(t.nack(&ticket, "boom").is_some());
                     stale.push(ticket.clone());
                     stale.extend(live.iter().filter(|l| l.first >= ticket.first).cloned());
                     live.retain(|l| l.first < ticket.first);
