@@ -1,44 +1,49 @@
 //! Ack bookkeeping: what the reader, the ack callbacks and the acker share (entries held,
 //! to acknowledge, to retry; counters and gauges), and the acker task that sends `XACK`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use redis::Value;
 use redis::aio::MultiplexedConnection;
 use rustc_hash::FxHashSet;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::config::{RedisStreamSourceConfig, StateKeys};
+use super::state::{self, Failures};
 use super::{EntryRef, MAX_RECONNECT_BACKOFF, lock};
 use crate::ack::AckOutcome;
 use crate::error::Result;
 use crate::metrics::StageMetrics;
 use crate::redis::{RedisConnection, error};
 
+/// An entry this consumer holds in a batch or a retry, with its failures so far.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    pub(super) entry: EntryRef,
+    pub(super) failures: Failures,
+}
+
 /// A nacked batch's entries, waiting to be delivered again.
 #[derive(Debug)]
 pub(super) struct Retry {
     pub(super) due: Instant,
-    pub(super) entries: Vec<EntryRef>,
+    pub(super) entries: Vec<Held>,
     /// How many times these entries failed in a row: the next wait doubles with it.
     pub(super) attempt: u32,
-    /// Failures that count against the entries: those after which other batches had
-    /// succeeded since the previous failure. When every batch fails (the pipeline's outage,
-    /// not the entries' fault), nothing counts. At `max_deliveries` strikes an entry is
-    /// dead-lettered as poison.
-    pub(super) strikes: u32,
     /// Acked batches at the time of the nack.
     pub(super) successes_at_nack: u64,
 }
 
-/// What a batch's entries carry from their earlier failures into its outcome.
+/// What a batch carries from its entries' earlier attempts into its outcome.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Strikes {
+pub(super) struct History {
+    /// Consecutive failures of these entries, for the backoff.
     pub(super) attempt: u32,
-    pub(super) strikes: u32,
     /// Acked batches when the entries last failed (or were delivered the first time).
     pub(super) successes: u64,
 }
@@ -48,6 +53,12 @@ pub(super) struct Strikes {
 pub(super) struct Shared {
     /// Entries whose batch was acknowledged, waiting for `XACK`.
     pub(super) to_ack: Mutex<Vec<EntryRef>>,
+    /// Failures that counted against entries, with their reason, waiting to be written to
+    /// the attempts hash. Always written before any later `XACK` of the same entry.
+    pub(super) to_count: Mutex<Vec<(EntryRef, Arc<str>)>>,
+    /// Per stream, the acknowledged-through mark the last `XACK` moved to (the durable one
+    /// is in Redis).
+    pub(super) acked_through: Mutex<Vec<Option<String>>>,
     /// Entries of nacked batches and when to deliver them again.
     pub(super) retry: Mutex<Vec<Retry>>,
     /// Entries this consumer holds: in a batch, waiting for a retry, or waiting for `XACK`.
@@ -68,12 +79,16 @@ pub(super) struct Shared {
     pub(super) claimed: AtomicU64,
     pub(super) poison: AtomicU64,
     pub(super) trimmed: AtomicU64,
+    /// Consumer groups found lost (NOGROUP) and created again.
+    pub(super) recreated: AtomicU64,
 }
 
 impl Shared {
-    pub(super) fn new(stage: Arc<StageMetrics>) -> Self {
+    pub(super) fn new(stage: Arc<StageMetrics>, streams: usize) -> Self {
         let shared = Self {
             to_ack: Mutex::default(),
+            to_count: Mutex::default(),
+            acked_through: Mutex::new(vec![None; streams]),
             retry: Mutex::default(),
             owned: Mutex::default(),
             batches_out: AtomicUsize::new(0),
@@ -87,6 +102,7 @@ impl Shared {
             claimed: AtomicU64::new(0),
             poison: AtomicU64::new(0),
             trimmed: AtomicU64::new(0),
+            recreated: AtomicU64::new(0),
         };
         shared.publish();
         shared
@@ -103,27 +119,36 @@ impl Shared {
             .set_gauge("redis_stream_poison_total", &[], get(&self.poison));
         self.stage
             .set_gauge("redis_stream_trimmed_total", &[], get(&self.trimmed));
+        self.stage.set_gauge(
+            "redis_stream_group_recreated_total",
+            &[],
+            get(&self.recreated),
+        );
         let owned = lock(&self.owned).len();
         self.stage
             .set_gauge("redis_stream_in_flight", &[], owned as f64);
     }
 
-    /// The outcome of a batch holding `entries`. The entries are queued (for `XACK` or a
+    /// The outcome of a batch holding `held`. The entries are queued (for `XACK` or a
     /// retry) before the batch stops counting as out, so the acker, which exits when no batch
     /// is out, never misses them.
+    ///
+    /// A nack counts as a failure of the entries only if other batches were acknowledged
+    /// since their previous attempt: when every batch fails (the pipeline's outage, not the
+    /// entries' fault), nothing counts.
     pub(super) fn resolve(
         &self,
-        entries: Vec<EntryRef>,
+        mut held: Vec<Held>,
         outcome: AckOutcome,
         retry_backoff: Duration,
         max_wait: Duration,
-        previous: Strikes,
+        history: History,
     ) {
         match outcome {
             AckOutcome::Acked => {
                 self.failures.store(0, Ordering::Relaxed);
                 self.successes.fetch_add(1, Ordering::Relaxed);
-                lock(&self.to_ack).extend(entries);
+                lock(&self.to_ack).extend(held.into_iter().map(|h| h.entry));
                 self.wake_acker.notify_one();
             }
             AckOutcome::Nacked(reason) => {
@@ -131,20 +156,29 @@ impl Shared {
                 // Per entry, not per batch: a nacked batch redelivered as many one-entry
                 // batches must not push every retry to the maximum wait.
                 let wait = retry_backoff
-                    .saturating_mul(1 << previous.attempt.min(16))
+                    .saturating_mul(1 << history.attempt.min(16))
                     .min(max_wait);
                 let successes = self.successes.load(Ordering::Relaxed);
-                let strike = u32::from(successes > previous.successes);
+                let counts = successes > history.successes;
                 tracing::warn!(
-                    entries = entries.len(),
+                    entries = held.len(),
                     retry_in_ms = wait.as_millis() as u64,
+                    counts_as_failure = counts,
                     "redis streams: batch failed ({reason}); it will be delivered again"
                 );
+                if counts {
+                    let reason: Arc<str> = Arc::from(reason);
+                    let mut to_count = lock(&self.to_count);
+                    for h in &mut held {
+                        h.failures.count += 1;
+                        h.failures.last_error = Some(reason.clone());
+                        to_count.push((h.entry.clone(), reason.clone()));
+                    }
+                }
                 lock(&self.retry).push(Retry {
                     due: Instant::now() + wait,
-                    entries,
-                    attempt: previous.attempt + 1,
-                    strikes: previous.strikes + strike,
+                    entries: held,
+                    attempt: history.attempt + 1,
                     successes_at_nack: successes,
                 });
             }
@@ -155,28 +189,37 @@ impl Shared {
     }
 }
 
-/// Acknowledges entries of acknowledged batches (`XACK`), on its own connection: the reader's
-/// connection spends most of its time in a blocking read.
+/// Acknowledges entries of acknowledged batches (`XACK`, with their failure counts deleted
+/// and the acknowledged-through mark moved) and writes the failures that counted, on its own
+/// connection: the reader's connection spends most of its time in a blocking read.
 pub(super) struct Acker {
     streams: Vec<String>,
+    keys: Vec<StateKeys>,
     group: String,
+    attempts_ttl: Duration,
     connection: RedisConnection,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 }
 
 impl Acker {
-    /// An acker of `streams` in `group`, connecting on its own through `connection`.
+    /// An acker for the streams and group of `config`, connecting on its own through
+    /// `connection`.
     pub(super) fn new(
-        streams: Vec<String>,
-        group: String,
+        config: &RedisStreamSourceConfig,
         connection: RedisConnection,
         shared: Arc<Shared>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
-            streams,
-            group,
+            streams: config.streams.clone(),
+            keys: config
+                .streams
+                .iter()
+                .map(|s| config.state_keys(s))
+                .collect(),
+            group: config.group.clone(),
+            attempts_ttl: config.attempts_ttl,
             connection,
             shared,
             shutdown,
@@ -191,17 +234,20 @@ impl Acker {
         let mut attempts_while_stopping = 0u32;
         loop {
             let stopping = self.shutdown.is_cancelled() || self.shared.reader_done.is_cancelled();
-            let batch = std::mem::take(&mut *lock(&self.shared.to_ack));
-            if !batch.is_empty() {
-                match self.ack(&mut con, &batch).await {
+            // Acks first, then counts: an entry's failure is queued before its later ack, so
+            // every count an ack taken here could follow is taken too, and written first.
+            let acks = std::mem::take(&mut *lock(&self.shared.to_ack));
+            let counts = std::mem::take(&mut *lock(&self.shared.to_count));
+            if !acks.is_empty() || !counts.is_empty() {
+                match self.write(&mut con, &counts, &acks).await {
                     Ok(()) => {
                         backoff = Duration::from_millis(100);
                         self.shared
                             .acked
-                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            .fetch_add(acks.len() as u64, Ordering::Relaxed);
                         {
                             let mut owned = lock(&self.shared.owned);
-                            for e in &batch {
+                            for e in &acks {
                                 owned.remove(e);
                             }
                         }
@@ -212,7 +258,8 @@ impl Acker {
                         // delivered again after a restart (at-least-once), rather than
                         // holding the process forever.
                         tracing::error!(
-                            entries = batch.len(),
+                            entries = acks.len(),
+                            failures = counts.len(),
                             "redis streams: XACK still failing at shutdown, giving up: {e}"
                         );
                         return;
@@ -225,7 +272,8 @@ impl Acker {
                         tracing::warn!("redis streams: XACK failed, retrying: {e}");
                         self.shared.stage.record_error();
                         con = None;
-                        lock(&self.shared.to_ack).extend(batch);
+                        lock(&self.shared.to_ack).extend(acks);
+                        lock(&self.shared.to_count).extend(counts);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
                         continue;
@@ -237,7 +285,7 @@ impl Acker {
                 && self.shared.batches_out.load(Ordering::Acquire) == 0
             {
                 // Every batch is resolved and everything acked is acknowledged.
-                if lock(&self.shared.to_ack).is_empty() {
+                if lock(&self.shared.to_ack).is_empty() && lock(&self.shared.to_count).is_empty() {
                     return;
                 }
                 continue;
@@ -252,10 +300,12 @@ impl Acker {
         }
     }
 
-    async fn ack(
+    /// Writes `counts`, then acknowledges `acks`, in one transaction.
+    async fn write(
         &self,
         con: &mut Option<MultiplexedConnection>,
-        entries: &[EntryRef],
+        counts: &[(EntryRef, Arc<str>)],
+        acks: &[EntryRef],
     ) -> Result<()> {
         if con.is_none() {
             *con = Some(self.connection.connect().await?);
@@ -263,22 +313,44 @@ impl Acker {
         let Some(c) = con.as_mut() else {
             return Ok(());
         };
-        let mut by_stream: HashMap<usize, Vec<&str>> = HashMap::new();
-        for (stream, id) in entries {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut failed: BTreeMap<usize, Vec<(&str, &str)>> = BTreeMap::new();
+        for ((stream, id), reason) in counts {
+            failed
+                .entry(*stream)
+                .or_default()
+                .push((id.as_str(), reason));
+        }
+        for (stream, failed) in &failed {
+            state::add_failures(&mut pipe, &self.keys[*stream], self.attempts_ttl, failed);
+        }
+        let mut by_stream: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+        for (stream, id) in acks {
             by_stream.entry(*stream).or_default().push(id);
         }
-        let mut pipe = redis::pipe();
-        for (stream, ids) in by_stream {
-            for chunk in ids.chunks(1000) {
-                pipe.cmd("XACK")
-                    .arg(&self.streams[stream])
-                    .arg(&self.group)
-                    .arg(chunk)
-                    .ignore();
+        // Which stream each script reply belongs to, in order.
+        let mut replies_of = Vec::new();
+        for (stream, ids) in &by_stream {
+            let calls = state::add_ack(
+                &mut pipe,
+                &self.streams[*stream],
+                &self.group,
+                &self.keys[*stream],
+                ids,
+            );
+            replies_of.extend(std::iter::repeat_n(*stream, calls));
+        }
+        let replies: Vec<Value> = pipe
+            .query_async(c)
+            .await
+            .map_err(|e| error("acknowledging entries", e))?;
+        let mut marks = lock(&self.shared.acked_through);
+        for (stream, reply) in replies_of.into_iter().zip(&replies) {
+            if let Some(mark) = state::parse_ack_mark(reply) {
+                marks[stream] = Some(mark);
             }
         }
-        pipe.query_async::<()>(c)
-            .await
-            .map_err(|e| error("acknowledging entries", e))
+        Ok(())
     }
 }

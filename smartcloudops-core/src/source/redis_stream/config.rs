@@ -18,6 +18,15 @@ pub enum StreamStart {
     Latest,
 }
 
+/// The Redis keys holding what one stream's consumption must keep across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct StateKeys {
+    /// Hash: entry id → failed attempts, and `<id>:error` → the last failure's reason.
+    pub(super) attempts: String,
+    /// String: an id through which every entry of the stream is acknowledged by the group.
+    pub(super) acked: String,
+}
+
 /// Configuration of a [`RedisStreamSource`](super::RedisStreamSource).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,7 +72,13 @@ pub struct RedisStreamSourceConfig {
     /// How often stale pending entries are looked for.
     #[serde(default = "default_claim_interval", with = "humantime_serde")]
     pub claim_interval: Duration,
-    /// Deliveries after which an entry that was never acknowledged is dead-lettered.
+    /// Failed processing attempts after which an entry is dead-lettered (with its record and
+    /// the last failure's reason), then acknowledged. Only failures count, not deliveries: a
+    /// nack of a batch holding the entry counts when other batches were acknowledged since the
+    /// entry's previous attempt (so an outage of the whole pipeline counts nothing). Restarts,
+    /// takeovers of a stopped consumer's entries and reconnections count nothing either. The
+    /// counts are kept in Redis (`<key_prefix>:<stream>:<group>:attempts`), so they survive
+    /// restarts and move with the entry to whichever consumer takes it over.
     #[serde(default = "default_max_deliveries")]
     pub max_deliveries: u32,
     /// First wait before a nacked batch is delivered again.
@@ -75,6 +90,17 @@ pub struct RedisStreamSourceConfig {
     /// Entries in flight (read, not yet acknowledged) before reading pauses.
     #[serde(default = "default_max_unacked")]
     pub max_unacked: usize,
+    /// First part of the keys the source keeps per stream and group:
+    /// `<key_prefix>:<stream>:<group>:attempts` (failed attempts of pending entries) and
+    /// `<key_prefix>:<stream>:<group>:acked` (an id through which every entry is
+    /// acknowledged; a lost group is created again there).
+    #[serde(default = "crate::redis::default_key_prefix")]
+    pub key_prefix: String,
+    /// How long the failure counts outlive the last failure recorded for the stream and
+    /// group. Counts are deleted when their entry is acknowledged; this bounds what entries
+    /// lost with their group would leave behind.
+    #[serde(default = "default_attempts_ttl", with = "humantime_serde")]
+    pub attempts_ttl: Duration,
 }
 
 fn default_field() -> String {
@@ -101,6 +127,9 @@ fn default_retry_backoff() -> Duration {
 fn default_max_unacked() -> usize {
     100_000
 }
+fn default_attempts_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
 
 impl RedisStreamSourceConfig {
     /// A source of `streams` for `group` with defaults.
@@ -123,6 +152,17 @@ impl RedisStreamSourceConfig {
             retry_backoff: default_retry_backoff(),
             dead_letter_stream: None,
             max_unacked: default_max_unacked(),
+            key_prefix: crate::redis::default_key_prefix(),
+            attempts_ttl: default_attempts_ttl(),
+        }
+    }
+
+    /// The keys of the state kept for `stream` and this source's group.
+    pub(super) fn state_keys(&self, stream: &str) -> StateKeys {
+        let base = format!("{}:{stream}:{}", self.key_prefix, self.group);
+        StateKeys {
+            attempts: format!("{base}:attempts"),
+            acked: format!("{base}:acked"),
         }
     }
 
@@ -183,6 +223,18 @@ impl crate::component::ComponentConfig for RedisStreamSourceConfig {
             "block",
             "must be longer than 0 and at most a day",
             "e.g. \"500ms\"",
+        );
+        p.check(
+            !self.key_prefix.is_empty(),
+            "key_prefix",
+            "must not be empty",
+            "e.g. \"smartcloudops\"",
+        );
+        p.check(
+            self.attempts_ttl >= Duration::from_secs(1),
+            "attempts_ttl",
+            "must be at least 1s",
+            "e.g. \"7d\"; longer than the longest outage an entry may wait through",
         );
         p.check(
             !self.claim_interval.is_zero(),

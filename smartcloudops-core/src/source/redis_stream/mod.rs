@@ -34,6 +34,7 @@ mod acker;
 mod config;
 mod reader;
 mod reply;
+mod state;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -73,10 +74,17 @@ impl Source for RedisStreamSource {
         "redis_stream"
     }
 
+    fn replays_unacknowledged(&self) -> bool {
+        true
+    }
+
     fn open(self: Box<Self>, ctx: SourceContext) -> Result<SourceStream> {
         // Fail fast on a bad URL or a missing password; connecting is retried in the tasks.
         self.connection.client()?;
-        let shared = Arc::new(Shared::new(ctx.dead_letters.stage().clone()));
+        let shared = Arc::new(Shared::new(
+            ctx.dead_letters.stage().clone(),
+            self.config.streams.len(),
+        ));
         let (tx, rx) = mpsc::channel(1);
         let consumer = self.config.consumer_name();
         tracing::info!(
@@ -86,8 +94,7 @@ impl Source for RedisStreamSource {
             "redis streams: consuming"
         );
         let acker = Acker::new(
-            self.config.streams.clone(),
-            self.config.group.clone(),
+            &self.config,
             self.connection.clone(),
             shared.clone(),
             ctx.shutdown.clone(),

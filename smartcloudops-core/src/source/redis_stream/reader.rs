@@ -12,9 +12,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::acker::{Retry, Shared, Strikes};
-use super::config::{RedisStreamSourceConfig, StreamStart};
+use super::acker::{Held, History, Retry, Shared};
+use super::config::{RedisStreamSourceConfig, StateKeys, StreamStart};
 use super::reply::{Entry, compare_ids, parse_autoclaim, parse_entries, parse_pending, parse_read};
+use super::state::{self, Failures};
 use super::{MAX_RECONNECT_BACKOFF, MAX_RETRY_BACKOFF, lock};
 use crate::ack::Ack;
 use crate::dead_letter::DeadLetterQueue;
@@ -24,13 +25,20 @@ use crate::redis::{RedisConnection, error};
 use crate::schema::MetricsBatchBuilder;
 use crate::source::SourceBatch;
 
-/// How an entry was obtained, which decides whether its delivery count must be checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How entries were obtained, which decides where their earlier failures come from.
+#[derive(Debug)]
 enum Delivery {
-    /// New to the group (`>`): delivered once.
+    /// New to the group (`>`): no failures yet.
     New,
-    /// Delivered before (claimed, or this consumer's own pending entries).
+    /// Delivered before, by an earlier run or another consumer (this consumer's own pending
+    /// entries at start, or taken over): their failures are read from Redis.
     Again,
+    /// A nacked batch's entries, delivered again by this run: their failures are known here
+    /// (and read from Redis too, in case another account is ahead).
+    Retry {
+        history: History,
+        failures: HashMap<String, Failures>,
+    },
 }
 
 /// The reader's state; runs on its own task (see [`Reader::run`]).
@@ -46,6 +54,8 @@ pub(super) struct Reader {
     tx: mpsc::Sender<Result<SourceBatch>>,
     /// Per stream, where the next `XAUTOCLAIM` scan continues.
     claim_cursors: Vec<String>,
+    /// Per stream, the keys of the state kept beside the group.
+    keys: Vec<StateKeys>,
 }
 
 impl Reader {
@@ -72,6 +82,11 @@ impl Reader {
             shutdown,
             tx,
             claim_cursors: vec!["0-0".to_owned(); config.streams.len()],
+            keys: config
+                .streams
+                .iter()
+                .map(|s| config.state_keys(s))
+                .collect(),
             config,
         }
     }
@@ -89,7 +104,7 @@ impl Reader {
         while !shutdown.is_cancelled() && !tx.is_closed() {
             let step = async {
                 if !recovered {
-                    self.create_groups().await?;
+                    self.ensure_groups().await?;
                     self.recover_own_pending().await?;
                     recovered = true;
                 }
@@ -137,27 +152,103 @@ impl Reader {
         Ok(self.con.as_mut().expect("connected just above"))
     }
 
-    async fn create_groups(&mut self) -> Result<()> {
-        let start = match self.config.start {
-            StreamStart::Earliest => "0",
-            StreamStart::Latest => "$",
-        };
-        let streams = self.config.streams.clone();
+    /// Creates the groups that do not exist yet. A group missing although its stream has an
+    /// acknowledged-through mark was lost while no consumer ran: it starts at the mark, not
+    /// at `start`.
+    async fn ensure_groups(&mut self) -> Result<()> {
+        for stream in 0..self.config.streams.len() {
+            let key = self.keys[stream].acked.clone();
+            let con = self.con().await?;
+            let mark: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(con)
+                .await
+                .map_err(|e| error(format!("reading {key}"), e))?;
+            match mark {
+                Some(mark) => {
+                    let why = "at the acknowledged-through mark kept in Redis";
+                    self.create_group(stream, &mark, Some(why)).await?;
+                }
+                None => {
+                    let start = match self.config.start {
+                        StreamStart::Earliest => "0",
+                        StreamStart::Latest => "$",
+                    };
+                    self.create_group(stream, start, None).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the group of a stream that reported it missing (NOGROUP): Redis lost it, or
+    /// someone deleted it. Never at `$`, which would skip what producers wrote meanwhile; see
+    /// [`state::recreation_start`].
+    async fn recreate_group(&mut self, stream: usize) -> Result<()> {
+        let name = self.config.streams[stream].clone();
+        let mark_key = self.keys[stream].acked.clone();
+        let con = self.con().await?;
+        let (durable, first): (Option<String>, Value) = redis::pipe()
+            .cmd("GET")
+            .arg(&mark_key)
+            .cmd("XRANGE")
+            .arg(&name)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(con)
+            .await
+            .map_err(|e| error(format!("reading where group of {name} was"), e))?;
+        let first = parse_entries(&first, &self.config.field)
+            .into_iter()
+            .next()
+            .map(|e| e.id);
+        let in_memory = lock(&self.shared.acked_through)[stream].clone();
+        let start =
+            state::recreation_start(durable.as_deref(), in_memory.as_deref(), first.as_deref());
+        self.create_group(stream, &start.at, Some(start.why)).await
+    }
+
+    /// `XGROUP CREATE` (with the stream, if missing) after `at`. `recreation` says why, when
+    /// the group existed before: then its creation is logged as an error and counted.
+    async fn create_group(
+        &mut self,
+        stream: usize,
+        at: &str,
+        recreation: Option<&str>,
+    ) -> Result<()> {
+        let name = self.config.streams[stream].clone();
         let group = self.config.group.clone();
         let con = self.con().await?;
-        for stream in &streams {
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(stream)
-                .arg(&group)
-                .arg(start)
-                .arg("MKSTREAM")
-                .query_async(con)
-                .await;
-            match created {
-                Ok(()) => tracing::info!(%stream, %group, start, "redis streams: group created"),
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(error(format!("creating group {group} on {stream}"), e)),
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&name)
+            .arg(&group)
+            .arg(at)
+            .arg("MKSTREAM")
+            .query_async(con)
+            .await;
+        match created {
+            Ok(()) => {}
+            // Another consumer created it first (or it was there all along).
+            Err(e) if e.code() == Some("BUSYGROUP") => return Ok(()),
+            Err(e) => return Err(error(format!("creating group {group} on {name}"), e)),
+        }
+        self.claim_cursors[stream] = "0-0".to_owned();
+        match recreation {
+            None => {
+                tracing::info!(stream = %name, %group, start = at, "redis streams: group created")
+            }
+            Some(why) => {
+                self.shared.recreated.fetch_add(1, Ordering::Relaxed);
+                self.shared.publish();
+                tracing::error!(
+                    stream = %name,
+                    %group,
+                    start = at,
+                    "redis streams: the consumer group was lost (NOGROUP); created again {why}"
+                );
             }
         }
         Ok(())
@@ -177,7 +268,7 @@ impl Reader {
                     entries = entries.len(),
                     "redis streams: delivering this consumer's pending entries again"
                 );
-                self.deliver(stream, entries, Delivery::Again, None).await?;
+                self.deliver(stream, entries, Delivery::Again).await?;
             }
         }
         Ok(())
@@ -209,8 +300,11 @@ impl Reader {
     /// entry fails alone.
     async fn redeliver(&mut self, item: &Retry) -> Result<()> {
         let mut by_stream: HashMap<usize, Vec<String>> = HashMap::new();
-        for (stream, id) in &item.entries {
+        let mut failures: HashMap<(usize, &str), &Failures> = HashMap::new();
+        for held in &item.entries {
+            let (stream, id) = &held.entry;
             by_stream.entry(*stream).or_default().push(id.clone());
+            failures.insert((*stream, id.as_str()), &held.failures);
         }
         for (stream, ids) in by_stream {
             for chunk in ids.chunks(self.config.batch_size.max(1)) {
@@ -232,7 +326,13 @@ impl Reader {
                 let reply = match reply {
                     Ok(v) => v,
                     Err(e) if e.code() == Some("NOGROUP") => {
-                        self.create_groups().await?;
+                        // Lost with the group: not pending any more, and delivered again by
+                        // the group created anew if the stream still has them.
+                        self.recreate_group(stream).await?;
+                        let mut owned = lock(&self.shared.owned);
+                        for id in chunk {
+                            owned.remove(&(stream, id.clone()));
+                        }
                         continue;
                     }
                     Err(e) => return Err(error(format!("claiming entries of {key} again"), e)),
@@ -247,13 +347,18 @@ impl Reader {
                     }
                 }
                 for entry in entries {
-                    let history = Strikes {
-                        attempt: item.attempt,
-                        strikes: item.strikes,
-                        successes: item.successes_at_nack,
+                    let known = failures
+                        .get(&(stream, entry.id.as_str()))
+                        .map(|f| (*f).clone())
+                        .unwrap_or_default();
+                    let how = Delivery::Retry {
+                        history: History {
+                            attempt: item.attempt,
+                            successes: item.successes_at_nack,
+                        },
+                        failures: HashMap::from([(entry.id.clone(), known)]),
                     };
-                    self.deliver(stream, vec![entry], Delivery::Again, Some(history))
-                        .await?;
+                    self.deliver(stream, vec![entry], how).await?;
                 }
             }
         }
@@ -283,7 +388,7 @@ impl Reader {
             let reply: Value = match reply {
                 Ok(v) => v,
                 Err(e) if e.code() == Some("NOGROUP") => {
-                    self.create_groups().await?;
+                    self.recreate_group(stream).await?;
                     continue;
                 }
                 Err(e) => return Err(error(format!("claiming stale entries of {key}"), e)),
@@ -310,7 +415,7 @@ impl Reader {
                     entries = entries.len(),
                     "redis streams: claimed stale pending entries"
                 );
-                self.deliver(stream, entries, Delivery::Again, None).await?;
+                self.deliver(stream, entries, Delivery::Again).await?;
             }
             self.shared.publish();
         }
@@ -329,7 +434,7 @@ impl Reader {
         // pending until claimed. A due retry waits at most `block`.
         let reply = self.xreadgroup(&all, ">", Some(block_ms)).await?;
         for (stream, entries) in reply {
-            self.deliver(stream, entries, Delivery::New, None).await?;
+            self.deliver(stream, entries, Delivery::New).await?;
         }
         Ok(())
     }
@@ -361,8 +466,11 @@ impl Reader {
         let reply: Value = match cmd.query_async(con).await {
             Ok(v) => v,
             Err(e) if e.code() == Some("NOGROUP") => {
-                // The stream or group was deleted under us: create them again.
-                self.create_groups().await?;
+                // The stream or group was lost under us: create them again (a group that
+                // still exists answers BUSYGROUP and stays as it is).
+                for &s in streams {
+                    self.recreate_group(s).await?;
+                }
                 return Ok(Vec::new());
             }
             Err(e) => return Err(error("reading entries", e)),
@@ -377,20 +485,22 @@ impl Reader {
             .collect())
     }
 
-    /// How often each of `ids` has been delivered to this consumer (one `XPENDING` per id,
-    /// pipelined). An id missing from the answer is not pending with this consumer.
-    async fn delivery_counts(
+    /// What Redis knows of earlier attempts at `ids`: how often each was delivered to this
+    /// consumer (one `XPENDING` per id; an id missing from the answer is not pending with
+    /// this consumer), and the failures counted against each (one `HMGET`), in one round trip.
+    async fn earlier_attempts(
         &mut self,
         stream: usize,
         ids: &[&str],
-    ) -> Result<HashMap<String, u64>> {
+    ) -> Result<(HashMap<String, u64>, HashMap<String, Failures>)> {
         if ids.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Default::default());
         }
         let key = self.config.streams[stream].clone();
         let group = self.config.group.clone();
         let consumer = self.consumer.clone();
         let mut pipe = redis::pipe();
+        pipe.add_command(state::read_failures(&self.keys[stream], ids));
         for id in ids {
             pipe.cmd("XPENDING")
                 .arg(&key)
@@ -404,19 +514,19 @@ impl Reader {
         let replies: Vec<Value> = pipe
             .query_async(con)
             .await
-            .map_err(|e| error(format!("reading delivery counts of {key}"), e))?;
-        Ok(replies.iter().flat_map(parse_pending).collect())
+            .map_err(|e| error(format!("reading earlier attempts at entries of {key}"), e))?;
+        let Some((failures, pending)) = replies.split_first() else {
+            return Ok(Default::default());
+        };
+        Ok((
+            pending.iter().flat_map(parse_pending).collect(),
+            state::parse_failures(failures, ids),
+        ))
     }
 
-    /// Decodes `entries` into one batch for the pipeline; dead-letters the undecodable and
-    /// the poison ones.
-    async fn deliver(
-        &mut self,
-        stream: usize,
-        entries: Vec<Entry>,
-        how: Delivery,
-        history: Option<Strikes>,
-    ) -> Result<()> {
+    /// Decodes `entries` into one batch for the pipeline; dead-letters the undecodable ones,
+    /// and the poison ones: those that failed `max_deliveries` times.
+    async fn deliver(&mut self, stream: usize, entries: Vec<Entry>, how: Delivery) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -427,30 +537,45 @@ impl Reader {
                 .map(|e| set.contains(&(stream, e.id.clone())))
                 .collect()
         };
-        let counts = if how == Delivery::Again {
-            let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-            ids.sort_by(|a, b| compare_ids(a, b));
-            self.delivery_counts(stream, &ids).await?
-        } else {
-            HashMap::new()
+        let is_new = matches!(how, Delivery::New);
+        let (deliveries, mut failures, history) = match how {
+            Delivery::New => (HashMap::new(), HashMap::new(), None),
+            Delivery::Again | Delivery::Retry { .. } => {
+                let mut ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+                ids.sort_by(|a, b| compare_ids(a, b));
+                let (deliveries, mut durable) = self.earlier_attempts(stream, &ids).await?;
+                let history = match how {
+                    Delivery::Retry { history, failures } => {
+                        for (id, known) in failures {
+                            let merged = durable.remove(&id).unwrap_or_default().max(known);
+                            durable.insert(id, merged);
+                        }
+                        Some(history)
+                    }
+                    _ => None,
+                };
+                (deliveries, durable, history)
+            }
         };
         let key = self.config.streams[stream].clone();
         let mut builder = MetricsBatchBuilder::with_capacity(entries.len());
         let mut rejects = Vec::new();
-        let mut in_batch = Vec::new();
+        let mut in_batch: Vec<Held> = Vec::new();
         let mut done = Vec::new(); // dead-lettered whole: acknowledged once stored
-        let mut letters: Vec<(String, String, String, u64)> = Vec::new(); // id, reason, raw, deliveries
+        let mut letters: Vec<Letter> = Vec::new();
         for (entry, busy) in entries.into_iter().zip(in_flight) {
             if busy {
                 continue; // this consumer holds it (a batch, a retry, an XACK): no second copy
             }
-            let deliveries = match how {
-                Delivery::New => 1,
-                Delivery::Again => match counts.get(&entry.id) {
+            let delivered = if is_new {
+                1
+            } else {
+                match deliveries.get(&entry.id) {
                     Some(&n) => n,
                     None => continue, // not pending with this consumer any more
-                },
+                }
             };
+            let failed = failures.remove(&entry.id).unwrap_or_default();
             if entry.deleted {
                 // Trimmed from the stream while pending: nothing left to read.
                 self.shared.trimmed.fetch_add(1, Ordering::Relaxed);
@@ -459,32 +584,31 @@ impl Reader {
                 continue;
             }
             let Some(payload) = entry.payload else {
-                letters.push((
-                    entry.id.clone(),
-                    format!("entry has no `{}` field", self.config.field),
-                    String::new(),
-                    deliveries,
-                ));
+                letters.push(Letter {
+                    id: entry.id.clone(),
+                    reason: format!("entry has no `{}` field", self.config.field),
+                    record: String::new(),
+                    deliveries: delivered,
+                    failures: failed.count,
+                });
                 done.push((stream, entry.id));
                 continue;
             };
-            // Retried here: poison after `max_deliveries` strikes. Taken over from a consumer
-            // that stopped (a crash loop, say): poison after `max_deliveries` deliveries.
-            let poison = match history {
-                Some(h) => h.strikes >= self.config.max_deliveries,
-                None => deliveries > u64::from(self.config.max_deliveries),
-            };
-            if poison {
-                letters.push((
-                    entry.id.clone(),
-                    format!(
-                        "delivered {deliveries} times without being acknowledged \
-                         (max_deliveries = {})",
-                        self.config.max_deliveries
+            if failed.count >= self.config.max_deliveries {
+                let last = failed
+                    .last_error
+                    .as_deref()
+                    .unwrap_or("reason not recorded");
+                letters.push(Letter {
+                    id: entry.id.clone(),
+                    reason: format!(
+                        "failed {} times (max_deliveries = {}); last failure: {last}",
+                        failed.count, self.config.max_deliveries
                     ),
-                    String::from_utf8_lossy(&payload).into_owned(),
-                    deliveries,
-                ));
+                    record: String::from_utf8_lossy(&payload).into_owned(),
+                    deliveries: delivered,
+                    failures: failed.count,
+                });
                 self.shared.poison.fetch_add(1, Ordering::Relaxed);
                 done.push((stream, entry.id));
                 continue;
@@ -493,15 +617,19 @@ impl Reader {
             rejects.clear();
             self.decoder.decode(&payload, &mut builder, &mut rejects);
             for r in rejects.drain(..) {
-                letters.push((
-                    format!("{}#{}", entry.id, r.record),
-                    r.reason,
-                    r.raw,
-                    deliveries,
-                ));
+                letters.push(Letter {
+                    id: format!("{}#{}", entry.id, r.record),
+                    reason: r.reason,
+                    record: r.raw,
+                    deliveries: delivered,
+                    failures: failed.count,
+                });
             }
             if builder.len() > rows_before {
-                in_batch.push((stream, entry.id));
+                in_batch.push(Held {
+                    entry: (stream, entry.id),
+                    failures: failed,
+                });
             } else {
                 done.push((stream, entry.id));
             }
@@ -510,12 +638,14 @@ impl Reader {
             // Not stored: nothing of this read may be acknowledged. Deliver it again later.
             tracing::error!("redis streams: dead letters not stored, redelivering: {e}");
             let mut all = in_batch;
-            all.extend(done);
+            all.extend(done.into_iter().map(|entry| Held {
+                entry,
+                failures: Failures::default(),
+            }));
             lock(&self.shared.retry).push(Retry {
                 due: Instant::now() + self.config.retry_backoff,
                 entries: all,
                 attempt: 1,
-                strikes: 0,
                 successes_at_nack: self.shared.successes.load(Ordering::Relaxed),
             });
             return Ok(());
@@ -523,7 +653,7 @@ impl Reader {
         {
             let mut owned = lock(&self.shared.owned);
             owned.extend(done.iter().cloned());
-            owned.extend(in_batch.iter().cloned());
+            owned.extend(in_batch.iter().map(|h| h.entry.clone()));
         }
         if !done.is_empty() {
             lock(&self.shared.to_ack).extend(done);
@@ -538,9 +668,8 @@ impl Reader {
         // A retry comes well before `claim_idle`, so no other consumer (nor this one's
         // XAUTOCLAIM) takes the entries while they wait.
         let max_wait = (self.config.claim_idle / 2).min(MAX_RETRY_BACKOFF);
-        let previous = history.unwrap_or(Strikes {
+        let previous = history.unwrap_or(History {
             attempt: 0,
-            strikes: 0,
             successes: self.shared.successes.load(Ordering::Relaxed),
         });
         let ack = Ack::new(move |outcome| {
@@ -560,39 +689,40 @@ impl Reader {
     }
 
     /// Stores dead letters: in `dead_letter_stream`, or the pipeline's dead-letter output.
-    async fn dead_letter(
-        &mut self,
-        stream: &str,
-        letters: &[(String, String, String, u64)],
-    ) -> Result<()> {
+    async fn dead_letter(&mut self, stream: &str, letters: &[Letter]) -> Result<()> {
         if letters.is_empty() {
             return Ok(());
         }
         let stage = self.dead_letters.stage().name().to_owned();
         let Some(dlq) = self.config.dead_letter_stream.clone() else {
-            for (id, reason, raw, _) in letters {
-                self.dead_letters
-                    .send(format!("{stream}/{id}"), reason.clone(), raw.clone())?;
+            for l in letters {
+                self.dead_letters.send(
+                    format!("{stream}/{}", l.id),
+                    l.reason.clone(),
+                    l.record.clone(),
+                )?;
             }
             return Ok(());
         };
         let mut pipe = redis::pipe();
-        for (id, reason, raw, deliveries) in letters {
+        for l in letters {
             pipe.cmd("XADD")
                 .arg(&dlq)
                 .arg("*")
                 .arg("dlq_reason")
-                .arg(reason)
+                .arg(&l.reason)
                 .arg("dlq_stage")
                 .arg(&stage)
                 .arg("dlq_stream")
                 .arg(stream)
                 .arg("dlq_id")
-                .arg(id)
+                .arg(&l.id)
                 .arg("dlq_deliveries")
-                .arg(*deliveries)
+                .arg(l.deliveries)
+                .arg("dlq_failures")
+                .arg(l.failures)
                 .arg("data")
-                .arg(raw)
+                .arg(&l.record)
                 .ignore();
         }
         let con = self.con().await?;
@@ -604,4 +734,18 @@ impl Reader {
             .record_dead_lettered(letters.len());
         Ok(())
     }
+}
+
+/// A record to dead-letter, whole, with why.
+#[derive(Debug)]
+struct Letter {
+    /// The entry id (`id#record` for one record of a multi-record entry).
+    id: String,
+    reason: String,
+    /// The record as received (lossy UTF-8).
+    record: String,
+    /// Deliveries by Redis's count (informative: restarts and retries raise it).
+    deliveries: u64,
+    /// Failures counted against the entry.
+    failures: u32,
 }
