@@ -5,6 +5,13 @@
 //! keeps scoring (a series whose state could not be loaded starts learning again) and the
 //! failure is logged and counted as an error of the detector stage. Lookups pause for a
 //! while after a failure, so an outage does not add a timeout to every batch.
+//!
+//! A series whose state could not be looked up starts fresh; its fresh state is not saved
+//! over a stored one. Its lookup is retried with each save once the pause is over: a stored
+//! state found then replaces the fresh one, and a series with none stored is saved from
+//! then on. A save the store refuses because another replica stored a newer state
+//! ([`SeriesStateStore::take_rejected`]) drops the stale state, and the next batch of that
+//! series loads the stored one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +20,7 @@ use arrow::array::{Array, UInt64Array};
 use arrow::record_batch::RecordBatch;
 use tokio::time::Instant;
 
+use super::state_flush::StateFlush;
 use crate::detector::{Detector, SeriesStateStore};
 use crate::metrics::StageMetrics;
 use crate::schema::col;
@@ -21,6 +29,8 @@ use crate::schema::col;
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(5);
 /// Longest a load or a save may hold up scoring.
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Series whose failed lookup is retried per save, so one retry stays short.
+const RETRY_LOOKUPS: usize = 10_000;
 
 /// The store and how often to save to it, as configured on the builder.
 #[derive(Debug, Clone)]
@@ -43,6 +53,8 @@ pub(super) struct StateHandoff {
     /// Series whose stored state could not be looked up (the store failed or was paused):
     /// they started fresh, and their fresh state must not overwrite the stored one.
     skipped: rustc_hash::FxHashSet<u64>,
+    /// Revokes asking for a save (see [`StateFlush`]).
+    flush: Arc<StateFlush>,
 }
 
 impl StateHandoff {
@@ -68,12 +80,62 @@ impl StateHandoff {
             loaded: 0,
             saved: 0,
             skipped: rustc_hash::FxHashSet::default(),
+            flush: Arc::default(),
         })
+    }
+
+    /// Where a source's revokes ask for a save of the states that changed.
+    pub(super) fn revoke_listener(&self) -> Arc<StateFlush> {
+        self.flush.clone()
     }
 
     fn publish(&self, stage: &StageMetrics) {
         stage.set_gauge("detector_states_loaded_total", &[], self.loaded as f64);
         stage.set_gauge("detector_states_saved_total", &[], self.saved as f64);
+        stage.set_gauge(
+            "detector_state_writes_rejected_total",
+            &[],
+            self.store.rejected_writes() as f64,
+        );
+    }
+
+    /// Looks up again (some of) the series whose lookup failed: a stored state replaces the
+    /// fresh one; a series with none stored may be saved from now on. A failure keeps them
+    /// waiting (and pauses the store).
+    async fn retry_skipped(&mut self, detector: &mut dyn Detector, stage: &StageMetrics) {
+        let ids: Vec<u64> = self.skipped.iter().copied().take(RETRY_LOOKUPS).collect();
+        let loaded = tokio::time::timeout(STORE_TIMEOUT, self.store.load(&self.namespace, &ids))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::error::Error::Connector {
+                    connector: self.store.name().into(),
+                    message: format!("no answer within {STORE_TIMEOUT:?}"),
+                })
+            });
+        match loaded {
+            Ok(states) => {
+                for id in &ids {
+                    self.skipped.remove(id);
+                }
+                if !states.is_empty() {
+                    let stored: Vec<u64> = states.iter().map(|(id, _)| *id).collect();
+                    detector.forget_series(&stored);
+                    match detector.import_series_states(states) {
+                        Ok(n) => self.loaded += n as u64,
+                        Err(e) => {
+                            stage.record_error();
+                            tracing::warn!("a stored detector state was skipped: {e}");
+                        }
+                    }
+                }
+                tracing::debug!(series = ids.len(), "lookups that had failed retried");
+            }
+            Err(e) => self.failed(
+                stage,
+                "looking up detector states again failed; retrying with the next save",
+                &e,
+            ),
+        }
     }
 
     fn failed(&mut self, stage: &StageMetrics, what: &str, e: &crate::error::Error) {
@@ -154,9 +216,15 @@ impl StateHandoff {
     /// Saves the states that changed since the last save (and any a failed save left).
     pub(super) async fn save(&mut self, detector: &mut dyn Detector, stage: &StageMetrics) {
         self.last_save = Instant::now();
-        let paused = self
+        let mut paused = self
             .paused_until
             .is_some_and(|until| Instant::now() < until);
+        if !paused && !self.skipped.is_empty() {
+            self.retry_skipped(detector, stage).await;
+            paused = self
+                .paused_until
+                .is_some_and(|until| Instant::now() < until);
+        }
         let mut states = match detector.export_changed_series() {
             Ok(states) => states,
             Err(e) => {
@@ -195,7 +263,16 @@ impl StateHandoff {
             });
         match saved {
             Ok(()) => {
-                self.saved += states.len() as u64;
+                let rejected = self.store.take_rejected(&self.namespace);
+                if !rejected.is_empty() {
+                    let dropped = detector.forget_series(&rejected);
+                    tracing::info!(
+                        series = rejected.len(),
+                        dropped,
+                        "detector states older than the stored ones dropped; they are loaded again"
+                    );
+                }
+                self.saved += (states.len() - rejected.len().min(states.len())) as u64;
                 self.publish(stage);
                 tracing::debug!(
                     series = states.len(),

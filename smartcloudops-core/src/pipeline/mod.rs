@@ -33,6 +33,7 @@ mod handoff;
 mod ingest;
 mod options;
 mod run;
+mod state_flush;
 mod transform;
 
 pub use crate::metrics;

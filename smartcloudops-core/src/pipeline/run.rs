@@ -116,6 +116,11 @@ impl Pipeline {
             metrics,
         } = self;
         let handoff = state_store.and_then(|s| StateHandoff::new(s, detector.as_deref()));
+        let mut source = source;
+        if let Some(handoff) = &handoff {
+            // A revoke saves the detector's states before the revoked offsets are committed.
+            source.set_revoke_listener(handoff.revoke_listener());
+        }
         let capacity = options.channel_capacity.max(1);
         let (pending_tx, pending_rx) = mpsc::channel::<Pending>(capacity);
         let (scored_tx, scored_rx) = mpsc::channel::<Scored>(capacity);

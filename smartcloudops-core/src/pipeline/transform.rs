@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use super::builder::SnapshotFile;
 use super::handoff::StateHandoff;
 use super::run::{Pending, Scored, send_with_policy, unsent_reason};
+use super::state_flush::recv_or_flush;
 use super::{PipelineMetrics, StageMetrics, WhenFull};
 use crate::ack::Ack;
 use crate::action::{ActionInput, Alert};
@@ -139,11 +140,11 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
             }
         }
         let next = match next_tick {
-            Some(at) => match tokio::time::timeout_at(at, t.rx.recv()).await {
+            Some(at) => match tokio::time::timeout_at(at, recv_or_flush(t)).await {
                 Ok(next) => next,
                 Err(_) => continue, // time to tick
             },
-            None => t.rx.recv().await,
+            None => recv_or_flush(t).await,
         };
         let Some(Pending { batch, ack, origin }) = next else {
             break;
