@@ -119,6 +119,38 @@ impl Ack {
         self.resolved = true;
     }
 
+    /// One acknowledgement standing for several batches' (a window's rows come from many):
+    /// its outcome, once all its shares are resolved, is passed on to each of `acks`.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use smartcloudops_core::ack::{Ack, AckOutcome};
+    ///
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let batch = |i: u32| {
+    ///     let sink = seen.clone();
+    ///     Ack::new(move |outcome| sink.lock().unwrap().push((i, outcome)))
+    /// };
+    /// let window = Ack::all(vec![batch(1), batch(2)]);
+    /// window.ack();
+    /// assert_eq!(*seen.lock().unwrap(), vec![(1, AckOutcome::Acked), (2, AckOutcome::Acked)]);
+    /// ```
+    pub fn all(acks: Vec<Ack>) -> Ack {
+        let mut acks = acks;
+        match acks.len() {
+            0 => Ack::none(),
+            1 => acks.pop().unwrap_or_else(Ack::none),
+            _ => Ack::new(move |outcome| match outcome {
+                AckOutcome::Acked => acks.into_iter().for_each(Ack::ack),
+                AckOutcome::Nacked(reason) => {
+                    for ack in acks {
+                        ack.nack(reason.clone());
+                    }
+                }
+            }),
+        }
+    }
+
     /// Resolves this share from a result: `Ok` acks, `Err` nacks with the error's message.
     pub fn resolve<T, E: fmt::Display>(self, result: &Result<T, E>) {
         match result {
@@ -195,6 +227,33 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 1);
         assert!(!seen[0].is_acked());
+    }
+
+    #[test]
+    fn all_passes_its_outcome_to_every_batch() {
+        let (first, first_seen) = recorder();
+        let (second, second_seen) = recorder();
+        let joined = Ack::all(vec![first, second]);
+        let share = joined.share();
+        joined.ack();
+        assert!(
+            first_seen.lock().unwrap().is_empty(),
+            "a share is still out"
+        );
+        share.nack("503");
+        assert_eq!(
+            *first_seen.lock().unwrap(),
+            vec![AckOutcome::Nacked("503".into())]
+        );
+        assert_eq!(
+            *second_seen.lock().unwrap(),
+            vec![AckOutcome::Nacked("503".into())]
+        );
+
+        let (only, only_seen) = recorder();
+        Ack::all(vec![only]).ack();
+        assert_eq!(*only_seen.lock().unwrap(), vec![AckOutcome::Acked]);
+        Ack::all(Vec::new()).ack(); // nothing to pass on
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! shutdown. The transform and action tasks are in their own modules.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
@@ -15,7 +16,7 @@ use super::actions::action_task;
 use super::builder::Parts;
 use super::handoff::StateHandoff;
 use super::ingest::accepted_rows;
-use super::transform::{TransformTask, transform_task};
+use super::transform::{AckHolding, TransformTask, transform_task};
 use super::{Pipeline, PipelineMetrics, RunReport, StageMetrics, WhenFull};
 use crate::ack::{Ack, AckOutcome};
 use crate::action::ActionInput;
@@ -133,7 +134,11 @@ impl Pipeline {
             tasks: background.clone(),
         };
         let refused = ctx.dead_letters.clone();
+        let replays = source.replays_unacknowledged();
         let stream = source.open(ctx)?;
+        // Set when the source's input ended (not a shutdown, not an error): windows still open
+        // are emitted then, and acknowledged.
+        let input_ended = Arc::new(AtomicBool::new(false));
 
         // The first stage after the source owns the source→transform queue's depth gauge.
         let transform_stage = stages
@@ -161,6 +166,7 @@ impl Pipeline {
                 Ingest {
                     timestamps,
                     refused,
+                    ended: input_ended.clone(),
                 },
                 pending_tx,
                 shutdown.clone(),
@@ -198,6 +204,12 @@ impl Pipeline {
             queue_stage: transform_stage,
             action_queue_stage: action_queue_stage.clone(),
             metrics: metrics.clone(),
+            holding: AckHolding {
+                replays,
+                state_dir: options.state_dir.clone(),
+                input_ended,
+            },
+            held: Vec::new(),
         }));
         tasks.spawn(action_task(
             scored_rx,
@@ -276,11 +288,13 @@ impl Pipeline {
     }
 }
 
-/// What the source task checks each batch against, and where refused rows go (on behalf
-/// of the source's stage, whose metrics it carries).
+/// What the source task checks each batch against, where refused rows go (on behalf of the
+/// source's stage, whose metrics it carries), and where it says that the input ended.
 struct Ingest {
     timestamps: TimestampPolicy,
     refused: DeadLetterQueue,
+    /// Set when the source's stream ended on its own (not at a shutdown or an error).
+    ended: Arc<AtomicBool>,
 }
 
 async fn source_task(
@@ -301,7 +315,12 @@ async fn source_task(
             next = stream.next() => next,
         };
         let source_batch = match next {
-            None => break,
+            None => {
+                ingest
+                    .ended
+                    .store(!shutdown.is_cancelled(), Ordering::SeqCst);
+                break;
+            }
             Some(Err(e)) => {
                 stage.record_error();
                 return Err(e);

@@ -1,7 +1,20 @@
 //! The transform task: preps, the detector and alerts, between the source's queue and the
 //! actions' queue; detector snapshots and state handoff; rows preps hold back.
+//!
+//! **Held acknowledgements.** A prep that retains rows (open windows) would otherwise let its
+//! input be acknowledged as soon as the rows entered a window, and a crash would lose the
+//! window. When the source replays what was not acknowledged, each input batch's
+//! acknowledgement is held, in order, until the stage reports that no open window holds rows
+//! of it ([`Prep::oldest_retained_input`]); the acknowledgements it releases are joined
+//! ([`Ack::all`]) into the acknowledgement of the batch the stage emits, which the actions
+//! resolve. At a shutdown (or a failed source) the open windows are not emitted and their
+//! held acknowledgements are nacked, so the source delivers their rows again after a
+//! restart; only at the end of a finite input are they emitted and acknowledged.
 
+use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
@@ -43,6 +56,60 @@ pub(super) struct TransformTask {
     pub(super) last_stage: Arc<StageMetrics>,
     pub(super) action_queue_stage: Arc<StageMetrics>,
     pub(super) metrics: Arc<PipelineMetrics>,
+    pub(super) holding: AckHolding,
+    /// Per prep, the acknowledgements it holds; filled in when the task starts.
+    pub(super) held: Vec<Option<HeldAcks>>,
+}
+
+/// Whether acknowledgements of rows in open windows are held, and what decides their fate
+/// when the pipeline stops.
+pub(super) struct AckHolding {
+    /// The source delivers again what was not acknowledged: hold them.
+    pub(super) replays: bool,
+    /// The pipeline's durable state directory, for the stages that hold rows.
+    pub(super) state_dir: PathBuf,
+    /// Set by the source task when the input ended (rather than a shutdown or an error).
+    pub(super) input_ended: Arc<AtomicBool>,
+}
+
+/// The acknowledgements of the input batches of one prep whose rows it may still hold, in
+/// the order of its inputs.
+#[derive(Debug, Default)]
+pub(super) struct HeldAcks {
+    /// The position of the stage's next input.
+    next: u64,
+    acks: VecDeque<(u64, Ack)>,
+}
+
+impl HeldAcks {
+    /// Holds the acknowledgement of the input the stage is given now.
+    fn hold(&mut self, ack: Ack) {
+        self.acks.push_back((self.next, ack));
+        self.next += 1;
+    }
+
+    /// The acknowledgements of every input before `oldest` (all when `None`), as one.
+    fn release(&mut self, oldest: Option<u64>) -> Ack {
+        let mut released = Vec::new();
+        while let Some((position, _)) = self.acks.front() {
+            if oldest.is_some_and(|oldest| *position >= oldest) {
+                break;
+            }
+            if let Some((_, ack)) = self.acks.pop_front() {
+                released.push(ack);
+            }
+        }
+        Ack::all(released)
+    }
+
+    /// Nacks every held acknowledgement: their rows were not emitted.
+    fn abandon(&mut self, reason: &str) -> usize {
+        let count = self.acks.len();
+        for (_, ack) in self.acks.drain(..) {
+            ack.nack(reason);
+        }
+        count
+    }
 }
 
 /// A prep or the detector failed on a batch; the batch goes to the dead-letter output.
@@ -60,6 +127,15 @@ impl StageFailure {
 }
 
 pub(super) async fn transform_task(mut t: TransformTask) -> Result<()> {
+    t.held = Vec::with_capacity(t.preps.len());
+    for (prep, stage) in &mut t.preps {
+        let holds = t.holding.replays && prep.retains_rows();
+        if holds {
+            prep.acks_held(&t.holding.state_dir)
+                .inspect_err(|_| stage.record_error())?;
+        }
+        t.held.push(holds.then(HeldAcks::default));
+    }
     let result = transform_loop(&mut t).await;
     // At shutdown, whatever ended the loop: the state learned so far is worth keeping.
     save_snapshot(&mut t);
@@ -166,9 +242,9 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
         {
             handoff.save(detector.as_mut(), stage).await;
         }
-        let batch = match run_preps(t, batch) {
-            Ok(batch) => batch,
-            Err(failure) => {
+        let (batch, ack) = match run_preps(t, 0, batch, ack) {
+            Ok(passed) => passed,
+            Err((failure, ack)) => {
                 failure.dead_letter(&t.dead_letters, ack);
                 continue;
             }
@@ -177,8 +253,33 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
             break;
         }
     }
-    release_held(t, Held::Flush).await;
+    if !t.holding.replays || t.holding.input_ended.load(Ordering::SeqCst) {
+        release_held(t, Held::Flush).await;
+    } else {
+        abandon_held(t);
+    }
     Ok(())
+}
+
+/// At a shutdown (or a failed source) with acknowledgements held: the open windows are not
+/// emitted, and the batches whose rows they hold are nacked, so the source delivers them
+/// again after a restart and the windows are rebuilt whole.
+fn abandon_held(t: &mut TransformTask) {
+    for ((_, stage), held) in t.preps.iter().zip(&mut t.held) {
+        let Some(held) = held else {
+            continue;
+        };
+        let batches = held.abandon(
+            "stopped while its rows were in open windows: delivered again after a restart",
+        );
+        if batches > 0 {
+            tracing::info!(
+                stage = stage.name(),
+                batches,
+                "open windows not emitted at shutdown; their input is left unacknowledged"
+            );
+        }
+    }
 }
 
 /// Runs the detector on a batch that went through the preps and hands it to the actions.
@@ -249,60 +350,55 @@ enum Held {
 }
 
 /// Rows preps held back (open windows) go through the rest of the pipeline: at the end of the
-/// input, or on a tick while the source is quiet. Their input batches were acknowledged
-/// already, so these carry no ack. Returns false once the action stage is gone.
+/// input, or on a tick while the source is quiet. They carry the acknowledgements of the input
+/// batches the stage let go of (held ones; none when the source does not replay). Returns
+/// false once the action stage is gone.
 async fn release_held(t: &mut TransformTask, why: Held) -> bool {
     for i in 0..t.preps.len() {
-        let flushed = {
+        let (released, ack) = {
             let (prep, stage) = &mut t.preps[i];
             let released = match why {
                 Held::Flush => prep.flush(),
                 Held::Tick => prep.tick(),
             };
+            let ack = match &mut t.held[i] {
+                Some(held) => held.release(prep.oldest_retained_input()),
+                None => Ack::none(),
+            };
             match released {
                 Ok(Some(batch)) if batch.num_rows() > 0 => {
                     stage.record_out(batch.num_rows(), Duration::ZERO);
-                    batch
+                    (batch, ack)
                 }
-                Ok(_) => continue,
+                Ok(_) => {
+                    // Nothing emitted: the inputs let go of had only rows already emitted.
+                    ack.ack();
+                    continue;
+                }
                 Err(e) => {
                     stage.record_error();
                     tracing::error!(stage = stage.name(), "flushing held rows failed: {e}");
+                    ack.nack(format!("flushing held rows failed: {e}"));
                     continue;
                 }
             }
         };
-        let mut batch = flushed;
-        let mut failed = None;
         // The released rows go through the later stages as any batch does (counted in and
         // out, timed); on a failure the input of the failing stage is dead-lettered.
-        for (prep, stage) in &mut t.preps[i + 1..] {
-            match run_stage(stage, batch.clone(), |b| prep.process(b)) {
-                Ok(out) => {
-                    if let Err(error) = dead_letter_rejected(&t.dead_letters, prep.as_mut(), stage)
-                    {
-                        failed = Some((stage.clone(), error));
-                        break;
-                    }
-                    batch = out;
-                }
-                Err(f) => {
-                    failed = Some((f.stage, f.error));
-                    break;
-                }
+        let (batch, ack) = match run_preps(t, i + 1, released, ack) {
+            Ok(passed) => passed,
+            Err((failure, ack)) => {
+                failure.dead_letter(&t.dead_letters, ack);
+                continue;
             }
-        }
-        if let Some((stage, error)) = failed {
-            dead_letter_batch(&t.dead_letters, &stage, &batch, &error, Ack::none());
-            continue;
-        }
+        };
         // Rows of many input batches: the source is known, the senders are not.
         let origin = Origin {
             source: t.source_name.clone(),
             via: Some(format!("released by {}", t.preps[i].1.name())),
             ..Origin::default()
         };
-        if !score_and_send(t, batch, Ack::none(), origin).await {
+        if !score_and_send(t, batch, ack, origin).await {
             return false;
         }
     }
@@ -358,23 +454,42 @@ fn run_stage(
     }
 }
 
-fn run_preps(t: &mut TransformTask, mut batch: RecordBatch) -> Result<RecordBatch, StageFailure> {
-    for (prep, stage) in &mut t.preps {
+/// Runs the preps from the `from`-th on `batch`. A prep that retains rows holds the batch's
+/// acknowledgement and passes on those it let go of; on a failure, the acknowledgement to
+/// resolve comes back with the batch to dead-letter.
+#[allow(clippy::result_large_err)]
+fn run_preps(
+    t: &mut TransformTask,
+    from: usize,
+    mut batch: RecordBatch,
+    mut ack: Ack,
+) -> Result<(RecordBatch, Ack), (StageFailure, Ack)> {
+    for ((prep, stage), held) in t.preps.iter_mut().zip(&mut t.held).skip(from) {
         // A cheap copy (shared arrays): the input is what gets dead-lettered if the rows the
         // prep set aside cannot be.
-        let out = run_stage(stage, batch.clone(), |b| prep.process(b))?;
+        let processed = run_stage(stage, batch.clone(), |b| prep.process(b));
+        if let Some(held) = held {
+            // Held even when the stage failed: rows before the failing one may be in windows.
+            held.hold(ack);
+            ack = held.release(prep.oldest_retained_input());
+        }
+        let out = match processed {
+            Ok(out) => out,
+            Err(failure) => return Err((failure, ack)),
+        };
         // Rows set aside go to the dead-letter output before the batch can be acked; if that
         // output fails, the whole batch fails (and is nacked if it fails too).
         if let Err(error) = dead_letter_rejected(&t.dead_letters, prep.as_mut(), stage) {
-            return Err(StageFailure {
+            let failure = StageFailure {
                 stage: stage.clone(),
                 batch,
                 error,
-            });
+            };
+            return Err((failure, ack));
         }
         batch = out;
     }
-    Ok(batch)
+    Ok((batch, ack))
 }
 
 fn run_detector(t: &mut TransformTask, batch: RecordBatch) -> Result<RecordBatch, StageFailure> {

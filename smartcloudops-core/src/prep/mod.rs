@@ -60,6 +60,35 @@ pub trait Prep: Send + fmt::Debug {
         None
     }
 
+    /// Whether rows of a batch can stay in the stage after [`process`](Self::process)
+    /// returned (open windows). For such a stage, when the source replays what was not
+    /// acknowledged (Kafka, Redis Streams), the pipeline holds each input batch's
+    /// acknowledgement until [`oldest_retained_input`](Self::oldest_retained_input) says the
+    /// stage let go of all its rows, then attaches it to the batch that carries them on; a
+    /// crash thus loses no row that waited in the stage. By default a stage retains nothing.
+    fn retains_rows(&self) -> bool {
+        false
+    }
+
+    /// For a stage that [retains rows](Self::retains_rows): the position (counting the calls
+    /// of [`process`](Self::process) from 0, failed ones included) of the oldest input batch
+    /// some of whose rows the stage still holds; `None` when it holds none. Every input
+    /// before it is released, so the acknowledgements are released in order, as the sources
+    /// commit them.
+    fn oldest_retained_input(&self) -> Option<u64> {
+        None
+    }
+
+    /// Called once, before the first batch, when the pipeline holds the acknowledgements of
+    /// the rows this stage [retains](Self::retains_rows). The stage then bounds what it holds
+    /// back (its source stops reading at its own limit of unacknowledged input, and must not
+    /// wait forever on rows the stage keeps); `state_dir` is the pipeline's directory of
+    /// durable state, for what the stage needs to survive a restart.
+    fn acks_held(&mut self, state_dir: &std::path::Path) -> Result<()> {
+        let _ = state_dir;
+        Ok(())
+    }
+
     /// How often the pipeline calls [`tick`](Self::tick) while no batch arrives; `None` (the
     /// default) for stages that never release rows on their own.
     fn tick_interval(&self) -> Option<Duration> {

@@ -24,6 +24,36 @@
 //!   series' watermark moves on with the wall clock ([`Prep::tick`]), so the last windows of
 //!   a source gone quiet close without waiting for its next row.
 //! - At the end of the input, every open window is emitted ([`Prep::flush`]).
+//! - **Acknowledgements are held until the windows are emitted** (when the source replays
+//!   what was not acknowledged: Kafka, Redis Streams). Each window knows the input batch
+//!   that opened it; an input batch's acknowledgement waits until every window opened by it
+//!   or by an earlier batch was emitted ([`Prep::oldest_retained_input`]), then rides with
+//!   the emitted rows through the actions. Released in order, acknowledgements match the
+//!   sources' contiguous commits: after a crash the source delivers again from the oldest
+//!   batch with rows in an open window, and the open windows are rebuilt from their rows.
+//!   Chosen over snapshots of the windows, which would need the sources' positions stored
+//!   with them to avoid counting replayed rows twice. Late rows and dead-lettered rows hold
+//!   nothing: their batch is acknowledged as soon as the batches before it are.
+//!   - *Bounds.* The rows waiting are bounded by `max_held_rows`: past it, the windows the
+//!     oldest waiting batch opened are emitted early with the rows they have (counted,
+//!     [`WindowPrep::early_windows`], and logged); their later rows open them again. A source
+//!     stops reading at its own limit (`max_unacked` for Kafka and Redis Streams, 100 000 by
+//!     default): keep `max_held_rows` below it, with room for the batches in the pipeline's
+//!     queues, or the source would wait for acknowledgements that wait for its rows. Redis
+//!     Streams' `claim_idle` must outlast a window too, or another consumer takes its
+//!     entries over.
+//!   - *Shutdown.* Open windows are not emitted at a shutdown; their batches are nacked and
+//!     delivered again after the restart. Only at the end of a finite input are they emitted
+//!     and acknowledged.
+//!   - *After a crash*, a window emitted before it may hold rows of the batches delivered
+//!     again (a batch holds the last rows of one window and the first of the next): those
+//!     rows come out again as a second, partial emission of that window. Nothing is lost;
+//!     a replay whose batches do not straddle window ends (one batch per scrape round, say)
+//!     emits exactly the windows of an uninterrupted run.
+//!   - *Rebalance.* A revoked partition's offsets stay uncommitted while its rows wait in
+//!     open windows, so the new owner reads them again and emits whole windows. The old
+//!     owner still emits those windows when they close, with the rows it had: a window
+//!     cannot give back the rows of one partition.
 //! - **State** is bounded: a series is forgotten at the round after its last window closed
 //!   (a new row brings it back), and a row opens at most `size / slide` windows.
 //! - **Event-time arithmetic** cannot overflow: window bounds are computed in `i128` and
@@ -150,6 +180,18 @@ pub struct WindowConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub idle_timeout: Option<Duration>,
+    /// When the pipeline holds acknowledgements (a source that replays what was not
+    /// acknowledged: Kafka, Redis Streams), at most this many input rows may wait in open
+    /// windows for their acknowledgement; past it the oldest windows are emitted early, with
+    /// the rows they have, and counted ([`WindowPrep::early_windows`], and a warning); their
+    /// later rows open them again. Keep it below the source's `max_unacked`,
+    /// which otherwise stops reading while the windows wait for rows it will not read.
+    #[serde(default = "default_max_held_rows")]
+    pub max_held_rows: usize,
+}
+
+fn default_max_held_rows() -> usize {
+    50_000
 }
 
 fn default_aggregations() -> Vec<Aggregation> {
@@ -167,6 +209,7 @@ impl WindowConfig {
             allowed_lateness: Duration::ZERO,
             late: LatePolicy::Drop,
             idle_timeout: None,
+            max_held_rows: default_max_held_rows(),
         }
     }
 
@@ -191,6 +234,9 @@ impl WindowConfig {
             .is_some_and(|t| t < Duration::from_millis(10))
         {
             out.push("idle_timeout", "must be at least 10ms");
+        }
+        if self.max_held_rows == 0 {
+            out.push("max_held_rows", "must be at least 1");
         }
         out
     }
@@ -235,6 +281,9 @@ pub struct ResampleConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub idle_timeout: Option<Duration>,
+    /// As for windows.
+    #[serde(default = "default_max_held_rows")]
+    pub max_held_rows: usize,
 }
 
 fn default_max_fill() -> u32 {
@@ -254,6 +303,7 @@ impl ResampleConfig {
             fill: FillPolicy::None,
             max_fill: default_max_fill(),
             idle_timeout: None,
+            max_held_rows: default_max_held_rows(),
         }
     }
 }
@@ -271,6 +321,10 @@ pub enum FillPolicy {
 
 #[derive(Debug, Default, Clone)]
 struct Acc {
+    /// The input (its position among the batches given to `process`) that opened the window:
+    /// the pipeline holds that input's acknowledgement, and every later one's, until the
+    /// window is emitted.
+    first_input: u64,
     count: u64,
     sum: f64,
     min: f64,
@@ -280,6 +334,13 @@ struct Acc {
 }
 
 impl Acc {
+    fn opened_by(first_input: u64) -> Self {
+        Self {
+            first_input,
+            ..Self::default()
+        }
+    }
+
     fn add(&mut self, ts: i64, v: f64, keep_values: bool) {
         if self.count == 0 {
             self.min = v;
@@ -328,6 +389,7 @@ pub struct WindowPrep {
     ooo: i64,
     lateness: i64,
     late: LatePolicy,
+    max_held_rows: usize,
     /// Resample: keep the metric name and stamp rows at the window start.
     resample: bool,
     keep_values: bool,
@@ -350,6 +412,24 @@ pub struct WindowPrep {
     max_fill: i64,
     last_step: HashMap<u64, (i64, f64)>,
     idle: Option<Idle>,
+    /// Inputs given to `process` so far: the next one's position.
+    inputs: u64,
+    /// Open windows by the input that opened them: the first key is the oldest input of
+    /// which the stage holds rows ([`Prep::oldest_retained_input`]).
+    open_by_input: BTreeMap<u64, usize>,
+    /// Set once the pipeline holds acknowledgements for this stage ([`Prep::acks_held`]).
+    held: Option<HeldInputs>,
+}
+
+/// The inputs whose acknowledgements the pipeline holds for this stage, and the bound on
+/// their rows.
+#[derive(Debug)]
+struct HeldInputs {
+    max_rows: usize,
+    /// Position and row count of each input not yet released, oldest first.
+    inputs: std::collections::VecDeque<(u64, usize)>,
+    rows: usize,
+    early_windows: u64,
 }
 
 /// One series: its open windows, output names and event time.
@@ -440,6 +520,17 @@ fn ms(d: Duration) -> i64 {
 /// A closed window of one series, ready to be emitted.
 type Closed = (i64, u64, Acc);
 
+/// A window opened by the input at `first_input` was closed.
+fn window_left(open_by_input: &mut BTreeMap<u64, usize>, first_input: u64) {
+    if let std::collections::btree_map::Entry::Occupied(mut open) = open_by_input.entry(first_input)
+    {
+        *open.get_mut() -= 1;
+        if *open.get() == 0 {
+            open.remove();
+        }
+    }
+}
+
 impl WindowPrep {
     /// Windows as configured.
     pub fn new(config: &WindowConfig) -> Result<Self> {
@@ -474,6 +565,10 @@ impl WindowPrep {
                 quiet_since: std::time::Instant::now(),
                 advanced_to: std::time::Instant::now(),
             }),
+            inputs: 0,
+            open_by_input: BTreeMap::new(),
+            held: None,
+            max_held_rows: config.max_held_rows,
         })
     }
 
@@ -488,6 +583,7 @@ impl WindowPrep {
         let mut w = Self::new(&WindowConfig {
             max_out_of_orderness: config.max_out_of_orderness,
             idle_timeout: config.idle_timeout,
+            max_held_rows: config.max_held_rows,
             aggregations: vec![match config.method {
                 ResampleMethod::Last => Aggregation::Last,
                 ResampleMethod::Mean => Aggregation::Avg,
@@ -510,6 +606,19 @@ impl WindowPrep {
     /// holding them can be represented; dropped.
     pub fn out_of_range_rows(&self) -> u64 {
         self.out_of_range_rows
+    }
+
+    /// Windows emitted before their watermark closed them because the rows waiting for
+    /// acknowledgement reached `max_held_rows` (each with the rows it had; the window's later
+    /// rows come out again when it closes).
+    pub fn early_windows(&self) -> u64 {
+        self.held.as_ref().map_or(0, |h| h.early_windows)
+    }
+
+    /// Input rows whose acknowledgement waits for an open window of this stage (0 unless the
+    /// pipeline holds acknowledgements).
+    pub fn held_rows(&self) -> usize {
+        self.held.as_ref().map_or(0, |h| h.rows)
     }
 
     /// Series the stage keeps names for: those with an open window, and until the next
@@ -542,7 +651,80 @@ impl WindowPrep {
             Err(_) => BTreeMap::new(), // past the end of time: all closed
         };
         let closed = std::mem::replace(&mut state.windows, still_open);
+        for acc in closed.values() {
+            window_left(&mut self.open_by_input, acc.first_input);
+        }
         out.extend(closed.into_iter().map(|(start, acc)| (start, series, acc)));
+    }
+
+    /// Records the input of `rows` rows at `position` as held, lets go of the inputs no open
+    /// window holds rows of, and, while more than `max_held_rows` rows are held, closes the
+    /// windows opened by the oldest held input (they go to `out`, emitted early).
+    fn hold_input(&mut self, position: u64, rows: usize, out: &mut Vec<Closed>) {
+        let Some(held) = self.held.as_mut() else {
+            return;
+        };
+        held.inputs.push_back((position, rows));
+        held.rows = held.rows.saturating_add(rows);
+        loop {
+            self.release_inputs();
+            let Some(held) = self.held.as_ref() else {
+                return;
+            };
+            let Some(&oldest) = self.open_by_input.keys().next() else {
+                return;
+            };
+            if held.rows <= held.max_rows {
+                return;
+            }
+            // The windows the oldest input opened are emitted now, with the rows they have:
+            // later rows of the same windows open them again, to be emitted in turn.
+            let before = out.len();
+            for (id, state) in &mut self.series {
+                let early: Vec<i64> = state
+                    .windows
+                    .iter()
+                    .filter(|(_, acc)| acc.first_input == oldest)
+                    .map(|(start, _)| *start)
+                    .collect();
+                for start in early {
+                    if let Some(acc) = state.windows.remove(&start) {
+                        window_left(&mut self.open_by_input, acc.first_input);
+                        out.push((start, *id, acc));
+                    }
+                }
+            }
+            let emitted = (out.len() - before) as u64;
+            if let Some(held) = self.held.as_mut() {
+                held.early_windows += emitted;
+                tracing::warn!(
+                    stage = %self.name,
+                    windows = emitted,
+                    held_rows = held.rows,
+                    max_held_rows = held.max_rows,
+                    "windows emitted early: too many input rows wait for their acknowledgement \
+                     (raise max_held_rows and the source's max_unacked, or shorten the window)"
+                );
+            }
+            if emitted == 0 {
+                return; // cannot happen (the oldest input opened a window); never spin
+            }
+        }
+    }
+
+    /// Forgets the held inputs older than every open window's first input.
+    fn release_inputs(&mut self) {
+        let oldest = self.open_by_input.keys().next().copied();
+        let Some(held) = self.held.as_mut() else {
+            return;
+        };
+        while let Some(&(position, rows)) = held.inputs.front() {
+            if oldest.is_some_and(|oldest| position >= oldest) {
+                break;
+            }
+            held.inputs.pop_front();
+            held.rows = held.rows.saturating_sub(rows);
+        }
     }
 
     /// Once there were as many rows as series since the last one: the stage watermark
@@ -666,6 +848,8 @@ impl Prep for WindowPrep {
     }
 
     fn process(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let position = self.inputs;
+        self.inputs += 1;
         let stage = format!("prep:{}", self.name);
         let cols = MetricsColumns::try_new(batch, &stage)?;
         let (size, slide) = (i128::from(self.size), i128::from(self.slide));
@@ -737,10 +921,14 @@ impl Prep for WindowPrep {
                 let open = start.saturating_add(self.size) > ts
                     && i128::from(start) + size + i128::from(self.lateness) > i128::from(watermark);
                 if open {
+                    let open_by_input = &mut self.open_by_input;
                     state
                         .windows
                         .entry(start)
-                        .or_default()
+                        .or_insert_with(|| {
+                            *open_by_input.entry(position).or_default() += 1;
+                            Acc::opened_by(position)
+                        })
                         .add(ts, value, self.keep_values);
                 }
             }
@@ -766,11 +954,30 @@ impl Prep for WindowPrep {
         if round {
             self.round(&mut closed);
         }
+        self.hold_input(position, batch.num_rows(), &mut closed);
         let out = self.emit(closed)?;
         if round {
             self.forget_closed_series();
         }
         Ok(out)
+    }
+
+    fn retains_rows(&self) -> bool {
+        true
+    }
+
+    fn oldest_retained_input(&self) -> Option<u64> {
+        self.open_by_input.keys().next().copied()
+    }
+
+    fn acks_held(&mut self, _state_dir: &std::path::Path) -> Result<()> {
+        self.held.get_or_insert_with(|| HeldInputs {
+            max_rows: self.max_held_rows,
+            inputs: std::collections::VecDeque::new(),
+            rows: 0,
+            early_windows: 0,
+        });
+        Ok(())
     }
 
     fn take_rejected(&mut self) -> Option<(RecordBatch, String)> {
@@ -815,12 +1022,15 @@ impl Prep for WindowPrep {
         for series in ids {
             self.close_series(series, &mut closed);
         }
+        self.release_inputs();
         let batch = self.emit(closed)?;
         self.forget_closed_series();
         Ok((batch.num_rows() > 0).then_some(batch))
     }
 
     fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        self.open_by_input.clear();
+        self.release_inputs();
         let closed: Vec<Closed> = self
             .series
             .iter_mut()
@@ -860,6 +1070,7 @@ impl ComponentConfig for ResampleConfig {
         // Resampling is a tumbling window of `step`: the same checks, under its own names.
         let window = WindowConfig {
             idle_timeout: self.idle_timeout,
+            max_held_rows: self.max_held_rows,
             ..WindowConfig::tumbling(self.step)
         };
         let renamed = window
