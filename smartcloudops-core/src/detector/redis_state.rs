@@ -12,16 +12,17 @@
 //! mixes incompatible state; old namespaces simply expire. Every save refreshes the TTL of
 //! the series saved, so the state of a series that stopped reporting disappears `ttl` later.
 //!
-//! **Versioned writes.** Next to each state, `{key}:v` holds its version, a counter bumped
-//! by every write. The store remembers the version of each state it loaded or wrote, and a
-//! write (a Lua script, one per chunk) only replaces a state still at that version; a series
-//! it never saw a state for is only written if none is stored. So a replica whose in-memory
-//! state went stale (its partition moved to another replica and came back, or the state
-//! could not be loaded during an outage) never overwrites the newer state another replica
-//! saved meanwhile: the write is refused, counted, and the series is reported by
+//! **Versioned writes.** Next to each state, `{key_prefix}:state-version:{namespace}:{series_id}`
+//! holds its version, a counter bumped by every write. The store remembers the version of
+//! each state it loaded or wrote, and a write (a Lua script, one per chunk) only replaces a
+//! state still at that version; a series it never saw a state for is only written if none is
+//! stored. So a replica whose in-memory state went stale (its partition moved to another
+//! replica and came back, or the state could not be loaded during an outage) never
+//! overwrites the newer state another replica saved meanwhile: the write is refused,
+//! counted, and the series is reported by
 //! [`take_rejected`](SeriesStateStore::take_rejected) so that the pipeline drops the stale
-//! state and loads the stored one. A state written before versions existed (no `{key}:v`)
-//! loads as version 0 and is replaced like any other.
+//! state and loads the stored one. A state written before versions existed (without a
+//! version key) loads as version 0 and is replaced like any other.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -173,7 +174,7 @@ impl RedisStateStore {
 
     /// The key of the version of one series' state.
     pub fn version_key(&self, namespace: &str, series_id: u64) -> String {
-        format!("{}:state:{namespace}:{series_id}:v", self.key_prefix)
+        format!("{}:state-version:{namespace}:{series_id}", self.key_prefix)
     }
 
     /// Writes refused since this store was created because a newer state was stored.
