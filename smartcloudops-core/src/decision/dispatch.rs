@@ -18,7 +18,7 @@
 //! the cap are counted and not grouped; the first of them in a minute is reported
 //! (a `CapTrip`) so that the engine escalates once.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -107,6 +107,23 @@ impl Silence {
         })
     }
 
+    /// A silence as it was: from the decision journal, with its start and (capped) end.
+    pub(crate) fn restore(
+        id: String,
+        config: SilenceConfig,
+        starts_ms: i64,
+        ends_ms: i64,
+    ) -> Result<Self, String> {
+        let matchers = Matchers::parse(&config.matchers)?;
+        Ok(Self {
+            id,
+            config,
+            matchers,
+            starts_ms,
+            ends_ms,
+        })
+    }
+
     fn mutes(&self, labels: &BTreeMap<String, String>, now_ms: i64) -> bool {
         (self.starts_ms..self.ends_ms).contains(&now_ms) && self.matchers.matches(labels)
     }
@@ -147,7 +164,7 @@ impl Inhibit {
 }
 
 /// Why an alert is not notified now.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Muted {
     /// By the silence with this id.
     Silenced(String),
@@ -173,8 +190,11 @@ pub(crate) struct MuteChange {
     pub(crate) muted: Option<Muted>,
 }
 
-#[derive(Debug)]
-struct Group {
+/// A group of alerts and what was notified of it. The decision journal keeps it whole, with
+/// its rule by name (`rule` is an index into this run's rules).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Group {
+    #[serde(skip)]
     rule: usize,
     labels: BTreeMap<String, String>,
     /// The group's alerts by fingerprint: firing ones, and resolved ones not notified yet.
@@ -192,6 +212,11 @@ struct Group {
 }
 
 impl Group {
+    /// The index of the group's rule.
+    pub(crate) fn rule(&self) -> usize {
+        self.rule
+    }
+
     /// The alerts a notification would carry now: firing ones not muted, and resolved ones
     /// that were announced as firing.
     fn visible(&self, muted: &HashMap<String, Muted>) -> Vec<&AlertRecord> {
@@ -264,6 +289,10 @@ pub(crate) struct Dispatcher {
     pub(crate) mute_changes: Vec<MuteChange>,
     pub(crate) silences: Vec<Silence>,
     pub(crate) inhibits: Vec<Inhibit>,
+    /// Keep [`changed_groups`](Self::changed_groups) (when the decision state is journaled).
+    pub(crate) track_changes: bool,
+    /// Groups created, changed or removed since the journal last saved them.
+    pub(crate) changed_groups: HashSet<String>,
 }
 
 /// `{alertname="cpu",service="api"}`, the form Alertmanager's `groupKey` uses.
@@ -395,7 +424,34 @@ impl Dispatcher {
             group.sequence = 0;
         }
         group.alerts.insert(alert.fingerprint.clone(), alert);
+        if self.track_changes {
+            self.changed_groups.insert(key.clone());
+        }
         Some(key)
+    }
+
+    /// The group `key`, if there is one.
+    pub(crate) fn group(&self, key: &str) -> Option<&Group> {
+        self.groups.get(key)
+    }
+
+    /// Puts back a group from the decision journal, under rule `rule_index`.
+    pub(crate) fn restore_group(&mut self, key: String, mut group: Group, rule_index: usize) {
+        group.rule = rule_index;
+        self.groups.insert(key, group);
+    }
+
+    /// Removes the empty groups, noting them for the journal.
+    fn remove_empty_groups(&mut self) {
+        let changed = &mut self.changed_groups;
+        let track = self.track_changes;
+        self.groups.retain(|key, g| {
+            let keep = !g.alerts.is_empty();
+            if !keep && track {
+                changed.insert(key.clone());
+            }
+            keep
+        });
     }
 
     /// The notifications due at `now_ms` (every pending one with `flush`, at shutdown).
@@ -420,7 +476,7 @@ impl Dispatcher {
         for key in &keys {
             self.settle(rules, key, &muted, now_ms, flush, &mut out);
         }
-        self.groups.retain(|_, g| !g.alerts.is_empty());
+        self.remove_empty_groups();
         out
     }
 
@@ -438,6 +494,9 @@ impl Dispatcher {
         self.settle(rules, key, &muted, now_ms, false, &mut out);
         if self.groups.get(key).is_some_and(|g| g.alerts.is_empty()) {
             self.groups.remove(key);
+            if self.track_changes {
+                self.changed_groups.insert(key.to_owned());
+            }
         }
         out
     }
@@ -508,6 +567,8 @@ impl Dispatcher {
                 });
             }
         }
+        // What the journal must save: anything but the alerts' unchanged presence.
+        let mut journal_changed = group.muted != now_muted;
         group.muted = now_muted;
 
         let visible: Vec<AlertRecord> = group.visible(muted).into_iter().cloned().collect();
@@ -518,9 +579,11 @@ impl Dispatcher {
         if due && visible.is_empty() {
             // Everything is muted: nothing to say, but remember that nothing was said, so
             // the alerts are notified when the muting ends.
+            journal_changed |= !group.sent.is_empty();
             group.sent.clear();
         }
         let due = due && !visible.is_empty();
+        journal_changed |= due;
         if due {
             let alerts: Vec<AlertRecord> = visible.into_iter().cloned().collect();
             for receiver in &rule.receivers {
@@ -558,11 +621,16 @@ impl Dispatcher {
                 .push((rule.name.clone(), key.to_owned(), unannounced));
         }
         let sent = &group.sent;
+        let before = group.alerts.len();
         group.alerts.retain(|fp, a| {
             a.status == AlertStatus::Firing || (!due && sent.contains(&(fp.clone(), true)))
         });
+        journal_changed |= group.alerts.len() != before;
         if due {
             group.sent.retain(|(fp, _)| group.alerts.contains_key(fp));
+        }
+        if journal_changed && self.track_changes {
+            self.changed_groups.insert(key.to_owned());
         }
     }
 

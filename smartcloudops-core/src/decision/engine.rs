@@ -2,12 +2,13 @@
 //! what falls due later, and the [`Action`] the pipeline runs.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::audit::{AuditLog, AuditRecord, Rotation};
@@ -17,6 +18,7 @@ use super::guard::rate_limit::Bucket;
 use super::guard::{
     CircuitBreaker, FileIdempotency, IdempotencyStore, MemoryIdempotency, TokenBucket,
 };
+use super::journal::{Changes, Journal, Restored};
 use super::receiver::{Receiver, ReceiverConfig};
 use super::rule::{AlertState, Phase, Rule, RuleConfig, Transition};
 use super::{AlertRecord, AlertStatus, Clock, Notification, NotificationKind, SystemClock};
@@ -36,7 +38,7 @@ pub(super) struct Slot {
 }
 
 /// A suggested remediation waiting for a person.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Suggestion {
     /// The notification it came from.
     pub notification: String,
@@ -76,7 +78,13 @@ pub(super) struct EngineState {
     /// Notifications whose execution failed before it was recorded (the audit log or the key
     /// store failed); the ticker tries them again.
     pub(super) pending: Vec<Notification>,
+    /// Alert states changed since the journal last saved them (kept only with a journal).
+    changed_alerts: rustc_hash::FxHashSet<(usize, u64)>,
 }
+
+/// The id prefix of silences added at run time (static ones are rebuilt from the config at
+/// start, so only these are journaled).
+const RUNTIME_SILENCE: &str = "silence-";
 
 /// The decision layer as a pipeline action. See the [module docs](crate::decision).
 #[derive(Debug)]
@@ -109,6 +117,9 @@ pub(super) struct Inner {
     pub(super) delivery_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// `[decision] max_pending_suggestions`.
     pub(super) max_pending_suggestions: usize,
+    /// The decision journal (`state_dir`); held while a commit is collected and written, so
+    /// commits reach the file in the order their changes were taken.
+    journal: Option<Mutex<Journal>>,
 }
 
 /// Options of [`DecisionEngine::with_options`].
@@ -216,6 +227,16 @@ impl DecisionEngine {
             None => AuditLog::in_memory(),
         };
         let mut state = EngineState::default();
+        let journal = match &config.state_dir {
+            Some(dir) => {
+                let (mut journal, restored) = Journal::open(dir)?;
+                let records = restore(&mut state, &mut journal, restored, &config, now)?;
+                audit.write(&records)?;
+                state.dispatcher.track_changes = true;
+                Some(Mutex::new(journal))
+            }
+            None => None,
+        };
         state.dispatcher.max_new_groups_per_minute = config.max_new_groups_per_minute;
         for c in &config.inhibits {
             state
@@ -223,9 +244,9 @@ impl DecisionEngine {
                 .inhibits
                 .push(Inhibit::new(c).map_err(config_error)?);
         }
-        for s in &config.silences {
-            state.silence_seq += 1;
-            let id = format!("static-{}", state.silence_seq);
+        for (i, s) in config.silences.iter().enumerate() {
+            // Numbered by position (not by the shared sequence, which a journal restores).
+            let id = format!("static-{}", i + 1);
             state
                 .dispatcher
                 .silences
@@ -247,9 +268,17 @@ impl DecisionEngine {
                 global_bucket: Mutex::new(config.rate_limit.map(|l| TokenBucket::new(l, now))),
                 delivery_locks: Mutex::default(),
                 max_pending_suggestions: config.max_pending_suggestions,
+                journal,
             }),
             ticker: Mutex::new(None),
         })
+    }
+
+    /// The decision journal's file, when the state is journaled (`state_dir`).
+    pub fn journal_path(&self) -> Option<PathBuf> {
+        let journal = self.inner.journal.as_ref()?;
+        let journal = journal.lock().unwrap_or_else(|p| p.into_inner());
+        Some(journal.path().to_owned())
     }
 
     /// Sends the notifications due now; returns how many went out (or were held back).
@@ -277,7 +306,9 @@ impl DecisionEngine {
         self.inner.lock().suggestions.iter().cloned().collect()
     }
 
-    /// Adds a silence; returns its id. Its end is capped at `max_silence`.
+    /// Adds a silence; returns its id. Its end is capped at `max_silence`. With a journal
+    /// (`state_dir`) the silence is saved before this returns: an error means it was not
+    /// added.
     pub fn add_silence(&self, config: SilenceConfig) -> Result<String> {
         let now = self.inner.clock.now_ms();
         let mut state = self.inner.lock();
@@ -294,6 +325,10 @@ impl DecisionEngine {
             json!({ "id": id, "matchers": silence.config.matchers, "ends_ms": silence.ends_ms });
         state.dispatcher.silences.push(silence);
         drop(state);
+        if let Err(e) = self.inner.persist() {
+            self.inner.lock().dispatcher.silences.retain(|s| s.id != id);
+            return Err(e);
+        }
         self.inner.audit.write(&[record])?;
         Ok(id)
     }
@@ -380,10 +415,19 @@ impl Inner {
                     continue;
                 }
                 let alert_state = state.alerts.entry(key).or_default();
+                let before = (alert_state.phase, alert_state.flapping);
                 let transition = alert_state.step_at(&rule.config, cols.ts.value(row), now, active);
                 alert_state.seen_ms = now;
-                if alert_state.is_idle() {
+                // Flap history only moves with a transition (or by ageing out, which a later
+                // step repeats); `seen_ms` is not journaled.
+                let changed = transition != Transition::None
+                    || before != (alert_state.phase, alert_state.flapping);
+                let idle = alert_state.is_idle();
+                if idle {
                     state.alerts.remove(&key);
+                }
+                if (changed || idle) && self.journal.is_some() {
+                    state.changed_alerts.insert(key);
                 }
                 if transition == Transition::None {
                     continue;
@@ -540,26 +584,83 @@ impl Inner {
         (record, escalations)
     }
 
+    /// Saves what changed since the last commit to the journal, in one durable transaction
+    /// (nothing without a journal, or when nothing changed). On error the changes stay
+    /// marked, for the next commit.
+    pub(super) fn persist(&self) -> Result<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        // Blocking for the commit (one fdatasync), like the audit log's write.
+        let mut journal = journal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
+        let alert_keys: Vec<(usize, u64)> = state.changed_alerts.drain().collect();
+        let group_keys: Vec<String> = state.dispatcher.changed_groups.drain().collect();
+        let changes = self.changes(&state, &journal, &alert_keys, &group_keys);
+        drop(state);
+        let result = changes.and_then(|changes| journal.commit(changes));
+        if result.is_err() {
+            let mut state = self.lock();
+            state.changed_alerts.extend(alert_keys);
+            state.dispatcher.changed_groups.extend(group_keys);
+        }
+        result
+    }
+
+    /// The journal changes of the alerts `alert_keys` and groups `group_keys` (saved as they
+    /// are now, deleted when gone), silences, their sequence and suggestions.
+    fn changes(
+        &self,
+        state: &EngineState,
+        journal: &Journal,
+        alert_keys: &[(usize, u64)],
+        group_keys: &[String],
+    ) -> Result<Changes> {
+        let mut changes = Changes::default();
+        for &(ri, series) in alert_keys {
+            let rule = &self.rule_configs[ri].name;
+            changes.alert(rule, series, state.alerts.get(&(ri, series)))?;
+        }
+        for key in group_keys {
+            let group = state.dispatcher.group(key);
+            let rule = group.map(|g| (self.rule_configs[g.rule()].name.as_str(), g));
+            changes.group(key, rule)?;
+        }
+        journal.silences(
+            &state.dispatcher.silences,
+            |s| s.id.starts_with(RUNTIME_SILENCE),
+            &mut changes,
+        )?;
+        journal.silence_seq(state.silence_seq, &mut changes);
+        journal.suggestions(state.suggestions.iter(), &mut changes)?;
+        Ok(changes)
+    }
+
     /// Resolves firing alerts whose series went quiet for `stale_after`, and forgets quiet
     /// alerts that have nothing left to remember.
     fn sweep(&self, state: &mut EngineState, now: i64) -> Vec<AuditRecord> {
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let mut stale = Vec::new();
-        state.alerts.retain(|(ri, _), st| {
-            let rule = &self.rule_configs[*ri];
+        let track = self.journal.is_some();
+        let changed = &mut state.changed_alerts;
+        state.alerts.retain(|key, st| {
+            let rule = &self.rule_configs[key.0];
             let quiet = now.saturating_sub(st.seen_ms);
-            if let Phase::Firing { active_at, .. } = st.phase {
-                if !rule.stale_after.is_zero() && quiet >= ms(rule.stale_after) {
-                    if let Some(mut record) = st.record.take() {
-                        record.status = AlertStatus::Resolved;
-                        record.ends_at_ms = Some(active_at);
-                        stale.push((*ri, record));
-                    }
-                    return false;
+            let keep = if let Phase::Firing { active_at, .. } = st.phase {
+                let stale_now = !rule.stale_after.is_zero() && quiet >= ms(rule.stale_after);
+                if stale_now && let Some(mut record) = st.record.take() {
+                    record.status = AlertStatus::Resolved;
+                    record.ends_at_ms = Some(active_at);
+                    stale.push((key.0, record));
                 }
-                return true;
+                !stale_now
+            } else {
+                quiet < ms(rule.flap.window).max(ms(rule.stale_after))
+            };
+            if !keep && track {
+                changed.insert(*key);
             }
-            quiet < ms(rule.flap.window).max(ms(rule.stale_after))
+            keep
         });
         let mut records = Vec::new();
         for (ri, record) in stale {
@@ -588,6 +689,7 @@ impl Inner {
         all.extend(due);
         let n = all.len();
         self.run_all(all).await?;
+        self.persist()?; // what the tick changed (groups notified, stale alerts), if anything
         Ok(n)
     }
 
@@ -603,6 +705,96 @@ impl Inner {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// Puts the journal's state back into `state`: alert states (their staleness counted from
+/// now), groups (their `group_wait` still measured from their `created_ms`), run-time
+/// silences still active, their id sequence, and suggestions. The state of rules no longer
+/// in `config` is dropped from the journal; returns the audit records saying so.
+fn restore(
+    state: &mut EngineState,
+    journal: &mut Journal,
+    restored: Restored,
+    config: &DecisionConfig,
+    now: i64,
+) -> Result<Vec<AuditRecord>> {
+    let index: HashMap<&str, usize> = config
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.name.as_str(), i))
+        .collect();
+    let mut changes = Changes::default();
+    // Per removed rule: alert states and groups dropped.
+    let mut dropped: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let (alerts, groups) = (restored.alerts.len(), restored.groups.len());
+    for (rule, series, mut alert) in restored.alerts {
+        match index.get(rule.as_str()) {
+            Some(&ri) => {
+                alert.seen_ms = now;
+                state.alerts.insert((ri, series), alert);
+            }
+            None => {
+                changes.alert(&rule, series, None)?;
+                dropped.entry(rule).or_default().0 += 1;
+            }
+        }
+    }
+    for (key, rule, group) in restored.groups {
+        match index.get(rule.as_str()) {
+            Some(&ri) => state.dispatcher.restore_group(key, group, ri),
+            None => {
+                changes.group(&key, None)?;
+                dropped.entry(rule).or_default().1 += 1;
+            }
+        }
+    }
+    let silences = restored.silences.len();
+    for s in restored.silences.into_iter().filter(|s| s.ends_ms > now) {
+        let silence =
+            Silence::restore(s.id, s.config, s.starts_ms, s.ends_ms).map_err(config_error)?;
+        state.dispatcher.silences.push(silence);
+    }
+    state.silence_seq = restored.silence_seq;
+    let suggestions = restored.suggestions.len();
+    let skip = suggestions.saturating_sub(config.max_pending_suggestions.max(1));
+    state
+        .suggestions
+        .extend(restored.suggestions.into_iter().skip(skip));
+    // Expired silences and suggestions over a lowered cap leave the journal too.
+    journal.silences(
+        &state.dispatcher.silences,
+        |s| s.id.starts_with(RUNTIME_SILENCE),
+        &mut changes,
+    )?;
+    journal.suggestions(state.suggestions.iter(), &mut changes)?;
+    journal.commit(changes)?;
+
+    let mut records = Vec::new();
+    if alerts + groups + silences + suggestions > 0 {
+        let mut r = AuditRecord::new("decision", "state_restored");
+        r.reason = format!(
+            "restored from {}: {alerts} alert states, {groups} groups, {silences} silences, \
+             {suggestions} suggestions",
+            journal.path().display()
+        );
+        r.details = json!({
+            "alerts": alerts, "groups": groups, "silences": silences, "suggestions": suggestions,
+            "firing": state.alerts.values().filter(|a| a.is_firing()).count(),
+        });
+        records.push(r);
+    }
+    for (rule, (alerts, groups)) in dropped {
+        let mut r = AuditRecord::new("decision", "state_dropped");
+        r.reason = format!(
+            "rule `{rule}` is no longer in the config: its {alerts} alert states and {groups} \
+             groups from before the restart are dropped (no resolved notification follows them)"
+        );
+        r.details = json!({ "alerts": alerts, "groups": groups });
+        r.rule = Some(rule);
+        records.push(r);
+    }
+    Ok(records)
 }
 
 /// Audit records of what the dispatcher decided without notifying: muting that started or
@@ -664,7 +856,11 @@ impl Action for DecisionEngine {
                 self.inner.lock().pending.extend(due);
                 return Err(e);
             }
-            self.inner.run_all(due).await
+            self.inner.run_all(due).await?;
+            // One durable commit of this batch's changes, before it is acknowledged. Not
+            // after a failed run: the batch is retried, and a crash meanwhile restarts from
+            // the state before it, so its notifications are produced again.
+            self.inner.persist()
         })
     }
 

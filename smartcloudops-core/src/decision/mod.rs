@@ -61,6 +61,7 @@ pub mod dispatch;
 mod engine;
 mod execute;
 pub mod guard;
+pub mod journal;
 mod matcher;
 pub mod notification;
 pub mod receiver;

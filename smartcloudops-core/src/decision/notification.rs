@@ -28,8 +28,8 @@ impl AlertStatus {
     }
 }
 
-/// An alert of a rule for one series, as notified.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// An alert of a rule for one series, as notified (and as the decision journal keeps it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertRecord {
     /// Stable id: a hash of the labels (which include `alertname`).
     pub fingerprint: String,
@@ -48,12 +48,17 @@ pub struct AlertRecord {
     /// When it resolved (event time).
     pub ends_at_ms: Option<i64>,
     /// The series id.
-    #[serde(serialize_with = "as_string")]
+    #[serde(serialize_with = "as_string", deserialize_with = "from_string")]
     pub series_id: u64,
 }
 
 fn as_string<S: serde::Serializer>(v: &u64, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.collect_str(v)
+}
+
+fn from_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
 }
 
 pub(crate) fn hash_hex(text: &str) -> String {
@@ -314,5 +319,9 @@ mod tests {
         let json = serde_json::to_value(record("a", AlertStatus::Firing, "x")).unwrap();
         assert_eq!(json["series_id"], "18446744073709551615");
         assert_eq!(json["status"], "firing");
+        let back: AlertRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back, record("a", AlertStatus::Firing, "x"), "and read back");
+        let bytes = postcard::to_allocvec(&back).unwrap();
+        assert_eq!(postcard::from_bytes::<AlertRecord>(&bytes).unwrap(), back);
     }
 }

@@ -273,7 +273,7 @@ impl Rule {
 }
 
 /// Where an alert is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Phase {
     Inactive,
     /// Active since event time `since`, first seen when the wall clock read `since_wall`;
@@ -313,13 +313,17 @@ pub(crate) enum Transition {
     },
 }
 
-/// One alert's state: phase and recent changes.
-#[derive(Debug, Clone)]
+/// One alert's state: phase and recent changes. The decision journal keeps it (all but
+/// `seen_ms`, which changes with every row).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct AlertState {
     pub(crate) phase: Phase,
     changes: VecDeque<i64>,
     pub(crate) flapping: bool,
-    /// Wall-clock time of the series' last row, for the staleness sweep.
+    /// Wall-clock time of the series' last row, for the staleness sweep. Not journaled: a
+    /// restored alert counts its series' silence from the restart, since rows could not
+    /// arrive while the process was down.
+    #[serde(skip)]
     pub(crate) seen_ms: i64,
     /// The firing alert as notified, to resolve it if its series goes quiet.
     pub(crate) record: Option<super::AlertRecord>,

@@ -1,0 +1,377 @@
+//! The decision journal: the engine's state kept in `state_dir/decision.redb`, so that a
+//! restart (or a `kill -9`) forgets nothing the engine had decided.
+//!
+//! What is kept: each (rule, series) alert state (pending `for` start, firing start, the
+//! firing record that a resolution needs, flap history), each dispatcher group (its alerts,
+//! what was sent, `created_ms`, `last_notified_ms`, the episode and its sequence number,
+//! muting), the silences added at run time and their id sequence, and the suggestions
+//! waiting for a person.
+//!
+//! The store is [redb](https://docs.rs/redb): pure Rust, ACID, one write transaction is one
+//! durable commit (one `fdatasync`). The engine writes only what changed since its last
+//! commit, in one transaction per pipeline batch (before the batch is acknowledged) and per
+//! ticker tick that changed something. Keys are overwritten in place and deleted when their
+//! alert or group is gone, and the file is compacted at each start, so it stays the size of
+//! the live state. Rules are named, not numbered, in the journal: a restart with rules added,
+//! removed or reordered finds its own.
+//!
+//! A journal that cannot be read (corrupt, truncated, another format) stops the engine from
+//! starting with an error naming the file; moving the file aside starts with an empty state
+//! (firing alerts are then forgotten, as before the journal existed).
+
+use std::collections::HashSet;
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::dispatch::{Group, Silence, SilenceConfig};
+use super::engine::Suggestion;
+use super::rule::AlertState;
+use crate::error::{Error, Result};
+
+/// The journal's file in `state_dir`.
+pub const FILE_NAME: &str = "decision.redb";
+
+/// Alert states by (rule name, series id): postcard of [`AlertState`].
+const ALERTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("alerts");
+/// Groups by group key: postcard of (rule name, [`Group`]).
+const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
+/// Run-time silences by id: postcard of [`SilenceEntry`].
+const SILENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("silences");
+/// `format`, `silence_seq` (u64, little endian), `suggestions` (JSON: a plan is any JSON).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The layout of the values; another number is refused rather than misread (postcard is not
+/// self-describing).
+const FORMAT: u8 = 1;
+
+/// How much of the file redb may cache; the journal is small.
+const CACHE_BYTES: usize = 16 << 20;
+
+/// A silence added at run time, as journaled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SilenceEntry {
+    pub(crate) id: String,
+    pub(crate) config: SilenceConfig,
+    pub(crate) starts_ms: i64,
+    pub(crate) ends_ms: i64,
+}
+
+impl SilenceEntry {
+    fn of(s: &Silence) -> Self {
+        Self {
+            id: s.id.clone(),
+            config: s.config.clone(),
+            starts_ms: s.starts_ms,
+            ends_ms: s.ends_ms,
+        }
+    }
+}
+
+/// What the journal held at start.
+#[derive(Debug, Default)]
+pub(crate) struct Restored {
+    /// (rule name, series id, state).
+    pub(crate) alerts: Vec<(String, u64, AlertState)>,
+    /// (group key, rule name, group).
+    pub(crate) groups: Vec<(String, String, Group)>,
+    pub(crate) silences: Vec<SilenceEntry>,
+    pub(crate) silence_seq: u64,
+    /// Oldest first.
+    pub(crate) suggestions: Vec<Suggestion>,
+}
+
+/// A value to save, or `None` to delete the key.
+type Put = Option<Vec<u8>>;
+
+/// The changes of one commit, encoded.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    /// By (rule name, series id).
+    alerts: Vec<((String, u64), Put)>,
+    groups: Vec<(String, Put)>,
+    silences: Vec<(String, Put)>,
+    silence_ids: Option<HashSet<String>>,
+    silence_seq: Option<u64>,
+    suggestions: Option<(Vec<u8>, Vec<Suggestion>)>,
+}
+
+impl Changes {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.alerts.is_empty()
+            && self.groups.is_empty()
+            && self.silences.is_empty()
+            && self.silence_seq.is_none()
+            && self.suggestions.is_none()
+    }
+
+    /// Saves (or, with `None`, deletes) the state of `rule`'s alert on `series`.
+    pub(crate) fn alert(
+        &mut self,
+        rule: &str,
+        series: u64,
+        state: Option<&AlertState>,
+    ) -> Result<()> {
+        let value = state.map(|s| encode(s, "an alert state")).transpose()?;
+        self.alerts.push(((rule.to_owned(), series), value));
+        Ok(())
+    }
+
+    /// Saves (or deletes) the group `key` of `rule`.
+    pub(crate) fn group(&mut self, key: &str, group: Option<(&str, &Group)>) -> Result<()> {
+        let value = group.map(|g| encode(&g, "a group")).transpose()?;
+        self.groups.push((key.to_owned(), value));
+        Ok(())
+    }
+}
+
+/// The open journal, and what it last saved of the parts compared whole at each commit.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    db: redb::Database,
+    path: PathBuf,
+    silence_ids: HashSet<String>,
+    silence_seq: u64,
+    suggestions: Vec<Suggestion>,
+}
+
+fn encode<T: Serialize + ?Sized>(value: &T, what: &str) -> Result<Vec<u8>> {
+    postcard::to_allocvec(value).map_err(|e| Error::Action {
+        action: "decision".into(),
+        message: format!("the decision journal cannot encode {what}: {e}"),
+        retryable: false,
+    })
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir` and reads it whole.
+    ///
+    /// A file that cannot be read is an error naming it, never a panic: redb checks every
+    /// page's checksum at open (`check_integrity_on_open`), which is cheap at the journal's
+    /// size.
+    pub(crate) fn open(dir: &Path) -> Result<(Self, Restored)> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            context: format!("creating the state directory {}", dir.display()),
+            source,
+        })?;
+        let path = dir.join(FILE_NAME);
+        let unreadable = |e: &dyn Display| Error::Action {
+            action: "decision".into(),
+            message: format!(
+                "the decision journal {} cannot be read: {e}. Move it aside to start with an \
+                 empty decision state (alerts firing before are then forgotten: no resolved \
+                 notification will follow them)",
+                path.display()
+            ),
+            retryable: false,
+        };
+        let mut db = redb::Builder::new()
+            .set_check_integrity_on_open(true)
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| unreadable(&e))?;
+        // Space freed by deleted keys is reused while running; a compaction at start also
+        // gives it back to the file system.
+        if let Err(e) = db.compact(redb::CompactionMode::Balanced) {
+            tracing::warn!(
+                "decision journal {}: compaction failed: {e}",
+                path.display()
+            );
+        }
+        let mut restored = Restored::default();
+        let txn = db.begin_write().map_err(|e| unreadable(&e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| unreadable(&e))?;
+            let format = meta
+                .get("format")
+                .map_err(|e| unreadable(&e))?
+                .map(|v| v.value().to_vec());
+            match format.as_deref() {
+                None => {
+                    meta.insert("format", [FORMAT].as_slice())
+                        .map_err(|e| unreadable(&e))?;
+                }
+                Some([FORMAT]) => {}
+                Some(other) => {
+                    return Err(unreadable(&format!(
+                        "it has format {other:?}, this version reads format {FORMAT}"
+                    )));
+                }
+            }
+            if let Some(v) = meta.get("silence_seq").map_err(|e| unreadable(&e))? {
+                let bytes: [u8; 8] = v
+                    .value()
+                    .try_into()
+                    .map_err(|_| unreadable(&"`silence_seq` is not 8 bytes"))?;
+                restored.silence_seq = u64::from_le_bytes(bytes);
+            }
+            if let Some(v) = meta.get("suggestions").map_err(|e| unreadable(&e))? {
+                restored.suggestions = serde_json::from_slice(v.value())
+                    .map_err(|e| unreadable(&format!("suggestions: {e}")))?;
+            }
+            let alerts = txn.open_table(ALERTS).map_err(|e| unreadable(&e))?;
+            for item in alerts.iter().map_err(|e| unreadable(&e))? {
+                let (k, v) = item.map_err(|e| unreadable(&e))?;
+                let (rule, series) = k.value();
+                let state: AlertState = postcard::from_bytes(v.value()).map_err(|e| {
+                    unreadable(&format!(
+                        "the alert of rule `{rule}` on series {series}: {e}"
+                    ))
+                })?;
+                restored.alerts.push((rule.to_owned(), series, state));
+            }
+            let groups = txn.open_table(GROUPS).map_err(|e| unreadable(&e))?;
+            for item in groups.iter().map_err(|e| unreadable(&e))? {
+                let (k, v) = item.map_err(|e| unreadable(&e))?;
+                let (rule, group): (String, Group) = postcard::from_bytes(v.value())
+                    .map_err(|e| unreadable(&format!("the group `{}`: {e}", k.value())))?;
+                restored.groups.push((k.value().to_owned(), rule, group));
+            }
+            let silences = txn.open_table(SILENCES).map_err(|e| unreadable(&e))?;
+            for item in silences.iter().map_err(|e| unreadable(&e))? {
+                let (k, v) = item.map_err(|e| unreadable(&e))?;
+                let entry: SilenceEntry = postcard::from_bytes(v.value())
+                    .map_err(|e| unreadable(&format!("the silence `{}`: {e}", k.value())))?;
+                restored.silences.push(entry);
+            }
+        }
+        txn.commit().map_err(|e| unreadable(&e))?;
+        let journal = Self {
+            db,
+            path,
+            silence_ids: restored.silences.iter().map(|s| s.id.clone()).collect(),
+            silence_seq: restored.silence_seq,
+            suggestions: restored.suggestions.clone(),
+        };
+        Ok((journal, restored))
+    }
+
+    /// The journal's file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Adds to `changes` the run-time silences (those `journaled` keeps) that differ from
+    /// what was saved.
+    pub(crate) fn silences(
+        &self,
+        silences: &[Silence],
+        journaled: impl Fn(&Silence) -> bool,
+        changes: &mut Changes,
+    ) -> Result<()> {
+        let now: HashSet<String> = silences
+            .iter()
+            .filter(|s| journaled(s))
+            .map(|s| s.id.clone())
+            .collect();
+        if now == self.silence_ids {
+            return Ok(()); // silences never change but by being added or expiring
+        }
+        for s in silences.iter().filter(|s| journaled(s)) {
+            if !self.silence_ids.contains(&s.id) {
+                let value = encode(&SilenceEntry::of(s), "a silence")?;
+                changes.silences.push((s.id.clone(), Some(value)));
+            }
+        }
+        for id in self.silence_ids.difference(&now) {
+            changes.silences.push((id.clone(), None));
+        }
+        changes.silence_ids = Some(now);
+        Ok(())
+    }
+
+    /// Adds the silence id sequence to `changes` if it moved.
+    pub(crate) fn silence_seq(&self, seq: u64, changes: &mut Changes) {
+        if seq != self.silence_seq {
+            changes.silence_seq = Some(seq);
+        }
+    }
+
+    /// Adds the suggestions to `changes` if they differ from what was saved (they are few:
+    /// `max_pending_suggestions`).
+    pub(crate) fn suggestions<'a>(
+        &self,
+        now: impl ExactSizeIterator<Item = &'a Suggestion> + Clone,
+        changes: &mut Changes,
+    ) -> Result<()> {
+        if now.len() == self.suggestions.len() && now.clone().eq(self.suggestions.iter()) {
+            return Ok(());
+        }
+        let now: Vec<Suggestion> = now.cloned().collect();
+        let value = serde_json::to_vec(&now).map_err(|e| Error::Action {
+            action: "decision".into(),
+            message: format!("the decision journal cannot encode suggestions: {e}"),
+            retryable: false,
+        })?;
+        changes.suggestions = Some((value, now));
+        Ok(())
+    }
+
+    /// Writes `changes` in one durable transaction. On error nothing of it is saved.
+    pub(crate) fn commit(&mut self, changes: Changes) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let failed = |e: &dyn Display| Error::Action {
+            action: "decision".into(),
+            message: format!(
+                "writing the decision journal {} failed: {e}",
+                self.path.display()
+            ),
+            // A full or failing disk may recover; the batch is retried meanwhile.
+            retryable: true,
+        };
+        let txn = self.db.begin_write().map_err(|e| failed(&e))?;
+        {
+            if !changes.alerts.is_empty() {
+                let mut table = txn.open_table(ALERTS).map_err(|e| failed(&e))?;
+                for ((rule, series), value) in &changes.alerts {
+                    let key = (rule.as_str(), *series);
+                    match value {
+                        Some(v) => table.insert(key, v.as_slice()).map(drop),
+                        None => table.remove(key).map(drop),
+                    }
+                    .map_err(|e| failed(&e))?;
+                }
+            }
+            for (definition, entries) in [(GROUPS, &changes.groups), (SILENCES, &changes.silences)]
+            {
+                if entries.is_empty() {
+                    continue;
+                }
+                let mut table = txn.open_table(definition).map_err(|e| failed(&e))?;
+                for (key, value) in entries {
+                    match value {
+                        Some(v) => table.insert(key.as_str(), v.as_slice()).map(drop),
+                        None => table.remove(key.as_str()).map(drop),
+                    }
+                    .map_err(|e| failed(&e))?;
+                }
+            }
+            if changes.silence_seq.is_some() || changes.suggestions.is_some() {
+                let mut meta = txn.open_table(META).map_err(|e| failed(&e))?;
+                if let Some(seq) = changes.silence_seq {
+                    meta.insert("silence_seq", seq.to_le_bytes().as_slice())
+                        .map_err(|e| failed(&e))?;
+                }
+                if let Some((value, _)) = &changes.suggestions {
+                    meta.insert("suggestions", value.as_slice())
+                        .map_err(|e| failed(&e))?;
+                }
+            }
+        }
+        txn.commit().map_err(|e| failed(&e))?;
+        if let Some(ids) = changes.silence_ids {
+            self.silence_ids = ids;
+        }
+        if let Some(seq) = changes.silence_seq {
+            self.silence_seq = seq;
+        }
+        if let Some((_, now)) = changes.suggestions {
+            self.suggestions = now;
+        }
+        Ok(())
+    }
+}
