@@ -1124,3 +1124,512 @@ async fn a_downstream_outage_does_not_turn_good_entries_into_poison() {
     handle.wait().await.unwrap();
     let _: () = con.del(&[&stream, &dlq]).await.unwrap();
 }
+
+/// The keys the stream source keeps beside its group (default `key_prefix`).
+fn attempts_key(stream: &str, group: &str) -> String {
+    format!("smartcloudops:{stream}:{group}:attempts")
+}
+fn acked_key(stream: &str, group: &str) -> String {
+    format!("smartcloudops:{stream}:{group}:acked")
+}
+
+/// The ids of `stream`'s entries, oldest first, with their `data` field.
+async fn entry_ids(
+    con: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Vec<(String, String)> {
+    let reply: redis::streams::StreamRangeReply = con.xrange_all(stream).await.unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| (e.id.clone(), e.get::<String>("data").unwrap_or_default()))
+        .collect()
+}
+
+/// Redis's own delivery count of `id` in `group` (0 if not pending).
+async fn delivery_count(
+    con: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    id: &str,
+) -> u64 {
+    let reply: redis::streams::StreamPendingCountReply =
+        con.xpending_count(stream, group, id, id, 1).await.unwrap();
+    reply.ids.first().map_or(0, |p| p.times_delivered as u64)
+}
+
+/// Starts a stream pipeline for `config` on a runtime of its own, which the caller may drop
+/// without any shutdown (a `kill -9` of the process).
+fn spawn_on(
+    runtime: &tokio::runtime::Runtime,
+    config: RedisStreamSourceConfig,
+    action: Arc<dyn Action>,
+    letters: Arc<MemoryDeadLetters>,
+) -> PipelineHandle {
+    runtime.block_on(async {
+        Pipeline::builder(RedisStreamSource::new(config, connection()))
+            .shared_action(action)
+            .dead_letters(letters)
+            .build()
+            .spawn()
+    })
+}
+
+#[test]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
+fn an_outage_then_a_pod_restart_dead_letters_nothing_good() {
+    let stream = unique("outage-restart");
+    let group = "pipeline";
+    let setup = tokio::runtime::Runtime::new().unwrap();
+    let mut con = setup.block_on(raw());
+    setup.block_on(xadd_lines(
+        &mut con,
+        &stream,
+        &(0..50)
+            .map(|i| line("cpu", f64::from(i)))
+            .collect::<Vec<_>>(),
+    ));
+    let mut config = stream_config(&stream, group, "pod-a");
+    config.max_deliveries = 2;
+
+    // The downstream is down: every batch fails, again and again, far more often than
+    // max_deliveries; then the pod dies (no shutdown at all).
+    let down = Arc::new(Outage {
+        until: std::time::Instant::now() + Duration::from_secs(3600),
+        rows: Rows::default(),
+    });
+    let letters_a = Arc::new(MemoryDeadLetters::default());
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let handle = spawn_on(&first, config.clone(), down.clone(), letters_a.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    std::mem::forget(handle);
+    first.shutdown_background();
+    let ids = setup.block_on(entry_ids(&mut con, &stream));
+    let delivered = setup.block_on(delivery_count(&mut con, &stream, group, &ids[0].0));
+    assert!(
+        delivered > 2,
+        "Redis counted {delivered} deliveries: more than max_deliveries would allow"
+    );
+    assert!(
+        letters_a.letters().is_empty(),
+        "nothing dead-lettered during the outage"
+    );
+
+    // Another pod takes the entries over while the outage lasts a little longer, then ends.
+    config.consumer = Some("pod-b".into());
+    let sink = Arc::new(Outage {
+        until: std::time::Instant::now() + Duration::from_millis(1000),
+        rows: Rows::default(),
+    });
+    let letters = Arc::new(MemoryDeadLetters::default());
+    let second = tokio::runtime::Runtime::new().unwrap();
+    let handle = spawn_on(&second, config, sink.clone(), letters.clone());
+    second.block_on(async {
+        let all: BTreeSet<u64> = (0..50).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen: BTreeSet<u64> = sink.rows.values().into_iter().map(|v| v as u64).collect();
+            if seen == all && pending(&mut con, &stream, group).await == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of 50 processed after the outage; dead letters: {:?}",
+                seen.len(),
+                letters.letters()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            letters.letters().is_empty(),
+            "good entries dead-lettered: {:?}",
+            letters.letters()
+        );
+        assert_eq!(
+            gauge(&handle, "source:redis_stream", "redis_stream_poison_total"),
+            0.0
+        );
+        let counts: i64 = con.exists(attempts_key(&stream, group)).await.unwrap();
+        assert_eq!(counts, 0, "an outage counts no failure");
+        handle.shutdown();
+        handle.wait().await.unwrap();
+        let _: () = con
+            .del(&[&stream, &acked_key(&stream, group)])
+            .await
+            .unwrap();
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
+async fn a_poison_entry_is_dead_lettered_whole_after_max_deliveries_failures_across_a_restart() {
+    let stream = unique("poison-restart");
+    let group = "pipeline";
+    let mut con = raw().await;
+    let poison_line = line("poison", 666.0);
+    let mut lines: Vec<String> = (0..20).map(|i| line("cpu", f64::from(i))).collect();
+    lines.insert(7, poison_line.clone());
+    xadd_lines(&mut con, &stream, &lines).await;
+    let poison_id = entry_ids(&mut con, &stream)
+        .await
+        .into_iter()
+        .find(|(_, data)| data.contains("poison"))
+        .unwrap()
+        .0;
+    let mut config = stream_config(&stream, group, "c1");
+    config.max_deliveries = 4;
+    let failures = || async {
+        let mut con = raw().await;
+        let n: Option<u32> = con
+            .hget(attempts_key(&stream, group), &poison_id)
+            .await
+            .unwrap();
+        n.unwrap_or(0)
+    };
+    let poison_tries = |rows: &Rows| rows.seen().iter().filter(|(m, _)| m == "poison").count();
+
+    // First run: healthy traffic makes the poison entry's failures count. Stopped after two.
+    let rows = Arc::new(Rows {
+        fail_metric: Some("poison".into()),
+        ..Rows::default()
+    });
+    let letters = Arc::new(MemoryDeadLetters::default());
+    let handle = Pipeline::builder(RedisStreamSource::new(config.clone(), connection()))
+        .shared_action(rows.clone())
+        .dead_letters(letters.clone())
+        .build()
+        .spawn();
+    let mut next_good = 20;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while failures().await < 2 {
+        xadd_lines(&mut con, &stream, &[line("cpu", f64::from(next_good))]).await;
+        next_good += 1;
+        assert!(tokio::time::Instant::now() < deadline, "no failure counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // no traffic: nothing more counts
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    let counted_before = failures().await;
+    assert!(
+        (2..4).contains(&counted_before),
+        "counted {counted_before} failures before the restart"
+    );
+    assert!(letters.letters().is_empty(), "not poison yet");
+    let reason: String = con
+        .hget(attempts_key(&stream, group), format!("{poison_id}:error"))
+        .await
+        .unwrap();
+    assert!(reason.contains("refusing the poison row"), "{reason}");
+
+    // Second run: the count carried over, so fewer failures finish it.
+    let rows = Arc::new(Rows {
+        fail_metric: Some("poison".into()),
+        ..Rows::default()
+    });
+    let handle = Pipeline::builder(RedisStreamSource::new(config, connection()))
+        .shared_action(rows.clone())
+        .dead_letters(letters.clone())
+        .build()
+        .spawn();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while letters.letters().is_empty() || pending(&mut con, &stream, group).await != 0 {
+        xadd_lines(&mut con, &stream, &[line("cpu", f64::from(next_good))]).await;
+        next_good += 1;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "poison entry not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // One try may not count (nothing succeeded yet since its delivery); a count starting
+    // from zero would need four more.
+    let tries = poison_tries(&rows);
+    assert!(
+        tries <= 4 - counted_before as usize + 1,
+        "{tries} tries after the restart, {counted_before} failures counted before it"
+    );
+    let dead = letters.letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let letter = &dead[0];
+    assert_eq!(letter.payload, poison_line, "the whole record");
+    assert_eq!(letter.origin, format!("{stream}/{poison_id}"));
+    assert!(
+        letter
+            .reason
+            .contains("failed 4 times (max_deliveries = 4)")
+            && letter.reason.contains("refusing the poison row"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(
+        gauge(&handle, "source:redis_stream", "redis_stream_poison_total"),
+        1.0
+    );
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    let counts: i64 = con.exists(attempts_key(&stream, group)).await.unwrap();
+    assert_eq!(counts, 0, "counts are deleted with the XACK");
+    let _: () = con
+        .del(&[&stream, &acked_key(&stream, group)])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
+async fn a_lost_group_is_created_again_after_what_was_acknowledged_and_before_what_was_not() {
+    let stream = unique("lost-group");
+    let group = "pipeline";
+    let mut con = raw().await;
+    let values =
+        |rows: &Rows| -> BTreeSet<u64> { rows.values().into_iter().map(|v| v as u64).collect() };
+    let run = |rows: Arc<Rows>| {
+        let mut config = stream_config(&stream, group, "c1");
+        // `$` if the group were simply created again: the mark must win.
+        config.start = StreamStart::Latest;
+        config.claim_idle = Duration::from_secs(60); // leaves the other consumer's entry alone
+        Pipeline::builder(RedisStreamSource::new(config, connection()))
+            .shared_action(rows)
+            .build()
+            .spawn()
+    };
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(group)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    xadd_lines(
+        &mut con,
+        &stream,
+        &(0..10)
+            .map(|i| line("cpu", f64::from(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+
+    // Everything acknowledged: the mark is the last entry.
+    let rows = Arc::new(Rows::default());
+    let handle = run(rows.clone());
+    common::eventually("the first ten", Duration::from_secs(10), || {
+        values(&rows) == (0..10).collect()
+    })
+    .await;
+    let ids = entry_ids(&mut con, &stream).await;
+    let mark = || async {
+        let mut con = raw().await;
+        let m: Option<String> = con.get(acked_key(&stream, group)).await.unwrap();
+        m
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while mark().await.as_deref() != Some(ids[9].0.as_str()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mark {:?}, last entry {}",
+            mark().await,
+            ids[9].0
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.shutdown();
+    handle.wait().await.unwrap();
+
+    // The group is lost while no consumer runs; producers go on.
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg(group)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    xadd_lines(
+        &mut con,
+        &stream,
+        &(10..15)
+            .map(|i| line("cpu", f64::from(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let rows = Arc::new(Rows::default());
+    let handle = run(rows.clone());
+    common::eventually(
+        "the entries written after the loss",
+        Duration::from_secs(10),
+        || values(&rows) == (10..15).collect(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        values(&rows),
+        (10..15).collect(),
+        "acknowledged entries skipped"
+    );
+    assert_eq!(
+        gauge(
+            &handle,
+            "source:redis_stream",
+            "redis_stream_group_recreated_total"
+        ),
+        1.0
+    );
+
+    handle.shutdown();
+    handle.wait().await.unwrap();
+
+    // Another consumer holds entry 15 unacknowledged: the mark stays below it.
+    xadd_lines(&mut con, &stream, &[line("cpu", 15.0)]).await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg("elsewhere")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    xadd_lines(
+        &mut con,
+        &stream,
+        &(16..20)
+            .map(|i| line("cpu", f64::from(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let rows = Arc::new(Rows::default());
+    let handle = run(rows.clone());
+    common::eventually(
+        "the entries after the held one",
+        Duration::from_secs(10),
+        || (16..20).all(|v| values(&rows).contains(&v)),
+    )
+    .await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    let ids = entry_ids(&mut con, &stream).await;
+    let held = &ids[15].0;
+    let m = mark().await.expect("a mark");
+    let after: redis::streams::StreamRangeReply = con.xrange(&stream, &m, "+").await.unwrap();
+    assert_eq!(
+        after.ids.first().map(|e| e.id.as_str()),
+        Some(held.as_str()),
+        "the mark {m} is just below the entry still pending"
+    );
+
+    // Lost again: the held entry comes back (at-least-once), nothing is skipped.
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg(group)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let rows = Arc::new(Rows::default());
+    let handle = run(rows.clone());
+    common::eventually("the entry held elsewhere", Duration::from_secs(10), || {
+        values(&rows).contains(&15)
+    })
+    .await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    let _: () = con
+        .del(&[&stream, &acked_key(&stream, group)])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: scripts/redis.sh start installs it"]
+async fn a_redis_restart_without_persistence_loses_no_entry_written_after_it() {
+    let mut server = PrivateRedis::start(&["--port", "{port}", "--appendonly", "no"]);
+    let conn = RedisConnection::new(server.url());
+    let mut con = conn.connect().await.unwrap();
+    let (stream, group) = ("metrics", "pipeline");
+    xadd_lines(
+        &mut con,
+        stream,
+        &(0..500)
+            .map(|i| line("cpu", f64::from(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let rows = Arc::new(Rows::default());
+    let mut config = stream_config(stream, group, "c1");
+    // Created at `$` the first time: after the loss, `$` would skip what follows.
+    config.start = StreamStart::Latest;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let handle = Pipeline::builder(RedisStreamSource::new(config, conn.clone()))
+        .shared_action(rows.clone())
+        .build()
+        .spawn();
+    let values = || -> BTreeSet<u64> { rows.values().into_iter().map(|v| v as u64).collect() };
+    common::eventually("the first entries", Duration::from_secs(10), || {
+        values().len() == 500
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pending(&mut con, stream, group).await != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "not acknowledged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Redis restarts empty. Producers write at once, before the pipeline is back.
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.spawn();
+    let mut con = conn.connect().await.unwrap();
+    xadd_lines(
+        &mut con,
+        stream,
+        &(500..1000)
+            .map(|i| line("cpu", f64::from(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let all: BTreeSet<u64> = (0..1000).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if values() == all && pending(&mut con, stream, group).await == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after the restart: {} of 1000 rows, {} pending",
+            values().len(),
+            pending(&mut con, stream, group).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gauge(
+            &handle,
+            "source:redis_stream",
+            "redis_stream_group_recreated_total"
+        ) >= 1.0,
+        "the recreation is counted"
+    );
+    // And it was not at `$`: the group delivered the stream from its start.
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(groups.len(), 1);
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert_eq!(report.metrics.batches_nacked, 0);
+}

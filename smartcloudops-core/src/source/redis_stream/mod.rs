@@ -3,7 +3,8 @@
 //!
 //! - **Consumer group**: every replica reads with the same `group` and its own `consumer`
 //!   name; Redis hands each entry to one of them (`XREADGROUP … >`). The group is created
-//!   (with the stream, `MKSTREAM`) if missing, at the stream's end or beginning (`start`).
+//!   (with the stream, `MKSTREAM`) if missing, at the stream's end or beginning (`start`) the
+//!   first time.
 //! - **At-least-once**: an entry is acknowledged (`XACK`) only after the pipeline
 //!   acknowledged the batch holding it. Until then it stays in the group's pending entries
 //!   list (PEL). The entries of a nacked batch are claimed again (`XCLAIM`) after
@@ -13,12 +14,29 @@
 //!   that crashed, or this one's previous run) are taken over with `XAUTOCLAIM` every
 //!   `claim_interval`. At start, the consumer first re-reads its own pending entries (they
 //!   belong to a run that stopped before acknowledging them).
-//! - **Poison entries**: an entry delivered more than `max_deliveries` times (it keeps
-//!   failing, or keeps killing its consumer) goes to the dead-letter output with the reason,
-//!   then is acknowledged. Undecodable records are dead-lettered at once. With
-//!   `dead_letter_stream`, dead letters are appended to that stream (fields `dlq_reason`,
-//!   `dlq_stage`, `dlq_stream`, `dlq_id`, `dlq_deliveries`, `data`) instead of the
-//!   pipeline's dead-letter output.
+//! - **Poison entries**: what counts is failed processing attempts, not deliveries. A nack
+//!   of a batch counts as a failure of its entries only if other batches were acknowledged
+//!   since the entries' previous attempt, so an outage of the whole pipeline counts nothing.
+//!   Restarts, takeovers (`XCLAIM`, `XAUTOCLAIM`, which raise Redis's own delivery count)
+//!   and reconnections count nothing either. Counted failures are written to Redis
+//!   (`<key_prefix>:<stream>:<group>:attempts`, deleted with the entry's `XACK`, expiring
+//!   `attempts_ttl` after the last write), so they survive restarts and follow an entry to
+//!   the consumer that takes it over. After `max_deliveries` failures the entry goes, whole
+//!   and with the last failure's reason, to the dead-letter output, then is acknowledged.
+//!   An entry that crashes its consumer every time is therefore not caught: a crash is not
+//!   a failure the source can tell from a restart. Undecodable records are dead-lettered at
+//!   once. With `dead_letter_stream`, dead letters are appended to that stream (fields
+//!   `dlq_reason`, `dlq_stage`, `dlq_stream`, `dlq_id`, `dlq_deliveries` (Redis's count),
+//!   `dlq_failures`, `data`) instead of the pipeline's dead-letter output.
+//! - **A lost group** (`NOGROUP`: Redis restarted without persistence, a failover to a
+//!   replica that lagged, `XGROUP DESTROY`) is created again, never at `$`, which would skip
+//!   what producers wrote meanwhile. Each `XACK` also moves
+//!   `<key_prefix>:<stream>:<group>:acked` forward (a Lua script): an id through which every
+//!   entry is acknowledged, which never passes an entry still pending with any consumer. The
+//!   group is created again there, so acknowledged entries are skipped and nothing else is;
+//!   if Redis lost that key too (and with it the stream), from `0`: everything then in the
+//!   stream was written after the loss. A group missing at start while the key exists is
+//!   treated the same way. Each recreation is logged as an error and counted.
 //! - **Trimmed entries**: an entry trimmed from the stream (`MAXLEN`) while pending can no
 //!   longer be read; Redis reports it to `XAUTOCLAIM`, and it is counted as lost.
 //! - **Backpressure**: at most `max_unacked` entries are in flight; the consumer stops
@@ -28,7 +46,8 @@
 //! in the field `field` (`data` by default, as the Redis Streams sink writes it).
 //!
 //! Gauges of the source stage: `redis_stream_acked_total`, `redis_stream_claimed_total`,
-//! `redis_stream_poison_total`, `redis_stream_trimmed_total`, `redis_stream_in_flight`.
+//! `redis_stream_poison_total`, `redis_stream_trimmed_total`,
+//! `redis_stream_group_recreated_total`, `redis_stream_in_flight`.
 
 mod acker;
 mod config;
