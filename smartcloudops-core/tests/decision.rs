@@ -215,7 +215,8 @@ async fn retries_follow_the_error_class_and_the_last_failure_goes_to_the_fallbac
     assert_eq!(results.iter().filter(|o| *o == "failed").count(), 4);
     assert_eq!(results.iter().filter(|o| *o == "fallback").count(), 1);
 
-    // Without a fallback, the notification is dead-lettered with its payload.
+    // Without a fallback, the notification waits in the outbox and is tried again; past
+    // its max_delivery_age it is dead-lettered with its payload.
     let engine2 = self::engine(
         &format!(
             r#"
@@ -229,15 +230,22 @@ async fn retries_follow_the_error_class_and_the_last_failure_goes_to_the_fallbac
             type = "webhook"
             url = "http://{addr}/hook"
             retry = {{ attempts = 2, initial_backoff = "10ms" }}
+            max_delivery_age = "1m"
             "#
         ),
-        clock,
+        clock.clone(),
     );
     rx.answer(&[(503, None), (503, None)]);
     engine2
         .execute(&input(&[("d", "api", 0, 99.0, 1.0, true)]))
         .await
         .unwrap();
+    assert_eq!(engine2.undelivered().len(), 1, "kept for a retry");
+    assert!(!outcomes(&engine2, "result").contains(&"dead_lettered".to_owned()));
+    clock.advance(Duration::from_secs(61));
+    rx.answer(&[(503, None), (503, None)]);
+    engine2.tick().await.unwrap();
+    assert!(engine2.undelivered().is_empty());
     let dead: Vec<AuditRecord> = engine2
         .audit()
         .recent()

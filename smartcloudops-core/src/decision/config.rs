@@ -11,6 +11,7 @@ use super::audit::Rotation as AuditRotation;
 use super::dispatch::{Inhibit, InhibitConfig, Silence, SilenceConfig};
 use super::guard::RateLimit;
 use super::matcher;
+use super::outbox::OutboxConfig;
 use super::receiver::{
     BuildContext, ExecutionMode, PipelineRedis, ReceiverConfig, ReceiverKind, ReceiverSettings,
 };
@@ -127,6 +128,17 @@ pub struct DecisionConfig {
     /// only and does not survive a restart (embedded engines, tests).
     #[serde(skip)]
     pub state_dir: Option<PathBuf>,
+    /// How long a notification whose deliveries fail is retried from the outbox before it is
+    /// escalated and dead-lettered (a receiver's `max_delivery_age` overrides it).
+    #[serde(default = "default_max_delivery_age", with = "humantime_serde")]
+    pub max_delivery_age: Duration,
+    /// `[decision.outbox]`: how many notifications may wait for delivery, and the backoff.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+}
+
+fn default_max_delivery_age() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 fn default_audit_max_bytes() -> u64 {
@@ -239,6 +251,10 @@ impl DecisionConfig {
                 "use `mode = \"dry_run\"` to record plans without keeping suggestions",
             );
         }
+        if self.max_delivery_age.is_zero() {
+            out.push("max_delivery_age", "must be longer than 0");
+        }
+        out.extend_at("outbox", self.outbox.problems());
         for (i, s) in self.silences.iter().enumerate() {
             if let Ok(m) = matcher::Matchers::parse(&s.matchers)
                 && m.matches(&BTreeMap::new())

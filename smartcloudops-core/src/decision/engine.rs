@@ -19,10 +19,12 @@ use super::guard::{
     CircuitBreaker, FileIdempotency, IdempotencyStore, MemoryIdempotency, TokenBucket,
 };
 use super::journal::{Changes, Journal, Restored};
+use super::outbox::{Outbox, OutboxEntry};
 use super::receiver::{Receiver, ReceiverConfig};
 use super::rule::{AlertState, Phase, Rule, RuleConfig, Transition};
 use super::{AlertRecord, AlertStatus, Clock, Notification, NotificationKind, SystemClock};
 use crate::action::{Action, ActionInput, Alert};
+use crate::dead_letter::{DeadLetterSink, JsonlDeadLetters, LogDeadLetters};
 use crate::error::{Error, Result};
 use crate::schema::{MetricsColumns, ScoreColumns};
 
@@ -120,6 +122,12 @@ pub(super) struct Inner {
     /// The decision journal (`state_dir`); held while a commit is collected and written, so
     /// commits reach the file in the order their changes were taken.
     journal: Option<Mutex<Journal>>,
+    /// Every notification from when it is due until its receiver accepted it.
+    pub(super) outbox: Outbox,
+    /// Where notifications that finally failed go, whole.
+    pub(super) dead_letters: Arc<dyn DeadLetterSink>,
+    /// `[decision] max_delivery_age`.
+    pub(super) max_delivery_age: Duration,
 }
 
 /// Options of [`DecisionEngine::with_options`].
@@ -134,6 +142,9 @@ pub struct EngineOptions {
     /// The pipeline's `[redis]` connection, for Redis receivers and the Redis key store.
     #[cfg(feature = "redis")]
     pub redis: Option<crate::redis::RedisConnection>,
+    /// The pipeline's dead-letter output, for notifications that finally failed. Without
+    /// it they go to `dead-letters.jsonl` in `state_dir`, or to the log.
+    pub dead_letters: Option<Arc<dyn DeadLetterSink>>,
 }
 
 impl Default for EngineOptions {
@@ -144,6 +155,7 @@ impl Default for EngineOptions {
             idempotency: None,
             #[cfg(feature = "redis")]
             redis: None,
+            dead_letters: None,
         }
     }
 }
@@ -237,6 +249,8 @@ impl DecisionEngine {
             }
             None => None,
         };
+        // Restored groups fall due (group_wait, a resolution) without waiting for a batch.
+        let resume_groups = state.dispatcher.has_groups();
         state.dispatcher.max_new_groups_per_minute = config.max_new_groups_per_minute;
         for c in &config.inhibits {
             state
@@ -252,7 +266,14 @@ impl DecisionEngine {
                 .silences
                 .push(Silence::new(id, s.clone(), now, config.max_silence).map_err(config_error)?);
         }
-        Ok(Self {
+        let outbox = Outbox::open(config.state_dir.as_deref(), config.outbox.clone())?;
+        let dead_letters: Arc<dyn DeadLetterSink> = match (options.dead_letters, &config.state_dir)
+        {
+            (Some(sink), _) => sink,
+            (None, Some(dir)) => Arc::new(JsonlDeadLetters::open(dir.join("dead-letters.jsonl"))?),
+            (None, None) => Arc::new(LogDeadLetters),
+        };
+        let engine = Self {
             inner: Arc::new(Inner {
                 rule_configs: config.rules.clone(),
                 rules,
@@ -269,9 +290,30 @@ impl DecisionEngine {
                 delivery_locks: Mutex::default(),
                 max_pending_suggestions: config.max_pending_suggestions,
                 journal,
+                outbox,
+                dead_letters,
+                max_delivery_age: config.max_delivery_age,
             }),
             ticker: Mutex::new(None),
-        })
+        };
+        // Deliveries a restart interrupted resume without waiting for a batch.
+        if (resume_groups || !engine.inner.outbox.entries().is_empty())
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            engine.ensure_ticker();
+        }
+        Ok(engine)
+    }
+
+    /// Notifications waiting in the delivery outbox (due, or failed and waiting for their
+    /// next try), oldest first.
+    pub fn undelivered(&self) -> Vec<OutboxEntry> {
+        self.inner.outbox.entries()
+    }
+
+    /// The delivery outbox's file, when it is durable (`state_dir`).
+    pub fn outbox_path(&self) -> Option<PathBuf> {
+        self.inner.outbox.path().map(PathBuf::from)
     }
 
     /// The decision journal's file, when the state is journaled (`state_dir`).
@@ -364,6 +406,17 @@ impl DecisionEngine {
             }
         });
         *ticker = Some((handle, stop));
+    }
+}
+
+/// Aborts a task when dropped (unless taken out first).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+        }
     }
 }
 
@@ -684,26 +737,25 @@ impl Inner {
             records.extend(dispatch_records(&mut state.dispatcher, &self.stats));
             (due, records)
         };
-        self.audit.write(&records)?;
+        if let Err(e) = self.audit.write(&records) {
+            self.lock().pending.extend(due);
+            return Err(e);
+        }
         let mut all = std::mem::take(&mut self.lock().pending);
         all.extend(due);
         let n = all.len();
         self.run_all(all).await?;
         self.persist()?; // what the tick changed (groups notified, stale alerts), if anything
+        // Failed deliveries whose next try is due, and those a restart interrupted.
+        self.send_due().await?;
         Ok(n)
     }
 
-    /// Executes `notifications`; one whose execution failed before it was recorded is kept
-    /// for the ticker, and the first such error is returned after the others ran.
+    /// Puts `notifications` into the delivery outbox (durably), then delivers them; what
+    /// could not enter the outbox is kept for the ticker, and the first error is returned
+    /// after the others ran.
     async fn run_all(&self, notifications: Vec<Notification>) -> Result<()> {
-        let mut first_error = None;
-        for n in notifications {
-            if let Err(e) = self.execute(n.clone(), true).await {
-                self.lock().pending.push(n);
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        self.send(notifications).await
     }
 }
 
@@ -869,10 +921,21 @@ impl Action for DecisionEngine {
             let ticker = self.ticker.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some((handle, stop)) = ticker {
                 stop.cancel();
-                let _ = handle.await; // let a running tick finish its executions
+                // Let a running tick finish its executions; if the pipeline gives up on this
+                // shutdown (`shutdown_timeout`), the tick is aborted with it: what it was
+                // delivering stays in the outbox and resumes after a restart.
+                let mut running = AbortOnDrop(Some(handle));
+                if let Some(handle) = running.0.as_mut() {
+                    let _ = handle.await;
+                }
+                running.0 = None;
             }
-            // What was decided must not be lost with the process: send every pending group.
-            self.inner.tick(true).await.map(|_| ())
+            // What was decided must not be lost with the process: every pending group goes
+            // into the outbox, and out as far as the receivers take it.
+            let sent = self.inner.tick(true).await.map(|_| ());
+            // Removals of delivered entries are lazy commits: made durable here.
+            let synced = self.inner.outbox.sync();
+            sent.and(synced)
         })
     }
 }

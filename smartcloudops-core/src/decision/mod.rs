@@ -26,6 +26,12 @@
 //! audit log cannot be written, the batch is nacked. Notifications that fall due later
 //! (`group_wait`) are sent by a background ticker, and every pending one is sent at shutdown.
 //!
+//! With a `state_dir` (the pipeline's `[runtime] state_dir`) the engine's state (alert states,
+//! groups, silences added at run time, suggestions) is kept in a [`journal`]: what a batch
+//! changed is committed durably before the batch is acknowledged, and restored at start. After
+//! a restart, alerts that fired before are firing again (their resolution is notified), `for`
+//! timers continue, and a group waiting for `group_wait` is notified when its wait ends.
+//!
 //! ```
 //! use smartcloudops_core::decision::{DecisionConfig, DecisionEngine};
 //!
@@ -52,7 +58,8 @@
 
 //! The engine is split by responsibility: [`config`] (`[decision]` and its checks),
 //! [`notification`] (the model), [`clock`], the engine itself (`engine`: rules, groups, the
-//! ticker) and the execution of one notification (`execute`).
+//! ticker), its durable state ([`journal`]) and the execution of one notification
+//! (`execute`).
 
 pub mod audit;
 pub mod clock;
@@ -64,6 +71,7 @@ pub mod guard;
 pub mod journal;
 mod matcher;
 pub mod notification;
+pub mod outbox;
 pub mod receiver;
 pub mod rule;
 

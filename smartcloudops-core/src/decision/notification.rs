@@ -105,7 +105,7 @@ impl AlertRecord {
 }
 
 /// What a notification is about.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum NotificationKind {
     /// The group's alerts changed, or are still firing (a repeat).
@@ -121,8 +121,8 @@ pub enum NotificationKind {
     },
 }
 
-/// One notification of one group to one receiver.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One notification of one group to one receiver (and as the delivery outbox keeps it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
     /// Unique per receiver, group, episode and notification number.
     pub id: String,

@@ -1,10 +1,25 @@
-//! Idempotency keys: which executions already happened, so a redelivered batch or a replay
-//! never runs the same one twice. In memory, in a local file, or in Redis.
+//! Idempotency keys: which executions already happened, so a redelivered batch, a replay
+//! or a restart never runs the same one twice. In memory, in a local file, or in Redis.
+//!
+//! A key has two states: **claimed** (an execution started) and **delivered** (it ended:
+//! the receiver accepted the notification, or the remediation ran). The two kinds of
+//! execution use them differently, on purpose:
+//!
+//! - **Notifications are at least once, with idempotency keys.** A notification whose key
+//!   is claimed but not delivered (the process died mid-delivery, or the delivery failed and
+//!   waits in the outbox) is sent again, under the same key (the HTTP receivers' header
+//!   `Idempotency-Key`), so the receiver can tell the copies apart. One whose key is
+//!   delivered is a duplicate and is not sent again.
+//! - **Remediations are at most once per firing episode of a group.** The key is claimed
+//!   before the command runs, and a claimed key never runs again, whether or not the run
+//!   finished: running a command twice can do twice what was asked once. A key found claimed
+//!   but not delivered (the process died while the command ran) is reported as
+//!   `outcome_unknown` and escalated to the receiver's `escalate_to`: a person checks.
 //!
 //! A key is claimed by `IdempotencyLayer`, inside the circuit breaker, the cooldown and the
 //! rate limits: a notification one of them holds back has not happened, so it keeps its key
-//! and may run later in the same episode. A key already claimed is looked up
-//! ([`IdempotencyStore::is_claimed`]) before those guards, so a duplicate spends nothing.
+//! and may run later in the same episode. A key's state is looked up
+//! ([`IdempotencyStore::state`]) before those guards, so a duplicate spends nothing.
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -19,24 +34,56 @@ use super::{Deliver, Guard, Guarded, Hold, Outcome, Request};
 use crate::error::{Error, Result};
 use crate::util::jsonl::{JsonlAppender, encode_lines};
 
+/// The state of a key that is remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// An execution started and has not been seen to end.
+    #[default]
+    Claimed,
+    /// The execution ended: the notification was accepted, or the remediation ran.
+    Delivered,
+}
+
 /// Remembers which executions already happened, so a redelivered batch or a replay never
 /// runs the same one twice. `claim` is atomic: of two claims of one key, one wins.
 pub trait IdempotencyStore: Send + Sync + std::fmt::Debug {
-    /// Claims `key` for `ttl`; false if it was claimed before and has not expired.
+    /// Claims `key` for `ttl`; false if it was claimed (or delivered) before and has not
+    /// expired.
     fn claim<'a>(&'a self, key: &'a str, ttl: Duration, now_ms: i64)
     -> BoxFuture<'a, Result<bool>>;
 
-    /// Whether `key` is claimed and not expired at `now_ms`, without claiming it. Only a
-    /// shortcut (so a duplicate spends no rate-limit token): `claim` decides. The default
-    /// says no.
+    /// The state of `key` at `now_ms`: `None` when it is not remembered (never claimed, or
+    /// expired).
+    fn state<'a>(&'a self, key: &'a str, now_ms: i64) -> BoxFuture<'a, Result<Option<KeyState>>>;
+
+    /// Records that the execution of `key` ended (delivered, or ran), for `ttl` from
+    /// `now_ms`.
+    fn mark_delivered<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// Whether `key` is claimed or delivered and not expired at `now_ms`.
     fn is_claimed<'a>(&'a self, key: &'a str, now_ms: i64) -> BoxFuture<'a, Result<bool>> {
-        let _ = (key, now_ms);
-        Box::pin(async { Ok(false) })
+        Box::pin(async move { Ok(self.state(key, now_ms).await?.is_some()) })
     }
 }
 
-/// Claims the execution's idempotency key just before it runs; a key claimed before holds
-/// it back (`duplicate`, recorded only).
+/// What an execution's key promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Guarantee {
+    /// A notification: a key claimed by a delivery that did not end is sent again.
+    AtLeastOnce,
+    /// A remediation: a claimed key never runs again.
+    AtMostOnce,
+}
+
+/// Claims the execution's idempotency key just before it runs, and marks it delivered once
+/// it ended; a key claimed before holds it back (`duplicate`, recorded only), except a
+/// notification's key whose delivery never ended, which is sent again under the same key.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct IdempotencyLayer<'s> {
     /// Where keys are kept.
@@ -47,6 +94,8 @@ pub(crate) struct IdempotencyLayer<'s> {
     pub(crate) ttl: Duration,
     /// When the notification is decided.
     pub(crate) now_ms: i64,
+    /// At least once (a notification) or at most once (a remediation).
+    pub(crate) guarantee: Guarantee,
 }
 
 impl Guard for IdempotencyLayer<'_> {}
@@ -59,21 +108,49 @@ impl<S: Deliver> Deliver for Guarded<IdempotencyLayer<'_>, S> {
                 key,
                 ttl,
                 now_ms,
+                guarantee,
             } = self.guard;
             if !store.claim(key, ttl, now_ms).await? {
-                return Ok(Outcome::Held(Hold::pause(
-                    "duplicate",
-                    "this execution already happened",
-                )));
+                let resend = guarantee == Guarantee::AtLeastOnce
+                    && store.state(key, now_ms).await? == Some(KeyState::Claimed);
+                if !resend {
+                    return Ok(Outcome::Held(Hold::pause(
+                        "duplicate",
+                        "this execution already happened",
+                    )));
+                }
             }
-            self.inner.deliver(request).await
+            let outcome = self.inner.deliver(request).await?;
+            let ended = match &outcome {
+                Outcome::Delivered(_) => true,
+                // A remediation that ran and failed has run all the same.
+                Outcome::Failed { .. } => guarantee == Guarantee::AtMostOnce,
+                Outcome::Held(_) => false,
+            };
+            if ended {
+                store.mark_delivered(key, ttl, now_ms).await?;
+            }
+            Ok(outcome)
         })
     }
 }
 
+/// A remembered key: when it expires, and its state.
+type Remembered = (i64, KeyState);
+
+fn live(keys: &HashMap<String, Remembered>, key: &str, now_ms: i64) -> Option<KeyState> {
+    keys.get(key)
+        .filter(|(expires, _)| *expires > now_ms)
+        .map(|&(_, state)| state)
+}
+
+fn expiry(ttl: Duration, now_ms: i64) -> i64 {
+    now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Keys in memory: deduplicates within one process only.
 #[derive(Debug, Default)]
-pub struct MemoryIdempotency(Mutex<HashMap<String, i64>>);
+pub struct MemoryIdempotency(Mutex<HashMap<String, Remembered>>);
 
 impl IdempotencyStore for MemoryIdempotency {
     fn claim<'a>(
@@ -87,37 +164,51 @@ impl IdempotencyStore for MemoryIdempotency {
         Box::pin(async move { Ok(won) })
     }
 
-    fn is_claimed<'a>(&'a self, key: &'a str, now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+    fn state<'a>(&'a self, key: &'a str, now_ms: i64) -> BoxFuture<'a, Result<Option<KeyState>>> {
         let keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let claimed = keys.get(key).is_some_and(|&expires| expires > now_ms);
-        Box::pin(async move { Ok(claimed) })
+        let state = live(&keys, key, now_ms);
+        Box::pin(async move { Ok(state) })
+    }
+
+    fn mark_delivered<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<()>> {
+        let mut keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        keys.insert(key.to_owned(), (expiry(ttl, now_ms), KeyState::Delivered));
+        Box::pin(async { Ok(()) })
     }
 }
 
-fn claim_in(keys: &mut HashMap<String, i64>, key: &str, ttl: Duration, now_ms: i64) -> bool {
-    if keys.get(key).is_some_and(|&expires| expires > now_ms) {
+fn claim_in(keys: &mut HashMap<String, Remembered>, key: &str, ttl: Duration, now_ms: i64) -> bool {
+    if live(keys, key, now_ms).is_some() {
         return false;
     }
-    let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-    keys.insert(key.to_owned(), now_ms.saturating_add(ttl));
+    keys.insert(key.to_owned(), (expiry(ttl, now_ms), KeyState::Claimed));
     if keys.len() > 100_000 {
-        keys.retain(|_, &mut expires| expires > now_ms);
+        keys.retain(|_, (expires, _)| *expires > now_ms);
     }
     true
 }
 
-/// Keys in a local file (JSON lines, synced before a claim is granted): survives restarts of
-/// a single replica. Expired keys are dropped when the file is loaded.
+/// Keys in a local file (JSON lines, synced before a claim is granted or a delivery
+/// recorded): survives restarts of a single replica. The last line of a key is its state;
+/// expired keys are dropped when the file is loaded.
 #[derive(Debug)]
 pub struct FileIdempotency {
     file: JsonlAppender,
-    keys: Mutex<HashMap<String, i64>>,
+    keys: Mutex<HashMap<String, Remembered>>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct ClaimLine {
     key: String,
     expires_ms: i64,
+    /// Absent in files written before keys had states: claimed.
+    #[serde(default)]
+    state: KeyState,
 }
 
 impl ClaimLine {
@@ -141,20 +232,20 @@ impl FileIdempotency {
         if let Ok(text) = std::fs::File::open(&path) {
             for line in std::io::BufReader::new(text).lines().map_while(|l| l.ok()) {
                 // A torn last line (a crash mid-write) is skipped: its claim was never granted.
-                if let Ok(c) = serde_json::from_str::<ClaimLine>(&line)
-                    && c.expires_ms > now_ms
-                {
-                    keys.insert(c.key, c.expires_ms);
+                if let Ok(c) = serde_json::from_str::<ClaimLine>(&line) {
+                    keys.insert(c.key, (c.expires_ms, c.state));
                 }
             }
         }
+        keys.retain(|_, (expires, _)| *expires > now_ms);
         // Rewritten without expired keys (atomically: a crash leaves the old file or the
         // new one, never an empty one), then appended to.
         let live: Vec<ClaimLine> = keys
             .iter()
-            .map(|(key, &expires_ms)| ClaimLine {
+            .map(|(key, &(expires_ms, state))| ClaimLine {
                 key: key.clone(),
                 expires_ms,
+                state,
             })
             .collect();
         file.replace(&ClaimLine::encode(&live, &path)?)
@@ -163,6 +254,14 @@ impl FileIdempotency {
             file,
             keys: Mutex::new(keys),
         })
+    }
+
+    /// Appends `line` and syncs it: only then is the change made in memory.
+    fn record(&self, line: ClaimLine) -> Result<()> {
+        let path = self.file.path();
+        self.file
+            .append(&ClaimLine::encode(&[line], path)?, true)
+            .map_err(|e| Error::io(format!("recording a key in {}", path.display()), e))
     }
 }
 
@@ -175,33 +274,50 @@ impl IdempotencyStore for FileIdempotency {
     ) -> BoxFuture<'a, Result<bool>> {
         let result = (|| {
             let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-            if keys.get(key).is_some_and(|&expires| expires > now_ms) {
+            if live(&keys, key, now_ms).is_some() {
                 return Ok(false);
             }
-            let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-            let line = ClaimLine {
-                key: key.to_owned(),
-                expires_ms: now_ms.saturating_add(ttl_ms),
-            };
-            let path = self.file.path();
             // Granted only once it is on disk: a failed write leaves the key free.
-            self.file
-                .append(&ClaimLine::encode(&[line], path)?, true)
-                .map_err(|e| Error::io(format!("recording a claim in {}", path.display()), e))?;
+            self.record(ClaimLine {
+                key: key.to_owned(),
+                expires_ms: expiry(ttl, now_ms),
+                state: KeyState::Claimed,
+            })?;
             claim_in(&mut keys, key, ttl, now_ms);
             Ok(true)
         })();
         Box::pin(async move { result })
     }
 
-    fn is_claimed<'a>(&'a self, key: &'a str, now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+    fn state<'a>(&'a self, key: &'a str, now_ms: i64) -> BoxFuture<'a, Result<Option<KeyState>>> {
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let claimed = keys.get(key).is_some_and(|&expires| expires > now_ms);
-        Box::pin(async move { Ok(claimed) })
+        let state = live(&keys, key, now_ms);
+        Box::pin(async move { Ok(state) })
+    }
+
+    fn mark_delivered<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<()>> {
+        let result = (|| {
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            let expires_ms = expiry(ttl, now_ms);
+            self.record(ClaimLine {
+                key: key.to_owned(),
+                expires_ms,
+                state: KeyState::Delivered,
+            })?;
+            keys.insert(key.to_owned(), (expires_ms, KeyState::Delivered));
+            Ok(())
+        })();
+        Box::pin(async move { result })
     }
 }
 
-/// Keys in Redis (`SET key 1 NX PX ttl`): shared by every replica.
+/// Keys in Redis (`SET key claimed NX PX ttl`, then `SET key delivered PX ttl`): shared by
+/// every replica.
 #[cfg(feature = "redis")]
 #[derive(Debug)]
 pub struct RedisIdempotency {
@@ -218,7 +334,16 @@ impl RedisIdempotency {
             prefix: prefix.into(),
         }
     }
+
+    fn redis_key(&self, key: &str) -> String {
+        format!("{}:idempotency:{key}", self.prefix)
+    }
 }
+
+/// The value of a delivered key in Redis; any other value (`claimed`, or `1` from before
+/// keys had states) is a claim.
+#[cfg(feature = "redis")]
+const REDIS_DELIVERED: &str = "delivered";
 
 #[cfg(feature = "redis")]
 impl IdempotencyStore for RedisIdempotency {
@@ -231,8 +356,8 @@ impl IdempotencyStore for RedisIdempotency {
         Box::pin(async move {
             let mut con = self.connection.get().await?;
             let set: Option<String> = redis::cmd("SET")
-                .arg(format!("{}:idempotency:{key}", self.prefix))
-                .arg(1)
+                .arg(self.redis_key(key))
+                .arg("claimed")
                 .arg("NX")
                 .arg("PX")
                 .arg(ttl.as_millis().max(1) as u64)
@@ -243,15 +368,41 @@ impl IdempotencyStore for RedisIdempotency {
         })
     }
 
-    fn is_claimed<'a>(&'a self, key: &'a str, _now_ms: i64) -> BoxFuture<'a, Result<bool>> {
+    fn state<'a>(&'a self, key: &'a str, _now_ms: i64) -> BoxFuture<'a, Result<Option<KeyState>>> {
         Box::pin(async move {
             let mut con = self.connection.get().await?;
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(format!("{}:idempotency:{key}", self.prefix))
+            let value: Option<String> = redis::cmd("GET")
+                .arg(self.redis_key(key))
                 .query_async(&mut con)
                 .await
                 .map_err(|e| crate::redis::error("looking up an idempotency key", e))?;
-            Ok(exists)
+            Ok(value.map(|v| {
+                if v == REDIS_DELIVERED {
+                    KeyState::Delivered
+                } else {
+                    KeyState::Claimed
+                }
+            }))
+        })
+    }
+
+    fn mark_delivered<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+        _now_ms: i64,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut con = self.connection.get().await?;
+            let _: Option<String> = redis::cmd("SET")
+                .arg(self.redis_key(key))
+                .arg(REDIS_DELIVERED)
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64)
+                .query_async(&mut con)
+                .await
+                .map_err(|e| crate::redis::error("recording a delivered idempotency key", e))?;
+            Ok(())
         })
     }
 }
@@ -293,11 +444,16 @@ mod tests {
             key: "k",
             ttl: Duration::from_secs(60),
             now_ms: 0,
+            guarantee: Guarantee::AtLeastOnce,
         };
         assert!(!store.is_claimed("k", 0).await.unwrap());
         let first = layer.layer(&script).deliver(Request::new(&n)).await;
         assert_eq!(first.unwrap(), Outcome::Delivered("ok".into()));
         assert!(store.is_claimed("k", 0).await.unwrap());
+        assert_eq!(
+            store.state("k", 0).await.unwrap(),
+            Some(KeyState::Delivered)
+        );
         let again = layer.layer(&script).deliver(Request::new(&n)).await;
         assert_eq!(
             again.unwrap(),
@@ -331,5 +487,98 @@ mod tests {
         assert!(store.claim("b", Duration::from_secs(1), 1).await.unwrap());
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2, "compacted, then appended: {text}");
+    }
+
+    #[tokio::test]
+    async fn a_claimed_notification_is_sent_again_and_a_claimed_remediation_never() {
+        use super::super::Layer;
+        use super::super::testing::*;
+        use crate::decision::AlertStatus;
+        let n = notification(AlertStatus::Firing);
+        let ttl = Duration::from_secs(60);
+        for (guarantee, runs) in [(Guarantee::AtLeastOnce, 1), (Guarantee::AtMostOnce, 0)] {
+            let store = MemoryIdempotency::default();
+            // A delivery that started and never ended (the process died).
+            assert!(store.claim("k", ttl, 0).await.unwrap());
+            let script = Script::default();
+            let layer = IdempotencyLayer {
+                store: &store,
+                key: "k",
+                ttl,
+                now_ms: 1,
+                guarantee,
+            };
+            layer
+                .layer(&script)
+                .deliver(Request::new(&n))
+                .await
+                .unwrap();
+            assert_eq!(script.calls().len(), runs, "{guarantee:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_notification_stays_claimed_and_a_failed_remediation_has_run() {
+        use super::super::Layer;
+        use super::super::testing::*;
+        use crate::decision::AlertStatus;
+        let n = notification(AlertStatus::Firing);
+        let ttl = Duration::from_secs(60);
+        for (guarantee, after) in [
+            (Guarantee::AtLeastOnce, KeyState::Claimed),
+            (Guarantee::AtMostOnce, KeyState::Delivered),
+        ] {
+            let store = MemoryIdempotency::default();
+            let script = Script::new([transient("HTTP 503")]);
+            let layer = IdempotencyLayer {
+                store: &store,
+                key: "k",
+                ttl,
+                now_ms: 0,
+                guarantee,
+            };
+            let outcome = layer.layer(&script).deliver(Request::new(&n)).await;
+            assert_eq!(outcome.unwrap(), transient("HTTP 503"));
+            assert_eq!(
+                store.state("k", 0).await.unwrap(),
+                Some(after),
+                "{guarantee:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn file_states_survive_a_reopen_and_old_lines_are_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.jsonl");
+        std::fs::write(&path, "{\"key\":\"old\",\"expires_ms\":100000}\n").unwrap();
+        let ttl = Duration::from_secs(60);
+        let store = FileIdempotency::open(&path, 0).unwrap();
+        assert_eq!(
+            store.state("old", 0).await.unwrap(),
+            Some(KeyState::Claimed)
+        );
+        assert!(store.claim("a", ttl, 0).await.unwrap());
+        assert!(store.claim("b", ttl, 0).await.unwrap());
+        store.mark_delivered("b", ttl, 1).await.unwrap();
+        drop(store);
+        let reopened = FileIdempotency::open(&path, 10).unwrap();
+        assert_eq!(
+            reopened.state("a", 10).await.unwrap(),
+            Some(KeyState::Claimed)
+        );
+        assert_eq!(
+            reopened.state("b", 10).await.unwrap(),
+            Some(KeyState::Delivered)
+        );
+        assert_eq!(reopened.state("c", 10).await.unwrap(), None);
+        assert!(!reopened.claim("b", ttl, 10).await.unwrap());
+        drop(reopened);
+        let compacted = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            compacted.lines().count(),
+            3,
+            "one line per key: {compacted}"
+        );
     }
 }

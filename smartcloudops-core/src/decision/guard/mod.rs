@@ -29,10 +29,10 @@ use futures::future::BoxFuture;
 pub use self::circuit_breaker::CircuitBreakerConfig;
 pub(crate) use self::circuit_breaker::{CircuitBreaker, CircuitBreakerLayer};
 pub(crate) use self::cooldown::CooldownLayer;
-pub(crate) use self::idempotency::IdempotencyLayer;
 #[cfg(feature = "redis")]
 pub use self::idempotency::RedisIdempotency;
-pub use self::idempotency::{FileIdempotency, IdempotencyStore, MemoryIdempotency};
+pub use self::idempotency::{FileIdempotency, IdempotencyStore, KeyState, MemoryIdempotency};
+pub(crate) use self::idempotency::{Guarantee, IdempotencyLayer};
 pub use self::rate_limit::RateLimit;
 pub(crate) use self::rate_limit::{RateLimitLayer, TokenBucket};
 pub(crate) use self::retry::RetryLayer;

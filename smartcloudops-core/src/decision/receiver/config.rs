@@ -140,6 +140,10 @@ pub struct GuardConfig {
     /// Receiver a notification goes to when this one failed it for good.
     #[serde(default)]
     pub fallback: Option<String>,
+    /// How long a failed notification is retried from the outbox before it is escalated
+    /// and dead-lettered; `[decision] max_delivery_age` when absent.
+    #[serde(default, with = "humantime_serde")]
+    pub max_delivery_age: Option<Duration>,
 }
 
 fn default_timeout() -> Duration {
@@ -156,6 +160,7 @@ impl Default for GuardConfig {
             circuit_breaker: None,
             escalate_to: None,
             fallback: None,
+            max_delivery_age: None,
         }
     }
 }
@@ -169,6 +174,9 @@ impl GuardConfig {
         }
         if self.retry.attempts == 0 {
             out.push("retry.attempts", "must be at least 1");
+        }
+        if self.max_delivery_age.is_some_and(|age| age.is_zero()) {
+            out.push("max_delivery_age", "must be longer than 0");
         }
         out
     }
@@ -467,10 +475,13 @@ mod tests {
                 attempts: 0,
                 ..RetryPolicy::default()
             },
+            max_delivery_age: Some(Duration::ZERO),
             ..GuardConfig::default()
         };
         let fields: Vec<String> = guards.problems().into_iter().map(|e| e.path).collect();
-        assert_eq!(fields, ["timeout", "retry.attempts"]);
+        assert_eq!(fields, ["timeout", "retry.attempts", "max_delivery_age"]);
+        let r = parse("name = \"k\"\ntype = \"log\"\nmax_delivery_age = \"2h\"").unwrap();
+        assert_eq!(r.guards.max_delivery_age, Some(Duration::from_secs(7200)));
         assert!(GuardConfig::default().problems().is_empty());
     }
 }
