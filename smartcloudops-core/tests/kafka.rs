@@ -606,12 +606,15 @@ async fn failed_batches_are_not_committed_and_a_restart_processes_them() {
     let (input, group) = (unique("metrics"), unique("group"));
     create_topic(&input, 2).await;
     let ends = produce(&input, &events(20, 50)).await;
-    // A sink that is down: every batch fails, is rewound and retried, never committed.
+    // A sink that is down: every batch fails, is rewound and retried, never committed
+    // (without a poison limit: an outage must not dead-letter good messages).
     let failing = Arc::new(Seen {
         fail_first: usize::MAX,
         ..Default::default()
     });
-    let handle = Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
+    let mut config = source_config(&group, &input);
+    config.max_attempts = 0;
+    let handle = Pipeline::builder(KafkaSource::new(config))
         .shared_action(failing.clone())
         .build()
         .spawn();
@@ -729,4 +732,238 @@ async fn decision_notifications_are_published_to_a_topic_keyed_by_group() {
     );
     let key = std::str::from_utf8(messages[0].key().unwrap()).unwrap();
     assert_eq!(key.len(), 16, "keyed by the group's id");
+}
+
+/// Fails every batch holding a row of `metric`; records the others.
+#[derive(Debug)]
+struct FailOn {
+    metric: &'static str,
+    memory: MemoryAction,
+    failures: AtomicUsize,
+}
+
+impl FailOn {
+    fn new(metric: &'static str) -> Self {
+        Self {
+            metric,
+            memory: MemoryAction::new(),
+            failures: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Action for FailOn {
+    fn name(&self) -> &str {
+        "fail_on"
+    }
+    fn wants_every_batch(&self) -> bool {
+        true
+    }
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let rows = common::rows(std::slice::from_ref(&input.batch));
+            if rows.iter().any(|r| r.metric == self.metric) {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                return Err(Error::Action {
+                    action: "fail_on".into(),
+                    message: format!("injected failure on {}", self.metric),
+                    retryable: false,
+                });
+            }
+            self.memory.record(input)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn a_batch_failing_max_attempts_times_is_dead_lettered_with_headers_and_committed() {
+    let (input, dlq, group) = (unique("metrics"), unique("dlq"), unique("group"));
+    create_topic(&input, 1).await;
+    create_topic(&dlq, 1).await;
+    // One partition: record i is offset i. The one at offset 50 decodes but always fails
+    // the action.
+    let mut records = events(10, 10);
+    records.insert(
+        50,
+        (
+            "poison".into(),
+            r#"{"ts": 1764028800000, "metric": "poison", "value": 1}"#.into(),
+        ),
+    );
+    let ends = produce(&input, &records).await;
+    let mut config = source_config(&group, &input);
+    config.dead_letter_topic = Some(dlq.clone());
+    config.max_attempts = 3;
+    config.batch_size = 10;
+    let action = Arc::new(FailOn::new("poison"));
+    let handle = Pipeline::builder(KafkaSource::new(config))
+        .shared_action(action.clone())
+        .build()
+        .spawn();
+    let seen = || {
+        common::rows(&action.memory.batches())
+            .into_iter()
+            .map(|r| (r.series_id, r.ts))
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    // The offsets, poison included, are committed once its range went to the dead-letter
+    // topic, and the partition goes on.
+    assert_committed(&group, &input, &ends, Duration::from_secs(60)).await;
+    let letters = consume(&dlq, 101, Duration::from_secs(10)).await;
+    assert!(
+        common::wait_until(Duration::from_secs(20), || seen() + letters.len() == 101).await,
+        "every message was processed or dead-lettered: {} seen, {} dead letters",
+        seen(),
+        letters.len()
+    );
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert_eq!(
+        action.failures.load(Ordering::SeqCst),
+        3,
+        "the failing range was delivered max_attempts times, then dead-lettered"
+    );
+    assert_eq!(
+        report.metrics.stage("source:kafka").unwrap().dead_lettered,
+        letters.len() as u64
+    );
+    assert!(
+        !letters.is_empty() && letters.len() <= 10,
+        "only the failing batch's range: {}",
+        letters.len()
+    );
+    let mut offsets = Vec::new();
+    for m in &letters {
+        let headers = headers(m);
+        assert_eq!(headers["dlq_attempts"], "3", "{headers:?}");
+        assert!(
+            headers["dlq_reason"].contains("failed 3 deliveries")
+                && headers["dlq_reason"].contains("injected failure on poison"),
+            "{headers:?}"
+        );
+        assert_eq!(headers["dlq_topic"], input);
+        assert_eq!(headers["dlq_partition"], "0");
+        offsets.push(headers["dlq_offset"].parse::<i64>().unwrap());
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets[0], 50, "the range starts at the poison message");
+    assert!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "one contiguous range: {offsets:?}"
+    );
+    let poison = letters
+        .iter()
+        .find(|m| m.key() == Some(&b"poison"[..]))
+        .expect("the poison message itself, key kept");
+    assert!(String::from_utf8_lossy(poison.payload().unwrap()).contains("\"poison\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker and Redis: scripts/kafka.sh start"]
+async fn a_revoke_saves_the_detector_states_for_the_new_owner() {
+    use redis::AsyncCommands;
+    use smartcloudops_core::Detector;
+    use smartcloudops_core::detector::{RedisStateStore, RedisStateStoreConfig};
+    use smartcloudops_core::redis::RedisConnection;
+
+    let (input, group) = (unique("metrics"), unique("group"));
+    create_topic(&input, 4).await;
+    produce(&input, &events(40, 50)).await;
+    let redis = RedisConnection::new(
+        std::env::var("SMARTCLOUDOPS_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+    );
+    let store_config = RedisStateStoreConfig {
+        key_prefix: unique("sco-test:kafka-state"),
+        ttl: Duration::from_secs(600),
+        // No periodic save: only a revoke (or the shutdown) saves.
+        interval: Duration::from_secs(3600),
+        ..RedisStateStoreConfig::default()
+    };
+    let replica = |seen: Arc<Seen>| {
+        Pipeline::builder(KafkaSource::new(source_config(&group, &input)))
+            .detector(EwmaDetector::new(EwmaConfig::default()))
+            .series_state_store(
+                Arc::new(RedisStateStore::new(&store_config, redis.clone())),
+                store_config.interval,
+            )
+            .shared_action(seen)
+            .build()
+            .spawn()
+    };
+    let a = Arc::new(Seen::default());
+    let first = replica(a.clone());
+    assert!(
+        common::wait_until(Duration::from_secs(60), || a.distinct() == 2000).await,
+        "first member saw {} of 2000",
+        a.distinct()
+    );
+    let mut con = redis.connect().await.unwrap();
+    let namespace = EwmaDetector::new(EwmaConfig::default())
+        .series_state_namespace()
+        .unwrap();
+    let pattern = format!("{}:state:{namespace}:*", store_config.key_prefix);
+    let keys = |mut con: redis::aio::MultiplexedConnection| {
+        let pattern = pattern.clone();
+        async move { con.keys::<_, Vec<String>>(pattern).await.unwrap().len() }
+    };
+    assert_eq!(
+        keys(con.clone()).await,
+        0,
+        "nothing saved before the revoke"
+    );
+
+    // A second member joins: the first one's partitions are revoked, and their series'
+    // states saved before the new owner reads on.
+    let b = Arc::new(Seen::default());
+    let second = replica(b.clone());
+    let mut saved = 0;
+    for _ in 0..300 {
+        saved = keys(con.clone()).await;
+        if saved == 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        saved, 40,
+        "every series' state saved on revoke, first member still running"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let more = events(40, 60).split_off(2000);
+    let ends = produce(&input, &more).await;
+    let union = |a: &Seen, b: &Seen| {
+        let mut all: HashSet<(u64, i64)> = a.rows().into_iter().collect();
+        all.extend(b.rows());
+        all.len()
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(60), || union(&a, &b) == 2400).await,
+        "saw {} of 2400",
+        union(&a, &b)
+    );
+    assert!(b.distinct() > 0, "the second member got partitions");
+    assert_committed(&group, &input, &ends, Duration::from_secs(15)).await;
+    first.shutdown();
+    second.shutdown();
+    let (_, rb) = (first.wait().await.unwrap(), second.wait().await.unwrap());
+    let loaded = rb
+        .metrics
+        .stage("detector:ewma")
+        .unwrap()
+        .gauges
+        .iter()
+        .find(|g| g.name == "detector_states_loaded_total")
+        .map(|g| g.value);
+    assert!(
+        loaded.is_some_and(|n| n > 0.0),
+        "the new owner continued the saved states: {loaded:?}"
+    );
+    let all: Vec<String> = con
+        .keys(format!("{}:*", store_config.key_prefix))
+        .await
+        .unwrap();
+    let _: () = con.del(&all).await.unwrap();
 }

@@ -39,6 +39,9 @@ struct PartitionState {
     rewind: Option<i64>,
     /// Consecutive failures without progress, for backoff and the poison limit.
     failures: u32,
+    /// The first offset of the last failure: only a commit past it is progress (an earlier
+    /// range still in flight when it failed may be acknowledged after it).
+    failed_from: Option<i64>,
     /// The range to dead-letter on its next delivery, once failures reached the limit.
     poison: Option<Poison>,
 }
@@ -170,7 +173,10 @@ impl OffsetTracker {
             moved = Some(next);
         }
         if let Some(next) = moved {
-            p.failures = 0;
+            if p.failed_from.is_none_or(|from| next > from) {
+                p.failures = 0;
+                p.failed_from = None;
+            }
             if p.poison.as_ref().is_some_and(|poison| poison.last < next) {
                 p.poison = None;
             }
@@ -192,6 +198,7 @@ impl OffsetTracker {
         let p = self.partitions.get_mut(&t.tp)?;
         p.epoch = self.next_epoch;
         p.failures = p.failures.saturating_add(1);
+        p.failed_from = Some(t.first);
         // A poisoned range whose dead letters failed stays poisoned with its first reason.
         if self.max_attempts > 0 && p.failures >= self.max_attempts && p.poison.is_none() {
             p.poison = Some(Poison {
@@ -409,6 +416,25 @@ mod tests {
         let rest = t.register(&tp(), 7, 12).unwrap();
         assert_eq!(t.ack(&rest), Some(13));
         assert_eq!(t.poisoned(&tp(), 8), None, "lifted once committed past");
+    }
+
+    #[test]
+    fn an_earlier_range_acked_after_a_later_one_failed_is_not_progress() {
+        let mut t = OffsetTracker::with_max_attempts(2);
+        t.assign(tp());
+        let early = t.register(&tp(), 0, 9).unwrap();
+        let bad = t.register(&tp(), 10, 19).unwrap();
+        t.nack(&bad, "boom");
+        assert_eq!(t.ack(&early), Some(10));
+        t.take_rewinds();
+        let bad = t.register(&tp(), 10, 19).unwrap();
+        t.nack(&bad, "boom");
+        assert_eq!(
+            t.take_rewinds(),
+            vec![(tp(), 10, 2)],
+            "the failures of the range still count"
+        );
+        assert!(t.poisoned(&tp(), 10).is_some());
     }
 
     #[test]
