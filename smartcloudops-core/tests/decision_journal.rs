@@ -434,3 +434,45 @@ async fn without_a_state_dir_nothing_survives() {
     let engine = decision_support::engine(&config, clock);
     assert!(engine.firing().is_empty());
 }
+
+#[tokio::test]
+async fn a_restored_group_is_notified_by_the_ticker_without_waiting_for_a_batch() {
+    let (hook, addr) = Hook::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::at(T0));
+    let config = format!(
+        "tick = \"20ms\"\n{}",
+        webhook_rule(addr, "[[rule]]\nname = \"cpu\"\ngroup_wait = \"30s\"")
+    );
+    let engine = journaled(&config, dir.path(), clock.clone());
+    engine
+        .execute(&input(&[("web-1", "api", 0, true)]))
+        .await
+        .unwrap();
+    drop(engine);
+
+    clock.advance(Duration::from_secs(30));
+    let mut parsed: DecisionConfig = toml::from_str(&config).unwrap();
+    parsed.state_dir = Some(dir.path().to_owned());
+    let _engine = DecisionEngine::with_options(
+        parsed,
+        EngineOptions {
+            clock,
+            ticker: true,
+            idempotency: Some(Arc::new(MemoryIdempotency::default())),
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
+    // No batch arrives (a quiet source after the restart): the ticker sends it anyway.
+    for _ in 0..250 {
+        if !received(&hook).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        received(&hook),
+        vec![("firing".to_owned(), vec!["firing".to_owned()])]
+    );
+}

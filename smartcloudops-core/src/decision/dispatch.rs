@@ -430,6 +430,11 @@ impl Dispatcher {
         Some(key)
     }
 
+    /// Whether any group is open (waiting, firing, or with a resolution to notify).
+    pub(crate) fn has_groups(&self) -> bool {
+        !self.groups.is_empty()
+    }
+
     /// The group `key`, if there is one.
     pub(crate) fn group(&self, key: &str) -> Option<&Group> {
         self.groups.get(key)

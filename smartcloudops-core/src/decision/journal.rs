@@ -194,10 +194,13 @@ impl Journal {
                         .map_err(|e| unreadable(&e))?;
                 }
                 Some([FORMAT]) => {}
-                Some(other) => {
+                Some([other]) => {
                     return Err(unreadable(&format!(
-                        "it has format {other:?}, this version reads format {FORMAT}"
+                        "it has format {other}, this version reads format {FORMAT}"
                     )));
+                }
+                Some(other) => {
+                    return Err(unreadable(&format!("its format mark {other:?} is unknown")));
                 }
             }
             if let Some(v) = meta.get("silence_seq").map_err(|e| unreadable(&e))? {
@@ -373,5 +376,93 @@ impl Journal {
             self.suggestions = now;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn silence(id: &str) -> Silence {
+        let config = SilenceConfig {
+            matchers: [("host".to_owned(), "web-1".to_owned())].into(),
+            created_by: "ops".into(),
+            comment: String::new(),
+            starts_at: None,
+            ends_at: None,
+            duration: Some(std::time::Duration::from_secs(60)),
+        };
+        Silence::new(id.into(), config, 0, std::time::Duration::from_secs(3600)).unwrap()
+    }
+
+    #[test]
+    fn what_is_committed_is_read_back_and_deletions_stick() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, restored) = Journal::open(dir.path()).unwrap();
+        assert!(restored.alerts.is_empty() && restored.groups.is_empty());
+        let firing = AlertState::default();
+        let mut changes = Changes::default();
+        changes.alert("cpu", 7, Some(&firing)).unwrap();
+        changes.alert("cpu", 8, Some(&firing)).unwrap();
+        let silences = [silence("silence-1"), silence("static-1")];
+        journal
+            .silences(&silences, |s| s.id.starts_with("silence-"), &mut changes)
+            .unwrap();
+        journal.silence_seq(1, &mut changes);
+        journal.commit(changes).unwrap();
+
+        let mut changes = Changes::default();
+        journal
+            .silences(&silences, |s| s.id.starts_with("silence-"), &mut changes)
+            .unwrap();
+        journal.silence_seq(1, &mut changes);
+        journal
+            .suggestions(Vec::<Suggestion>::new().iter(), &mut changes)
+            .unwrap();
+        assert!(changes.is_empty(), "unchanged parts are not written again");
+        changes.alert("cpu", 8, None).unwrap();
+        journal.commit(changes).unwrap();
+        drop(journal);
+
+        let (journal, restored) = Journal::open(dir.path()).unwrap();
+        let alerts: Vec<_> = restored
+            .alerts
+            .iter()
+            .map(|(r, s, _)| (r.as_str(), *s))
+            .collect();
+        assert_eq!(alerts, [("cpu", 7)]);
+        assert_eq!(restored.alerts[0].2, firing);
+        assert_eq!(restored.silence_seq, 1);
+        assert_eq!(
+            restored.silences.len(),
+            1,
+            "static silences are not journaled"
+        );
+        assert_eq!(restored.silences[0], SilenceEntry::of(&silences[0]));
+        let mut changes = Changes::default();
+        journal
+            .silences(&[], |s| s.id.starts_with("silence-"), &mut changes)
+            .unwrap();
+        assert_eq!(
+            changes.silences,
+            [("silence-1".to_owned(), None)],
+            "expired"
+        );
+    }
+
+    #[test]
+    fn a_journal_of_another_format_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Journal::open(dir.path()).unwrap());
+        let db = redb::Database::create(dir.path().join(FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("format", [FORMAT + 1].as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        let e = Journal::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(FILE_NAME) && e.contains("format 2"), "{e}");
     }
 }
