@@ -1,6 +1,11 @@
-//! `smartcloudops run` on Redis Streams as a consumer group of two processes, one of them
-//! killed with SIGKILL mid-stream: the survivor claims the entries it left pending, every
-//! entry is processed at least once, and nothing stays pending.
+//! `smartcloudops run` on Redis Streams, real processes killed with SIGKILL:
+//!
+//! - a consumer group of two processes, one of them killed mid-stream: the survivor claims
+//!   the entries it left pending, every entry is processed at least once, and nothing stays
+//!   pending;
+//! - a downstream outage (every batch fails, many more times than `max_deliveries`), the
+//!   process killed during it and started again: nothing good is dead-lettered, everything
+//!   is processed once the outage ends.
 //!
 //! Needs Redis on 127.0.0.1:6379 (`scripts/redis.sh start`), then
 //! `cargo test -p smartcloudops-bin --test redis_streams -- --ignored`.
@@ -187,4 +192,169 @@ payload = "scored"
         assert!(log.contains("claimed stale pending entries"), "{log}");
     }
     let _: () = con.del(&[&input, &output]).await.unwrap();
+}
+
+/// Consumes `input` as `pod-0` (a stable name, as a StatefulSet gives) and writes every scored
+/// row to `output`; poison entries go to `dead`.
+fn outage_config(
+    dir: &std::path::Path,
+    input: &str,
+    output: &str,
+    dead: &str,
+) -> std::path::PathBuf {
+    let config = dir.join("pod.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[redis]
+url = "{url}"
+
+[source]
+type = "redis_stream"
+streams = ["{input}"]
+group = "detect"
+consumer = "pod-0"
+start = "earliest"
+batch_size = 50
+block = "50ms"
+claim_idle = "1s"
+claim_interval = "200ms"
+retry_backoff = "20ms"
+max_deliveries = 2
+dead_letter_stream = "{dead}"
+
+[detector]
+type = "ewma"
+
+[[action]]
+type = "redis_stream"
+stream = "{output}"
+maxlen = 0
+payload = "scored"
+"#,
+            url = url()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
+async fn an_outage_then_a_kill_9_and_a_restart_dead_letters_nothing_good() {
+    let (input, output, dead) = (unique("metrics"), unique("scored"), unique("dead"));
+    let group = "detect";
+    const ENTRIES: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let config = outage_config(dir.path(), &input, &output, &dead);
+    let client = redis::Client::open(url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+
+    // The downstream is down: the output key holds a string, so every XADD to it fails
+    // (WRONGTYPE) and every batch is nacked.
+    let _: () = con.set(&output, "down").await.unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut pipe = redis::pipe();
+    for i in 0..ENTRIES {
+        let payload = format!(
+            r#"{{"ts": {}, "metric": "cpu", "labels": {{"host": "h{i}"}}, "value": 1}}"#,
+            now_ms - 60_000
+        );
+        pipe.cmd("XADD")
+            .arg(&input)
+            .arg("*")
+            .arg("data")
+            .arg(payload)
+            .ignore();
+    }
+    pipe.query_async::<()>(&mut con).await.unwrap();
+
+    let mut pod = spawn_member(&config, "pod-0", &dir.path().join("first.log"));
+    let first: String = {
+        let reply: redis::streams::StreamRangeReply =
+            con.xrange_count(&input, "-", "+", 1).await.unwrap();
+        reply.ids[0].id.clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // NOGROUP until the process created the group.
+        let reply: Option<redis::streams::StreamPendingCountReply> = con
+            .xpending_count(&input, group, &first, &first, 1)
+            .await
+            .ok();
+        if reply
+            .as_ref()
+            .and_then(|r| r.ids.first())
+            .is_some_and(|p| p.times_delivered > 4)
+        {
+            break; // far beyond max_deliveries by Redis's count
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.path().join("first.log")).unwrap_or_default();
+            panic!("the outage never made Redis count deliveries: {reply:?}\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pod.0.kill().unwrap(); // SIGKILL during the outage
+    pod.0.wait().unwrap();
+    let dead_len: usize = con.xlen(&dead).await.unwrap();
+    assert_eq!(dead_len, 0, "nothing dead-lettered during the outage");
+
+    // The pod comes back while the outage lasts a little longer; then the downstream heals.
+    let pod = spawn_member(&config, "pod-0", &dir.path().join("second.log"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _: () = con.del(&output).await.unwrap();
+
+    let mut distinct = HashSet::new();
+    let mut last = "0-0".to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply: redis::streams::StreamRangeReply = con
+            .xrange_count(&output, format!("({last}"), "+", 5000)
+            .await
+            .unwrap_or_default();
+        for entry in &reply.ids {
+            let id: String = entry.get("ce_id").expect("ce_id field");
+            distinct.insert(id);
+            last = entry.id.clone();
+        }
+        let pending: redis::streams::StreamPendingReply =
+            con.xpending(&input, group).await.unwrap();
+        if distinct.len() == ENTRIES && pending.count() == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap_or_default();
+            let dead_len: usize = con.xlen(&dead).await.unwrap();
+            panic!(
+                "{} of {ENTRIES} processed, {} pending, {dead_len} dead-lettered; log:\n{log}",
+                distinct.len(),
+                pending.count()
+            );
+        }
+        if reply.ids.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let dead_len: usize = con.xlen(&dead).await.unwrap();
+    let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap_or_default();
+    assert_eq!(
+        dead_len, 0,
+        "good entries dead-lettered after the restart:\n{log}"
+    );
+    drop(pod);
+    let _: () = con
+        .del(&[
+            input.clone(),
+            output,
+            dead,
+            format!("smartcloudops:{input}:{group}:attempts"),
+            format!("smartcloudops:{input}:{group}:acked"),
+        ])
+        .await
+        .unwrap();
 }
