@@ -363,7 +363,20 @@ impl ConsumerTask {
                 .retry_backoff
                 .saturating_mul(1 << failures.saturating_sub(1).min(6))
                 .min(Duration::from_secs(30));
-            tracing::warn!(%topic, partition, offset, ?delay, "batch failed; redelivering");
+            let poisoned = self
+                .shared
+                .tracker()
+                .poison(&(topic.clone(), partition))
+                .map(|p| (p.first, p.last, p.attempts));
+            match poisoned {
+                Some((first, last, attempts)) => tracing::warn!(
+                    %topic, partition, offsets = %format!("{first}..={last}"), attempts, ?delay,
+                    "batch failed max_attempts times; its messages go to the dead-letter output"
+                ),
+                None => {
+                    tracing::warn!(%topic, partition, offset, ?delay, "batch failed; redelivering")
+                }
+            }
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&topic, partition);
             if let Err(e) = self.consumer.pause(&tpl) {
