@@ -482,3 +482,52 @@ async fn a_full_outbox_dead_letters_what_does_not_fit() {
     let body: Value = serde_json::from_str(&letters[0].payload).unwrap();
     assert_eq!(body["alerts"].as_array().unwrap().len(), 1);
 }
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+#[ignore = "needs Redis on 127.0.0.1:6379: scripts/redis.sh start"]
+async fn redis_keys_are_claimed_then_delivered_and_old_claims_stay_claims() {
+    use smartcloudops_core::decision::guard::{IdempotencyStore, KeyState, RedisIdempotency};
+    use smartcloudops_core::redis::RedisConnection;
+    let url = std::env::var("SMARTCLOUDOPS_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let prefix = format!("sco-test:outbox:{}-{nanos}", std::process::id());
+    let store = RedisIdempotency::new(RedisConnection::new(url.clone()), prefix.clone());
+    let ttl = Duration::from_secs(60);
+    assert_eq!(store.state("k", 0).await.unwrap(), None);
+    assert!(store.claim("k", ttl, 0).await.unwrap());
+    assert_eq!(store.state("k", 0).await.unwrap(), Some(KeyState::Claimed));
+    assert!(!store.claim("k", ttl, 0).await.unwrap(), "one claim wins");
+    store.mark_delivered("k", ttl, 0).await.unwrap();
+    assert_eq!(
+        store.state("k", 0).await.unwrap(),
+        Some(KeyState::Delivered)
+    );
+    assert!(!store.claim("k", ttl, 0).await.unwrap());
+
+    // A key claimed by a version before keys had states (value `1`) is a claim.
+    let mut con = RedisConnection::new(url).connect().await.unwrap();
+    let key = format!("{prefix}:idempotency:old");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(1)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.state("old", 0).await.unwrap(),
+        Some(KeyState::Claimed)
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .arg(format!("{prefix}:idempotency:k"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+}

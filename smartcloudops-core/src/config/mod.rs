@@ -433,7 +433,7 @@ impl PipelineConfig {
         };
         let mut builder = Pipeline::builder_boxed(source)
             .timestamps(self.source_timestamps())
-            .dead_letters(dead_letters)
+            .dead_letters(dead_letters.clone())
             .options(self.runtime.clone());
         let mut schema = self.source.config.output_schema();
         for (i, p) in self.prep.iter().enumerate() {
@@ -470,6 +470,8 @@ impl PipelineConfig {
             let options = crate::decision::EngineOptions {
                 #[cfg(feature = "redis")]
                 redis: Some(self.redis_connection()),
+                // Notifications that finally failed go where the pipeline's dead letters go.
+                dead_letters: Some(dead_letters),
                 ..Default::default()
             };
             let engine = crate::decision::DecisionEngine::with_options(decision.clone(), options)?;

@@ -441,6 +441,22 @@ mod tests {
     }
 
     #[test]
+    fn the_outbox_settings_parse_and_are_checked() {
+        let config: DecisionConfig = toml::from_str(
+            "max_delivery_age = \"6h\"\n[outbox]\nmax_entries = 50\nmax_backoff = \"2m\"",
+        )
+        .unwrap();
+        assert_eq!(config.max_delivery_age, Duration::from_secs(6 * 3600));
+        assert_eq!(config.outbox.max_entries, 50);
+        assert_eq!(config.outbox.max_backoff, Duration::from_secs(120));
+        let default: DecisionConfig = toml::from_str("").unwrap();
+        assert_eq!(default.max_delivery_age, Duration::from_secs(24 * 3600));
+        let p = problems("max_delivery_age = \"0s\"\n[outbox]\nmax_entries = 0");
+        assert!(p.contains_key("max_delivery_age"), "{p:?}");
+        assert!(p.contains_key("outbox.max_entries"), "{p:?}");
+    }
+
+    #[test]
     fn a_silence_must_name_a_label_value() {
         let p = problems(
             r#"

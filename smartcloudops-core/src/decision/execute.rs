@@ -85,25 +85,6 @@ impl Inner {
         r
     }
 
-    /// Puts `notifications` into the outbox (one durable commit) and delivers what can go
-    /// now. What could not be put into the outbox is kept in memory for the ticker, and the
-    /// error returned (the batch is then not acknowledged); a delivery that fails stays in the
-    /// outbox. The first error is returned after the other chains ran.
-    pub(super) async fn send(&self, notifications: Vec<Notification>) -> Result<()> {
-        if notifications.is_empty() {
-            return Ok(());
-        }
-        let items = notifications.iter().cloned().map(|n| (n, true)).collect();
-        let chains = match self.enqueue(items) {
-            Ok(chains) => chains,
-            Err(e) => {
-                self.lock().pending.extend(notifications);
-                return Err(e);
-            }
-        };
-        self.deliver_chains(chains).await
-    }
-
     /// Delivers the outbox's entries that are due now (retries, and what a restart found).
     pub(super) async fn send_due(&self) -> Result<()> {
         let chains = self.outbox.due_chains(self.clock.now_ms());
@@ -112,7 +93,7 @@ impl Inner {
 
     /// Adds notifications to the outbox; returns the chains that got one. One that does not
     /// fit is dead-lettered, with an audit record.
-    fn enqueue(&self, items: Vec<(Notification, bool)>) -> Result<Vec<Chain>> {
+    pub(super) fn enqueue(&self, items: Vec<(Notification, bool)>) -> Result<Vec<Chain>> {
         let enqueued = self.outbox.enqueue(items, self.clock.now_ms())?;
         for n in &enqueued.overflow {
             let reason = format!(
@@ -182,15 +163,15 @@ impl Inner {
         if now >= deadline {
             let age = Duration::from_millis(u64::try_from(now - entry.enqueued_ms).unwrap_or(0));
             let reason = format!(
-                "not delivered within max_delivery_age ({}; {} tries from the outbox): {reason}",
+                "not delivered within max_delivery_age ({}; {} old after {} tries from the \
+                 outbox): {reason}",
                 humantime::format_duration(max_age),
+                humantime::format_duration(Duration::from_secs(age.as_secs())),
                 entry.failures + 1,
             );
-            let gave_up = self
-                .finally_failed(n, &reason, entry.may_escalate, escalated)
-                .await;
-            tracing::debug!(age = ?age, "gave up a notification");
-            gave_up.inspect_err(|_| self.outbox.release(seq))?;
+            self.finally_failed(n, &reason, entry.may_escalate, escalated)
+                .await
+                .inspect_err(|_| self.outbox.release(seq))?;
             self.outbox
                 .finish(seq)
                 .inspect_err(|_| self.outbox.release(seq))?;

@@ -9,22 +9,25 @@
 //! 2. hands fired and resolved alerts to the **dispatcher** ([`dispatch`]): silences,
 //!    inhibition, grouping by labels with `group_wait` / `group_interval` /
 //!    `repeat_interval`, as Alertmanager does;
-//! 3. **executes** each due notification on each of the rule's receivers ([`receiver`],
+//! 3. puts each due notification into the delivery **outbox** ([`outbox`], durable in
+//!    `state_dir`) and **executes** it on each of the rule's receivers ([`receiver`],
 //!    [`command`]) behind the same **guards** ([`guard`], layers around the receiver): an
-//!    idempotency key claimed
-//!    atomically (so a redelivered batch or a replay never runs a remediation twice), a
-//!    cooldown per (receiver, group), rate limits per receiver and overall, a circuit breaker
-//!    that stops a failing receiver and escalates to a person, and retries with error
-//!    classification (4xx never, except 408 and 429 with its `Retry-After`; 5xx and timeouts with
-//!    exponential backoff and jitter). After the last try a notification goes to the
-//!    receiver's fallback or is dead-lettered (in the audit log, with its payload): never
-//!    silently dropped;
+//!    idempotency key claimed, then marked delivered (notifications are at least once under
+//!    that key; a remediation runs at most once per episode), a cooldown per (receiver,
+//!    group), rate limits per receiver and overall, a circuit breaker that stops a failing
+//!    receiver and escalates to a person, and retries with error classification (4xx never,
+//!    except 408 and 429 with its `Retry-After`; 5xx and timeouts with exponential backoff and
+//!    jitter). A notification whose tries all failed goes to the receiver's fallback, or
+//!    stays in the outbox and is tried again with backoff until `max_delivery_age`; then it
+//!    is escalated and dead-lettered with its whole body: never silently dropped;
 //! 4. writes an **audit log** ([`audit`]) linking trigger → decision → execution → result.
 //!
 //! A batch is acknowledged once its alert changes are in the (synced) audit log and the
-//! notifications that fell due were delivered, sent to a fallback or dead-lettered. If the
-//! audit log cannot be written, the batch is nacked. Notifications that fall due later
-//! (`group_wait`) are sent by a background ticker, and every pending one is sent at shutdown.
+//! notifications that fell due are in the outbox (and were tried once). If the audit log or
+//! the outbox cannot be written, the batch is nacked. Notifications that fall due later
+//! (`group_wait`) and retries are sent by a background ticker; at shutdown every pending
+//! group goes into the outbox, and what is still undelivered when the process stops is sent
+//! after the restart.
 //!
 //! With a `state_dir` (the pipeline's `[runtime] state_dir`) the engine's state (alert states,
 //! groups, silences added at run time, suggestions) is kept in a [`journal`]: what a batch
