@@ -25,8 +25,8 @@
 //!   producer gives up after `dead_letter_timeout` (its `message.timeout.ms`, and the bound
 //!   of the wait); the batch is then nacked and redelivered, never committed without them.
 //! - **State hand-over**: on revoke, after the drain and before the commit, the source tells
-//!   its [`RevokeListener`] (the pipeline saves the detector
-//!   states that changed), waiting at most `drain_timeout` more.
+//!   its [`RevokeListener`] (the pipeline saves the detector states that changed), waiting
+//!   at most `drain_timeout` more.
 //! - **Backpressure**: when the pipeline does not take batches (one is waiting and the next
 //!   is full), or `max_unacked` messages are in flight, the source pauses its partitions and
 //!   keeps polling, so neither memory nor the poll interval runs away.
