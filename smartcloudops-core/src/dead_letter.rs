@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -54,7 +55,9 @@ pub trait DeadLetterSink: Send + Sync + fmt::Debug {
     /// Stores one dead letter. An error means it was **not** stored.
     fn send(&self, letter: DeadLetter) -> Result<()>;
 
-    /// Makes everything sent so far durable. Called at shutdown.
+    /// Makes everything sent so far durable. The pipeline calls it before it acknowledges each
+    /// batch (an error nacks the batch) and at shutdown, so it should be cheap when nothing
+    /// was sent since the last call.
     fn flush(&self) -> Result<()> {
         Ok(())
     }
@@ -117,6 +120,9 @@ impl DeadLetterQueue {
 pub struct JsonlDeadLetters {
     file: JsonlAppender,
     log_each: bool,
+    /// Letters written since the last sync: the pipeline syncs before it acknowledges a batch,
+    /// and most batches dead-letter nothing.
+    unsynced: AtomicBool,
 }
 
 impl JsonlDeadLetters {
@@ -128,6 +134,7 @@ impl JsonlDeadLetters {
         Ok(Self {
             file,
             log_each: false,
+            unsynced: AtomicBool::new(false),
         })
     }
 
@@ -149,6 +156,7 @@ impl DeadLetterSink for JsonlDeadLetters {
         self.file
             .append(&lines, false)
             .map_err(|e| Error::io(format!("writing {}", self.path().display()), e))?;
+        self.unsynced.store(true, Ordering::Release);
         if self.log_each {
             tracing::warn!(
                 stage = %letter.stage,
@@ -163,9 +171,13 @@ impl DeadLetterSink for JsonlDeadLetters {
     }
 
     fn flush(&self) -> Result<()> {
-        self.file
-            .sync()
-            .map_err(|e| Error::io(format!("syncing {}", self.path().display()), e))
+        if !self.unsynced.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.file.sync().map_err(|e| {
+            self.unsynced.store(true, Ordering::Release);
+            Error::io(format!("syncing {}", self.path().display()), e)
+        })
     }
 }
 

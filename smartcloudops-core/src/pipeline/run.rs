@@ -349,10 +349,16 @@ async fn source_task(
         stage.record_out(kept, polled.elapsed());
         // The pipeline's own share of the ack counts the outcome, then passes it on.
         let counter = metrics.clone();
+        let dead_letters = ingest.refused.clone();
         let ack = Ack::new(move |outcome| {
             counter.record_outcome(outcome.is_acked(), rows);
             match outcome {
-                AckOutcome::Acked => outer.ack(),
+                // What the batch dead-lettered is on disk before the source forgets the batch
+                // (a no-op when nothing new was dead-lettered).
+                AckOutcome::Acked => match dead_letters.flush() {
+                    Ok(()) => outer.ack(),
+                    Err(e) => outer.nack(format!("syncing the dead letters failed: {e}")),
+                },
                 AckOutcome::Nacked(reason) => outer.nack(reason),
             }
         });
