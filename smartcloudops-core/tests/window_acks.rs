@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use smartcloudops_core::action::MemoryAction;
 use smartcloudops_core::prep::window::Aggregation;
-use smartcloudops_core::prep::{ResampleConfig, WindowConfig, WindowPrep};
+use smartcloudops_core::prep::{FillPolicy, ResampleConfig, WindowConfig, WindowPrep};
 use smartcloudops_core::schema::MetricsBatchBuilder;
 use smartcloudops_core::source::{Source, SourceBatch, SourceContext, SourceStream};
 use smartcloudops_core::{
@@ -77,15 +77,28 @@ struct Run {
     feed: mpsc::Sender<usize>,
     outcomes: Outcomes,
     output: Arc<MemoryAction>,
-    _state: tempfile::TempDir,
+    /// The state directory of a run that has its own.
+    _state: Option<tempfile::TempDir>,
 }
 
 impl Run {
     fn start(batches: &Arc<Vec<RecordBatch>>, prep: WindowPrep, in_flight: Option<u32>) -> Run {
+        let state = tempfile::tempdir().unwrap();
+        let mut run = Run::resume(batches, prep, in_flight, state.path());
+        run._state = Some(state);
+        run
+    }
+
+    /// A run keeping its durable state in `state` (a restart passes the same).
+    fn resume(
+        batches: &Arc<Vec<RecordBatch>>,
+        prep: WindowPrep,
+        in_flight: Option<u32>,
+        state: &std::path::Path,
+    ) -> Run {
         let (feed, rx) = mpsc::channel(batches.len().max(1));
         let outcomes = Outcomes::default();
         let output = Arc::new(MemoryAction::new().every_batch());
-        let state = tempfile::tempdir().unwrap();
         let source = ReplayingSource {
             batches: batches.clone(),
             feed: rx,
@@ -94,7 +107,7 @@ impl Run {
             replays: true,
         };
         let options = PipelineOptions {
-            state_dir: state.path().to_owned(),
+            state_dir: state.to_owned(),
             ..PipelineOptions::default()
         };
         let handle = Pipeline::builder(source)
@@ -108,7 +121,7 @@ impl Run {
             feed,
             outcomes,
             output,
-            _state: state,
+            _state: None,
         }
     }
 
@@ -255,7 +268,8 @@ async fn crashed(
     prep: impl Fn() -> WindowPrep,
     crash_after: usize,
 ) -> Vec<(u64, i64, f64)> {
-    let first = Run::start(batches, prep(), None);
+    let state = tempfile::tempdir().unwrap();
+    let first = Run::resume(batches, prep(), None, state.path());
     first.send(0..crash_after).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = first.windows();
@@ -281,7 +295,8 @@ async fn crashed(
         replay_from < crash_after,
         "the open windows' batches were left unacknowledged"
     );
-    let second = Run::start(batches, prep(), None);
+    // Restarted on the same state directory.
+    let second = Run::resume(batches, prep(), None, state.path());
     second.send(replay_from..batches.len()).await;
     let Run {
         handle,
@@ -323,28 +338,46 @@ async fn a_replay_from_the_first_unacknowledged_batch_emits_the_same_windows() {
 
 #[tokio::test]
 async fn a_resample_replayed_after_a_stop_fills_the_same_steps() {
-    let batches: Arc<Vec<RecordBatch>> =
-        Arc::new(rows_by_step(2, 24).iter().map(|r| batch_of(r)).collect());
-    let resample = || WindowPrep::resample(&ResampleConfig::new(Duration::from_secs(30))).unwrap();
+    // Two series every 10 s, the second silent for a minute: resampled to 30 s steps with
+    // gaps filled.
+    let steps: Vec<Vec<(i64, String, f64)>> = rows_by_step(2, 24)
+        .into_iter()
+        .enumerate()
+        .map(|(i, rows)| {
+            rows.into_iter()
+                .filter(|(_, host, _)| !(host == "h1" && (6..12).contains(&i)))
+                .collect()
+        })
+        .collect();
+    let batches: Arc<Vec<RecordBatch>> = Arc::new(steps.iter().map(|r| batch_of(r)).collect());
+    let resample = || {
+        WindowPrep::resample(&ResampleConfig {
+            fill: FillPolicy::Previous,
+            ..ResampleConfig::new(Duration::from_secs(30))
+        })
+        .unwrap()
+    };
     let expected = sorted(uncrashed(&batches, resample()).await);
-    let got = crashed(&batches, resample, 10).await;
-    assert_eq!(distinct(got), expected);
+    for crash_after in [8, 10, 13] {
+        let got = crashed(&batches, resample, crash_after).await;
+        assert_eq!(distinct(got), expected, "stopped after batch {crash_after}");
+    }
 }
 
 #[tokio::test]
-async fn no_window_is_lost_when_batches_straddle_window_ends() {
-    // Batches of 5 rows over 3 series: most batches hold rows of two windows.
+async fn batches_straddling_window_ends_replay_to_the_same_windows() {
+    // Batches of 5 rows over 3 series: most batches hold the last rows of one window and
+    // the first of the next, so a replay delivers again rows of windows already emitted.
     let flat: Vec<(i64, String, f64)> = rows_by_step(3, 30).into_iter().flatten().collect();
     let batches: Arc<Vec<RecordBatch>> = Arc::new(flat.chunks(5).map(batch_of).collect());
     let expected = sorted(uncrashed(&batches, one_minute_windows()).await);
-    for crash_after in [5, 8, 11] {
-        let got = distinct(crashed(&batches, one_minute_windows, crash_after).await);
-        for window in &expected {
-            assert!(
-                got.contains(window),
-                "stopped after batch {crash_after}: window {window:?} lost"
-            );
-        }
+    for crash_after in [5, 8, 11, 14] {
+        let got = crashed(&batches, one_minute_windows, crash_after).await;
+        assert_eq!(
+            distinct(got),
+            expected,
+            "stopped after batch {crash_after}: windows differ from an uninterrupted run"
+        );
     }
 }
 

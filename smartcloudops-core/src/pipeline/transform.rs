@@ -128,10 +128,15 @@ impl StageFailure {
 
 pub(super) async fn transform_task(mut t: TransformTask) -> Result<()> {
     t.held = Vec::with_capacity(t.preps.len());
-    for (prep, stage) in &mut t.preps {
+    for (i, (prep, stage)) in t.preps.iter_mut().enumerate() {
         let holds = t.holding.replays && prep.retains_rows();
         if holds {
-            prep.acks_held(&t.holding.state_dir)
+            // By position and kind: the same stage of the same configuration finds it again.
+            let state = t
+                .holding
+                .state_dir
+                .join(format!("prep{i}-{}.state", prep.name()));
+            prep.acks_held(&state)
                 .inspect_err(|_| stage.record_error())?;
         }
         t.held.push(holds.then(HeldAcks::default));
@@ -457,7 +462,6 @@ fn run_stage(
 /// Runs the preps from the `from`-th on `batch`. A prep that retains rows holds the batch's
 /// acknowledgement and passes on those it let go of; on a failure, the acknowledgement to
 /// resolve comes back with the batch to dead-letter.
-#[allow(clippy::result_large_err)]
 fn run_preps(
     t: &mut TransformTask,
     from: usize,

@@ -82,10 +82,11 @@ pub trait Prep: Send + fmt::Debug {
     /// Called once, before the first batch, when the pipeline holds the acknowledgements of
     /// the rows this stage [retains](Self::retains_rows). The stage then bounds what it holds
     /// back (its source stops reading at its own limit of unacknowledged input, and must not
-    /// wait forever on rows the stage keeps); `state_dir` is the pipeline's directory of
-    /// durable state, for what the stage needs to survive a restart.
-    fn acks_held(&mut self, state_dir: &std::path::Path) -> Result<()> {
-        let _ = state_dir;
+    /// wait forever on rows the stage keeps). `state` is a path in the pipeline's state
+    /// directory reserved for this stage (a file it may create), for what it needs to know
+    /// after a restart: which rows its source delivers again were emitted already.
+    fn acks_held(&mut self, state: &std::path::Path) -> Result<()> {
+        let _ = state;
         Ok(())
     }
 

@@ -32,7 +32,7 @@
 //!   sources' contiguous commits: after a crash the source delivers again from the oldest
 //!   batch with rows in an open window, and the open windows are rebuilt from their rows.
 //!   Chosen over snapshots of the windows, which would need the sources' positions stored
-//!   with them to avoid counting replayed rows twice. Late rows and dead-lettered rows hold
+//!   with them to avoid counting replayed rows twice; only the small marks below are kept. Late rows and dead-lettered rows hold
 //!   nothing: their batch is acknowledged as soon as the batches before it are.
 //!   - *Bounds.* The rows waiting are bounded by `max_held_rows`: past it, the windows the
 //!     oldest waiting batch opened are emitted early with the rows they have (counted,
@@ -45,11 +45,17 @@
 //!   - *Shutdown.* Open windows are not emitted at a shutdown; their batches are nacked and
 //!     delivered again after the restart. Only at the end of a finite input are they emitted
 //!     and acknowledged.
-//!   - *After a crash*, a window emitted before it may hold rows of the batches delivered
-//!     again (a batch holds the last rows of one window and the first of the next): those
-//!     rows come out again as a second, partial emission of that window. Nothing is lost;
-//!     a replay whose batches do not straddle window ends (one batch per scrape round, say)
-//!     emits exactly the windows of an uninterrupted run.
+//!   - *After a crash* the source delivers again from the oldest batch with rows in an open
+//!     window, and such a batch usually also holds the last rows of a window emitted before
+//!     the crash. So the stage keeps, per series, the start of the last window its
+//!     watermark closed (for resampling, with that step's value, to fill the next gap) in a
+//!     file in the state directory (`prep{i}-{kind}.state`), synced before the emitted rows
+//!     leave the stage; rows delivered again whose windows are that old are dropped and
+//!     counted ([`WindowPrep::replayed_rows`]). The restarted process thus emits exactly the
+//!     windows an uninterrupted run would have (plus, at least once, windows emitted just
+//!     before the crash whose acknowledgement had not reached the source: the same rows,
+//!     the same values). Marks are forgotten two windows behind the stage watermark. To
+//!     process old data again on purpose (offsets reset, a stream re-read), delete the file.
 //!   - *Rebalance.* A revoked partition's offsets stay uncommitted while its rows wait in
 //!     open windows, so the new owner reads them again and emits whole windows. The old
 //!     owner still emits those windows when they close, with the rows it had: a window
@@ -77,6 +83,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
+use self::marks::Marks;
 use super::{Prep, PrepConfig};
 use crate::component::{BuildContext, ComponentConfig};
 use crate::error::{Error, Problems, Result};
@@ -325,6 +332,8 @@ struct Acc {
     /// the pipeline holds that input's acknowledgement, and every later one's, until the
     /// window is emitted.
     first_input: u64,
+    /// Emitted before its watermark closed it (`max_held_rows`): later rows open it again.
+    early: bool,
     count: u64,
     sum: f64,
     min: f64,
@@ -419,6 +428,9 @@ pub struct WindowPrep {
     open_by_input: BTreeMap<u64, usize>,
     /// Set once the pipeline holds acknowledgements for this stage ([`Prep::acks_held`]).
     held: Option<HeldInputs>,
+    /// With held acknowledgements: per series, the last window emitted, kept in a file.
+    marks: Option<Marks>,
+    replayed_rows: u64,
 }
 
 /// The inputs whose acknowledgements the pipeline holds for this stage, and the bound on
@@ -568,6 +580,8 @@ impl WindowPrep {
             inputs: 0,
             open_by_input: BTreeMap::new(),
             held: None,
+            marks: None,
+            replayed_rows: 0,
             max_held_rows: config.max_held_rows,
         })
     }
@@ -613,6 +627,12 @@ impl WindowPrep {
     /// rows come out again when it closes).
     pub fn early_windows(&self) -> u64 {
         self.held.as_ref().map_or(0, |h| h.early_windows)
+    }
+
+    /// Rows dropped because a window holding them had been emitted before a restart (the
+    /// source delivered them again after a crash).
+    pub fn replayed_rows(&self) -> u64 {
+        self.replayed_rows
     }
 
     /// Input rows whose acknowledgement waits for an open window of this stage (0 unless the
@@ -688,8 +708,9 @@ impl WindowPrep {
                     .map(|(start, _)| *start)
                     .collect();
                 for start in early {
-                    if let Some(acc) = state.windows.remove(&start) {
+                    if let Some(mut acc) = state.windows.remove(&start) {
                         window_left(&mut self.open_by_input, acc.first_input);
+                        acc.early = true;
                         out.push((start, *id, acc));
                     }
                 }
@@ -709,6 +730,17 @@ impl WindowPrep {
             if emitted == 0 {
                 return; // cannot happen (the oldest input opened a window); never spin
             }
+        }
+    }
+
+    /// Makes the marks of the windows just emitted durable before their input can be
+    /// acknowledged. A failure is logged, not fatal: the windows are emitted all the same,
+    /// and only a crash before the next successful write could emit them a second time.
+    fn write_marks(&mut self) {
+        if let Some(marks) = self.marks.as_mut()
+            && let Err(e) = crate::util::run_blocking(|| marks.write())
+        {
+            tracing::error!(stage = %self.name, "window marks not saved: {e}");
         }
     }
 
@@ -757,6 +789,18 @@ impl WindowPrep {
         for series in quiet {
             self.close_series(series, out);
         }
+        if let Some(marks) = self.marks.as_mut() {
+            // Rows delivered again after a crash are of windows near the stage watermark;
+            // a mark two windows (and the lateness and out-of-orderness) behind it, plus
+            // the steps a gap may be filled with, is no longer needed.
+            let horizon = self
+                .size
+                .saturating_add(self.lateness)
+                .saturating_add(self.ooo)
+                .saturating_mul(2)
+                .saturating_add((self.max_fill + 1).saturating_mul(self.size));
+            marks.retain(|start| start.saturating_add(horizon) > stage);
+        }
         if self.fill == FillPolicy::Previous {
             // Every step still to be emitted ends after `stage - lateness`, and a gap is
             // filled only up to `max_fill` steps: a last step further back than that is never
@@ -790,6 +834,9 @@ impl WindowPrep {
         let names = &state.names;
         for (&agg, (metric, id)) in self.aggregations.iter().zip(&names.outputs) {
             let value = acc.value(agg);
+            if let Some(marks) = self.marks.as_mut().filter(|_| !acc.early) {
+                marks.set(series, start, value);
+            }
             if self.resample {
                 if self.fill == FillPolicy::Previous {
                     if let Some(&(previous, last)) = self.last_step.get(&series) {
@@ -895,6 +942,16 @@ impl Prep for WindowPrep {
                     }
                 }
             }
+            // Rows delivered again after a restart whose windows were emitted before it.
+            let mark = self
+                .marks
+                .as_ref()
+                .and_then(|m| m.get(series))
+                .map(|(start, _)| start);
+            if mark.is_some_and(|mark| newest <= mark) {
+                self.replayed_rows += 1;
+                continue;
+            }
             if !value.is_finite() {
                 continue; // a window of numbers: NaN and infinities do not aggregate
             }
@@ -919,7 +976,8 @@ impl Prep for WindowPrep {
                     break;
                 };
                 let open = start.saturating_add(self.size) > ts
-                    && i128::from(start) + size + i128::from(self.lateness) > i128::from(watermark);
+                    && i128::from(start) + size + i128::from(self.lateness) > i128::from(watermark)
+                    && mark.is_none_or(|mark| start > mark);
                 if open {
                     let open_by_input = &mut self.open_by_input;
                     state
@@ -956,6 +1014,7 @@ impl Prep for WindowPrep {
         }
         self.hold_input(position, batch.num_rows(), &mut closed);
         let out = self.emit(closed)?;
+        self.write_marks();
         if round {
             self.forget_closed_series();
         }
@@ -970,13 +1029,19 @@ impl Prep for WindowPrep {
         self.open_by_input.keys().next().copied()
     }
 
-    fn acks_held(&mut self, _state_dir: &std::path::Path) -> Result<()> {
+    fn acks_held(&mut self, state: &std::path::Path) -> Result<()> {
         self.held.get_or_insert_with(|| HeldInputs {
             max_rows: self.max_held_rows,
             inputs: std::collections::VecDeque::new(),
             rows: 0,
             early_windows: 0,
         });
+        let marks = crate::util::run_blocking(|| Marks::open(state))?;
+        if self.resample && self.fill == FillPolicy::Previous {
+            // Gaps after the restart are filled from the last steps emitted before it.
+            self.last_step.extend(marks.iter());
+        }
+        self.marks = Some(marks);
         Ok(())
     }
 
@@ -1024,6 +1089,7 @@ impl Prep for WindowPrep {
         }
         self.release_inputs();
         let batch = self.emit(closed)?;
+        self.write_marks();
         self.forget_closed_series();
         Ok((batch.num_rows() > 0).then_some(batch))
     }
@@ -1044,6 +1110,7 @@ impl Prep for WindowPrep {
             return Ok(None);
         }
         let batch = self.emit(closed)?;
+        self.write_marks();
         self.series.clear();
         Ok(Some(batch))
     }
@@ -1104,5 +1171,6 @@ impl PrepConfig for ResampleConfig {
     }
 }
 
+mod marks;
 #[cfg(test)]
 mod tests;
