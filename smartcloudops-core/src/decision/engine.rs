@@ -19,7 +19,7 @@ use super::guard::{
     CircuitBreaker, FileIdempotency, IdempotencyStore, MemoryIdempotency, TokenBucket,
 };
 use super::journal::{Changes, Journal, Restored};
-use super::outbox::{Outbox, OutboxEntry};
+use super::outbox::{Chain, Outbox, OutboxEntry};
 use super::receiver::{Receiver, ReceiverConfig};
 use super::rule::{AlertState, Phase, Rule, RuleConfig, Transition};
 use super::{AlertRecord, AlertStatus, Clock, Notification, NotificationKind, SystemClock};
@@ -122,6 +122,11 @@ pub(super) struct Inner {
     /// The decision journal (`state_dir`); held while a commit is collected and written, so
     /// commits reach the file in the order their changes were taken.
     journal: Option<Mutex<Journal>>,
+    /// Held from deciding (rules, groups) until what was decided is in the outbox, and by
+    /// each journal commit: a commit never carries the decisions of a concurrent batch whose
+    /// notifications are not in the outbox yet (a crash then would lose them, the batch's
+    /// redelivery finding them already decided).
+    decide: Mutex<()>,
     /// Every notification from when it is due until its receiver accepted it.
     pub(super) outbox: Outbox,
     /// Where notifications that finally failed go, whole.
@@ -290,6 +295,7 @@ impl DecisionEngine {
                 delivery_locks: Mutex::default(),
                 max_pending_suggestions: config.max_pending_suggestions,
                 journal,
+                decide: Mutex::default(),
                 outbox,
                 dead_letters,
                 max_delivery_age: config.max_delivery_age,
@@ -644,6 +650,7 @@ impl Inner {
         let Some(journal) = &self.journal else {
             return Ok(());
         };
+        let _decide = self.decide.lock().unwrap_or_else(|p| p.into_inner());
         // Blocking for the commit (one fdatasync), like the audit log's write.
         let mut journal = journal.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = self.lock();
@@ -729,33 +736,50 @@ impl Inner {
     }
 
     async fn tick(&self, flush: bool) -> Result<usize> {
-        let now = self.clock.now_ms();
-        let (due, records) = {
-            let mut state = self.lock();
-            let mut records = self.sweep(&mut state, now);
-            let due = state.dispatcher.due(&self.rule_configs, now, flush);
-            records.extend(dispatch_records(&mut state.dispatcher, &self.stats));
-            (due, records)
+        let (chains, n) = {
+            let _decide = self.decide.lock().unwrap_or_else(|p| p.into_inner());
+            let now = self.clock.now_ms();
+            let (due, records) = {
+                let mut state = self.lock();
+                let mut records = self.sweep(&mut state, now);
+                let due = state.dispatcher.due(&self.rule_configs, now, flush);
+                records.extend(dispatch_records(&mut state.dispatcher, &self.stats));
+                (due, records)
+            };
+            if let Err(e) = self.audit.write(&records) {
+                self.lock().pending.extend(due);
+                return Err(e);
+            }
+            let mut all = std::mem::take(&mut self.lock().pending);
+            all.extend(due);
+            let n = all.len();
+            (self.enqueue_due(all)?, n)
         };
-        if let Err(e) = self.audit.write(&records) {
-            self.lock().pending.extend(due);
-            return Err(e);
-        }
-        let mut all = std::mem::take(&mut self.lock().pending);
-        all.extend(due);
-        let n = all.len();
-        self.run_all(all).await?;
-        self.persist()?; // what the tick changed (groups notified, stale alerts), if anything
+        self.deliver_chains(chains).await?;
+        // What the tick changed (groups notified, stale alerts, suggestions), if anything.
+        self.persist()?;
         // Failed deliveries whose next try is due, and those a restart interrupted.
         self.send_due().await?;
         Ok(n)
     }
 
-    /// Puts `notifications` into the delivery outbox (durably), then delivers them; what
-    /// could not enter the outbox is kept for the ticker, and the first error is returned
-    /// after the others ran.
-    async fn run_all(&self, notifications: Vec<Notification>) -> Result<()> {
-        self.send(notifications).await
+    /// Puts `notifications` into the delivery outbox (durably); the caller holds the decide
+    /// lock and delivers the returned chains after releasing it. What could not enter the
+    /// outbox is kept for the ticker, and the error returned.
+    fn enqueue_due(&self, notifications: Vec<Notification>) -> Result<Vec<Chain>> {
+        let chains = if notifications.is_empty() {
+            Vec::new()
+        } else {
+            let items = notifications.iter().cloned().map(|n| (n, true)).collect();
+            match self.enqueue(items) {
+                Ok(chains) => chains,
+                Err(e) => {
+                    self.lock().pending.extend(notifications);
+                    return Err(e);
+                }
+            }
+        };
+        Ok(chains)
     }
 }
 
@@ -902,16 +926,21 @@ impl Action for DecisionEngine {
     fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.ensure_ticker();
-            let (records, due) = self.inner.evaluate(input)?;
-            // Durable before anything is acted on, and before the batch is acknowledged.
-            if let Err(e) = self.inner.audit.write(&records) {
-                self.inner.lock().pending.extend(due);
-                return Err(e);
-            }
-            self.inner.run_all(due).await?;
-            // One durable commit of this batch's changes, before it is acknowledged. Not
-            // after a failed run: the batch is retried, and a crash meanwhile restarts from
-            // the state before it, so its notifications are produced again.
+            let chains = {
+                let _decide = self.inner.decide.lock().unwrap_or_else(|p| p.into_inner());
+                let (records, due) = self.inner.evaluate(input)?;
+                // Durable before anything is acted on, and before the batch is acknowledged.
+                if let Err(e) = self.inner.audit.write(&records) {
+                    self.inner.lock().pending.extend(due);
+                    return Err(e);
+                }
+                self.inner.enqueue_due(due)?
+            };
+            self.inner.deliver_chains(chains).await?;
+            // One durable commit of this batch's changes, before it is acknowledged; a failure
+            // nacks it. A crash before it re-decides the batch on its redelivery: the same
+            // notifications, with the same ids, which the outbox and the idempotency keys
+            // de-duplicate. Not after a failed run: the batch is retried.
             self.inner.persist()
         })
     }
