@@ -291,3 +291,11 @@ impl StateHandoff {
         }
     }
 }
+
+impl Drop for StateHandoff {
+    /// The transform task, which owns the hand-off, has ended (after its final save): a
+    /// revoke now (the consumer leaving the group at shutdown) must not wait for it.
+    fn drop(&mut self) {
+        self.flush.close();
+    }
+}

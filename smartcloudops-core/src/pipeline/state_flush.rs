@@ -7,7 +7,8 @@
 //! not a queue: any number of them is served by one save that starts after they were made.
 //!
 //! No deadlock: the source asks only after the revoked partitions' in-flight batches were
-//! drained, and waits at most the given timeout. A transform task busy with a batch (or
+//! drained, and waits at most the given timeout; once the transform task is gone (the
+//! pipeline stopped, and saved at its end) a request returns at once. A transform task busy with a batch (or
 //! waiting for room in the actions' queue) answers late; the revoke then goes on without
 //! the save, and the new owner loads the state of the previous periodic save.
 
@@ -23,11 +24,17 @@ use crate::source::RevokeListener;
 
 /// Revoke requests and their answers. See the [module docs](self).
 #[derive(Debug, Default)]
+struct Answered {
+    up_to: u64,
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
 pub(super) struct StateFlush {
     /// Requests made so far.
     requested: AtomicU64,
-    /// The highest request answered.
-    done: Mutex<u64>,
+    /// The highest request answered, and whether nobody answers any more.
+    done: Mutex<Answered>,
     answered: Condvar,
     /// Wakes the transform task.
     wake: Notify,
@@ -48,13 +55,20 @@ impl StateFlush {
     }
 
     fn answered_up_to(&self) -> u64 {
-        *self.done.lock().unwrap_or_else(|p| p.into_inner())
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).up_to
     }
 
     /// Every request up to `request` has been served.
     fn answer(&self, request: u64) {
         let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        *done = (*done).max(request);
+        done.up_to = done.up_to.max(request);
+        self.answered.notify_all();
+    }
+
+    /// Nobody serves requests any more (the transform task ended): they return at once.
+    pub(super) fn close(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        done.closed = true;
         self.answered.notify_all();
     }
 }
@@ -67,10 +81,13 @@ impl RevokeListener for StateFlush {
         let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
         let (done, waited) = self
             .answered
-            .wait_timeout_while(done, timeout, |done| *done < request)
+            .wait_timeout_while(done, timeout, |done| done.up_to < request && !done.closed)
             .unwrap_or_else(|p| p.into_inner());
+        let closed = done.closed && done.up_to < request;
         drop(done);
-        if waited.timed_out() {
+        if closed {
+            tracing::debug!("revoke: the pipeline has stopped (its states were saved then)");
+        } else if waited.timed_out() {
             tracing::warn!(
                 ?timeout,
                 "revoke: detector states not saved in time; the new owner loads older ones"
@@ -133,6 +150,22 @@ mod tests {
         assert_eq!(saves.load(Ordering::SeqCst), 1, "answered after one save");
         assert_eq!(flush.answered_up_to(), 1);
         server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoke_after_the_pipeline_stopped_returns_at_once() {
+        let flush = Arc::new(StateFlush::default());
+        flush.close();
+        let asking = flush.clone();
+        // A timeout no test would sit out: returning proves the close was noticed.
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::task::spawn_blocking(move || asking.on_revoke(Duration::from_secs(3600))),
+        )
+        .await
+        .expect("returned without waiting for the timeout")
+        .unwrap();
+        assert_eq!(flush.answered_up_to(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

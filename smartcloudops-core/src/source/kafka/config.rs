@@ -190,10 +190,10 @@ impl crate::component::ComponentConfig for KafkaSourceConfig {
             );
         }
         p.check(
-            self.dead_letter_timeout >= Duration::from_millis(1)
+            self.dead_letter_timeout >= Duration::from_millis(100)
                 && self.dead_letter_timeout <= crate::component::MAX_DURATION,
             "dead_letter_timeout",
-            "must be at least 1ms and at most a day",
+            "must be at least 100ms and at most a day",
             "e.g. \"10s\"; a revoke or a shutdown waits for it",
         );
         p.check(
