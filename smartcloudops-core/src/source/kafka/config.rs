@@ -239,3 +239,38 @@ impl crate::source::SourceConfig for KafkaSourceConfig {
         super::metadata::output_schema(self.metadata)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::component::ComponentConfig;
+
+    fn parse(extra: &str) -> KafkaSourceConfig {
+        toml::from_str(&format!(
+            "brokers = \"127.0.0.1:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_poison_limit_and_the_dead_letter_timeout_have_defaults_and_are_checked() {
+        let config = parse("");
+        assert_eq!(config.max_attempts, 5);
+        assert_eq!(config.dead_letter_timeout, Duration::from_secs(10));
+        assert!(config.problems().is_empty());
+        assert_eq!(
+            config,
+            KafkaSourceConfig::new("127.0.0.1:9092", "g", vec!["t".into()])
+        );
+
+        let forever = parse("max_attempts = 0\ndead_letter_timeout = \"2s\"");
+        assert_eq!(forever.max_attempts, 0);
+        assert_eq!(forever.dead_letter_timeout, Duration::from_secs(2));
+        assert!(forever.problems().is_empty());
+
+        let problems = parse("dead_letter_timeout = \"10ms\"").problems();
+        assert_eq!(problems.len(), 1);
+        let problem = problems.iter().next().unwrap();
+        assert_eq!(problem.path, "dead_letter_timeout");
+    }
+}
