@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use smartcloudops_core::action::MemoryAction;
-use smartcloudops_core::prep::window::Aggregation;
+use smartcloudops_core::dead_letter::MemoryDeadLetters;
+use smartcloudops_core::prep::window::{Aggregation, LatePolicy};
 use smartcloudops_core::prep::{FillPolicy, ResampleConfig, WindowConfig, WindowPrep};
 use smartcloudops_core::schema::MetricsBatchBuilder;
 use smartcloudops_core::source::{Source, SourceBatch, SourceContext, SourceStream};
@@ -83,8 +84,17 @@ struct Run {
 
 impl Run {
     fn start(batches: &Arc<Vec<RecordBatch>>, prep: WindowPrep, in_flight: Option<u32>) -> Run {
+        Run::with_dead_letters(batches, prep, in_flight, Arc::default())
+    }
+
+    fn with_dead_letters(
+        batches: &Arc<Vec<RecordBatch>>,
+        prep: WindowPrep,
+        in_flight: Option<u32>,
+        dead_letters: Arc<MemoryDeadLetters>,
+    ) -> Run {
         let state = tempfile::tempdir().unwrap();
-        let mut run = Run::resume(batches, prep, in_flight, state.path());
+        let mut run = Run::build(batches, prep, in_flight, state.path(), dead_letters);
         run._state = Some(state);
         run
     }
@@ -95,6 +105,16 @@ impl Run {
         prep: WindowPrep,
         in_flight: Option<u32>,
         state: &std::path::Path,
+    ) -> Run {
+        Run::build(batches, prep, in_flight, state, Arc::default())
+    }
+
+    fn build(
+        batches: &Arc<Vec<RecordBatch>>,
+        prep: WindowPrep,
+        in_flight: Option<u32>,
+        state: &std::path::Path,
+        dead_letters: Arc<MemoryDeadLetters>,
     ) -> Run {
         let (feed, rx) = mpsc::channel(batches.len().max(1));
         let outcomes = Outcomes::default();
@@ -113,6 +133,7 @@ impl Run {
         let handle = Pipeline::builder(source)
             .prep(prep)
             .shared_action(output.clone())
+            .dead_letters(dead_letters)
             .options(options)
             .build()
             .spawn();
@@ -449,4 +470,51 @@ async fn a_source_at_its_limit_of_unacknowledged_rows_does_not_stall_behind_open
             .sum();
         assert_eq!(rows, 40.0, "{host}: {parts:?}");
     }
+}
+
+#[tokio::test]
+async fn late_and_dead_lettered_rows_hold_nothing_and_are_acknowledged_in_order() {
+    let batches: Arc<Vec<RecordBatch>> = Arc::new(vec![
+        batch_of(&[(0, "a".into(), 1.0)]),
+        batch_of(&[(61_000, "a".into(), 1.0)]), // closes [0, 60 s), opens [60 s, 120 s)
+        batch_of(&[(1_000, "a".into(), 1.0)]),  // late: dead-lettered
+        batch_of(&[(2_000, "a".into(), 1.0)]),  // late
+    ]);
+    let dead = Arc::new(MemoryDeadLetters::default());
+    let prep = WindowPrep::new(&WindowConfig {
+        aggregations: vec![Aggregation::Count],
+        late: LatePolicy::DeadLetter,
+        ..WindowConfig::tumbling(Duration::from_secs(60))
+    })
+    .unwrap();
+    let run = Run::with_dead_letters(&batches, prep, None, dead.clone());
+    run.send(0..4).await;
+    common::eventually(
+        "the late rows dead-lettered",
+        Duration::from_secs(5),
+        || dead.letters().len() == 2,
+    )
+    .await;
+    common::eventually(
+        "the first window's batch acked",
+        Duration::from_secs(5),
+        || run.acked() == [0].into(),
+    )
+    .await;
+    // The late batches are done, but wait behind batch 1 (its window is open): the sources
+    // commit contiguously.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(run.resolved(), 1);
+    let Run {
+        handle,
+        feed,
+        outcomes,
+        ..
+    } = run;
+    drop(feed); // the end of the input emits [60 s, 120 s)
+    handle.wait().await.unwrap();
+    let outcomes = outcomes.lock().unwrap().clone();
+    let order: Vec<usize> = outcomes.iter().map(|(i, _)| *i).collect();
+    assert_eq!(order, vec![0, 1, 2, 3]);
+    assert!(outcomes.iter().all(|(_, o)| o.is_acked()), "{outcomes:?}");
 }

@@ -353,3 +353,106 @@ proptest::proptest! {
         proptest::prop_assert_eq!(stage.tracked_series(), 0);
     }
 }
+
+fn minute_counts() -> WindowPrep {
+    WindowPrep::new(&WindowConfig {
+        aggregations: vec![Aggregation::Count],
+        ..WindowConfig::tumbling(Duration::from_secs(60))
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_oldest_retained_input_is_the_first_input_of_the_oldest_open_window() {
+    let mut w = minute_counts();
+    assert_eq!(w.oldest_retained_input(), None);
+    w.process(&batch(&[("a", 0, 1.0)])).unwrap(); // input 0 opens a [0, 60 s)
+    w.process(&batch(&[("b", 10_000, 1.0)])).unwrap(); // input 1 opens b [0, 60 s)
+    w.process(&batch(&[("a", 20_000, 1.0)])).unwrap(); // input 2 only adds
+    assert_eq!(w.oldest_retained_input(), Some(0));
+    // Input 3 closes a's window and opens a [60 s, 120 s): b's window, from input 1, is the
+    // oldest open one.
+    let out = w
+        .process(&batch(&[("b", 30_000, 1.0), ("a", 61_000, 1.0)]))
+        .unwrap();
+    assert_eq!(
+        rows(&out),
+        vec![("cpu_count".into(), "a".into(), 60_000, 2.0)]
+    );
+    assert_eq!(w.oldest_retained_input(), Some(1));
+    // A late row holds nothing.
+    w.process(&batch(&[("a", 1_000, 1.0)])).unwrap();
+    assert_eq!(w.late_rows(), 1);
+    assert_eq!(w.oldest_retained_input(), Some(1));
+    w.flush().unwrap();
+    assert_eq!(w.oldest_retained_input(), None);
+}
+
+#[test]
+fn past_max_held_rows_the_oldest_windows_come_out_early_and_whole_rows_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = WindowPrep::new(&WindowConfig {
+        aggregations: vec![Aggregation::Count],
+        max_held_rows: 3,
+        ..WindowConfig::tumbling(Duration::from_secs(3600))
+    })
+    .unwrap();
+    w.acks_held(&dir.path().join("w.state")).unwrap();
+    let mut emitted = Vec::new();
+    for i in 0..5 {
+        let out = w.process(&batch(&[("a", i * 1000, 1.0)])).unwrap();
+        emitted.extend(rows(&out));
+        assert!(w.held_rows() <= 3, "held {} rows", w.held_rows());
+    }
+    // Inputs 0…3: the fourth row went past the bound and the window came out with four rows.
+    assert_eq!(
+        emitted,
+        vec![("cpu_count".into(), "a".into(), 3_600_000, 4.0)]
+    );
+    assert_eq!(w.early_windows(), 1);
+    // The row after it opened the window again; its part comes out at the end.
+    let rest = rows(&w.flush().unwrap().unwrap());
+    assert_eq!(rest, vec![("cpu_count".into(), "a".into(), 3_600_000, 1.0)]);
+}
+
+#[test]
+fn after_a_restart_rows_of_windows_emitted_before_it_are_dropped_as_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("prep0-window.state");
+    let mut first = minute_counts();
+    first.acks_held(&state).unwrap();
+    first
+        .process(&batch(&[("a", 0, 1.0), ("a", 50_000, 1.0)]))
+        .unwrap();
+    let out = first
+        .process(&batch(&[("a", 55_000, 1.0), ("a", 60_000, 1.0)]))
+        .unwrap();
+    assert_eq!(
+        rows(&out),
+        vec![("cpu_count".into(), "a".into(), 60_000, 3.0)]
+    );
+    drop(first); // a crash: [60 s, 120 s) is lost, its input delivered again
+
+    let mut restarted = minute_counts();
+    restarted.acks_held(&state).unwrap();
+    let out = restarted
+        .process(&batch(&[("a", 55_000, 1.0), ("a", 60_000, 1.0)]))
+        .unwrap();
+    assert_eq!(out.num_rows(), 0, "no second, partial [0, 60 s)");
+    assert_eq!(restarted.replayed_rows(), 1);
+    let out = restarted.process(&batch(&[("a", 120_000, 1.0)])).unwrap();
+    assert_eq!(
+        rows(&out),
+        vec![("cpu_count".into(), "a".into(), 120_000, 1.0)]
+    );
+
+    // Without held acknowledgements (a push source) nothing is dropped.
+    let mut plain = minute_counts();
+    let out = plain
+        .process(&batch(&[("a", 55_000, 1.0), ("a", 60_000, 1.0)]))
+        .unwrap();
+    assert_eq!(
+        rows(&out),
+        vec![("cpu_count".into(), "a".into(), 60_000, 1.0)]
+    );
+}
