@@ -135,7 +135,9 @@ impl Inner {
     /// next try (backoff), or, past the receiver's `max_delivery_age`, gives it up.
     async fn deliver_entry(&self, seq: u64, entry: OutboxEntry) -> Result<bool> {
         let n = &entry.notification;
-        let result = self.execute(n.clone(), entry.may_escalate).await;
+        // A notification tried before passed its cooldown then: a retry is not held by it.
+        let retry = entry.failures > 0;
+        let result = self.execute(n.clone(), entry.may_escalate, retry).await;
         let (reason, retry_after, escalated) = match result {
             Err(e) => {
                 self.outbox.release(seq);
@@ -204,13 +206,14 @@ impl Inner {
         })
     }
 
-    /// Runs one notification through the guards and its receiver. An error means its
-    /// outcome could not be recorded (the audit log or the key store failed): it stays in
-    /// the outbox.
+    /// Runs one notification through the guards and its receiver; `retry` when the outbox
+    /// tried it before. An error means its outcome could not be recorded (the audit log or
+    /// the key store failed): it stays in the outbox.
     pub(super) fn execute<'a>(
         &'a self,
         n: Notification,
         may_escalate: bool,
+        retry: bool,
     ) -> BoxFuture<'a, Result<Pass>> {
         Box::pin(async move {
             let Some(slot) = self.slots.get(&n.receiver) else {
@@ -312,9 +315,13 @@ impl Inner {
                 return Ok(Pass::Done);
             }
             let guards = &slot.config.guards;
-            // The cooldown is claimed before the other guards decide (see CooldownLayer).
-            let cooldown =
-                CooldownLayer::claim(&*self.idempotency, guards.cooldown, &n, now).await?;
+            // The cooldown is claimed before the other guards decide (see CooldownLayer); a
+            // retry, or a delivery a restart interrupted, claimed it the first time.
+            let cooldown = if retry || resumed {
+                CooldownLayer::passed()
+            } else {
+                CooldownLayer::claim(&*self.idempotency, guards.cooldown, &n, now).await?
+            };
             let start_reason = if resumed {
                 "resumed: a delivery under this key started before and did not finish; sent \
                  again under the same key"

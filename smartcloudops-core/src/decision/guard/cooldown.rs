@@ -18,6 +18,12 @@ pub(crate) struct CooldownLayer {
 }
 
 impl CooldownLayer {
+    /// Holds nothing back: for a notification tried before, which claimed its cooldown then
+    /// (its retries from the outbox are the same execution, not a new one).
+    pub(crate) fn passed() -> Self {
+        Self { running: None }
+    }
+
     /// Claims the cooldown of `n`'s (receiver, group) in `store` when it applies (a firing
     /// group's alerts). Claimed before any guard decides, so a notification that another
     /// guard holds back starts the cooldown all the same.
