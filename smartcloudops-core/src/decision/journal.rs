@@ -21,6 +21,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Display;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use redb::{ReadableTable, TableDefinition};
@@ -167,6 +168,19 @@ impl Journal {
             ),
             retryable: false,
         };
+        // Alerts' labels and annotations are as private as the audit log: owner only.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            && e.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            return Err(Error::Io {
+                context: format!("creating the decision journal {}", path.display()),
+                source: e,
+            });
+        }
         let mut db = redb::Builder::new()
             .set_check_integrity_on_open(true)
             .set_cache_size(CACHE_BYTES)
@@ -400,6 +414,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut journal, restored) = Journal::open(dir.path()).unwrap();
         assert!(restored.alerts.is_empty() && restored.groups.is_empty());
+        let mode = std::fs::metadata(journal.path()).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let firing = AlertState::default();
         let mut changes = Changes::default();
         changes.alert("cpu", 7, Some(&firing)).unwrap();
