@@ -451,10 +451,21 @@ async fn a_source_at_its_limit_of_unacknowledged_rows_does_not_stall_behind_open
         ..
     } = bounded;
     drop(feed);
+    let metrics = handle.metrics().clone();
     tokio::time::timeout(Duration::from_secs(10), handle.wait())
         .await
         .expect("the pipeline stalled behind its open windows")
         .unwrap();
+    let text = metrics.render_prometheus();
+    let early: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("smartcloudops_window_early_windows_total{"))
+        .and_then(|l| l.split_once("} "))
+        .unwrap_or_else(|| panic!("no early-window gauge in:\n{text}"))
+        .1
+        .parse()
+        .unwrap();
+    assert!(early >= 3.0, "{text}");
     let outcomes = outcomes.lock().unwrap();
     assert_eq!(outcomes.len(), batches.len());
     assert!(outcomes.iter().all(|(_, o)| o.is_acked()));

@@ -44,7 +44,7 @@ pub(super) struct TransformTask {
     pub(super) snapshot: Option<(SnapshotFile, Instant)>,
     /// Per-series states kept in a store outside the process.
     pub(super) handoff: Option<StateHandoff>,
-    /// When the detector's state gauges were last published.
+    /// When the stages' gauges were last published.
     pub(super) gauges_at: Option<Instant>,
     pub(super) dead_letters: Arc<dyn DeadLetterSink>,
     pub(super) has_every_batch_action: bool,
@@ -147,16 +147,23 @@ pub(super) async fn transform_task(mut t: TransformTask) -> Result<()> {
     if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut()) {
         handoff.save_final(detector.as_mut(), stage).await;
     }
-    publish_detector_gauges(&mut t);
+    publish_gauges(&mut t);
     result
 }
 
 /// How often the detector's state gauges are refreshed: `state_bytes` walks every series.
 const DETECTOR_GAUGES_EVERY: Duration = Duration::from_secs(1);
 
-/// Publishes the detector's memory accounting as gauges of its stage:
-/// `smartcloudops_detector_series`, `…_detector_state_bytes`, `…_detector_evicted_series`.
-fn publish_detector_gauges(t: &mut TransformTask) {
+/// Publishes the preps' gauges ([`Prep::gauges`]) and the detector's memory accounting as
+/// gauges of their stages: `smartcloudops_detector_series`, `…_detector_state_bytes`,
+/// `…_detector_evicted_series`.
+fn publish_gauges(t: &mut TransformTask) {
+    for (prep, stage) in &t.preps {
+        for (name, value) in prep.gauges() {
+            stage.set_gauge(name, &[], value);
+        }
+    }
+    t.gauges_at = Some(Instant::now());
     if let Some((detector, stage)) = &t.detector {
         stage.set_gauge("detector_series", &[], detector.series_count() as f64);
         stage.set_gauge("detector_state_bytes", &[], detector.state_bytes() as f64);
@@ -165,7 +172,6 @@ fn publish_detector_gauges(t: &mut TransformTask) {
             &[],
             detector.evicted_series() as f64,
         );
-        t.gauges_at = Some(Instant::now());
     }
 }
 
@@ -240,7 +246,7 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
         if t.gauges_at
             .is_none_or(|at| at.elapsed() >= DETECTOR_GAUGES_EVERY)
         {
-            publish_detector_gauges(t);
+            publish_gauges(t);
         }
         if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut())
             && handoff.save_due()

@@ -90,6 +90,12 @@ pub trait Prep: Send + fmt::Debug {
         Ok(())
     }
 
+    /// The stage's counters and levels, published about once a second as gauges of its
+    /// stage (`smartcloudops_<name>{stage="…"}`); none by default.
+    fn gauges(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+
     /// How often the pipeline calls [`tick`](Self::tick) while no batch arrives; `None` (the
     /// default) for stages that never release rows on their own.
     fn tick_interval(&self) -> Option<Duration> {

@@ -36,7 +36,8 @@
 //!   nothing: their batch is acknowledged as soon as the batches before it are.
 //!   - *Bounds.* The rows waiting are bounded by `max_held_rows`: past it, the windows the
 //!     oldest waiting batch opened are emitted early with the rows they have (counted,
-//!     [`WindowPrep::early_windows`], and logged); their later rows open them again. A source
+//!     [`WindowPrep::early_windows`] and the gauge `smartcloudops_window_early_windows_total`,
+//!     and logged); their later rows open them again. A source
 //!     stops reading at its own limit (`max_unacked` for Kafka and Redis Streams, 100 000 by
 //!     default): keep `max_held_rows` below it, with room for the batches in the pipeline's
 //!     queues, or the source would wait for acknowledgements that wait for its rows. Redis
@@ -62,6 +63,8 @@
 //!     cannot give back the rows of one partition.
 //! - **State** is bounded: a series is forgotten at the round after its last window closed
 //!   (a new row brings it back), and a row opens at most `size / slide` windows.
+//! - **Gauges** of the stage: `smartcloudops_window_late_rows_total`, `…_out_of_range_rows_total`,
+//!   `…_tracked_series`, `…_held_rows`, `…_early_windows_total`, `…_replayed_rows_total`.
 //! - **Event-time arithmetic** cannot overflow: window bounds are computed in `i128` and
 //!   saturate at the ends of `i64`; a row too near `i64::MIN` for any window holding it to
 //!   start is dropped and counted ([`WindowPrep::out_of_range_rows`]).
@@ -1023,6 +1026,20 @@ impl Prep for WindowPrep {
 
     fn retains_rows(&self) -> bool {
         true
+    }
+
+    fn gauges(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("window_late_rows_total", self.late_rows as f64),
+            (
+                "window_out_of_range_rows_total",
+                self.out_of_range_rows as f64,
+            ),
+            ("window_tracked_series", self.series.len() as f64),
+            ("window_held_rows", self.held_rows() as f64),
+            ("window_early_windows_total", self.early_windows() as f64),
+            ("window_replayed_rows_total", self.replayed_rows as f64),
+        ]
     }
 
     fn oldest_retained_input(&self) -> Option<u64> {
