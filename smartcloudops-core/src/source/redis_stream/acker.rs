@@ -354,3 +354,57 @@ impl Acker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(id: &str, count: u32) -> Held {
+        Held {
+            entry: (0, id.to_owned()),
+            failures: Failures {
+                count,
+                last_error: None,
+            },
+        }
+    }
+
+    fn resolve(shared: &Shared, held: Vec<Held>, outcome: AckOutcome, successes: u64) {
+        shared.batches_out.fetch_add(1, Ordering::Relaxed);
+        let history = History {
+            attempt: 0,
+            successes,
+        };
+        let wait = Duration::from_millis(10);
+        shared.resolve(held, outcome, wait, wait, history);
+    }
+
+    #[tokio::test]
+    async fn only_failures_after_other_batches_succeeded_count_and_are_queued_for_redis() {
+        let shared = Shared::new(Arc::new(StageMetrics::new("source:redis_stream")), 1);
+        let nack = || AckOutcome::Nacked("sink down".into());
+
+        // Every batch failing (an outage): nothing counts, nothing is written.
+        resolve(&shared, vec![held("1-0", 1)], nack(), 0);
+        assert!(lock(&shared.to_count).is_empty());
+        let retry = lock(&shared.retry).pop().unwrap();
+        assert_eq!(retry.entries[0].failures.count, 1, "unchanged");
+        assert_eq!(retry.attempt, 1, "the backoff still grows");
+
+        // Another batch succeeded since: this failure is the entry's own.
+        resolve(&shared, vec![held("2-0", 0)], AckOutcome::Acked, 0);
+        assert_eq!(*lock(&shared.to_ack), vec![(0, "2-0".to_owned())]);
+        resolve(&shared, vec![held("1-0", 1)], nack(), 0);
+        let retry = lock(&shared.retry).pop().unwrap();
+        assert_eq!(retry.entries[0].failures.count, 2);
+        assert_eq!(
+            retry.entries[0].failures.last_error.as_deref(),
+            Some("sink down")
+        );
+        let counted = lock(&shared.to_count).clone();
+        assert_eq!(counted.len(), 1);
+        assert_eq!(counted[0].0, (0, "1-0".to_owned()));
+        assert_eq!(&*counted[0].1, "sink down");
+        assert_eq!(shared.batches_out.load(Ordering::Relaxed), 0);
+    }
+}
