@@ -40,7 +40,17 @@ impl AckOutcome {
     pub fn is_acked(&self) -> bool {
         matches!(self, AckOutcome::Acked)
     }
+
+    /// Whether the batch was nacked only because the pipeline stopped before it could be
+    /// finished ([`Ack::abandon`]): not a failure of its records, which a source should not
+    /// count towards a poison limit.
+    pub fn is_abandoned(&self) -> bool {
+        matches!(self, AckOutcome::Nacked(reason) if reason.starts_with(ABANDONED))
+    }
 }
+
+/// How the reason of an [abandoned](Ack::abandon) batch starts.
+pub const ABANDONED: &str = "abandoned at shutdown";
 
 type Callback = Box<dyn FnOnce(AckOutcome) + Send + 'static>;
 
@@ -151,6 +161,13 @@ impl Ack {
         }
     }
 
+    /// This share was not finished because the pipeline stopped (rows of the batch waited in
+    /// an open window): a nack whose outcome says so ([`AckOutcome::is_abandoned`]), so the
+    /// source delivers the batch again without counting it as failed.
+    pub fn abandon(self, why: &str) {
+        self.nack(format!("{ABANDONED}: {why}"));
+    }
+
     /// Resolves this share from a result: `Ok` acks, `Err` nacks with the error's message.
     pub fn resolve<T, E: fmt::Display>(self, result: &Result<T, E>) {
         match result {
@@ -254,6 +271,17 @@ mod tests {
         Ack::all(vec![only]).ack();
         assert_eq!(*only_seen.lock().unwrap(), vec![AckOutcome::Acked]);
         Ack::all(Vec::new()).ack(); // nothing to pass on
+    }
+
+    #[test]
+    fn an_abandoned_batch_is_nacked_but_not_failed() {
+        let (ack, seen) = recorder();
+        Ack::all(vec![ack, Ack::none()]).abandon("window open");
+        let seen = seen.lock().unwrap();
+        assert!(!seen[0].is_acked());
+        assert!(seen[0].is_abandoned(), "{seen:?}");
+        assert!(!AckOutcome::Nacked("503".into()).is_abandoned());
+        assert!(!AckOutcome::Acked.is_abandoned());
     }
 
     #[test]

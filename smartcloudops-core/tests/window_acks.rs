@@ -280,6 +280,10 @@ async fn rows_in_an_open_window_are_acknowledged_only_once_it_was_emitted() {
         matches!(&outcomes[6], (6, AckOutcome::Nacked(_))),
         "{outcomes:?}"
     );
+    assert!(
+        outcomes[6].1.is_abandoned(),
+        "not a failure of its rows: {outcomes:?}"
+    );
 }
 
 /// Stops a run after the first `crash_after` batches, then replays from the first batch not

@@ -8,8 +8,9 @@
 //! of it ([`Prep::oldest_retained_input`]); the acknowledgements it releases are joined
 //! ([`Ack::all`]) into the acknowledgement of the batch the stage emits, which the actions
 //! resolve. At a shutdown (or a failed source) the open windows are not emitted and their
-//! held acknowledgements are nacked, so the source delivers their rows again after a
-//! restart; only at the end of a finite input are they emitted and acknowledged.
+//! held acknowledgements are abandoned ([`Ack::abandon`]), so the source delivers their rows
+//! again after a restart without counting a failure; only at the end of a finite input are
+//! they emitted and acknowledged.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -102,11 +103,11 @@ impl HeldAcks {
         Ack::all(released)
     }
 
-    /// Nacks every held acknowledgement: their rows were not emitted.
-    fn abandon(&mut self, reason: &str) -> usize {
+    /// Abandons every held acknowledgement ([`Ack::abandon`]): their rows were not emitted.
+    fn abandon(&mut self, why: &str) -> usize {
         let count = self.acks.len();
         for (_, ack) in self.acks.drain(..) {
-            ack.nack(reason);
+            ack.abandon(why);
         }
         count
     }
@@ -280,9 +281,8 @@ fn abandon_held(t: &mut TransformTask) {
         let Some(held) = held else {
             continue;
         };
-        let batches = held.abandon(
-            "stopped while its rows were in open windows: delivered again after a restart",
-        );
+        let batches =
+            held.abandon("its rows were in open windows; delivered again after a restart");
         if batches > 0 {
             tracing::info!(
                 stage = stage.name(),

@@ -32,17 +32,17 @@
 //!   sources' contiguous commits: after a crash the source delivers again from the oldest
 //!   batch with rows in an open window, and the open windows are rebuilt from their rows.
 //!   Chosen over snapshots of the windows, which would need the sources' positions stored
-//!   with them to avoid counting replayed rows twice; only the small marks below are kept. Late rows and dead-lettered rows hold
-//!   nothing: their batch is acknowledged as soon as the batches before it are.
+//!   with them to avoid counting replayed rows twice; only the small marks below are kept.
+//!   Late rows and dead-lettered rows hold nothing: their batch is acknowledged as soon as
+//!   the batches before it are.
 //!   - *Bounds.* The rows waiting are bounded by `max_held_rows`: past it, the windows the
 //!     oldest waiting batch opened are emitted early with the rows they have (counted,
-//!     [`WindowPrep::early_windows`] and the gauge `smartcloudops_window_early_windows_total`,
-//!     and logged); their later rows open them again. A source
-//!     stops reading at its own limit (`max_unacked` for Kafka and Redis Streams, 100 000 by
-//!     default): keep `max_held_rows` below it, with room for the batches in the pipeline's
-//!     queues, or the source would wait for acknowledgements that wait for its rows. Redis
-//!     Streams' `claim_idle` must outlast a window too, or another consumer takes its
-//!     entries over.
+//!     [`WindowPrep::early_windows`], the gauge `smartcloudops_window_early_windows_total`,
+//!     and a warning); their later rows open them again. A source stops reading at its own
+//!     limit (`max_unacked` for Kafka and Redis Streams, 100 000 by default): keep
+//!     `max_held_rows` below it, with room for the batches in the pipeline's queues, or the
+//!     source would wait for acknowledgements that wait for its rows. Redis Streams'
+//!     `claim_idle` must outlast a window too, or another consumer takes its entries over.
 //!   - *Shutdown.* Open windows are not emitted at a shutdown; their batches are nacked and
 //!     delivered again after the restart. Only at the end of a finite input are they emitted
 //!     and acknowledged.
@@ -55,16 +55,21 @@
 //!     counted ([`WindowPrep::replayed_rows`]). The restarted process thus emits exactly the
 //!     windows an uninterrupted run would have (plus, at least once, windows emitted just
 //!     before the crash whose acknowledgement had not reached the source: the same rows,
-//!     the same values). Marks are forgotten two windows behind the stage watermark. To
+//!     the same values). A mark is forgotten once the stage watermark is two windows (plus
+//!     lateness and out-of-orderness, plus the steps a gap may be filled with) past it. To
 //!     process old data again on purpose (offsets reset, a stream re-read), delete the file.
-//!   - *Rebalance.* A revoked partition's offsets stay uncommitted while its rows wait in
-//!     open windows, so the new owner reads them again and emits whole windows. The old
-//!     owner still emits those windows when they close, with the rows it had: a window
-//!     cannot give back the rows of one partition.
-//! - **State** is bounded: a series is forgotten at the round after its last window closed
-//!   (a new row brings it back), and a row opens at most `size / slide` windows.
-//! - **Gauges** of the stage: `smartcloudops_window_late_rows_total`, `…_out_of_range_rows_total`,
-//!   `…_tracked_series`, `…_held_rows`, `…_early_windows_total`, `…_replayed_rows_total`.
+//!   - *Rebalance, takeover.* A revoked partition's offsets stay uncommitted while its rows
+//!     wait in open windows, so the new owner reads them again and emits those windows. The
+//!     old owner still emits them too when they close, with the rows it had: a window
+//!     cannot give back the rows of one partition. The marks are per process (its state
+//!     directory), so the new owner, or a Redis Streams consumer taking over a dead one's
+//!     entries, can emit a second, partial copy of a window the old owner emitted.
+//!   - *Failed actions.* When an action fails on emitted windows, the batches whose rows
+//!     they hold are nacked and delivered again, but the windows are not rebuilt: those
+//!     rows are late by then (and handled as `late` says).
+//! - **Gauges** of the stage: `smartcloudops_window_late_rows_total`,
+//!   `…_out_of_range_rows_total`, `…_tracked_series`, `…_held_rows`, `…_early_windows_total`,
+//!   `…_replayed_rows_total`.
 //! - **Event-time arithmetic** cannot overflow: window bounds are computed in `i128` and
 //!   saturate at the ends of `i64`; a row too near `i64::MIN` for any window holding it to
 //!   start is dropped and counted ([`WindowPrep::out_of_range_rows`]).
