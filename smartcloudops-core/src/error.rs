@@ -9,6 +9,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// Bad *records* are not errors of this kind: they are dead-lettered and counted
 /// (see the `dead_letter` module). An `Error` means a stage or a connector failed.
+///
+/// **Retryable or permanent** ([`Error::is_retryable`]). A batch that failed with a
+/// retryable error is delivered again until it succeeds; one that failed with a permanent
+/// error may be dead-lettered after a few attempts. The rule:
+///
+/// - `Action`: as the action says (`retryable`: timeouts, 5xx, 429 are; a 4xx is not).
+/// - `Io`, `Connector`, `DeadLetter`, `Task`, `Snapshot`: retryable. They come from the
+///   world around the batch (a service, a disk, a task), which may recover.
+/// - `Schema`, `Arrow`, `Sql`, `Config`: permanent. They come from the batch or the
+///   configuration: a bad batch stays bad.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -84,20 +94,20 @@ impl Error {
         }
     }
 
-    /// Whether retrying the same operation later may succeed.
+    /// Whether retrying the same operation later may succeed: the failure lies outside the
+    /// data (a service down or slow, a full disk, a task that died) rather than in it. See
+    /// the rule on [`Error`]; a batch nacked with a non-retryable error may be dead-lettered
+    /// by its source after a few attempts, so only what a bad batch causes is permanent.
     pub fn is_retryable(&self) -> bool {
+        // No wildcard: a new variant must be classified here.
         match self {
-            Error::Io { source, .. } => matches!(
-                source.kind(),
-                std::io::ErrorKind::Interrupted
-                    | std::io::ErrorKind::TimedOut
-                    | std::io::ErrorKind::WouldBlock
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-            ),
             Error::Action { retryable, .. } => *retryable,
-            _ => false,
+            Error::Io { .. }
+            | Error::Connector { .. }
+            | Error::DeadLetter(_)
+            | Error::Task(_)
+            | Error::Snapshot(_) => true,
+            Error::Schema { .. } | Error::Arrow(_) | Error::Sql(_) | Error::Config(_) => false,
         }
     }
 }
@@ -335,6 +345,42 @@ impl From<ConfigError> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_of_the_world_are_retryable_failures_of_the_data_are_not() {
+        let action = |retryable| Error::Action {
+            action: "webhook".into(),
+            message: "status".into(),
+            retryable,
+        };
+        let connector = Error::Connector {
+            connector: "redis".into(),
+            message: "connection refused".into(),
+        };
+        let refused = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let retryable = [
+            action(true),
+            Error::io("opening /var/data/x.jsonl", refused),
+            connector,
+            Error::DeadLetter("disk full".into()),
+            Error::Task("panicked".into()),
+            Error::Snapshot("rename failed".into()),
+        ];
+        for e in &retryable {
+            assert!(e.is_retryable(), "{e}");
+        }
+        let arrow = arrow::error::ArrowError::CastError("not a number".into());
+        let permanent = [
+            action(false),
+            Error::schema("zscore", "no column `value`"),
+            Error::Arrow(arrow),
+            Error::Sql("cast failed".into()),
+            Error::Config(Problems::from(ConfigError::new("source", "bad"))),
+        ];
+        for e in &permanent {
+            assert!(!e.is_retryable(), "{e}");
+        }
+    }
 
     #[test]
     fn problems_are_prefixed_with_their_table() {

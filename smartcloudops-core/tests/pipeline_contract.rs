@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Event, FlagAll, Log, RecordingAction, TestSource, outcomes};
+use smartcloudops_core::ack::NackKind;
 use smartcloudops_core::dead_letter::{DeadLetter, DeadLetterSink, MemoryDeadLetters};
 use smartcloudops_core::detector::{EwmaConfig, EwmaDetector};
 use smartcloudops_core::pipeline::WhenFull;
@@ -100,11 +101,14 @@ async fn a_failed_action_nacks_its_batch_with_the_reason() {
     let outcomes: HashMap<usize, AckOutcome> = outcomes(&log).into_iter().collect();
     assert_eq!(outcomes.len(), 6);
     match &outcomes[&3] {
-        AckOutcome::Nacked(reason) => {
+        AckOutcome::Nacked(nack) => {
+            let reason = &nack.reason;
             assert!(
                 reason.contains("action `recording`") && reason.contains("batch 3 refused"),
                 "{reason}"
-            )
+            );
+            // The action's error was not retryable: the source may dead-letter the batch.
+            assert_eq!(nack.kind, NackKind::Permanent);
         }
         other => panic!("batch 3 should be nacked, got {other:?}"),
     }
@@ -338,7 +342,7 @@ async fn drop_newest_nacks_and_counts_what_it_drops() {
     assert_eq!(outcomes.len(), 50);
     let dropped: Vec<_> = outcomes
         .iter()
-        .filter(|(_, o)| matches!(o, AckOutcome::Nacked(r) if r.contains("queue full")))
+        .filter(|(_, o)| matches!(o, AckOutcome::Nacked(n) if n.reason.contains("queue full")))
         .collect();
     assert!(!dropped.is_empty(), "a slow action with drop_newest drops");
     assert_eq!(report.metrics.batches_nacked as usize, dropped.len());
@@ -422,7 +426,7 @@ async fn when_the_dead_letter_output_fails_the_batch_is_nacked_not_lost() {
     assert!(
         outcomes
             .iter()
-            .all(|(_, o)| matches!(o, AckOutcome::Nacked(r) if r.contains("disk full")))
+            .all(|(_, o)| matches!(o, AckOutcome::Nacked(n) if n.reason.contains("disk full")))
     );
 }
 

@@ -1,5 +1,6 @@
 //! The action task: runs every action on each scored batch, up to a number of batches at
-//! once, and resolves the batch's ack when all of them finished.
+//! once, and resolves the batch's ack when all of them finished. A failed action nacks its
+//! share with its error's kind (retryable or permanent, [`NackKind::of`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::StageMetrics;
 use super::run::Scored;
+use crate::ack::NackKind;
 use crate::action::Action;
 use crate::error::Result;
 
@@ -74,8 +76,11 @@ async fn run_actions(actions: ActionSlots, scored: Scored) {
                 Err(e) => {
                     stage.record_error();
                     stage.record_latency(started.elapsed());
-                    tracing::warn!(action = action.name(), error = %e, "action failed; batch nacked");
-                    share.nack(format!("action `{}`: {e}", action.name()));
+                    // The error's kind goes with the nack: a source may give up on a batch
+                    // that fails for good, never on one that met an outage.
+                    let kind = NackKind::of(&e);
+                    tracing::warn!(action = action.name(), error = %e, %kind, "action failed; batch nacked");
+                    share.nack_as(kind, format!("action `{}`: {e}", action.name()));
                 }
             }
         }

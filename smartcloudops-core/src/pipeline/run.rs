@@ -18,7 +18,7 @@ use super::handoff::StateHandoff;
 use super::ingest::accepted_rows;
 use super::transform::{AckHolding, TransformTask, transform_task};
 use super::{Pipeline, PipelineMetrics, RunReport, StageMetrics, WhenFull};
-use crate::ack::{Ack, AckOutcome};
+use crate::ack::{Ack, AckOutcome, NackKind};
 use crate::action::ActionInput;
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::{Error, Result};
@@ -339,9 +339,10 @@ async fn source_task(
             Err(e) => {
                 // A refused row could not be stored: the source may deliver the batch again.
                 metrics.record_outcome(false, rows);
-                outer.nack(format!(
-                    "dead-lettering rows with bad timestamps failed: {e}"
-                ));
+                outer.nack_as(
+                    NackKind::of(&e),
+                    format!("dead-lettering rows with bad timestamps failed: {e}"),
+                );
                 continue;
             }
         };
@@ -357,9 +358,13 @@ async fn source_task(
                 // (a no-op when nothing new was dead-lettered).
                 AckOutcome::Acked => match dead_letters.flush() {
                     Ok(()) => outer.ack(),
-                    Err(e) => outer.nack(format!("syncing the dead letters failed: {e}")),
+                    Err(e) => outer.nack_as(
+                        NackKind::of(&e),
+                        format!("syncing the dead letters failed: {e}"),
+                    ),
                 },
-                AckOutcome::Nacked(reason) => outer.nack(reason),
+                // Passed on whole: the source decides by the kind.
+                AckOutcome::Nacked(nack) => outer.fail(nack),
             }
         });
         let pending = Pending { batch, ack, origin };

@@ -26,7 +26,7 @@ use super::handoff::StateHandoff;
 use super::run::{Pending, Scored, send_with_policy, unsent_reason};
 use super::state_flush::recv_or_flush;
 use super::{PipelineMetrics, StageMetrics, WhenFull};
-use crate::ack::Ack;
+use crate::ack::{Ack, NackKind};
 use crate::action::{ActionInput, Alert};
 use crate::dead_letter::{DeadLetterQueue, DeadLetterSink};
 use crate::detector::Detector;
@@ -389,7 +389,7 @@ async fn release_held(t: &mut TransformTask, why: Held) -> bool {
                 Err(e) => {
                     stage.record_error();
                     tracing::error!(stage = stage.name(), "flushing held rows failed: {e}");
-                    ack.nack(format!("flushing held rows failed: {e}"));
+                    ack.nack_as(NackKind::of(&e), format!("flushing held rows failed: {e}"));
                     continue;
                 }
             }
@@ -530,6 +530,11 @@ fn dead_letter_batch(
             stage.record_dead_lettered(batch.num_rows().saturating_sub(1));
             ack.ack();
         }
-        Err(e) => ack.nack(format!("{error}; and the dead-letter output failed: {e}")),
+        // The batch's own error was handled by dead-lettering it; what failed is the
+        // dead-letter output, so the nack has its kind.
+        Err(e) => ack.nack_as(
+            NackKind::of(&e),
+            format!("{error}; and the dead-letter output failed: {e}"),
+        ),
     }
 }

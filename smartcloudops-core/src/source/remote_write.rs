@@ -314,7 +314,7 @@ async fn receive(
     .await;
     match answered {
         Ok(Some(AckOutcome::Acked)) => (StatusCode::NO_CONTENT, String::new()),
-        Ok(Some(AckOutcome::Nacked(reason))) => (StatusCode::INTERNAL_SERVER_ERROR, reason),
+        Ok(Some(AckOutcome::Nacked(nack))) => (StatusCode::INTERNAL_SERVER_ERROR, nack.reason),
         Ok(None) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down".into()),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

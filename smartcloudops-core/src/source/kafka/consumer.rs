@@ -48,7 +48,8 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// Bookkeeping that poisons a range after `max_attempts` failed deliveries (0 = never).
+    /// Bookkeeping that poisons a range after `max_attempts` permanently failed deliveries
+    /// (0 = never).
     pub(super) fn new(max_attempts: u32) -> Self {
         Self {
             tracker: Mutex::new(OffsetTracker::with_max_attempts(max_attempts)),
@@ -371,7 +372,7 @@ impl ConsumerTask {
             match poisoned {
                 Some((first, last, attempts)) => tracing::warn!(
                     %topic, partition, offsets = %format!("{first}..={last}"), attempts, ?delay,
-                    "batch failed max_attempts times; its messages go to the dead-letter output"
+                    "batch failed permanently max_attempts times; its messages go to the dead-letter output"
                 ),
                 None => {
                     tracing::warn!(%topic, partition, offset, ?delay, "batch failed; redelivering")
@@ -551,12 +552,12 @@ impl ConsumerTask {
                     AckOutcome::Acked => {
                         tracker.ack(ticket);
                     }
-                    AckOutcome::Nacked(reason) => {
-                        if tracker.nack(ticket, reason).is_some() {
+                    AckOutcome::Nacked(nack) => {
+                        if tracker.nack(ticket, nack).is_some() {
                             tracing::warn!(
                                 topic = %ticket.tp.0, partition = ticket.tp.1,
                                 offsets = %format!("{}..={}", ticket.first, ticket.last),
-                                %reason, "batch nacked"
+                                kind = %nack.kind, reason = %nack.reason, "batch nacked"
                             );
                         }
                     }

@@ -1,12 +1,13 @@
 //! The decode task: turns claimed messages into batches and dead-letters what it cannot
-//! decode (and the messages of ranges that failed `max_attempts` times), on its own task so
-//! that polling Kafka and decoding run on different cores.
+//! decode (and the messages of ranges that failed permanently `max_attempts` times), on its
+//! own task so that polling Kafka and decoding run on different cores.
 //!
 //! Dead letters produced to `dead_letter_topic` carry the message's key and, in headers,
 //! `dlq_reason`, `dlq_stage`, `dlq_topic`, `dlq_partition`, `dlq_offset`, and `dlq_record`
 //! (the record's index within the message, for an undecodable record) or `dlq_attempts`
-//! (failed deliveries, for a poisoned message, whose payload is kept whole). A batch's dead
-//! letters must be delivered within `dead_letter_timeout`, or the batch is nacked.
+//! (deliveries that failed with a permanent error, for a poisoned message, whose payload is
+//! kept whole). A batch's dead letters must be delivered within `dead_letter_timeout`, or
+//! the batch is nacked (retryable: the topic may come back).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::sync::mpsc;
 use super::consumer::{Claimed, Shared};
 use super::metadata::MetadataColumns;
 use super::offsets::{Poison, RangeTicket};
+use crate::ack::NackKind;
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{Decoder, Reject};
 use crate::error::{Error, Result};
@@ -62,7 +64,7 @@ impl<'a> Letter<'a> {
         Self {
             message,
             reason: format!(
-                "failed {} deliveries (max_attempts): {}",
+                "failed {} deliveries with a permanent error (max_attempts): {}",
                 poison.attempts, poison.reason
             ),
             payload: message.payload().unwrap_or_default(),
@@ -174,7 +176,10 @@ impl DecodeTask {
             batch = match meta.append_to(&batch) {
                 Ok(b) => b,
                 Err(e) => {
-                    ack.nack(format!("adding Kafka metadata columns: {e}"));
+                    ack.nack_as(
+                        NackKind::of(&e),
+                        format!("adding Kafka metadata columns: {e}"),
+                    );
                     return None;
                 }
             };
@@ -420,8 +425,9 @@ mod tests {
         let waited = started.elapsed();
         assert!(batch.is_none(), "no batch without its dead letters");
         match seen.lock().unwrap().clone() {
-            Some(AckOutcome::Nacked(reason)) => {
-                assert!(reason.contains("dead-lettering failed"), "{reason}")
+            Some(AckOutcome::Nacked(nack)) => {
+                assert!(nack.reason.contains("dead-lettering failed"), "{nack}");
+                assert_eq!(nack.kind, NackKind::Retryable, "the topic may come back");
             }
             other => panic!("expected a nack, got {other:?}"),
         }

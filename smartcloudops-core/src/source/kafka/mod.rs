@@ -11,14 +11,17 @@
 //!   up to `drain_timeout` to finish (keep it below `session.timeout.ms`), the offsets are
 //!   committed synchronously, and late acks for those partitions are ignored (the new owner
 //!   redelivers them).
-//! - **Poison limit**: a batch nacked `max_attempts` times in a row (default 5, each
-//!   redelivery after the backoff) is not redelivered to the pipeline again: its messages
-//!   go to the dead-letter output whole, with the last failure and the attempts, and their
-//!   offsets are committed once the dead letters are delivered. Every nack counts (the
-//!   batch's outcome carries a reason, not whether the failure is retryable), so a downstream
-//!   outage longer than the backoff of those attempts dead-letters good messages too; set
-//!   `max_attempts = 0` to retry forever instead. A batch mixes partitions, so a poison
-//!   message takes the messages of the other partitions in its batch along.
+//! - **Poison limit**: only a batch that keeps failing with a *permanent* error (a nack of
+//!   kind [`NackKind::Permanent`](crate::ack::NackKind::Permanent): an action's
+//!   non-retryable error, say a 4xx) counts. After `max_attempts` such failures (default 5,
+//!   each redelivery after the backoff) it is not redelivered to the pipeline again: its
+//!   messages go to the dead-letter output whole, with the last failure and the attempts,
+//!   and their offsets are committed once the dead letters are delivered. A *retryable*
+//!   failure (a downstream outage, a timeout) is redelivered with the backoff for as long as
+//!   it lasts and never dead-letters good messages; a batch *abandoned* at shutdown counts
+//!   nothing. `max_attempts = 0` retries permanent failures forever too. A batch mixes
+//!   partitions, so a poison message takes the messages of the other partitions in its
+//!   batch along.
 //! - **Dead letters**: an undecodable message goes to `dead_letter_topic` with the reason and
 //!   its origin in headers (or to the pipeline's dead-letter output when no topic is set),
 //!   and is counted; its offset counts as handled once the dead letter is delivered. The

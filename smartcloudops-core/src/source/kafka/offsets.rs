@@ -8,13 +8,23 @@
 //! remembers the epoch it was registered in, so a late ack for a forgotten range (after a
 //! rewind or a revoke) is ignored instead of moving the commit point.
 //!
-//! **Poison limit.** A partition that failed `max_attempts` times in a row without its commit
-//! point moving marks the range of the last failure as *poisoned*: its next delivery goes to
-//! the dead-letter output instead of the pipeline, so that the partition moves on. The mark
-//! lives as long as the partition's ownership (a revoke forgets it; the new owner counts
-//! again from zero) and is lifted once the commit point passes it.
+//! **What a nack counts** depends on its [kind](NackKind). Every nack rewinds. A
+//! [permanent](NackKind::Permanent) or [retryable](NackKind::Retryable) failure counts towards
+//! the backoff of the redelivery; only a permanent one counts towards the poison limit, so a
+//! downstream outage (retryable failures) is retried for as long as it lasts and never
+//! dead-letters good messages. An [abandoned](NackKind::Abandoned) batch (the pipeline
+//! stopped) counts nothing.
+//!
+//! **Poison limit.** A partition whose batches failed permanently `max_attempts` times
+//! without its commit point moving past the failed range marks the range of the last such
+//! failure as *poisoned*: its next delivery goes to the dead-letter output instead of the
+//! pipeline, so that the partition moves on. The mark lives as long as the partition's
+//! ownership (a revoke forgets it; the new owner counts again from zero) and is lifted once
+//! the commit point passes it.
 
 use std::collections::{BTreeMap, HashMap};
+
+use crate::ack::{Nack, NackKind};
 
 /// A topic and partition.
 pub(crate) type TopicPartition = (String, i32);
@@ -37,21 +47,26 @@ struct PartitionState {
     ranges: BTreeMap<i64, Range>,
     /// Offset to seek back to, set by a nack and taken by the consumer.
     rewind: Option<i64>,
-    /// Consecutive failures without progress, for backoff and the poison limit.
+    /// Consecutive failures (retryable or permanent) without progress, for the backoff.
     failures: u32,
     /// The first offset of the last failure: only a commit past it is progress (an earlier
     /// range still in flight when it failed may be acknowledged after it).
     failed_from: Option<i64>,
+    /// Permanent failures without progress, for the poison limit.
+    permanent_failures: u32,
+    /// The first offset of the last permanent failure; like `failed_from`.
+    permanent_from: Option<i64>,
     /// The range to dead-letter on its next delivery, once failures reached the limit.
     poison: Option<Poison>,
 }
 
-/// A range that failed `attempts` times: its messages are dead-lettered on the next delivery.
+/// A range that failed permanently `attempts` times: its messages are dead-lettered on the
+/// next delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Poison {
     pub(crate) first: i64,
     pub(crate) last: i64,
-    /// Deliveries that failed (consecutive, without the commit point moving).
+    /// Deliveries that failed permanently (without the commit point moving past them).
     pub(crate) attempts: u32,
     /// The reason of the failure that reached the limit.
     pub(crate) reason: String,
@@ -71,7 +86,7 @@ pub(crate) struct OffsetTracker {
     /// Source of epochs, shared by all partitions and assignments, so a late outcome from an
     /// earlier ownership of a partition can never match a range of the current one.
     next_epoch: u64,
-    /// Failed deliveries of a range before it is poisoned; 0 = never.
+    /// Permanently failed deliveries of a range before it is poisoned; 0 = never.
     max_attempts: u32,
 }
 
@@ -85,7 +100,8 @@ pub(crate) struct RangeTicket {
 }
 
 impl OffsetTracker {
-    /// A tracker that poisons a range after `max_attempts` failed deliveries (0 = never).
+    /// A tracker that poisons a range after `max_attempts` permanently failed deliveries
+    /// (0 = never).
     pub(crate) fn with_max_attempts(max_attempts: u32) -> Self {
         Self {
             max_attempts,
@@ -177,6 +193,10 @@ impl OffsetTracker {
                 p.failures = 0;
                 p.failed_from = None;
             }
+            if p.permanent_from.is_none_or(|from| next > from) {
+                p.permanent_failures = 0;
+                p.permanent_from = None;
+            }
             if p.poison.as_ref().is_some_and(|poison| poison.last < next) {
                 p.poison = None;
             }
@@ -184,10 +204,11 @@ impl OffsetTracker {
         moved
     }
 
-    /// The range failed with `reason`. Forgets it and every later range of the partition and
-    /// asks for a rewind to its first offset; at the limit, poisons it. Returns the rewind
-    /// offset when this nack set it.
-    pub(crate) fn nack(&mut self, t: &RangeTicket, reason: &str) -> Option<i64> {
+    /// The range was nacked. Forgets it and every later range of the partition and asks for
+    /// a rewind to its first offset; counts the failure by its kind (see the
+    /// [module docs](self)) and, at the limit of permanent failures, poisons the range.
+    /// Returns the rewind offset when this nack set it.
+    pub(crate) fn nack(&mut self, t: &RangeTicket, nack: &Nack) -> Option<i64> {
         let p = self.partitions.get_mut(&t.tp)?;
         match p.ranges.get(&t.first) {
             Some(r) if r.epoch == t.epoch => {}
@@ -197,23 +218,33 @@ impl OffsetTracker {
         self.next_epoch += 1;
         let p = self.partitions.get_mut(&t.tp)?;
         p.epoch = self.next_epoch;
-        p.failures = p.failures.saturating_add(1);
-        p.failed_from = Some(t.first);
-        // A poisoned range whose dead letters failed stays poisoned with its first reason.
-        if self.max_attempts > 0 && p.failures >= self.max_attempts && p.poison.is_none() {
-            p.poison = Some(Poison {
-                first: t.first,
-                last: t.last,
-                attempts: p.failures,
-                reason: reason.to_owned(),
-            });
+        if nack.kind != NackKind::Abandoned {
+            p.failures = p.failures.saturating_add(1);
+            p.failed_from = Some(t.first);
+        }
+        if nack.kind == NackKind::Permanent {
+            p.permanent_failures = p.permanent_failures.saturating_add(1);
+            p.permanent_from = Some(t.first);
+            // A poisoned range whose dead letters failed stays poisoned with its first reason.
+            if self.max_attempts > 0
+                && p.permanent_failures >= self.max_attempts
+                && p.poison.is_none()
+            {
+                p.poison = Some(Poison {
+                    first: t.first,
+                    last: t.last,
+                    attempts: p.permanent_failures,
+                    reason: nack.reason.clone(),
+                });
+            }
         }
         let rewind = p.rewind.map_or(t.first, |r| r.min(t.first));
         p.rewind = Some(rewind);
         Some(rewind)
     }
 
-    /// Takes the pending rewinds: `(partition, offset, consecutive failures)`.
+    /// Takes the pending rewinds: `(partition, offset, consecutive failures)`, the failures
+    /// retryable or permanent (for the backoff).
     pub(crate) fn take_rewinds(&mut self) -> Vec<(TopicPartition, i64, u32)> {
         self.partitions
             .iter_mut()
@@ -278,6 +309,83 @@ mod tests {
         ("metrics".to_owned(), 0)
     }
 
+    fn permanent(reason: &str) -> Nack {
+        Nack::permanent(reason)
+    }
+
+    #[test]
+    fn an_outage_retries_forever_and_only_permanent_failures_poison() {
+        let mut t = OffsetTracker::with_max_attempts(3);
+        t.assign(tp());
+        for attempt in 1..=20 {
+            let batch = t.register(&tp(), 0, 9).unwrap();
+            assert_eq!(t.nack(&batch, &Nack::retryable("503")), Some(0));
+            assert_eq!(
+                t.take_rewinds(),
+                vec![(tp(), 0, attempt)],
+                "the backoff still grows"
+            );
+        }
+        assert_eq!(
+            t.poisoned(&tp(), 0),
+            None,
+            "retryable failures never dead-letter"
+        );
+        // The batch is bad after all: max_attempts permanent failures, the outage not counted.
+        let mut failures = 20;
+        for attempt in 1..=3 {
+            assert_eq!(t.poisoned(&tp(), 0), None, "not before attempt {attempt}");
+            let batch = t.register(&tp(), 0, 9).unwrap();
+            t.nack(&batch, &permanent("400"));
+            failures += 1;
+            assert_eq!(t.take_rewinds(), vec![(tp(), 0, failures)]);
+            if attempt == 1 {
+                // An outage in between neither counts nor resets the permanent failures.
+                let batch = t.register(&tp(), 0, 9).unwrap();
+                t.nack(&batch, &Nack::retryable("503"));
+                failures += 1;
+                assert_eq!(t.take_rewinds(), vec![(tp(), 0, failures)]);
+            }
+        }
+        let poison = t.poisoned(&tp(), 0).cloned().unwrap();
+        assert_eq!((poison.attempts, poison.reason.as_str()), (3, "400"));
+    }
+
+    #[test]
+    fn an_abandoned_batch_rewinds_but_counts_nothing() {
+        let mut t = OffsetTracker::with_max_attempts(1);
+        t.assign(tp());
+        let a = t.register(&tp(), 0, 9).unwrap();
+        let b = t.register(&tp(), 10, 19).unwrap();
+        assert_eq!(t.nack(&a, &Nack::abandoned("window open")), Some(0));
+        assert_eq!(t.ack(&b), None, "forgotten: redelivered from 0");
+        assert_eq!(t.take_rewinds(), vec![(tp(), 0, 0)], "no failure counted");
+        assert_eq!(t.poisoned(&tp(), 0), None);
+        assert_eq!(t.commit_points(), vec![(tp(), 0)], "nothing committed");
+    }
+
+    #[test]
+    fn permanent_failures_reset_once_their_range_is_committed() {
+        let mut t = OffsetTracker::with_max_attempts(2);
+        t.assign(tp());
+        let bad = t.register(&tp(), 0, 9).unwrap();
+        t.nack(&bad, &permanent("400"));
+        t.take_rewinds();
+        let early = t.register(&tp(), 0, 9).unwrap();
+        let later = t.register(&tp(), 10, 19).unwrap();
+        // A later range fails for an outage before the first one is acknowledged.
+        t.nack(&later, &Nack::retryable("503"));
+        assert_eq!(t.ack(&early), Some(10), "the failed range went through");
+        t.take_rewinds();
+        let later = t.register(&tp(), 10, 19).unwrap();
+        t.nack(&later, &permanent("422"));
+        assert_eq!(
+            t.poisoned(&tp(), 10),
+            None,
+            "the first range's failure was not this one's"
+        );
+    }
+
     #[test]
     fn commit_moves_only_over_a_contiguous_acked_prefix() {
         let mut t = OffsetTracker::default();
@@ -319,7 +427,7 @@ mod tests {
         let a = t.register(&tp(), 0, 9).unwrap();
         let b = t.register(&tp(), 10, 19).unwrap();
         let c = t.register(&tp(), 20, 29).unwrap();
-        assert_eq!(t.nack(&b, "boom"), Some(10));
+        assert_eq!(t.nack(&b, &permanent("boom")), Some(10));
         assert_eq!(t.ack(&c), None, "forgotten by the rewind");
         assert_eq!(
             t.register(&tp(), 30, 39),
@@ -344,7 +452,7 @@ mod tests {
         let new = t.register(&tp(), 0, 9).unwrap();
         assert_ne!(old.epoch, new.epoch);
         assert_eq!(
-            t.nack(&old, "boom"),
+            t.nack(&old, &permanent("boom")),
             None,
             "a late nack from before the revoke is ignored"
         );
@@ -357,7 +465,7 @@ mod tests {
         let mut t = OffsetTracker::default();
         t.assign(tp());
         let a = t.register(&tp(), 0, 9).unwrap();
-        t.nack(&a, "boom");
+        t.nack(&a, &permanent("boom"));
         assert_eq!(t.take_rewinds().len(), 1);
         t.retry_rewind(&tp(), 0);
         assert_eq!(
@@ -393,7 +501,10 @@ mod tests {
                 "not before attempt {attempt} failed"
             );
             let bad = t.register(&tp(), 5, 9).unwrap();
-            assert_eq!(t.nack(&bad, &format!("failure {attempt}")), Some(5));
+            assert_eq!(
+                t.nack(&bad, &permanent(&format!("failure {attempt}"))),
+                Some(5)
+            );
             assert_eq!(t.take_rewinds(), vec![(tp(), 5, attempt)]);
         }
         let poison = t.poisoned(&tp(), 7).cloned().unwrap();
@@ -406,7 +517,7 @@ mod tests {
         assert_eq!(t.poisoned(&tp(), 4), None);
         // Its dead letters failed: still poisoned, with the first reason.
         let again = t.register(&tp(), 5, 9).unwrap();
-        t.nack(&again, "dead-lettering failed");
+        t.nack(&again, &Nack::retryable("dead-lettering failed"));
         assert_eq!(t.poisoned(&tp(), 5).unwrap().reason, "failure 3");
         t.take_rewinds();
         // A redelivery cut shorter: the rest of the range stays poisoned.
@@ -424,11 +535,11 @@ mod tests {
         t.assign(tp());
         let early = t.register(&tp(), 0, 9).unwrap();
         let bad = t.register(&tp(), 10, 19).unwrap();
-        t.nack(&bad, "boom");
+        t.nack(&bad, &permanent("boom"));
         assert_eq!(t.ack(&early), Some(10));
         t.take_rewinds();
         let bad = t.register(&tp(), 10, 19).unwrap();
-        t.nack(&bad, "boom");
+        t.nack(&bad, &permanent("boom"));
         assert_eq!(
             t.take_rewinds(),
             vec![(tp(), 10, 2)],
@@ -443,7 +554,7 @@ mod tests {
         t.assign(tp());
         for _ in 0..50 {
             let bad = t.register(&tp(), 0, 9).unwrap();
-            t.nack(&bad, "boom");
+            t.nack(&bad, &permanent("boom"));
             t.take_rewinds();
         }
         assert_eq!(
@@ -455,7 +566,7 @@ mod tests {
         let mut t = OffsetTracker::with_max_attempts(1);
         t.assign(tp());
         let bad = t.register(&tp(), 0, 9).unwrap();
-        t.nack(&bad, "boom");
+        t.nack(&bad, &permanent("boom"));
         assert!(t.poisoned(&tp(), 0).is_some());
         t.revoke(&tp());
         t.assign(tp());
@@ -490,7 +601,7 @@ mod tests {
                     if op == 4 {
                         prop_assert_eq!(t.ack(&ticket), None, "a late ack moved the commit point");
                     } else {
-                        prop_assert_eq!(t.nack(&ticket, "boom"), None, "a late nack rewound");
+                        prop_assert_eq!(t.nack(&ticket, &permanent("boom")), None, "a late nack rewound");
                     }
                     continue;
                 }
@@ -509,7 +620,7 @@ mod tests {
                 }
                 let ticket = live.remove(pick % live.len());
                 if op == 3 {
-                    prop_assert!(t.nack(&ticket, "boom").is_some());
+                    prop_assert!(t.nack(&ticket, &permanent("boom")).is_some());
                     stale.push(ticket.clone());
                     stale.extend(live.iter().filter(|l| l.first >= ticket.first).cloned());
                     live.retain(|l| l.first < ticket.first);

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{RedisStreamSourceConfig, StateKeys};
 use super::state::{self, Failures};
 use super::{EntryRef, MAX_RECONNECT_BACKOFF, lock};
-use crate::ack::AckOutcome;
+use crate::ack::{AckOutcome, NackKind};
 use crate::error::Result;
 use crate::metrics::StageMetrics;
 use crate::redis::{RedisConnection, error};
@@ -133,9 +133,14 @@ impl Shared {
     /// retry) before the batch stops counting as out, so the acker, which exits when no batch
     /// is out, never misses them.
     ///
-    /// A nack counts as a failure of the entries only if other batches were acknowledged
-    /// since their previous attempt: when every batch fails (the pipeline's outage, not the
-    /// entries' fault), nothing counts.
+    /// Whether a nack counts as a failure of the entries depends on its kind:
+    /// - [`Permanent`](NackKind::Permanent) (the batch itself is refused): always.
+    /// - [`Retryable`](NackKind::Retryable): only if other batches were acknowledged since the
+    ///   entries' previous attempt. When every batch fails (an outage downstream, not the
+    ///   entries' fault), nothing counts.
+    /// - [`Abandoned`](NackKind::Abandoned) (the pipeline stopped first): never, and it is not
+    ///   an attempt either: the backoff does not grow and the entries' previous attempt stays
+    ///   the one the heuristic looks back to.
     pub(super) fn resolve(
         &self,
         mut held: Vec<Held>,
@@ -151,23 +156,31 @@ impl Shared {
                 lock(&self.to_ack).extend(held.into_iter().map(|h| h.entry));
                 self.wake_acker.notify_one();
             }
-            AckOutcome::Nacked(reason) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
+            AckOutcome::Nacked(nack) => {
+                let abandoned = nack.kind == NackKind::Abandoned;
+                if !abandoned {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                }
                 // Per entry, not per batch: a nacked batch redelivered as many one-entry
                 // batches must not push every retry to the maximum wait.
                 let wait = retry_backoff
                     .saturating_mul(1 << history.attempt.min(16))
                     .min(max_wait);
                 let successes = self.successes.load(Ordering::Relaxed);
-                let counts = successes > history.successes;
+                let counts = match nack.kind {
+                    NackKind::Permanent => true,
+                    NackKind::Retryable => successes > history.successes,
+                    NackKind::Abandoned => false,
+                };
                 tracing::warn!(
                     entries = held.len(),
                     retry_in_ms = wait.as_millis() as u64,
+                    kind = %nack.kind,
                     counts_as_failure = counts,
-                    "redis streams: batch failed ({reason}); it will be delivered again"
+                    "redis streams: batch failed ({nack}); it will be delivered again"
                 );
                 if counts {
-                    let reason: Arc<str> = Arc::from(reason);
+                    let reason: Arc<str> = Arc::from(nack.reason);
                     let mut to_count = lock(&self.to_count);
                     for h in &mut held {
                         h.failures.count += 1;
@@ -175,11 +188,16 @@ impl Shared {
                         to_count.push((h.entry.clone(), reason.clone()));
                     }
                 }
+                let (attempt, successes_at_nack) = if abandoned {
+                    (history.attempt, history.successes)
+                } else {
+                    (history.attempt + 1, successes)
+                };
                 lock(&self.retry).push(Retry {
                     due: Instant::now() + wait,
                     entries: held,
-                    attempt: history.attempt + 1,
-                    successes_at_nack: successes,
+                    attempt,
+                    successes_at_nack,
                 });
             }
         }
@@ -358,6 +376,7 @@ impl Acker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ack::Nack;
 
     fn held(id: &str, count: u32) -> Held {
         Held {
@@ -367,6 +386,10 @@ mod tests {
                 last_error: None,
             },
         }
+    }
+
+    fn shared() -> Shared {
+        Shared::new(Arc::new(StageMetrics::new("source:redis_stream")), 1)
     }
 
     fn resolve(shared: &Shared, held: Vec<Held>, outcome: AckOutcome, successes: u64) {
@@ -381,8 +404,8 @@ mod tests {
 
     #[tokio::test]
     async fn only_failures_after_other_batches_succeeded_count_and_are_queued_for_redis() {
-        let shared = Shared::new(Arc::new(StageMetrics::new("source:redis_stream")), 1);
-        let nack = || AckOutcome::Nacked("sink down".into());
+        let shared = shared();
+        let nack = || AckOutcome::Nacked(Nack::retryable("sink down"));
 
         // Every batch failing (an outage): nothing counts, nothing is written.
         resolve(&shared, vec![held("1-0", 1)], nack(), 0);
@@ -406,5 +429,39 @@ mod tests {
         assert_eq!(counted[0].0, (0, "1-0".to_owned()));
         assert_eq!(&*counted[0].1, "sink down");
         assert_eq!(shared.batches_out.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_batch_counts_nothing_and_is_no_attempt() {
+        let shared = shared();
+        // Other batches succeeded since: a retryable failure would count here.
+        resolve(&shared, vec![held("2-0", 0)], AckOutcome::Acked, 0);
+        let abandoned = AckOutcome::Nacked(Nack::abandoned("its rows were in open windows"));
+        resolve(&shared, vec![held("1-0", 1)], abandoned, 0);
+        assert!(
+            lock(&shared.to_count).is_empty(),
+            "nothing written to Redis"
+        );
+        let retry = lock(&shared.retry).pop().unwrap();
+        assert_eq!(retry.entries[0].failures.count, 1, "unchanged");
+        assert_eq!(retry.attempt, 0, "the backoff does not grow");
+        assert_eq!(
+            retry.successes_at_nack, 0,
+            "the previous real attempt is still the one to look back to"
+        );
+        assert_eq!(shared.failures.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.batches_out.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_counts_even_when_every_batch_fails() {
+        let shared = shared();
+        let refused = AckOutcome::Nacked(Nack::permanent("action `webhook` failed: 400"));
+        resolve(&shared, vec![held("1-0", 0)], refused, 0);
+        let retry = lock(&shared.retry).pop().unwrap();
+        assert_eq!(retry.entries[0].failures.count, 1);
+        let counted = lock(&shared.to_count).clone();
+        assert_eq!(counted.len(), 1);
+        assert_eq!(&*counted[0].1, "action `webhook` failed: 400");
     }
 }

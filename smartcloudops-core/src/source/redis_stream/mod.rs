@@ -14,10 +14,13 @@
 //!   that crashed, or this one's previous run) are taken over with `XAUTOCLAIM` every
 //!   `claim_interval`. At start, the consumer first re-reads its own pending entries (they
 //!   belong to a run that stopped before acknowledging them).
-//! - **Poison entries**: what counts is failed processing attempts, not deliveries. A nack
-//!   of a batch counts as a failure of its entries only if other batches were acknowledged
-//!   since the entries' previous attempt, so an outage of the whole pipeline counts nothing.
-//!   Restarts, takeovers (`XCLAIM`, `XAUTOCLAIM`, which raise Redis's own delivery count)
+//! - **Poison entries**: what counts is failed processing attempts, not deliveries, and a
+//!   nack counts by its [kind](crate::ack::NackKind). A *permanent* failure (the batch was
+//!   refused as it is: an action's non-retryable error) always counts. A *retryable* one (a
+//!   service down, a timeout) counts only if other batches were acknowledged since the
+//!   entries' previous attempt, so an outage of the whole pipeline counts nothing. A batch
+//!   *abandoned* at shutdown (its rows waited in open windows) counts nothing and is no
+//!   attempt. Restarts, takeovers (`XCLAIM`, `XAUTOCLAIM`, which raise Redis's own delivery count)
 //!   and reconnections count nothing either. Counted failures are written to Redis
 //!   (`<key_prefix>:<stream>:<group>:attempts`, deleted with the entry's `XACK`, expiring
 //!   `attempts_ttl` after the last write), so they survive restarts and follow an entry to
