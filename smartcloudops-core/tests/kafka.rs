@@ -606,14 +606,13 @@ async fn failed_batches_are_not_committed_and_a_restart_processes_them() {
     let (input, group) = (unique("metrics"), unique("group"));
     create_topic(&input, 2).await;
     let ends = produce(&input, &events(20, 50)).await;
-    // A sink that is down: every batch fails, is rewound and retried, never committed
-    // (without a poison limit: an outage must not dead-letter good messages).
+    // A sink that is down: every batch fails, is rewound and retried, never committed. Its
+    // failures are retryable, so the default poison limit dead-letters none of them.
     let failing = Arc::new(Seen {
         fail_first: usize::MAX,
         ..Default::default()
     });
-    let mut config = source_config(&group, &input);
-    config.max_attempts = 0;
+    let config = source_config(&group, &input);
     let handle = Pipeline::builder(KafkaSource::new(config))
         .shared_action(failing.clone())
         .build()
@@ -858,6 +857,97 @@ async fn a_batch_failing_max_attempts_times_is_dead_lettered_with_headers_and_co
         .find(|m| m.key() == Some(&b"poison"[..]))
         .expect("the poison message itself, key kept");
     assert!(String::from_utf8_lossy(poison.payload().unwrap()).contains("\"poison\""));
+}
+
+/// A downstream outage: fails every batch with a retryable error until `outage` calls
+/// failed, then records what it sees. Counts the failed deliveries of the batch holding the
+/// partition's first messages (those with the first timestamp).
+#[derive(Debug)]
+struct Outage {
+    memory: MemoryAction,
+    calls: AtomicUsize,
+    outage: usize,
+    first_ts: i64,
+    first_range_failures: AtomicUsize,
+}
+
+impl Action for Outage {
+    fn name(&self) -> &str {
+        "outage"
+    }
+    fn wants_every_batch(&self) -> bool {
+        true
+    }
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.outage {
+                let rows = common::rows(std::slice::from_ref(&input.batch));
+                if rows.iter().any(|r| r.ts == self.first_ts) {
+                    self.first_range_failures.fetch_add(1, Ordering::SeqCst);
+                }
+                return Err(Error::Action {
+                    action: "outage".into(),
+                    message: "503 from the receiver".into(),
+                    retryable: true,
+                });
+            }
+            self.memory.record(input)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kafka broker: scripts/kafka.sh start"]
+async fn an_outage_longer_than_max_attempts_dead_letters_nothing() {
+    let (input, dlq, group) = (unique("metrics"), unique("dlq"), unique("group"));
+    create_topic(&input, 1).await;
+    create_topic(&dlq, 1).await;
+    let ends = produce(&input, &events(10, 10)).await;
+    let mut config = source_config(&group, &input);
+    config.dead_letter_topic = Some(dlq.clone());
+    config.max_attempts = 2;
+    config.batch_size = 10;
+    config.retry_backoff = Duration::from_millis(10);
+    let max_attempts = config.max_attempts as usize;
+    let action = Arc::new(Outage {
+        memory: MemoryAction::new(),
+        calls: AtomicUsize::new(0),
+        outage: 12,
+        first_ts: 1_764_028_800_000,
+        first_range_failures: AtomicUsize::new(0),
+    });
+    let handle = Pipeline::builder(KafkaSource::new(config))
+        .shared_action(action.clone())
+        .build()
+        .spawn();
+    let seen = || {
+        common::rows(&action.memory.batches())
+            .into_iter()
+            .map(|r| (r.series_id, r.ts))
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(60), || seen() == 100).await,
+        "every message was processed once the receiver was back: {} of 100",
+        seen()
+    );
+    assert_committed(&group, &input, &ends, Duration::from_secs(10)).await;
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    let first_range_failures = action.first_range_failures.load(Ordering::SeqCst);
+    assert!(
+        first_range_failures > max_attempts,
+        "the outage outlasted max_attempts deliveries of the first batch: {first_range_failures}"
+    );
+    assert!(report.metrics.batches_nacked >= first_range_failures as u64);
+    assert_eq!(
+        report.metrics.stage("source:kafka").unwrap().dead_lettered,
+        0,
+        "nothing good was dead-lettered"
+    );
+    let letters = consume(&dlq, 1, Duration::from_secs(3)).await;
+    assert!(letters.is_empty(), "dead letters: {}", letters.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,7 +53,8 @@ pub struct KafkaSourceConfig {
     #[serde(default = "default_max_unacked")]
     pub max_unacked: usize,
     /// Topic for undecodable messages and for the messages of batches that failed
-    /// `max_attempts` times; without it they go to the pipeline's dead-letter output.
+    /// permanently `max_attempts` times; without it they go to the pipeline's dead-letter
+    /// output.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
     /// Longest wait for `dead_letter_topic` to accept a batch's dead letters (it also sets the
@@ -61,12 +62,13 @@ pub struct KafkaSourceConfig {
     /// redelivered, never committed without its dead letters.
     #[serde(default = "default_dead_letter_timeout", with = "humantime_serde")]
     pub dead_letter_timeout: Duration,
-    /// Deliveries of a batch that keeps failing before its messages are dead-lettered (with
-    /// the failure and the attempts in headers) and their offsets committed. Every nack
-    /// counts, whatever the failure: a batch's outcome carries only a reason, so a
-    /// downstream outage longer than the backoff of `max_attempts` deliveries dead-letters
-    /// good messages too. `0` retries forever (an outage never dead-letters; a poison
-    /// message stops its partition until it is removed).
+    /// Deliveries of a batch that keep failing with a *permanent* error (an action's
+    /// non-retryable error, say a 4xx) before its messages are dead-lettered (with the
+    /// failure and the attempts in headers) and their offsets committed. Retryable failures
+    /// (a downstream outage, a timeout) and batches abandoned at shutdown never count: they
+    /// are redelivered with the backoff for as long as it takes, so an outage never
+    /// dead-letters good messages. `0` never dead-letters (a poison message stops its
+    /// partition until it is removed).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// How long a revoke waits for in-flight batches of the revoked partitions.
