@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::actions::action_task;
+use super::actions::{Unreplayable, action_task};
 use super::builder::Parts;
 use super::handoff::StateHandoff;
 use super::ingest::accepted_rows;
@@ -35,6 +35,9 @@ pub(super) struct Pending {
 pub(super) struct Scored {
     pub(super) input: Arc<ActionInput>,
     pub(super) ack: Ack,
+    /// Whether a nack lets the source deliver the rows again. False for windows emitted from
+    /// held input: the actions retry those, or dead-letter them, rather than nack them.
+    pub(super) replayable: bool,
 }
 
 /// Sends on a bounded queue according to the when-full policy. Returns `false` when the
@@ -219,6 +222,10 @@ impl Pipeline {
                 .collect(),
             options.action_concurrency.max(1),
             action_queue_stage,
+            Unreplayable {
+                stopping: draining.clone(),
+                dead_letters: dead_letter_output.clone(),
+            },
         ));
 
         let mut first_error: Option<Error> = None;

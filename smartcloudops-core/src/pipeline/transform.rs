@@ -14,8 +14,8 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
@@ -26,12 +26,12 @@ use super::handoff::StateHandoff;
 use super::run::{Pending, Scored, send_with_policy, unsent_reason};
 use super::state_flush::recv_or_flush;
 use super::{PipelineMetrics, StageMetrics, WhenFull};
-use crate::ack::{Ack, NackKind};
+use crate::ack::{Ack, AckOutcome, Nack, NackKind};
 use crate::action::{ActionInput, Alert};
 use crate::dead_letter::{DeadLetterQueue, DeadLetterSink};
 use crate::detector::Detector;
 use crate::error::{Error, Result};
-use crate::prep::Prep;
+use crate::prep::{AckedHook, Prep};
 use crate::source::Origin;
 
 pub(super) struct TransformTask {
@@ -74,12 +74,13 @@ pub(super) struct AckHolding {
 }
 
 /// The acknowledgements of the input batches of one prep whose rows it may still hold, in
-/// the order of its inputs.
+/// the order of its inputs, and those of its emissions not yet passed on.
 #[derive(Debug, Default)]
 pub(super) struct HeldAcks {
     /// The position of the stage's next input.
     next: u64,
     acks: VecDeque<(u64, Ack)>,
+    emissions: Emissions,
 }
 
 impl HeldAcks {
@@ -89,8 +90,15 @@ impl HeldAcks {
         self.next += 1;
     }
 
-    /// The acknowledgements of every input before `oldest` (all when `None`), as one.
-    fn release(&mut self, oldest: Option<u64>) -> Ack {
+    /// The acknowledgement of the rows the stage just emitted: it releases the
+    /// acknowledgements of every input before `oldest` (all when `None`) and runs `hook`
+    /// ([`Prep::take_acked_hook`]), in emission order (see [`Emissions`]).
+    fn emit(
+        &mut self,
+        oldest: Option<u64>,
+        hook: Option<AckedHook>,
+        stage: &Arc<StageMetrics>,
+    ) -> Ack {
         let mut released = Vec::new();
         while let Some((position, _)) = self.acks.front() {
             if oldest.is_some_and(|oldest| *position >= oldest) {
@@ -100,7 +108,7 @@ impl HeldAcks {
                 released.push(ack);
             }
         }
-        Ack::all(released)
+        self.emissions.push(released, hook, stage.clone())
     }
 
     /// Abandons every held acknowledgement ([`Ack::abandon`]): their rows were not emitted.
@@ -110,6 +118,125 @@ impl HeldAcks {
             ack.abandon(why);
         }
         count
+    }
+}
+
+/// The emissions of one holding stage whose outcome was not passed on yet, in order.
+///
+/// An emission's input acknowledgements are passed on, and its hook run, only once it and
+/// every earlier emission of the stage were resolved: an input's rows may sit in a window
+/// emitted before the one whose emission releases the input (a window opened earlier stayed
+/// open), and a mark of a later window of a series would hide an earlier one from the
+/// replay. So:
+/// - an emission resolved while an earlier one is still out (an action retrying) waits;
+/// - a failure is passed on to the emissions resolved with it: they are nacked too (the
+///   most severe failure, as [`Ack`] joins them), and their hooks do not run;
+/// - once an emission is abandoned (the pipeline stopped with it undelivered), every later
+///   one is abandoned as well, delivered or not: the replay after the restart rebuilds
+///   them all.
+#[derive(Debug, Default)]
+struct Emissions(Arc<Mutex<EmissionQueue>>);
+
+#[derive(Default)]
+struct EmissionQueue {
+    /// The sequence number of the front of `waiting`.
+    front: u64,
+    waiting: VecDeque<Emission>,
+    /// Set once an emission was abandoned.
+    abandoned: Option<Nack>,
+}
+
+impl std::fmt::Debug for EmissionQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmissionQueue")
+            .field("front", &self.front)
+            .field("waiting", &self.waiting.len())
+            .field("abandoned", &self.abandoned.is_some())
+            .finish()
+    }
+}
+
+struct Emission {
+    /// Known once the emitted rows were resolved.
+    outcome: Option<AckOutcome>,
+    inputs: Vec<Ack>,
+    hook: Option<AckedHook>,
+}
+
+impl Emissions {
+    /// Registers an emission releasing `inputs`; the acknowledgement of its rows.
+    fn push(&self, inputs: Vec<Ack>, hook: Option<AckedHook>, stage: Arc<StageMetrics>) -> Ack {
+        let mut queue = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let sequence = queue.front + queue.waiting.len() as u64;
+        queue.waiting.push_back(Emission {
+            outcome: None,
+            inputs,
+            hook,
+        });
+        drop(queue);
+        let queue = self.0.clone();
+        Ack::new(move |outcome| Emissions::resolved(&queue, sequence, outcome, &stage))
+    }
+
+    /// The emission at `sequence` was resolved with `outcome`: passes on every emission at
+    /// the front whose outcome is known.
+    fn resolved(
+        queue: &Mutex<EmissionQueue>,
+        sequence: u64,
+        outcome: AckOutcome,
+        stage: &StageMetrics,
+    ) {
+        let mut ready = Vec::new();
+        {
+            let mut queue = queue.lock().unwrap_or_else(|p| p.into_inner());
+            let index = sequence.saturating_sub(queue.front) as usize;
+            if let Some(emission) = queue.waiting.get_mut(index) {
+                emission.outcome = Some(outcome);
+            }
+            let mut failure: Option<Nack> = queue.abandoned.clone();
+            while queue.waiting.front().is_some_and(|e| e.outcome.is_some()) {
+                let Some(emission) = queue.waiting.pop_front() else {
+                    break;
+                };
+                queue.front += 1;
+                if let Some(AckOutcome::Nacked(nack)) = &emission.outcome
+                    && failure.as_ref().is_none_or(|f| nack.kind > f.kind)
+                {
+                    failure = Some(nack.clone());
+                }
+                if failure
+                    .as_ref()
+                    .is_some_and(|f| f.kind == NackKind::Abandoned)
+                {
+                    queue.abandoned = failure.clone();
+                }
+                ready.push((emission, failure.clone()));
+            }
+        }
+        // Outside the lock: a hook syncs a file, and the inputs' callbacks reach the source.
+        for (emission, failure) in ready {
+            match failure {
+                None => {
+                    if let Some(hook) = emission.hook
+                        && let Err(e) = hook()
+                    {
+                        // The rows were delivered all the same (for windows: only a crash
+                        // before the next successful save could emit them again).
+                        stage.record_error();
+                        tracing::error!(
+                            stage = stage.name(),
+                            "recording an acknowledged emission failed: {e}"
+                        );
+                    }
+                    emission.inputs.into_iter().for_each(Ack::ack);
+                }
+                Some(nack) => {
+                    for input in emission.inputs {
+                        input.fail(nack.clone());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -261,7 +388,10 @@ async fn transform_loop(t: &mut TransformTask) -> Result<()> {
                 continue;
             }
         };
-        if !score_and_send(t, batch, ack, origin).await {
+        // Rows that went through a stage holding acknowledgements are its windows' output:
+        // their source could not rebuild them.
+        let replayable = t.held.iter().all(Option::is_none);
+        if !score_and_send(t, batch, ack, origin, replayable).await {
             break;
         }
     }
@@ -294,12 +424,15 @@ fn abandon_held(t: &mut TransformTask) {
 }
 
 /// Runs the detector on a batch that went through the preps and hands it to the actions.
-/// Returns false once the action stage is gone.
+/// A batch that is not `replayable` (windows emitted from held input: nacked, its rows would
+/// come back late) is never dropped at a full queue, and the actions retry it rather than
+/// nack it ([`Scored::replayable`]). Returns false once the action stage is gone.
 async fn score_and_send(
     t: &mut TransformTask,
     batch: RecordBatch,
     ack: Ack,
     origin: Origin,
+    replayable: bool,
 ) -> bool {
     if let (Some(handoff), Some((detector, stage))) = (t.handoff.as_mut(), t.detector.as_mut()) {
         handoff.load_unknown(detector.as_mut(), stage, &batch).await;
@@ -337,8 +470,13 @@ async fn score_and_send(
             origin,
         }),
         ack,
+        replayable,
     };
-    let policy = t.policy;
+    let policy = if replayable {
+        t.policy
+    } else {
+        WhenFull::Block
+    };
     send_with_policy(
         &t.tx,
         item,
@@ -373,7 +511,9 @@ async fn release_held(t: &mut TransformTask, why: Held) -> bool {
                 Held::Tick => prep.tick(),
             };
             let ack = match &mut t.held[i] {
-                Some(held) => held.release(prep.oldest_retained_input()),
+                Some(held) => {
+                    held.emit(prep.oldest_retained_input(), prep.take_acked_hook(), stage)
+                }
                 None => Ack::none(),
             };
             match released {
@@ -409,7 +549,8 @@ async fn release_held(t: &mut TransformTask, why: Held) -> bool {
             via: Some(format!("released by {}", t.preps[i].1.name())),
             ..Origin::default()
         };
-        if !score_and_send(t, batch, ack, origin).await {
+        let replayable = t.held[i..].iter().all(Option::is_none);
+        if !score_and_send(t, batch, ack, origin, replayable).await {
             return false;
         }
     }
@@ -481,7 +622,7 @@ fn run_preps(
         if let Some(held) = held {
             // Held even when the stage failed: rows before the failing one may be in windows.
             held.hold(ack);
-            ack = held.release(prep.oldest_retained_input());
+            ack = held.emit(prep.oldest_retained_input(), prep.take_acked_hook(), stage);
         }
         let out = match processed {
             Ok(out) => out,

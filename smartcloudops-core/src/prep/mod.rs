@@ -39,6 +39,11 @@ pub trait PrepConfig: ComponentConfig {
     }
 }
 
+/// Work a stage that retains rows wants done once the rows it emitted were acknowledged
+/// downstream ([`Prep::take_acked_hook`]). It runs on whichever thread resolved the emitted
+/// batch's last share, and may block briefly (a file sync).
+pub type AckedHook = Box<dyn FnOnce() -> Result<()> + Send>;
+
 /// Transforms batches between the source and the detector.
 pub trait Prep: Send + fmt::Debug {
     /// A short name for metrics and logs, e.g. `filter`.
@@ -88,6 +93,18 @@ pub trait Prep: Send + fmt::Debug {
     fn acks_held(&mut self, state: &std::path::Path) -> Result<()> {
         let _ = state;
         Ok(())
+    }
+
+    /// For a stage whose acknowledgements are [held](Self::acks_held): what to do once the
+    /// rows the last [`process`](Self::process), [`tick`](Self::tick) or
+    /// [`flush`](Self::flush) emitted were acknowledged by everything downstream, before the
+    /// acknowledgements of the input they carry reach the source. The window stage makes its
+    /// marks of emitted windows durable there, so a window whose delivery failed or was cut
+    /// short is rebuilt by the source's replay rather than taken for emitted. The pipeline
+    /// takes it after each of those calls and runs it only if the emitted rows, and every
+    /// earlier emission of the stage, were acknowledged; an error is logged. None by default.
+    fn take_acked_hook(&mut self) -> Option<AckedHook> {
+        None
     }
 
     /// The stage's counters and levels, published about once a second as gauges of its

@@ -92,7 +92,7 @@ use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 use self::marks::Marks;
-use super::{Prep, PrepConfig};
+use super::{AckedHook, Prep, PrepConfig};
 use crate::component::{BuildContext, ComponentConfig};
 use crate::error::{Error, Problems, Result};
 use crate::schema::{MetricsBatchBuilder, MetricsColumns, TIME_ZONE, metrics_schema};
@@ -741,17 +741,6 @@ impl WindowPrep {
         }
     }
 
-    /// Makes the marks of the windows just emitted durable before their input can be
-    /// acknowledged. A failure is logged, not fatal: the windows are emitted all the same,
-    /// and only a crash before the next successful write could emit them a second time.
-    fn write_marks(&mut self) {
-        if let Some(marks) = self.marks.as_mut()
-            && let Err(e) = crate::util::run_blocking(|| marks.write())
-        {
-            tracing::error!(stage = %self.name, "window marks not saved: {e}");
-        }
-    }
-
     /// Forgets the held inputs older than every open window's first input.
     fn release_inputs(&mut self) {
         let oldest = self.open_by_input.keys().next().copied();
@@ -807,7 +796,7 @@ impl WindowPrep {
                 .saturating_add(self.ooo)
                 .saturating_mul(2)
                 .saturating_add((self.max_fill + 1).saturating_mul(self.size));
-            marks.retain(|start| start.saturating_add(horizon) > stage);
+            marks.forget_up_to(stage.saturating_sub(horizon));
         }
         if self.fill == FillPolicy::Previous {
             // Every step still to be emitted ends after `stage - lateness`, and a gap is
@@ -1022,7 +1011,6 @@ impl Prep for WindowPrep {
         }
         self.hold_input(position, batch.num_rows(), &mut closed);
         let out = self.emit(closed)?;
-        self.write_marks();
         if round {
             self.forget_closed_series();
         }
@@ -1065,6 +1053,11 @@ impl Prep for WindowPrep {
         }
         self.marks = Some(marks);
         Ok(())
+    }
+
+    fn take_acked_hook(&mut self) -> Option<AckedHook> {
+        let commit = self.marks.as_mut()?.take_commit()?;
+        Some(Box::new(move || crate::util::run_blocking(commit)))
     }
 
     fn take_rejected(&mut self) -> Option<(RecordBatch, String)> {
@@ -1111,7 +1104,6 @@ impl Prep for WindowPrep {
         }
         self.release_inputs();
         let batch = self.emit(closed)?;
-        self.write_marks();
         self.forget_closed_series();
         Ok((batch.num_rows() > 0).then_some(batch))
     }
@@ -1132,7 +1124,6 @@ impl Prep for WindowPrep {
             return Ok(None);
         }
         let batch = self.emit(closed)?;
-        self.write_marks();
         self.series.clear();
         Ok(Some(batch))
     }

@@ -431,6 +431,10 @@ fn after_a_restart_rows_of_windows_emitted_before_it_are_dropped_as_replayed() {
         rows(&out),
         vec![("cpu_count".into(), "a".into(), 60_000, 3.0)]
     );
+    // The actions acknowledged the emitted window: its mark is saved.
+    let saved = first.take_acked_hook().expect("a mark to save");
+    saved().unwrap();
+    assert!(first.take_acked_hook().is_none(), "saved once");
     drop(first); // a crash: [60 s, 120 s) is lost, its input delivered again
 
     let mut restarted = minute_counts();
@@ -455,4 +459,33 @@ fn after_a_restart_rows_of_windows_emitted_before_it_are_dropped_as_replayed() {
         rows(&out),
         vec![("cpu_count".into(), "a".into(), 60_000, 1.0)]
     );
+}
+
+#[test]
+fn a_window_emitted_but_never_acknowledged_is_rebuilt_by_the_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("prep0-window.state");
+    let inputs = [
+        batch(&[("a", 0, 1.0), ("a", 50_000, 1.0)]),
+        batch(&[("a", 55_000, 1.0), ("a", 60_000, 1.0)]),
+    ];
+    let mut first = minute_counts();
+    first.acks_held(&state).unwrap();
+    first.process(&inputs[0]).unwrap();
+    let out = first.process(&inputs[1]).unwrap();
+    assert_eq!(out.num_rows(), 1);
+    // An action was failing on it when the process stopped: the hook never ran.
+    drop(first.take_acked_hook());
+    drop(first);
+
+    let mut restarted = minute_counts();
+    restarted.acks_held(&state).unwrap();
+    restarted.process(&inputs[0]).unwrap();
+    let out = restarted.process(&inputs[1]).unwrap();
+    assert_eq!(
+        rows(&out),
+        vec![("cpu_count".into(), "a".into(), 60_000, 3.0)],
+        "the same window, whole"
+    );
+    assert_eq!(restarted.replayed_rows(), 0);
 }
