@@ -2,16 +2,20 @@
 //! acknowledged, a batch is acknowledged only once every window holding its rows was
 //! emitted and went through the actions; a stop mid-window leaves those batches
 //! unacknowledged, and replaying from the first of them emits the same windows; the end of a
-//! finite input still emits and acknowledges everything; and a source at its limit of
-//! unacknowledged input does not stall behind open windows.
+//! finite input still emits and acknowledges everything; a source at its limit of
+//! unacknowledged input does not stall behind open windows; and an action failing on
+//! emitted windows loses none of them (retried in process, rebuilt after a stop,
+//! dead-lettered whole when rejected for good).
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use smartcloudops_core::action::MemoryAction;
 use smartcloudops_core::dead_letter::MemoryDeadLetters;
 use smartcloudops_core::prep::window::{Aggregation, LatePolicy};
@@ -19,7 +23,8 @@ use smartcloudops_core::prep::{FillPolicy, ResampleConfig, WindowConfig, WindowP
 use smartcloudops_core::schema::MetricsBatchBuilder;
 use smartcloudops_core::source::{Source, SourceBatch, SourceContext, SourceStream};
 use smartcloudops_core::{
-    Ack, AckOutcome, Pipeline, PipelineHandle, PipelineOptions, RecordBatch, Result,
+    Ack, AckOutcome, Action, ActionInput, Error, Pipeline, PipelineHandle, PipelineOptions,
+    RecordBatch, Result,
 };
 use tokio::sync::{Semaphore, mpsc};
 
@@ -35,6 +40,8 @@ struct ReplayingSource {
     outcomes: Outcomes,
     in_flight: Option<Arc<Semaphore>>,
     replays: bool,
+    /// With an [`Outage`]: the windows delivered when each batch was acknowledged.
+    witness: Option<Arc<Outage>>,
 }
 
 impl Source for ReplayingSource {
@@ -62,8 +69,13 @@ impl Source for ReplayingSource {
                 None => None,
             };
             let outcomes = s.outcomes.clone();
+            let witness = s.witness.clone();
             let ack = Ack::new(move |outcome| {
                 drop(permit);
+                if let Some(outage) = witness.filter(|_| outcome.is_acked()) {
+                    let delivered = outage.delivered_ends();
+                    outage.acked_with.lock().unwrap().push((index, delivered));
+                }
                 outcomes.lock().unwrap().push((index, outcome));
             });
             Some((Ok(SourceBatch::new(batch, ack)), s))
@@ -82,6 +94,66 @@ struct Run {
     _state: Option<tempfile::TempDir>,
 }
 
+/// An action in front of a memory action that fails, on batches with rows, while told to:
+/// for a number of attempts or until the outage is over, retryable or for good.
+#[derive(Debug, Default)]
+struct Outage {
+    output: MemoryAction,
+    /// Attempts still to fail.
+    failing: AtomicUsize,
+    /// Fails every attempt while set.
+    down: AtomicBool,
+    permanent: bool,
+    attempts: AtomicUsize,
+    /// Per acknowledged input batch: the ends of the windows delivered by then.
+    acked_with: Mutex<Vec<(usize, BTreeSet<i64>)>>,
+}
+
+impl Outage {
+    fn failing_for(attempts: usize) -> Arc<Self> {
+        let outage = Outage::default();
+        outage.failing.store(attempts, Ordering::SeqCst);
+        Arc::new(outage)
+    }
+
+    fn delivered_ends(&self) -> BTreeSet<i64> {
+        common::rows(&self.output.batches())
+            .into_iter()
+            .map(|r| r.ts)
+            .collect()
+    }
+}
+
+impl Action for Outage {
+    fn name(&self) -> &str {
+        "outage"
+    }
+
+    fn wants_every_batch(&self) -> bool {
+        true
+    }
+
+    fn execute<'a>(&'a self, input: &'a ActionInput) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if input.batch.num_rows() > 0 {
+                self.attempts.fetch_add(1, Ordering::SeqCst);
+                let counted = self
+                    .failing
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if counted || self.down.load(Ordering::SeqCst) {
+                    return Err(Error::Action {
+                        action: "outage".into(),
+                        message: "receiver unavailable".into(),
+                        retryable: !self.permanent,
+                    });
+                }
+            }
+            self.output.execute(input).await
+        })
+    }
+}
+
 impl Run {
     fn start(batches: &Arc<Vec<RecordBatch>>, prep: WindowPrep, in_flight: Option<u32>) -> Run {
         Run::with_dead_letters(batches, prep, in_flight, Arc::default())
@@ -94,7 +166,7 @@ impl Run {
         dead_letters: Arc<MemoryDeadLetters>,
     ) -> Run {
         let state = tempfile::tempdir().unwrap();
-        let mut run = Run::build(batches, prep, in_flight, state.path(), dead_letters);
+        let mut run = Run::build(batches, prep, in_flight, state.path(), dead_letters, None);
         run._state = Some(state);
         run
     }
@@ -106,7 +178,18 @@ impl Run {
         in_flight: Option<u32>,
         state: &std::path::Path,
     ) -> Run {
-        Run::build(batches, prep, in_flight, state, Arc::default())
+        Run::build(batches, prep, in_flight, state, Arc::default(), None)
+    }
+
+    /// A run whose action fails as `outage` says, keeping its durable state in `state`.
+    fn with_outage(
+        batches: &Arc<Vec<RecordBatch>>,
+        prep: WindowPrep,
+        state: &std::path::Path,
+        dead_letters: Arc<MemoryDeadLetters>,
+        outage: Arc<Outage>,
+    ) -> Run {
+        Run::build(batches, prep, None, state, dead_letters, Some(outage))
     }
 
     fn build(
@@ -115,16 +198,22 @@ impl Run {
         in_flight: Option<u32>,
         state: &std::path::Path,
         dead_letters: Arc<MemoryDeadLetters>,
+        outage: Option<Arc<Outage>>,
     ) -> Run {
         let (feed, rx) = mpsc::channel(batches.len().max(1));
         let outcomes = Outcomes::default();
         let output = Arc::new(MemoryAction::new().every_batch());
+        let action: Arc<dyn Action> = match &outage {
+            Some(outage) => outage.clone(),
+            None => output.clone(),
+        };
         let source = ReplayingSource {
             batches: batches.clone(),
             feed: rx,
             outcomes: outcomes.clone(),
             in_flight: in_flight.map(|rows| Arc::new(Semaphore::new(rows as usize))),
             replays: true,
+            witness: outage,
         };
         let options = PipelineOptions {
             state_dir: state.to_owned(),
@@ -132,7 +221,7 @@ impl Run {
         };
         let handle = Pipeline::builder(source)
             .prep(prep)
-            .shared_action(output.clone())
+            .shared_action(action)
             .dead_letters(dead_letters)
             .options(options)
             .build()
@@ -532,4 +621,222 @@ async fn late_and_dead_lettered_rows_hold_nothing_and_are_acknowledged_in_order(
     let order: Vec<usize> = outcomes.iter().map(|(i, _)| *i).collect();
     assert_eq!(order, vec![0, 1, 2, 3]);
     assert!(outcomes.iter().all(|(_, o)| o.is_acked()), "{outcomes:?}");
+}
+
+/// The window rows an action delivered: (series, end, value).
+fn delivered(outage: &Outage) -> Vec<(u64, i64, f64)> {
+    common::rows(&outage.output.batches())
+        .into_iter()
+        .map(|r| (r.series_id, r.ts, r.value))
+        .collect()
+}
+
+/// The end of the one-minute window holding the rows of batch `index` of [`rows_by_step`].
+fn window_end_of_step(index: usize) -> i64 {
+    (index as i64 * 10_000 / 60_000 + 1) * 60_000
+}
+
+#[tokio::test]
+async fn windows_an_action_fails_on_are_retried_until_delivered_once() {
+    // 3 series for 200 s: windows ending at 60, 120 and 180 s close on the way, the one
+    // ending at 240 s at the end of the input.
+    let batches: Arc<Vec<RecordBatch>> =
+        Arc::new(rows_by_step(3, 20).iter().map(|r| batch_of(r)).collect());
+    let expected = sorted(uncrashed(&batches, one_minute_windows()).await);
+    assert_eq!(expected.len(), 3 * 4 * 2);
+
+    // The receiver refuses the first 4 attempts (retryable), then takes everything.
+    let outage = Outage::failing_for(4);
+    let state = tempfile::tempdir().unwrap();
+    let dead = Arc::new(MemoryDeadLetters::default());
+    let run = Run::with_outage(
+        &batches,
+        one_minute_windows(),
+        state.path(),
+        dead.clone(),
+        outage.clone(),
+    );
+    run.send(0..batches.len()).await;
+    let Run {
+        handle,
+        feed,
+        outcomes,
+        ..
+    } = run;
+    drop(feed);
+    tokio::time::timeout(Duration::from_secs(20), handle.wait())
+        .await
+        .expect("the retries ended")
+        .unwrap();
+
+    assert!(
+        outage.attempts.load(Ordering::SeqCst) >= 4 + 4,
+        "4 failed attempts, then one per window batch: {} attempts",
+        outage.attempts.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        sorted(delivered(&outage)),
+        expected,
+        "every window delivered exactly once, none lost to the failures"
+    );
+    assert!(dead.letters().is_empty(), "an outage dead-letters nothing");
+    let outcomes = outcomes.lock().unwrap().clone();
+    assert_eq!(outcomes.len(), batches.len());
+    assert!(outcomes.iter().all(|(_, o)| o.is_acked()), "{outcomes:?}");
+    // No input batch was acknowledged before the window holding its rows was delivered.
+    let acked_with = outage.acked_with.lock().unwrap().clone();
+    assert_eq!(acked_with.len(), batches.len());
+    for (index, ends) in acked_with {
+        assert!(
+            ends.contains(&window_end_of_step(index)),
+            "batch {index} acknowledged before its window (ending at {} ms) was delivered; \
+             delivered then: {ends:?}",
+            window_end_of_step(index)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stop_during_an_outage_leaves_the_windows_to_the_replay() {
+    let batches: Arc<Vec<RecordBatch>> =
+        Arc::new(rows_by_step(3, 20).iter().map(|r| batch_of(r)).collect());
+    let expected = sorted(uncrashed(&batches, one_minute_windows()).await);
+
+    // The receiver is down while the windows ending at 60 and 120 s close (batches 6 and
+    // 12), and the pipeline is stopped.
+    let outage = Outage::failing_for(0);
+    outage.down.store(true, Ordering::SeqCst);
+    let state = tempfile::tempdir().unwrap();
+    let first = Run::with_outage(
+        &batches,
+        one_minute_windows(),
+        state.path(),
+        Arc::default(),
+        outage.clone(),
+    );
+    first.send(0..14).await;
+    common::eventually("both windows tried", Duration::from_secs(5), || {
+        outage.attempts.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    assert_eq!(
+        first.resolved(),
+        0,
+        "nothing acknowledged while its windows are undelivered"
+    );
+    first.handle.shutdown();
+    let outcomes = first.outcomes.clone();
+    tokio::time::timeout(Duration::from_secs(10), first.handle.wait())
+        .await
+        .expect("the retries stop at a shutdown")
+        .unwrap();
+    let outcomes = outcomes.lock().unwrap().clone();
+    assert_eq!(outcomes.len(), 14, "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|(_, o)| o.is_abandoned()),
+        "left for the replay, and not counted as failures: {outcomes:?}"
+    );
+    assert!(delivered(&outage).is_empty());
+
+    // Restarted on the same state directory, the receiver back: the source delivers again
+    // from the first unacknowledged batch, the first one.
+    let second = Run::resume(&batches, one_minute_windows(), None, state.path());
+    second.send(0..batches.len()).await;
+    let Run {
+        handle,
+        feed,
+        output,
+        ..
+    } = second;
+    drop(feed);
+    handle.wait().await.unwrap();
+    let replayed = common::rows(&output.batches())
+        .into_iter()
+        .map(|r| (r.series_id, r.ts, r.value))
+        .collect();
+    assert_eq!(
+        sorted(replayed),
+        expected,
+        "the windows not delivered before the stop are emitted whole, once"
+    );
+}
+
+#[tokio::test]
+async fn windows_an_action_rejects_for_good_are_dead_lettered_whole_and_acknowledged() {
+    let batches: Arc<Vec<RecordBatch>> =
+        Arc::new(rows_by_step(3, 20).iter().map(|r| batch_of(r)).collect());
+    let expected = sorted(uncrashed(&batches, one_minute_windows()).await);
+
+    let outage = Arc::new(Outage {
+        permanent: true,
+        ..Outage::default()
+    });
+    outage.down.store(true, Ordering::SeqCst);
+    let state = tempfile::tempdir().unwrap();
+    let dead = Arc::new(MemoryDeadLetters::default());
+    let run = Run::with_outage(
+        &batches,
+        one_minute_windows(),
+        state.path(),
+        dead.clone(),
+        outage.clone(),
+    );
+    run.send(0..batches.len()).await;
+    let Run {
+        handle,
+        feed,
+        outcomes,
+        ..
+    } = run;
+    drop(feed);
+    tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .expect("a permanent failure is not retried")
+        .unwrap();
+
+    assert!(delivered(&outage).is_empty());
+    let letters = dead.letters();
+    assert_eq!(
+        outage.attempts.load(Ordering::SeqCst),
+        letters.len(),
+        "one attempt per window batch, then its dead letter"
+    );
+    let mut lettered = Vec::new();
+    for letter in &letters {
+        assert!(
+            letter.reason.contains("action `outage`") && letter.reason.contains("unavailable"),
+            "{letter:?}"
+        );
+        for line in letter.payload.lines() {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            let value: f64 = row["value"].as_str().unwrap().parse().unwrap();
+            lettered.push((row["metric"].as_str().unwrap().to_owned(), value));
+        }
+    }
+    let mut wanted = expected_metrics(&batches).await;
+    lettered.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    wanted.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    assert_eq!(lettered.len(), expected.len(), "every window row, whole");
+    assert_eq!(lettered, wanted);
+    let outcomes = outcomes.lock().unwrap().clone();
+    assert_eq!(outcomes.len(), batches.len());
+    assert!(outcomes.iter().all(|(_, o)| o.is_acked()), "{outcomes:?}");
+}
+
+/// The window rows of an uninterrupted run over `batches`: (metric, value).
+async fn expected_metrics(batches: &Arc<Vec<RecordBatch>>) -> Vec<(String, f64)> {
+    let run = Run::start(batches, one_minute_windows(), None);
+    run.send(0..batches.len()).await;
+    let Run {
+        handle,
+        feed,
+        output,
+        ..
+    } = run;
+    drop(feed);
+    handle.wait().await.unwrap();
+    common::rows(&output.batches())
+        .into_iter()
+        .map(|r| (r.metric, r.value))
+        .collect()
 }

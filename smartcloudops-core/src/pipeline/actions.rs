@@ -9,7 +9,8 @@
 //!   [`MAX_RETRY`]) for as long as it lasts; the batch keeps its slot, so the queues fill and
 //!   the source stalls, and memory stays bounded;
 //! - a permanent error dead-letters the batch's rows whole, with the reason, then acks;
-//! - once the pipeline stops, the retry stops and the share is abandoned
+//! - once the pipeline stops (not at the end of a finite input, where the retries go on
+//!   within `shutdown_timeout`), the retry stops and the share is abandoned
 //!   ([`Ack::abandon`](crate::ack::Ack::abandon)): the windows were not marked emitted, so
 //!   the source's replay after the restart rebuilds them.
 //!
@@ -38,7 +39,9 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 /// What the action stage needs for batches that are not replayable.
 #[derive(Debug, Clone)]
 pub(super) struct Unreplayable {
-    /// Cancelled once the pipeline stops: retries give up then.
+    /// Cancelled once the pipeline stops before the end of its input (a shutdown, a failed
+    /// source): retries give up then. At the end of a finite input they go on, within
+    /// `shutdown_timeout`.
     pub(super) stopping: CancellationToken,
     /// Where the rows go when an action rejects them for good.
     pub(super) dead_letters: Arc<dyn DeadLetterSink>,

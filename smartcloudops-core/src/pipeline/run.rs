@@ -161,9 +161,14 @@ impl Pipeline {
         // `shutdown_timeout`.
         let draining = CancellationToken::new();
         let drain_started: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+        // Cancelled when the pipeline stops before the end of its input (a shutdown, a failed
+        // source): the actions' retries of emitted windows give up then.
+        let stopping = shutdown.child_token();
         let mut tasks: JoinSet<Result<()>> = JoinSet::new();
         {
             let draining = draining.clone();
+            let stopping = stopping.clone();
+            let ended = input_ended.clone();
             let source = source_task(
                 stream,
                 Ingest {
@@ -179,6 +184,9 @@ impl Pipeline {
             );
             tasks.spawn(async move {
                 let result = source.await;
+                if !ended.load(Ordering::SeqCst) {
+                    stopping.cancel();
+                }
                 draining.cancel();
                 result
             });
@@ -223,7 +231,7 @@ impl Pipeline {
             options.action_concurrency.max(1),
             action_queue_stage,
             Unreplayable {
-                stopping: draining.clone(),
+                stopping,
                 dead_letters: dead_letter_output.clone(),
             },
         ));
