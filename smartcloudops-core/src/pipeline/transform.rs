@@ -11,6 +11,12 @@
 //! held acknowledgements are abandoned ([`Ack::abandon`]), so the source delivers their rows
 //! again after a restart without counting a failure; only at the end of a finite input are
 //! they emitted and acknowledged.
+//!
+//! **Emitted rows are not replayable.** Their input's rows would come back late, so a batch
+//! out of such a stage is marked so for the actions ([`Scored::replayable`]), which retry it
+//! rather than nack it, and is never dropped at a full queue. The stage's emissions are
+//! passed on in order ([`Emissions`]): an emission's input acknowledgements, and its hook
+//! ([`Prep::take_acked_hook`]: the window marks), wait for every earlier emission.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

@@ -50,9 +50,11 @@
 //!     window, and such a batch usually also holds the last rows of a window emitted before
 //!     the crash. So the stage keeps, per series, the start of the last window its
 //!     watermark closed (for resampling, with that step's value, to fill the next gap) in a
-//!     file in the state directory (`prep{i}-{kind}.state`), synced before the emitted rows
-//!     leave the stage; rows delivered again whose windows are that old are dropped and
-//!     counted ([`WindowPrep::replayed_rows`]). The restarted process thus emits exactly the
+//!     file in the state directory (`prep{i}-{kind}.state`); rows delivered again whose
+//!     windows are that old are dropped and counted ([`WindowPrep::replayed_rows`]). A mark
+//!     reaches the file only once every action acknowledged its window, and is synced
+//!     before the window's input is acknowledged ([`Prep::take_acked_hook`]): a window
+//!     whose delivery a crash or a stop cut short is not marked, so the replay rebuilds it. The restarted process thus emits exactly the
 //!     windows an uninterrupted run would have (plus, at least once, windows emitted just
 //!     before the crash whose acknowledgement had not reached the source: the same rows,
 //!     the same values). A mark is forgotten once the stage watermark is two windows (plus
@@ -64,9 +66,11 @@
 //!     cannot give back the rows of one partition. The marks are per process (its state
 //!     directory), so the new owner, or a Redis Streams consumer taking over a dead one's
 //!     entries, can emit a second, partial copy of a window the old owner emitted.
-//!   - *Failed actions.* When an action fails on emitted windows, the batches whose rows
-//!     they hold are nacked and delivered again, but the windows are not rebuilt: those
-//!     rows are late by then (and handled as `late` says).
+//!   - *Failed actions.* Nacked, the batches whose rows emitted windows hold would come
+//!     back late and be dropped, and the windows lost. So the pipeline does not nack
+//!     emitted windows: the action stage retries a retryable failure with backoff (the
+//!     source waits meanwhile), dead-letters the window rows whole on a permanent one, and
+//!     at a stop abandons their input, not yet marked, for the replay to rebuild them.
 //! - **Gauges** of the stage: `smartcloudops_window_late_rows_total`,
 //!   `…_out_of_range_rows_total`, `…_tracked_series`, `…_held_rows`, `…_early_windows_total`,
 //!   `…_replayed_rows_total`.
