@@ -136,7 +136,8 @@ impl HeldAcks {
 /// replay. So:
 /// - an emission resolved while an earlier one is still out (an action retrying) waits;
 /// - a failure is passed on to the emissions resolved with it: they are nacked too (the
-///   most severe failure, as [`Ack`] joins them), and their hooks do not run;
+///   most severe failure, as [`Ack`] joins them, but a permanent one only as retryable: it
+///   was not theirs), and their hooks do not run;
 /// - once an emission is abandoned (the pipeline stopped with it undelivered), every later
 ///   one is abandoned as well, delivered or not: the replay after the restart rebuilds
 ///   them all.
@@ -199,24 +200,29 @@ impl Emissions {
             if let Some(emission) = queue.waiting.get_mut(index) {
                 emission.outcome = Some(outcome);
             }
-            let mut failure: Option<Nack> = queue.abandoned.clone();
+            // The failure of the emissions before, as the next one inherits it.
+            let mut carried: Option<Nack> = queue.abandoned.clone();
             while queue.waiting.front().is_some_and(|e| e.outcome.is_some()) {
                 let Some(emission) = queue.waiting.pop_front() else {
                     break;
                 };
                 queue.front += 1;
+                let mut failure = carried.clone();
                 if let Some(AckOutcome::Nacked(nack)) = &emission.outcome
                     && failure.as_ref().is_none_or(|f| nack.kind > f.kind)
                 {
                     failure = Some(nack.clone());
                 }
-                if failure
-                    .as_ref()
-                    .is_some_and(|f| f.kind == NackKind::Abandoned)
-                {
-                    queue.abandoned = failure.clone();
+                if let Some(f) = &failure {
+                    if f.kind == NackKind::Abandoned {
+                        queue.abandoned = Some(f.clone());
+                    }
+                    // A later emission's own rows did not fail for good: its input must not
+                    // count towards a poison limit.
+                    let kind = f.kind.min(NackKind::Retryable);
+                    carried = Some(Nack::new(kind, f.reason.clone()));
                 }
-                ready.push((emission, failure.clone()));
+                ready.push((emission, failure));
             }
         }
         // Outside the lock: a hook syncs a file, and the inputs' callbacks reach the source.
@@ -683,5 +689,98 @@ fn dead_letter_batch(
             NackKind::of(&e),
             format!("{error}; and the dead-letter output failed: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Seen = Arc<Mutex<Vec<String>>>;
+
+    /// An input acknowledgement that records `name` and its outcome.
+    fn input(seen: &Seen, name: &str) -> Ack {
+        let (seen, name) = (seen.clone(), name.to_owned());
+        Ack::new(move |outcome| {
+            let what = match outcome.nack() {
+                None => "acked".to_owned(),
+                Some(nack) => nack.kind.to_string(),
+            };
+            seen.lock().unwrap().push(format!("{name} {what}"));
+        })
+    }
+
+    /// A hook that records that it ran.
+    fn hook(seen: &Seen, name: &str) -> Option<AckedHook> {
+        let (seen, name) = (seen.clone(), name.to_owned());
+        Some(Box::new(move || {
+            seen.lock().unwrap().push(format!("{name} hook"));
+            Ok(())
+        }))
+    }
+
+    #[test]
+    fn an_emission_waits_for_the_earlier_ones() {
+        let seen = Seen::default();
+        let stage = Arc::new(StageMetrics::new("prep:window"));
+        let emissions = Emissions::default();
+        let first = emissions.push(vec![input(&seen, "a")], hook(&seen, "first"), stage.clone());
+        let second = emissions.push(
+            vec![input(&seen, "b")],
+            hook(&seen, "second"),
+            stage.clone(),
+        );
+        let third = emissions.push(vec![input(&seen, "c")], hook(&seen, "third"), stage);
+        second.ack();
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "the first emission is still out: its rows may be in the second's input"
+        );
+        first.ack();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["first hook", "a acked", "second hook", "b acked"]
+        );
+        third.nack("503");
+        assert_eq!(
+            seen.lock().unwrap()[4..],
+            ["c retryable"],
+            "no hook for a failure"
+        );
+    }
+
+    #[test]
+    fn a_failure_is_passed_on_and_an_abandonment_sticks() {
+        let seen = Seen::default();
+        let stage = Arc::new(StageMetrics::new("prep:window"));
+        let emissions = Emissions::default();
+        let failing = emissions.push(vec![input(&seen, "a")], hook(&seen, "1"), stage.clone());
+        let waiting = emissions.push(vec![input(&seen, "b")], hook(&seen, "2"), stage.clone());
+        waiting.ack();
+        failing.nack_permanent("400");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["a permanent", "b retryable"],
+            "resolved with the failure before it, which is not its own fault"
+        );
+        seen.lock().unwrap().clear();
+        let later = emissions.push(vec![input(&seen, "c")], hook(&seen, "3"), stage.clone());
+        later.ack();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["3 hook", "c acked"],
+            "a failure passes"
+        );
+        seen.lock().unwrap().clear();
+
+        let stopped = emissions.push(vec![input(&seen, "d")], hook(&seen, "4"), stage.clone());
+        stopped.abandon("stopping");
+        let delivered = emissions.push(vec![input(&seen, "e")], hook(&seen, "5"), stage);
+        delivered.ack();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["d abandoned", "e abandoned"],
+            "after an abandoned emission nothing is marked or acknowledged"
+        );
     }
 }
