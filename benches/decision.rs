@@ -4,11 +4,15 @@
 //!
 //! `cargo bench -p smartcloudops-benches --bench decision`
 //!
+//! The `journaled` cases keep the decision state in a `state_dir` (on the temporary
+//! directory's file system): one durable commit per batch.
+//!
 //! Input: 1 000 series (10 services), 8 samples each per batch (8 000 rows), a minute apart;
 //! each series is anomalous one sample in 50 (2 % of rows), so alerts keep firing and
 //! resolving: every batch brings about 160 anomalous rows, 160 alerts firing and 160
 //! resolving.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,8 +60,19 @@ fn batch(round: usize) -> ActionInput {
     ActionInput::new(batch, alerts)
 }
 
-fn engine(group_wait: &str) -> DecisionEngine {
-    let config: DecisionConfig = toml::from_str(&format!(
+/// A fresh state directory per engine (event time restarts with it); the previous one goes.
+fn fresh_state_dir(previous: Option<PathBuf>, n: usize) -> PathBuf {
+    if let Some(dir) = previous {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    std::env::temp_dir().join(format!(
+        "smartcloudops-bench-decision-{}-{n}",
+        std::process::id()
+    ))
+}
+
+fn engine(group_wait: &str, state_dir: Option<PathBuf>) -> DecisionEngine {
+    let mut config: DecisionConfig = toml::from_str(&format!(
         r#"
         allowed_commands = ["/usr/bin/systemctl"]
 
@@ -95,6 +110,7 @@ fn engine(group_wait: &str) -> DecisionEngine {
         "#
     ))
     .unwrap();
+    config.state_dir = state_dir;
     DecisionEngine::with_options(
         config,
         EngineOptions {
@@ -113,24 +129,33 @@ fn bench(c: &mut Criterion) {
     let batches: Vec<ActionInput> = (0..50).map(batch).collect();
     let mut group = c.benchmark_group("decision");
     group.throughput(Throughput::Elements((SERIES * SAMPLES) as u64));
-    for (name, wait) in [
-        ("rules_and_grouping", "1h"),
-        ("with_dry_run_notifications", "0s"),
+    for (name, wait, journaled) in [
+        ("rules_and_grouping", "1h", false),
+        ("with_dry_run_notifications", "0s", false),
+        ("rules_and_grouping_journaled", "1h", true),
+        ("with_dry_run_notifications_journaled", "0s", true),
     ] {
-        let mut engine = engine(wait);
+        let mut dir = journaled.then(|| fresh_state_dir(None, 0));
+        let mut engine = engine(wait, dir.clone());
         let mut i = 0usize;
         group.bench_function(name, |b| {
             b.iter(|| {
                 // Event time only moves forward: a fresh engine each time the batches repeat
                 // (its construction is negligible against 50 batches).
                 if i > 0 && i.is_multiple_of(batches.len()) {
-                    engine = self::engine(wait);
+                    if journaled {
+                        dir = Some(fresh_state_dir(dir.take(), i));
+                    }
+                    engine = self::engine(wait, dir.clone());
                 }
                 rt.block_on(engine.execute(&batches[i % batches.len()]))
                     .unwrap();
                 i += 1;
             })
         });
+        if let Some(dir) = dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
     group.finish();
 }
