@@ -255,12 +255,14 @@ async fn send<T: redis::FromRedisValue>(
 }
 
 fn sink_error(action: &str, target: &str, e: redis::RedisError) -> Error {
-    // A wrong type or a refused command will fail again; a dropped connection may not.
-    let retryable = e.is_io_error() || e.is_timeout() || e.is_connection_dropped();
+    // Retryable, whatever Redis answered: the commands' shape never depends on the batch, so
+    // a refusal (a key of the wrong type, OOM, a read-only replica) is the destination's
+    // state, not the batch's fault. The input must wait for an operator, not be poisoned:
+    // a permanent error would dead-letter every good batch behind it.
     Error::Action {
         action: action.into(),
         message: format!("sending to {target}: {e}"),
-        retryable,
+        retryable: true,
     }
 }
 
