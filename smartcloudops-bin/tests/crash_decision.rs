@@ -102,6 +102,20 @@ impl Receiver {
             .collect()
     }
 
+    /// Waits until a request announcing `status` was accepted.
+    async fn wait_accepted(&self, status: &str) {
+        self.wait_for(&format!("a {status} notification"), ARRIVAL, |r| {
+            !r.accepted(status).is_empty()
+        })
+        .await;
+    }
+
+    /// Waits until a delivery reached the receiver (whatever it answered).
+    async fn wait_in_flight(&self) {
+        self.wait_for("a delivery", ARRIVAL, |r| !r.seen().is_empty())
+            .await;
+    }
+
     async fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Self) -> bool) {
         let start = Instant::now();
         while !done(self) {
@@ -354,12 +368,7 @@ async fn killed_during_group_wait_the_notification_still_arrives() {
     run.kill9(); // ... and the process dies before the wait ends
 
     let _run = setup.start();
-    setup
-        .receiver
-        .wait_for("the firing notification", ARRIVAL, |r| {
-            !r.accepted("firing").is_empty()
-        })
-        .await;
+    setup.receiver.wait_accepted("firing").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,12 +388,7 @@ async fn a_delivery_that_failed_before_the_crash_is_sent_after_the_restart() {
 
     setup.receiver.set(Mode::Accept);
     let _run = setup.start();
-    setup
-        .receiver
-        .wait_for("the firing notification", ARRIVAL, |r| {
-            !r.accepted("firing").is_empty()
-        })
-        .await;
+    setup.receiver.wait_accepted("firing").await;
     let seen = setup.receiver.seen();
     let delivered = setup.receiver.accepted("firing");
     assert_eq!(
@@ -400,20 +404,12 @@ async fn killed_mid_delivery_the_notification_is_resent_with_the_same_key() {
     setup.receiver.set(Mode::Hang);
     let run = setup.start();
     setup.fire().await;
-    setup
-        .receiver
-        .wait_for("a delivery in flight", ARRIVAL, |r| !r.seen().is_empty())
-        .await;
+    setup.receiver.wait_in_flight().await;
     run.kill9();
 
     setup.receiver.set(Mode::Accept);
     let _run = setup.start();
-    setup
-        .receiver
-        .wait_for("the re-sent notification", ARRIVAL, |r| {
-            !r.accepted("firing").is_empty()
-        })
-        .await;
+    setup.receiver.wait_accepted("firing").await;
     let first = &setup.receiver.seen()[0];
     assert!(!first.key.is_empty(), "webhooks carry an Idempotency-Key");
     for s in setup.receiver.accepted("firing") {
@@ -427,23 +423,13 @@ async fn an_alert_firing_before_the_crash_resolves_after_the_restart() {
     let mut setup = Setup::new("resolve", "0s").await;
     let run = setup.start();
     let last = setup.fire().await;
-    setup
-        .receiver
-        .wait_for("the firing notification", ARRIVAL, |r| {
-            !r.accepted("firing").is_empty()
-        })
-        .await;
+    setup.receiver.wait_accepted("firing").await;
     setup.wait_acked(&last).await;
     run.kill9();
 
     let _run = setup.start();
     setup.recover().await;
-    setup
-        .receiver
-        .wait_for("the resolved notification", ARRIVAL, |r| {
-            !r.accepted("resolved").is_empty()
-        })
-        .await;
+    setup.receiver.wait_accepted("resolved").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,18 +439,10 @@ async fn a_delivery_in_flight_at_shutdown_resumes_after_the_restart() {
     setup.receiver.set(Mode::Hang);
     let run = setup.start();
     setup.fire().await;
-    setup
-        .receiver
-        .wait_for("a delivery in flight", ARRIVAL, |r| !r.seen().is_empty())
-        .await;
+    setup.receiver.wait_in_flight().await;
     run.terminate(Duration::from_secs(20)); // shutdown_timeout is 2 s
 
     setup.receiver.set(Mode::Accept);
     let _run = setup.start();
-    setup
-        .receiver
-        .wait_for("the resumed notification", ARRIVAL, |r| {
-            !r.accepted("firing").is_empty()
-        })
-        .await;
+    setup.receiver.wait_accepted("firing").await;
 }
