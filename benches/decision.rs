@@ -5,7 +5,10 @@
 //! `cargo bench -p smartcloudops-benches --bench decision`
 //!
 //! The `journaled` cases keep the decision state in a `state_dir` (on the temporary
-//! directory's file system): one durable commit per batch.
+//! directory's file system): each batch's changes in one commit, durable before `execute`
+//! returns. Each case runs with one batch in the engine at a time, and with four (the
+//! pipeline's default `action_concurrency`), where batches waiting for the state file's fsync
+//! share it.
 //!
 //! Input: 1 000 series (10 services), 8 samples each per batch (8 000 rows), a minute apart;
 //! each series is anomalous one sample in 50 (2 % of rows), so alerts keep firing and
@@ -14,9 +17,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use smartcloudops_core::decision::guard::MemoryIdempotency;
 use smartcloudops_core::decision::{DecisionConfig, DecisionEngine, EngineOptions};
 use smartcloudops_core::detector::{ScoreColumnsBuilder, Verdict};
@@ -124,40 +129,109 @@ fn engine(group_wait: &str, state_dir: Option<PathBuf>) -> DecisionEngine {
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .unwrap();
     let batches: Vec<ActionInput> = (0..50).map(batch).collect();
     let mut group = c.benchmark_group("decision");
     group.throughput(Throughput::Elements((SERIES * SAMPLES) as u64));
-    for (name, wait, journaled) in [
-        ("rules_and_grouping", "1h", false),
-        ("with_dry_run_notifications", "0s", false),
-        ("rules_and_grouping_journaled", "1h", true),
-        ("with_dry_run_notifications_journaled", "0s", true),
-    ] {
-        let mut dir = journaled.then(|| fresh_state_dir(None, 0));
-        let mut engine = engine(wait, dir.clone());
-        let mut i = 0usize;
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                // Event time only moves forward: a fresh engine each time the batches repeat
-                // (its construction is negligible against 50 batches).
-                if i > 0 && i.is_multiple_of(batches.len()) {
-                    if journaled {
-                        dir = Some(fresh_state_dir(dir.take(), i));
+    for in_flight in [1, 4] {
+        for (name, wait, journaled) in [
+            ("rules_and_grouping", "1h", false),
+            ("with_dry_run_notifications", "0s", false),
+            ("rules_and_grouping_journaled", "1h", true),
+            ("with_dry_run_notifications_journaled", "0s", true),
+        ] {
+            let mut dir = journaled.then(|| fresh_state_dir(None, 0));
+            let mut engine = engine(wait, dir.clone());
+            let mut i = 0usize;
+            let id = BenchmarkId::new(name, format!("{in_flight}_in_flight"));
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let started = Instant::now();
+                    let mut left = iters as usize;
+                    while left > 0 {
+                        // Event time only moves forward: a fresh engine each time the batches
+                        // repeat (its construction is negligible against 50 batches).
+                        if i > 0 && i.is_multiple_of(batches.len()) {
+                            if journaled {
+                                dir = Some(fresh_state_dir(dir.take(), i));
+                            }
+                            engine = self::engine(wait, dir.clone());
+                        }
+                        let round = left.min(batches.len() - i % batches.len());
+                        let first = i % batches.len();
+                        run(&rt, &engine, &batches[first..first + round], in_flight);
+                        i += round;
+                        left -= round;
                     }
-                    engine = self::engine(wait, dir.clone());
-                }
-                rt.block_on(engine.execute(&batches[i % batches.len()]))
-                    .unwrap();
-                i += 1;
-            })
-        });
-        if let Some(dir) = dir {
-            let _ = std::fs::remove_dir_all(dir);
+                    started.elapsed()
+                })
+            });
+            drop(engine);
+            if let Some(dir) = dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
     group.finish();
+}
+
+/// Runs `batches` through `engine` in order with up to `in_flight` at once, as the pipeline's
+/// action stage does (one task, `action_concurrency` futures).
+fn run(
+    rt: &tokio::runtime::Runtime,
+    engine: &DecisionEngine,
+    batches: &[ActionInput],
+    in_flight: usize,
+) {
+    rt.block_on(async {
+        let mut running: FuturesUnordered<_> = FuturesUnordered::new();
+        let wait = |done: Option<smartcloudops_core::Result<()>>| done.unwrap().unwrap();
+        for input in batches {
+            if running.len() >= in_flight {
+                wait(running.next().await);
+            }
+            running.push(engine.execute(input));
+        }
+        while !running.is_empty() {
+            wait(running.next().await);
+        }
+    });
+}
+
+/// `DECISION_FIXED=CASE:IN_FLIGHT:ROUNDS` runs a fixed amount of work (ROUNDS × 50 batches of
+/// CASE, `journaled` or not) and exits, for timing whole processes from outside (CPU seconds
+/// as the operating system counts them, and wall): `farm-bench --vs 'B' -- A`.
+fn fixed(spec: &str) {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [case, in_flight, rounds] = parts[..] else {
+        panic!("DECISION_FIXED={spec}: expected CASE:IN_FLIGHT:ROUNDS");
+    };
+    let (wait, journaled) = match case {
+        "rules_and_grouping" => ("1h", false),
+        "with_dry_run_notifications" => ("0s", false),
+        "rules_and_grouping_journaled" => ("1h", true),
+        "with_dry_run_notifications_journaled" => ("0s", true),
+        other => panic!("unknown case {other}"),
+    };
+    let (in_flight, rounds): (usize, usize) = (in_flight.parse().unwrap(), rounds.parse().unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let batches: Vec<ActionInput> = (0..50).map(batch).collect();
+    let mut dir = None;
+    for round in 0..rounds {
+        if journaled {
+            dir = Some(fresh_state_dir(dir.take(), round));
+        }
+        let engine = engine(wait, dir.clone());
+        run(&rt, &engine, &batches, in_flight);
+    }
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 criterion_group! {
@@ -165,4 +239,13 @@ criterion_group! {
     config = Criterion::default().measurement_time(Duration::from_secs(5));
     targets = bench
 }
-criterion_main!(benches);
+
+fn main() {
+    match std::env::var("DECISION_FIXED") {
+        Ok(spec) => fixed(&spec),
+        Err(_) => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}

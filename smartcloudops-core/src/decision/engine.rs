@@ -22,6 +22,7 @@ use super::journal::{Changes, Journal, Restored};
 use super::outbox::{Chain, Outbox, OutboxEntry};
 use super::receiver::{Receiver, ReceiverConfig};
 use super::rule::{AlertState, Phase, Rule, RuleConfig, Transition};
+use super::store::StateStore;
 use super::{AlertRecord, AlertStatus, Clock, Notification, NotificationKind, SystemClock};
 use crate::action::{Action, ActionInput, Alert};
 use crate::dead_letter::{DeadLetterSink, JsonlDeadLetters, LogDeadLetters};
@@ -119,6 +120,9 @@ pub(super) struct Inner {
     pub(super) delivery_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// `[decision] max_pending_suggestions`.
     pub(super) max_pending_suggestions: usize,
+    /// The state file (`state_dir`) of the journal and the outbox: its sync makes both
+    /// durable, one fsync shared by the batches waiting for it.
+    store: Option<Arc<StateStore>>,
     /// The decision journal (`state_dir`); held while a commit is collected and written, so
     /// commits reach the file in the order their changes were taken.
     journal: Option<Mutex<Journal>>,
@@ -244,10 +248,16 @@ impl DecisionEngine {
             None => AuditLog::in_memory(),
         };
         let mut state = EngineState::default();
-        let journal = match &config.state_dir {
-            Some(dir) => {
-                let (mut journal, restored) = Journal::open(dir)?;
+        let store = config
+            .state_dir
+            .as_deref()
+            .map(StateStore::open)
+            .transpose()?;
+        let journal = match &store {
+            Some(store) => {
+                let (mut journal, restored) = Journal::open(Arc::clone(store))?;
                 let records = restore(&mut state, &mut journal, restored, &config, now)?;
+                store.sync_blocking()?;
                 audit.write(&records)?;
                 state.dispatcher.track_changes = true;
                 Some(Mutex::new(journal))
@@ -271,7 +281,7 @@ impl DecisionEngine {
                 .silences
                 .push(Silence::new(id, s.clone(), now, config.max_silence).map_err(config_error)?);
         }
-        let outbox = Outbox::open(config.state_dir.as_deref(), config.outbox.clone())?;
+        let outbox = Outbox::open(store.clone(), config.outbox.clone())?;
         let dead_letters: Arc<dyn DeadLetterSink> = match (options.dead_letters, &config.state_dir)
         {
             (Some(sink), _) => sink,
@@ -294,6 +304,7 @@ impl DecisionEngine {
                 global_bucket: Mutex::new(config.rate_limit.map(|l| TokenBucket::new(l, now))),
                 delivery_locks: Mutex::default(),
                 max_pending_suggestions: config.max_pending_suggestions,
+                store,
                 journal,
                 decide: Mutex::default(),
                 outbox,
@@ -317,16 +328,16 @@ impl DecisionEngine {
         self.inner.outbox.entries()
     }
 
-    /// The delivery outbox's file, when it is durable (`state_dir`).
-    pub fn outbox_path(&self) -> Option<PathBuf> {
-        self.inner.outbox.path().map(PathBuf::from)
+    /// The state file of the decision journal and the delivery outbox, when the state is
+    /// durable (`state_dir`).
+    pub fn journal_path(&self) -> Option<PathBuf> {
+        self.inner.store.as_ref().map(|s| s.path().to_owned())
     }
 
-    /// The decision journal's file, when the state is journaled (`state_dir`).
-    pub fn journal_path(&self) -> Option<PathBuf> {
-        let journal = self.inner.journal.as_ref()?;
-        let journal = journal.lock().unwrap_or_else(|p| p.into_inner());
-        Some(journal.path().to_owned())
+    /// Durable commits (fsyncs) of the state file so far: one per round of batches that
+    /// waited together, not one per batch.
+    pub fn state_syncs(&self) -> u64 {
+        self.inner.store.as_ref().map_or(0, |s| s.syncs())
     }
 
     /// Sends the notifications due now; returns how many went out (or were held back).
@@ -373,7 +384,12 @@ impl DecisionEngine {
             json!({ "id": id, "matchers": silence.config.matchers, "ends_ms": silence.ends_ms });
         state.dispatcher.silences.push(silence);
         drop(state);
-        if let Err(e) = self.inner.persist() {
+        // Durable before it returns (one fsync on this thread: a person's action, rare).
+        let saved = self.inner.persist().and_then(|()| match &self.inner.store {
+            Some(store) => store.sync_blocking(),
+            None => Ok(()),
+        });
+        if let Err(e) = saved {
             self.inner.lock().dispatcher.silences.retain(|s| s.id != id);
             return Err(e);
         }
@@ -643,15 +659,14 @@ impl Inner {
         (record, escalations)
     }
 
-    /// Saves what changed since the last commit to the journal, in one durable transaction
-    /// (nothing without a journal, or when nothing changed). On error the changes stay
-    /// marked, for the next commit.
+    /// Saves what changed since the last commit to the journal, in one transaction (nothing
+    /// without a journal, or when nothing changed), durable at the next [`Self::sync`]. On
+    /// error the changes stay marked, for the next commit.
     pub(super) fn persist(&self) -> Result<()> {
         let Some(journal) = &self.journal else {
             return Ok(());
         };
         let _decide = self.decide.lock().unwrap_or_else(|p| p.into_inner());
-        // Blocking for the commit (one fdatasync), like the audit log's write.
         let mut journal = journal.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = self.lock();
         let alert_keys: Vec<(usize, u64)> = state.changed_alerts.drain().collect();
@@ -665,6 +680,15 @@ impl Inner {
             state.dispatcher.changed_groups.extend(group_keys);
         }
         result
+    }
+
+    /// Makes every journal and outbox commit made so far durable, sharing the fsync with the
+    /// batches waiting at the same time.
+    pub(super) async fn sync(&self) -> Result<()> {
+        match &self.store {
+            Some(store) => store.sync().await,
+            None => Ok(()),
+        }
     }
 
     /// The journal changes of the alerts `alert_keys` and groups `group_keys` (saved as they
@@ -760,6 +784,7 @@ impl Inner {
         self.persist()?;
         // Failed deliveries whose next try is due, and those a restart interrupted.
         self.send_due().await?;
+        self.sync().await?;
         Ok(n)
     }
 
@@ -937,11 +962,13 @@ impl Action for DecisionEngine {
                 self.inner.enqueue_due(due)?
             };
             self.inner.deliver_chains(chains).await?;
-            // One durable commit of this batch's changes, before it is acknowledged; a failure
-            // nacks it. A crash before it re-decides the batch on its redelivery: the same
-            // notifications, with the same ids, which the outbox and the idempotency keys
-            // de-duplicate. Not after a failed run: the batch is retried.
-            self.inner.persist()
+            // This batch's changes in one commit, then durable (with its outbox entries)
+            // before it is acknowledged; a failure nacks it. A crash before the sync
+            // re-decides the batch on its redelivery: the same notifications, with the same
+            // ids, which the outbox and the idempotency keys de-duplicate. Not after a failed
+            // run: the batch is retried.
+            self.inner.persist()?;
+            self.inner.sync().await
         })
     }
 
@@ -962,8 +989,8 @@ impl Action for DecisionEngine {
             // What was decided must not be lost with the process: every pending group goes
             // into the outbox, and out as far as the receivers take it.
             let sent = self.inner.tick(true).await.map(|_| ());
-            // Removals of delivered entries are lazy commits: made durable here.
-            let synced = self.inner.outbox.sync();
+            // Removals of delivered entries, made durable here.
+            let synced = self.inner.sync().await;
             sent.and(synced)
         })
     }

@@ -7,33 +7,40 @@
 //! muting), the silences added at run time and their id sequence, and the suggestions
 //! waiting for a person.
 //!
-//! The store is [redb](https://docs.rs/redb): pure Rust, ACID, one write transaction is one
-//! durable commit (one `fdatasync`). The engine writes only what changed since its last
-//! commit, in one transaction per pipeline batch (before the batch is acknowledged) and per
-//! ticker tick that changed something. Keys are overwritten in place and deleted when their
-//! alert or group is gone, and the file is compacted at each start, so it stays the size of
-//! the live state. Rules are named, not numbered, in the journal: a restart with rules added,
+//! The store is [redb](https://docs.rs/redb) (pure Rust, ACID, one file), shared with the
+//! outbox in the [state file](super::store). The engine writes only what changed since its
+//! last commit, per pipeline batch and per ticker tick that changed something, made durable
+//! (with the outbox's) by one fsync shared by the batches waiting for it, before they are
+//! acknowledged.
+//!
+//! Each commit appends the batch's changes as one entry to a log (one key, one value: an
+//! alert storm changes hundreds of states per batch, and one B-tree insert per state cost
+//! more than the rest of the journal). Every [`FOLD_EVERY`] entries, and at start, the log is
+//! folded into the keyed tables in the same transaction: only the latest value of each key is
+//! written, and the entries are deleted. Keys are overwritten in place and deleted when
+//! their alert or group is gone, and the file is compacted at each start, so it stays the
+//! size of the live state plus a short log. Rules are named, not numbered, in the journal: a restart with rules added,
 //! removed or reordered finds its own.
 //!
 //! A journal that cannot be read (corrupt, truncated, another format) stops the engine from
 //! starting with an error naming the file; moving the file aside starts with an empty state
 //! (firing alerts are then forgotten, as before the journal existed).
 
-use std::collections::HashSet;
-use std::fmt::Display;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
 
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::dispatch::{Group, Silence, SilenceConfig};
 use super::engine::Suggestion;
 use super::rule::AlertState;
+use super::store::{StateStore, unreadable};
 use crate::error::{Error, Result};
 
-/// The journal's file in `state_dir`.
-pub const FILE_NAME: &str = "decision.redb";
+/// The journal's file in `state_dir` (the [state file](super::store), shared with the outbox).
+pub use super::store::FILE_NAME;
 
 /// Alert states by (rule name, series id): postcard of [`AlertState`].
 const ALERTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("alerts");
@@ -43,13 +50,15 @@ const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const SILENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("silences");
 /// `format`, `silence_seq` (u64, little endian), `suggestions` (JSON: a plan is any JSON).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Commits not yet folded into the tables above, in order: postcard of [`LogEntry`].
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+
+/// Log entries after which a commit folds the log into the tables.
+pub(crate) const FOLD_EVERY: u64 = 16;
 
 /// The layout of the values; another number is refused rather than misread (postcard is not
 /// self-describing).
 const FORMAT: u8 = 1;
-
-/// How much of the file redb may cache; the journal is small.
-const CACHE_BYTES: usize = 16 << 20;
 
 /// A silence added at run time, as journaled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +95,27 @@ pub(crate) struct Restored {
 
 /// A value to save, or `None` to delete the key.
 type Put = Option<Vec<u8>>;
+
+/// One commit in the log, as read back.
+#[derive(Debug, Deserialize)]
+struct LogEntry {
+    alerts: Vec<((String, u64), Put)>,
+    groups: Vec<(String, Put)>,
+    silences: Vec<(String, Put)>,
+    silence_seq: Option<u64>,
+    suggestions: Option<Vec<u8>>,
+}
+
+/// One commit in the log, as written (borrowing [`Changes`]; the same encoding as
+/// [`LogEntry`]).
+#[derive(Serialize)]
+struct LogEntryRef<'a> {
+    alerts: &'a [((String, u64), Put)],
+    groups: &'a [(String, Put)],
+    silences: &'a [(String, Put)],
+    silence_seq: Option<u64>,
+    suggestions: Option<&'a [u8]>,
+}
 
 /// The changes of one commit, encoded.
 #[derive(Debug, Default)]
@@ -131,8 +161,9 @@ impl Changes {
 /// The open journal, and what it last saved of the parts compared whole at each commit.
 #[derive(Debug)]
 pub(crate) struct Journal {
-    db: redb::Database,
-    path: PathBuf,
+    store: Arc<StateStore>,
+    /// Entries in the log (the next one's key).
+    logged: u64,
     silence_ids: HashSet<String>,
     silence_seq: u64,
     suggestions: Vec<Suggestion>,
@@ -147,55 +178,13 @@ fn encode<T: Serialize + ?Sized>(value: &T, what: &str) -> Result<Vec<u8>> {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal in `dir` and reads it whole.
-    ///
-    /// A file that cannot be read is an error naming it, never a panic: redb checks every
-    /// page's checksum at open (`check_integrity_on_open`), which is cheap at the journal's
-    /// size.
-    pub(crate) fn open(dir: &Path) -> Result<(Self, Restored)> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            context: format!("creating the state directory {}", dir.display()),
-            source,
-        })?;
-        let path = dir.join(FILE_NAME);
-        let unreadable = |e: &dyn Display| Error::Action {
-            action: "decision".into(),
-            message: format!(
-                "the decision journal {} cannot be read: {e}. Move it aside to start with an \
-                 empty decision state (alerts firing before are then forgotten: no resolved \
-                 notification will follow them)",
-                path.display()
-            ),
-            retryable: false,
-        };
-        // Alerts' labels and annotations are as private as the audit log: owner only.
-        if let Err(e) = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            && e.kind() != std::io::ErrorKind::AlreadyExists
-        {
-            return Err(Error::Io {
-                context: format!("creating the decision journal {}", path.display()),
-                source: e,
-            });
-        }
-        let mut db = redb::Builder::new()
-            .set_check_integrity_on_open(true)
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| unreadable(&e))?;
-        // Space freed by deleted keys is reused while running; a compaction at start also
-        // gives it back to the file system.
-        if let Err(e) = db.compact(redb::CompactionMode::Balanced) {
-            tracing::warn!(
-                "decision journal {}: compaction failed: {e}",
-                path.display()
-            );
-        }
+    /// Reads the journal's part of `store` whole.
+    pub(crate) fn open(store: Arc<StateStore>) -> Result<(Self, Restored)> {
+        let path = store.path().to_owned();
+        let unreadable = |e: &dyn std::fmt::Display| unreadable(&path, e);
         let mut restored = Restored::default();
-        let txn = db.begin_write().map_err(|e| unreadable(&e))?;
+        let txn = store.begin_read_at_start()?;
+        fold(&txn).map_err(|e| unreadable(&e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| unreadable(&e))?;
             let format = meta
@@ -256,8 +245,8 @@ impl Journal {
         }
         txn.commit().map_err(|e| unreadable(&e))?;
         let journal = Self {
-            db,
-            path,
+            store,
+            logged: 0,
             silence_ids: restored.silences.iter().map(|s| s.id.clone()).collect(),
             silence_seq: restored.silence_seq,
             suggestions: restored.suggestions.clone(),
@@ -267,7 +256,7 @@ impl Journal {
 
     /// The journal's file.
     pub(crate) fn path(&self) -> &Path {
-        &self.path
+        self.store.path()
     }
 
     /// Adds to `changes` the run-time silences (those `journaled` keeps) that differ from
@@ -326,60 +315,30 @@ impl Journal {
         Ok(())
     }
 
-    /// Writes `changes` in one durable transaction. On error nothing of it is saved.
+    /// Writes `changes` in one transaction, made durable by the next
+    /// [sync](StateStore::sync). On error nothing of it is saved.
     pub(crate) fn commit(&mut self, changes: Changes) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
         }
-        let failed = |e: &dyn Display| Error::Action {
-            action: "decision".into(),
-            message: format!(
-                "writing the decision journal {} failed: {e}",
-                self.path.display()
-            ),
-            // A full or failing disk may recover; the batch is retried meanwhile.
-            retryable: true,
+        let entry = LogEntryRef {
+            alerts: &changes.alerts,
+            groups: &changes.groups,
+            silences: &changes.silences,
+            silence_seq: changes.silence_seq,
+            suggestions: changes.suggestions.as_ref().map(|(v, _)| v.as_slice()),
         };
-        let txn = self.db.begin_write().map_err(|e| failed(&e))?;
-        {
-            if !changes.alerts.is_empty() {
-                let mut table = txn.open_table(ALERTS).map_err(|e| failed(&e))?;
-                for ((rule, series), value) in &changes.alerts {
-                    let key = (rule.as_str(), *series);
-                    match value {
-                        Some(v) => table.insert(key, v.as_slice()).map(drop),
-                        None => table.remove(key).map(drop),
-                    }
-                    .map_err(|e| failed(&e))?;
-                }
+        let entry = encode(&entry, "a journal entry")?;
+        let key = self.logged;
+        let folds = key + 1 >= FOLD_EVERY;
+        self.store.write("journal", |txn| {
+            txn.open_table(LOG)?.insert(key, entry.as_slice())?;
+            if folds {
+                fold(txn)?;
             }
-            for (definition, entries) in [(GROUPS, &changes.groups), (SILENCES, &changes.silences)]
-            {
-                if entries.is_empty() {
-                    continue;
-                }
-                let mut table = txn.open_table(definition).map_err(|e| failed(&e))?;
-                for (key, value) in entries {
-                    match value {
-                        Some(v) => table.insert(key.as_str(), v.as_slice()).map(drop),
-                        None => table.remove(key.as_str()).map(drop),
-                    }
-                    .map_err(|e| failed(&e))?;
-                }
-            }
-            if changes.silence_seq.is_some() || changes.suggestions.is_some() {
-                let mut meta = txn.open_table(META).map_err(|e| failed(&e))?;
-                if let Some(seq) = changes.silence_seq {
-                    meta.insert("silence_seq", seq.to_le_bytes().as_slice())
-                        .map_err(|e| failed(&e))?;
-                }
-                if let Some((value, _)) = &changes.suggestions {
-                    meta.insert("suggestions", value.as_slice())
-                        .map_err(|e| failed(&e))?;
-                }
-            }
-        }
-        txn.commit().map_err(|e| failed(&e))?;
+            Ok(())
+        })?;
+        self.logged = if folds { 0 } else { key + 1 };
         if let Some(ids) = changes.silence_ids {
             self.silence_ids = ids;
         }
@@ -391,6 +350,61 @@ impl Journal {
         }
         Ok(())
     }
+}
+
+/// Applies the log's entries, in order, to the keyed tables (the latest value of each key
+/// only), and empties the log.
+fn fold(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::Error> {
+    let mut log = txn.open_table(LOG)?;
+    if log.is_empty()? {
+        return Ok(());
+    }
+    let mut alerts: HashMap<(String, u64), Put> = HashMap::new();
+    let mut groups: HashMap<String, Put> = HashMap::new();
+    let mut silences: HashMap<String, Put> = HashMap::new();
+    let (mut silence_seq, mut suggestions) = (None, None);
+    for item in log.iter()? {
+        let (key, value) = item?;
+        let entry: LogEntry = postcard::from_bytes(value.value()).map_err(|e| {
+            redb::StorageError::Io(std::io::Error::other(format!(
+                "journal log entry {}: {e}",
+                key.value()
+            )))
+        })?;
+        alerts.extend(entry.alerts);
+        groups.extend(entry.groups);
+        silences.extend(entry.silences);
+        silence_seq = entry.silence_seq.or(silence_seq);
+        suggestions = entry.suggestions.or(suggestions);
+    }
+    {
+        let mut table = txn.open_table(ALERTS)?;
+        for ((rule, series), value) in &alerts {
+            let key = (rule.as_str(), *series);
+            match value {
+                Some(v) => drop(table.insert(key, v.as_slice())?),
+                None => drop(table.remove(key)?),
+            }
+        }
+    }
+    for (definition, entries) in [(GROUPS, &groups), (SILENCES, &silences)] {
+        let mut table = txn.open_table(definition)?;
+        for (key, value) in entries {
+            match value {
+                Some(v) => drop(table.insert(key.as_str(), v.as_slice())?),
+                None => drop(table.remove(key.as_str())?),
+            }
+        }
+    }
+    let mut meta = txn.open_table(META)?;
+    if let Some(seq) = silence_seq {
+        meta.insert("silence_seq", seq.to_le_bytes().as_slice())?;
+    }
+    if let Some(value) = &suggestions {
+        meta.insert("suggestions", value.as_slice())?;
+    }
+    log.retain(|_, _| false)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -412,7 +426,7 @@ mod tests {
     #[test]
     fn what_is_committed_is_read_back_and_deletions_stick() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut journal, restored) = Journal::open(dir.path()).unwrap();
+        let (mut journal, restored) = Journal::open(StateStore::open(dir.path()).unwrap()).unwrap();
         assert!(restored.alerts.is_empty() && restored.groups.is_empty());
         let mode = std::fs::metadata(journal.path()).unwrap().permissions();
         assert_eq!(
@@ -443,7 +457,7 @@ mod tests {
         journal.commit(changes).unwrap();
         drop(journal);
 
-        let (journal, restored) = Journal::open(dir.path()).unwrap();
+        let (journal, restored) = Journal::open(StateStore::open(dir.path()).unwrap()).unwrap();
         let alerts: Vec<_> = restored
             .alerts
             .iter()
@@ -472,7 +486,7 @@ mod tests {
     #[test]
     fn a_journal_of_another_format_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        drop(Journal::open(dir.path()).unwrap());
+        drop(Journal::open(StateStore::open(dir.path()).unwrap()).unwrap());
         let db = redb::Database::create(dir.path().join(FILE_NAME)).unwrap();
         let txn = db.begin_write().unwrap();
         txn.open_table(META)
@@ -481,7 +495,9 @@ mod tests {
             .unwrap();
         txn.commit().unwrap();
         drop(db);
-        let e = Journal::open(dir.path()).unwrap_err().to_string();
+        let e = Journal::open(StateStore::open(dir.path()).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(FILE_NAME) && e.contains("format 2"), "{e}");
     }
 }

@@ -77,6 +77,7 @@ pub mod notification;
 pub mod outbox;
 pub mod receiver;
 pub mod rule;
+mod store;
 
 pub use self::clock::{Clock, ManualClock, SystemClock};
 pub use self::config::{DecisionConfig, IdempotencyBackend, IdempotencyConfig};

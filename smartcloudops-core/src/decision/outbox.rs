@@ -1,10 +1,12 @@
 //! The delivery outbox: every notification the engine makes due, kept from before the batch
 //! that made it due is acknowledged until its receiver accepted it (`[decision.outbox]`).
 //!
-//! - **Durable first.** Each notification is written to the outbox (`state_dir/outbox.redb`,
-//!   one durable redb commit per batch) before it is delivered and before the pipeline
-//!   acknowledges its batch. Without a state directory the outbox lives in memory: the same
-//!   retries, but nothing survives a restart.
+//! - **Durable before the ack.** Each notification is written to the outbox (in the
+//!   [state file](super::store) `state_dir/decision.redb`, one commit per batch) before it is
+//!   delivered, and is durable (the shared fsync) before the pipeline acknowledges its batch.
+//!   A crash between a delivery and that fsync re-decides the batch on its redelivery: the
+//!   same notification, under the same `Idempotency-Key`. Without a state directory the
+//!   outbox lives in memory: the same retries, but nothing survives a restart.
 //! - **Removed once accepted.** An entry leaves the outbox when its receiver accepted it, a
 //!   guard deliberately held it back (a cooldown, a duplicate), or it was handed on (to the
 //!   receiver's fallback, or the dead letters). A crash or a shutdown cut short leaves it in
@@ -20,31 +22,23 @@
 //! - **Bounded.** At most `max_entries` notifications wait; one more is dead-lettered (whole,
 //!   with an audit record), never dropped silently.
 //!
-//! Removing a delivered entry is a lazy commit (made durable by the next enqueue, or at
-//! shutdown): a crash may leave a delivered entry behind, and it is sent again under the same
-//! idempotency key, which the key store then recognises as delivered.
+//! Removing a delivered entry is made durable by the next sync (the batch's, the tick's, or
+//! at shutdown): a crash may leave a delivered entry behind, and it is sent again under the
+//! same idempotency key, which the key store then recognises as delivered.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fmt::Display;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::Notification;
-use crate::error::{Error, Problems, Result};
-
-/// The outbox's file in `state_dir`.
-pub const FILE_NAME: &str = "outbox.redb";
+use super::store::{StateStore, unreadable};
+use crate::error::{Problems, Result};
 
 /// Entries by sequence number (the order they were made): JSON of [`OutboxEntry`].
-const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
-
-/// Lazy commits (removals, rescheduling) allowed before one is made durable anyway, so
-/// redb can reuse the pages they freed.
-const LAZY_COMMITS: u32 = 64;
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
 /// `[decision.outbox]`: how many notifications may wait, and how retries back off.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,38 +196,23 @@ impl Entries {
     }
 }
 
-/// The redb file behind a durable outbox.
-#[derive(Debug)]
-struct Store {
-    db: redb::Database,
-    path: PathBuf,
-    /// Lazy commits since the last durable one.
-    lazy: Mutex<u32>,
-}
-
 /// The outbox. See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct Outbox {
     config: OutboxConfig,
-    store: Option<Store>,
+    store: Option<Arc<StateStore>>,
     entries: Mutex<Entries>,
 }
 
 impl Outbox {
-    /// An outbox in `dir` (`outbox.redb`, created with the directory), holding what it held
-    /// before; in memory without `dir`.
-    pub(crate) fn open(dir: Option<&Path>, config: OutboxConfig) -> Result<Self> {
+    /// An outbox in `store`, holding what it held before; in memory without `store`.
+    pub(crate) fn open(store: Option<Arc<StateStore>>, config: OutboxConfig) -> Result<Self> {
         let mut entries = Entries::default();
-        let store = match dir {
-            None => None,
-            Some(dir) => {
-                let (store, loaded) = Store::open(dir)?;
-                for (seq, entry) in loaded {
-                    entries.insert(seq, entry);
-                }
-                Some(store)
+        if let Some(store) = &store {
+            for (seq, entry) in load(store)? {
+                entries.insert(seq, entry);
             }
-        };
+        }
         Ok(Self {
             config,
             store,
@@ -250,18 +229,13 @@ impl Outbox {
         &self.config
     }
 
-    /// The file, when the outbox is durable.
-    pub(crate) fn path(&self) -> Option<&Path> {
-        self.store.as_ref().map(|s| s.path.as_path())
-    }
-
     /// Notifications waiting, oldest first.
     pub(crate) fn entries(&self) -> Vec<OutboxEntry> {
         self.lock().by_seq.values().cloned().collect()
     }
 
-    /// Adds `notifications` (with whether each may escalate), due now, in one durable
-    /// commit. A notification already waiting is not added twice; those beyond
+    /// Adds `notifications` (with whether each may escalate), due now, in one commit (durable
+    /// at the next [sync](StateStore::sync)). A notification already waiting is not added twice; those beyond
     /// `max_entries` are returned as overflow. An error means none was added.
     pub(crate) fn enqueue(
         &self,
@@ -303,7 +277,7 @@ impl Outbox {
         }
         if let Some(store) = &self.store {
             // Written before the entries are visible: a failed commit adds nothing.
-            store.write(fresh.iter().map(|(s, e)| (*s, Some(e))), true)?;
+            write(store, fresh.iter().map(|(s, e)| (*s, Some(e))))?;
         }
         for (seq, entry) in fresh {
             let chain = entry.chain();
@@ -342,7 +316,7 @@ impl Outbox {
     pub(crate) fn finish(&self, seq: u64) -> Result<()> {
         let mut entries = self.lock();
         if let Some(store) = &self.store {
-            store.write([(seq, None)], false)?;
+            write(store, [(seq, None)])?;
         }
         entries.remove(seq);
         Ok(())
@@ -359,7 +333,7 @@ impl Outbox {
         entry.next_attempt_ms = next_attempt_ms;
         entry.last_error = Some(error.to_owned());
         if let Some(store) = &self.store {
-            store.write([(seq, Some(&*entry))], false)?;
+            write(store, [(seq, Some(&*entry))])?;
         }
         Ok(())
     }
@@ -368,98 +342,45 @@ impl Outbox {
     pub(crate) fn release(&self, seq: u64) {
         self.lock().in_flight.remove(&seq);
     }
-
-    /// Makes every lazy commit durable (at shutdown).
-    pub(crate) fn sync(&self) -> Result<()> {
-        match &self.store {
-            Some(store) => store.write(std::iter::empty(), true),
-            None => Ok(()),
-        }
-    }
 }
 
-impl Store {
-    fn open(dir: &Path) -> Result<(Self, Vec<(u64, OutboxEntry)>)> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            context: format!("creating the state directory {}", dir.display()),
-            source,
-        })?;
-        let path = dir.join(FILE_NAME);
-        let unreadable = |e: &dyn Display| outbox_error(&path, e);
-        let mut db = redb::Builder::new()
-            .set_check_integrity_on_open(true)
-            .create(&path)
-            .map_err(|e| unreadable(&e))?;
-        if let Err(e) = db.compact(redb::CompactionMode::Balanced) {
-            tracing::warn!("delivery outbox {}: compaction failed: {e}", path.display());
+/// The entries `store` holds, in order.
+fn load(store: &StateStore) -> Result<Vec<(u64, OutboxEntry)>> {
+    let unreadable = |e: &dyn std::fmt::Display| unreadable(store.path(), e);
+    let txn = store.begin_read_at_start()?;
+    let mut loaded = Vec::new();
+    {
+        let table = txn.open_table(ENTRIES).map_err(|e| unreadable(&e))?;
+        for row in table.iter().map_err(|e| unreadable(&e))? {
+            let (seq, value) = row.map_err(|e| unreadable(&e))?;
+            let entry: OutboxEntry = serde_json::from_slice(value.value())
+                .map_err(|e| unreadable(&format!("outbox entry {}: {e}", seq.value())))?;
+            loaded.push((seq.value(), entry));
         }
-        let txn = db.begin_write().map_err(|e| unreadable(&e))?;
-        let mut loaded = Vec::new();
-        {
-            let table = txn.open_table(ENTRIES).map_err(|e| unreadable(&e))?;
-            for row in table.iter().map_err(|e| unreadable(&e))? {
-                let (seq, value) = row.map_err(|e| unreadable(&e))?;
-                let entry: OutboxEntry = serde_json::from_slice(value.value())
-                    .map_err(|e| unreadable(&format!("entry {}: {e}", seq.value())))?;
-                loaded.push((seq.value(), entry));
-            }
-        }
-        txn.commit().map_err(|e| unreadable(&e))?;
-        Ok((
-            Self {
-                db,
-                path,
-                lazy: Mutex::new(0),
-            },
-            loaded,
-        ))
     }
+    txn.commit().map_err(|e| unreadable(&e))?;
+    Ok(loaded)
+}
 
-    /// Writes (`Some`) or deletes (`None`) entries in one commit: durable when `durable`, or
-    /// when enough lazy commits piled up.
-    fn write<'a>(
-        &self,
-        changes: impl IntoIterator<Item = (u64, Option<&'a OutboxEntry>)>,
-        durable: bool,
-    ) -> Result<()> {
-        let failed = |e: &dyn Display| outbox_error(&self.path, e);
-        let mut lazy = self.lazy.lock().unwrap_or_else(|p| p.into_inner());
-        let durable = durable || *lazy >= LAZY_COMMITS;
-        let mut txn = self.db.begin_write().map_err(|e| failed(&e))?;
-        let durability = if durable {
-            redb::Durability::Immediate
-        } else {
-            redb::Durability::None
-        };
-        txn.set_durability(durability).map_err(|e| failed(&e))?;
-        {
-            let mut table = txn.open_table(ENTRIES).map_err(|e| failed(&e))?;
-            for (seq, entry) in changes {
-                match entry {
-                    Some(entry) => {
-                        let bytes = serde_json::to_vec(entry).map_err(|e| failed(&e))?;
-                        table
-                            .insert(seq, bytes.as_slice())
-                            .map_err(|e| failed(&e))?;
-                    }
-                    None => {
-                        table.remove(seq).map_err(|e| failed(&e))?;
-                    }
+/// Writes (`Some`) or deletes (`None`) entries in one commit.
+fn write<'a>(
+    store: &StateStore,
+    changes: impl IntoIterator<Item = (u64, Option<&'a OutboxEntry>)>,
+) -> Result<()> {
+    store.write("outbox", |txn| {
+        let mut table = txn.open_table(ENTRIES)?;
+        for (seq, entry) in changes {
+            match entry {
+                Some(entry) => {
+                    let bytes = serde_json::to_vec(entry)
+                        .map_err(|e| redb::StorageError::Io(std::io::Error::other(e)))?;
+                    table.insert(seq, bytes.as_slice())?;
                 }
+                None => drop(table.remove(seq)?),
             }
         }
-        txn.commit().map_err(|e| failed(&e))?;
-        *lazy = if durable { 0 } else { *lazy + 1 };
         Ok(())
-    }
-}
-
-fn outbox_error(path: &Path, e: &dyn Display) -> Error {
-    Error::Action {
-        action: "decision".into(),
-        message: format!("the delivery outbox {}: {e}", path.display()),
-        retryable: false,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -496,7 +417,7 @@ mod tests {
     #[test]
     fn entries_survive_a_reopen_in_order_with_their_retry_state() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(Some(dir.path()), config(10)).unwrap();
+        let outbox = Outbox::open(Some(StateStore::open(dir.path()).unwrap()), config(10)).unwrap();
         let added = outbox
             .enqueue(vec![(numbered("g", 1), true), (numbered("g", 2), true)], 5)
             .unwrap();
@@ -505,7 +426,8 @@ mod tests {
         outbox.retry_at(first, 1_000, "HTTP 503").unwrap();
         drop(outbox);
 
-        let reopened = Outbox::open(Some(dir.path()), config(10)).unwrap();
+        let reopened =
+            Outbox::open(Some(StateStore::open(dir.path()).unwrap()), config(10)).unwrap();
         let entries = reopened.entries();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].notification, numbered("g", 1));
@@ -521,9 +443,8 @@ mod tests {
         let (seq, entry) = reopened.start(&chain("g"), 1_000).unwrap();
         assert_eq!(entry.notification.sequence, 1);
         reopened.finish(seq).unwrap();
-        reopened.sync().unwrap();
         drop(reopened);
-        let again = Outbox::open(Some(dir.path()), config(10)).unwrap();
+        let again = Outbox::open(Some(StateStore::open(dir.path()).unwrap()), config(10)).unwrap();
         assert_eq!(
             again.entries().len(),
             1,
@@ -626,13 +547,5 @@ mod tests {
             "max_backoff"
         );
         assert!(OutboxConfig::default().problems().is_empty());
-    }
-
-    #[test]
-    fn an_unreadable_file_is_an_error_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(FILE_NAME), b"not a database").unwrap();
-        let err = Outbox::open(Some(dir.path()), config(1)).unwrap_err();
-        assert!(err.to_string().contains(FILE_NAME), "{err}");
     }
 }
