@@ -8,14 +8,14 @@
 //! waiting for a person.
 //!
 //! The store is [redb](https://docs.rs/redb) (pure Rust, ACID, one file), shared with the
-//! outbox in the [state file](super::store). The engine writes only what changed since its
+//! outbox in one state file. The engine writes only what changed since its
 //! last commit, per pipeline batch and per ticker tick that changed something, made durable
 //! (with the outbox's) by one fsync shared by the batches waiting for it, before they are
 //! acknowledged.
 //!
 //! Each commit appends the batch's changes as one entry to a log (one key, one value: an
 //! alert storm changes hundreds of states per batch, and one B-tree insert per state cost
-//! more than the rest of the journal). Every [`FOLD_EVERY`] entries, and at start, the log is
+//! more than the rest of the journal). Every 16 entries (`FOLD_EVERY`), and at start, the log is
 //! folded into the keyed tables in the same transaction: only the latest value of each key is
 //! written, and the entries are deleted. Keys are overwritten in place and deleted when
 //! their alert or group is gone, and the file is compacted at each start, so it stays the
@@ -39,7 +39,7 @@ use super::rule::AlertState;
 use super::store::{StateStore, unreadable};
 use crate::error::{Error, Result};
 
-/// The journal's file in `state_dir` (the [state file](super::store), shared with the outbox).
+/// The journal's file in `state_dir` (one state file, shared with the outbox).
 pub use super::store::FILE_NAME;
 
 /// Alert states by (rule name, series id): postcard of [`AlertState`].

@@ -2,7 +2,7 @@
 //! that made it due is acknowledged until its receiver accepted it (`[decision.outbox]`).
 //!
 //! - **Durable before the ack.** Each notification is written to the outbox (in the
-//!   [state file](super::store) `state_dir/decision.redb`, one commit per batch) before it is
+//!   state file `state_dir/decision.redb`, one commit per batch) before it is
 //!   delivered, and is durable (the shared fsync) before the pipeline acknowledges its batch.
 //!   A crash between a delivery and that fsync re-decides the batch on its redelivery: the
 //!   same notification, under the same `Idempotency-Key`. Without a state directory the
