@@ -659,9 +659,9 @@ impl Inner {
         (record, escalations)
     }
 
-    /// Saves what changed since the last commit to the journal, in one transaction (nothing
-    /// without a journal, or when nothing changed), durable at the next [`Self::sync`]. On
-    /// error the changes stay marked, for the next commit.
+    /// Queues what changed since the last commit as one journal commit (nothing without a
+    /// journal, or when nothing changed), durable at the next [`Self::sync`]. On error the
+    /// changes stay marked, for the next commit.
     pub(super) fn persist(&self) -> Result<()> {
         let Some(journal) = &self.journal else {
             return Ok(());
@@ -682,7 +682,7 @@ impl Inner {
         result
     }
 
-    /// Makes every journal and outbox commit made so far durable, sharing the fsync with the
+    /// Makes every journal and outbox change queued so far durable, sharing the fsync with the
     /// batches waiting at the same time.
     pub(super) async fn sync(&self) -> Result<()> {
         match &self.store {
@@ -962,8 +962,8 @@ impl Action for DecisionEngine {
                 self.inner.enqueue_due(due)?
             };
             self.inner.deliver_chains(chains).await?;
-            // This batch's changes in one commit, then durable (with its outbox entries)
-            // before it is acknowledged; a failure nacks it. A crash before the sync
+            // This batch's changes queued as one commit, then durable (with its outbox
+            // entries, queued before them) before it is acknowledged; a failure nacks it. A crash before the sync
             // re-decides the batch on its redelivery: the same notifications, with the same
             // ids, which the outbox and the idempotency keys de-duplicate. Not after a failed
             // run: the batch is retried.

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use super::dispatch::{Group, Silence, SilenceConfig};
 use super::engine::Suggestion;
 use super::rule::AlertState;
-use super::store::{StateStore, unreadable};
+use super::store::{StateStore, StateWrite, unreadable};
 use crate::error::{Error, Result};
 
 /// The journal's file in `state_dir` (one state file, shared with the outbox).
@@ -315,8 +315,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Writes `changes` in one transaction, made durable by the next
-    /// [sync](StateStore::sync). On error nothing of it is saved.
+    /// Queues `changes` as one log entry, made durable by the next
+    /// [sync](StateStore::sync). On error nothing of it is queued.
     pub(crate) fn commit(&mut self, changes: Changes) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
@@ -331,13 +331,7 @@ impl Journal {
         let entry = encode(&entry, "a journal entry")?;
         let key = self.logged;
         let folds = key + 1 >= FOLD_EVERY;
-        self.store.write("journal", |txn| {
-            txn.open_table(LOG)?.insert(key, entry.as_slice())?;
-            if folds {
-                fold(txn)?;
-            }
-            Ok(())
-        })?;
+        self.store.write(LogAppend { key, entry, folds });
         self.logged = if folds { 0 } else { key + 1 };
         if let Some(ids) = changes.silence_ids {
             self.silence_ids = ids;
@@ -347,6 +341,29 @@ impl Journal {
         }
         if let Some((_, now)) = changes.suggestions {
             self.suggestions = now;
+        }
+        Ok(())
+    }
+}
+
+/// One commit, queued in the state file: a log entry, and the fold that may follow it.
+#[derive(Debug)]
+struct LogAppend {
+    key: u64,
+    entry: Vec<u8>,
+    folds: bool,
+}
+
+impl StateWrite for LogAppend {
+    fn part(&self) -> &'static str {
+        "journal"
+    }
+
+    fn apply(&self, txn: &redb::WriteTransaction) -> std::result::Result<(), redb::Error> {
+        txn.open_table(LOG)?
+            .insert(self.key, self.entry.as_slice())?;
+        if self.folds {
+            fold(txn)?;
         }
         Ok(())
     }

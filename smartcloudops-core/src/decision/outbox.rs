@@ -34,8 +34,8 @@ use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::Notification;
-use super::store::{StateStore, unreadable};
-use crate::error::{Problems, Result};
+use super::store::{StateStore, StateWrite, unreadable};
+use crate::error::{Error, Problems, Result};
 
 /// Entries by sequence number (the order they were made): JSON of [`OutboxEntry`].
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
@@ -362,25 +362,49 @@ fn load(store: &StateStore) -> Result<Vec<(u64, OutboxEntry)>> {
     Ok(loaded)
 }
 
-/// Writes (`Some`) or deletes (`None`) entries in one commit.
+/// Queues writes (`Some`) and deletions (`None`) of entries, made durable by the next
+/// [sync](StateStore::sync).
 fn write<'a>(
     store: &StateStore,
     changes: impl IntoIterator<Item = (u64, Option<&'a OutboxEntry>)>,
 ) -> Result<()> {
-    store.write("outbox", |txn| {
+    let changes = changes
+        .into_iter()
+        .map(|(seq, entry)| {
+            let bytes = entry
+                .map(serde_json::to_vec)
+                .transpose()
+                .map_err(|e| Error::Action {
+                    action: "decision".into(),
+                    message: format!("the outbox cannot encode entry {seq}: {e}"),
+                    retryable: false,
+                })?;
+            Ok((seq, bytes))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    store.write(OutboxWrite(changes));
+    Ok(())
+}
+
+/// Outbox entries to write (`Some`, JSON) or delete (`None`), queued in the state file.
+#[derive(Debug)]
+struct OutboxWrite(Vec<(u64, Option<Vec<u8>>)>);
+
+impl StateWrite for OutboxWrite {
+    fn part(&self) -> &'static str {
+        "outbox"
+    }
+
+    fn apply(&self, txn: &redb::WriteTransaction) -> std::result::Result<(), redb::Error> {
         let mut table = txn.open_table(ENTRIES)?;
-        for (seq, entry) in changes {
-            match entry {
-                Some(entry) => {
-                    let bytes = serde_json::to_vec(entry)
-                        .map_err(|e| redb::StorageError::Io(std::io::Error::other(e)))?;
-                    table.insert(seq, bytes.as_slice())?;
-                }
-                None => drop(table.remove(seq)?),
+        for (seq, bytes) in &self.0 {
+            match bytes {
+                Some(bytes) => drop(table.insert(*seq, bytes.as_slice())?),
+                None => drop(table.remove(*seq)?),
             }
         }
         Ok(())
-    })
+    }
 }
 
 #[cfg(test)]

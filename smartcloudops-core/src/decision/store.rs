@@ -1,27 +1,30 @@
 //! The decision state file (`state_dir/decision.redb`): the [journal](super::journal) and the
-//! [outbox](super::outbox) in one redb database, with one fsync shared by every batch that
-//! waits for it (group commit).
+//! [outbox](super::outbox) in one redb database, written behind the engine, with one fsync
+//! shared by every batch that waits for it (group commit).
 //!
-//! - **One file, one order.** Journal and outbox changes are redb transactions on one
-//!   database, so a durable commit makes every earlier one durable with it, in the order they
-//!   were made. The engine writes the outbox entries a batch made due before the journal
-//!   changes that record them as sent: no crash can keep the second without the first.
-//! - **Commits are cheap; syncs are shared.** Every write is a non-durable redb commit
-//!   ([`Durability::None`](redb::Durability::None)): in the file's pages, not yet synced.
-//!   Before a batch is acknowledged, [`sync`](StateStore::sync) makes everything committed so
-//!   far durable with one empty [`Durability::Immediate`](redb::Durability::Immediate) commit
-//!   (one `fdatasync`), run on tokio's blocking pool. Batches that wait meanwhile (the
-//!   pipeline runs `action_concurrency` of them at once) find their commits covered by that
-//!   sync, or share the next one: one fsync per round of concurrent batches, not per batch,
-//!   and no batch's decisions wait behind another's fsync.
+//! - **Writes are queued, not committed.** A [`write`](StateStore::write) encodes its change
+//!   and queues it: the engine never waits on the file while it decides.
+//! - **One sync applies the queue in one durable transaction.** Before a batch is
+//!   acknowledged, [`sync`](StateStore::sync) takes every change queued so far, applies them
+//!   in order in one redb transaction and commits it durably (one `fdatasync`), on tokio's
+//!   blocking pool. Batches that queue meanwhile (the pipeline runs `action_concurrency` of
+//!   them at once) are decided while it runs, then share the next one: one fsync per round
+//!   of concurrent batches, not per batch, and no batch's decisions wait behind another's
+//!   fsync.
+//! - **One file, one order.** Changes are applied in the order they were queued, and a
+//!   transaction is all or nothing. The engine queues the outbox entries a batch made due
+//!   before the journal changes that record them as sent: no crash can keep the second
+//!   without the first.
+//! - **A failed sync loses nothing.** Its changes stay queued, ahead of newer ones, and the
+//!   next sync retries them; the batches that waited for it are not acknowledged.
 //! - **A crash** (or power loss) loses only what no sync covered, which no source was told is
 //!   done: the batches are delivered again and decided again, under the same notification ids.
 
-use std::fmt::Display;
+use std::fmt::{Debug, Display};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -31,19 +34,37 @@ pub const FILE_NAME: &str = "decision.redb";
 /// How much of the file redb may cache; the state is small.
 const CACHE_BYTES: usize = 16 << 20;
 
+/// One queued change: applied to the sync's transaction, again after a failed sync.
+pub(crate) trait StateWrite: Debug + Send {
+    /// Names the part written (`journal`, `outbox`), for errors.
+    fn part(&self) -> &'static str;
+
+    /// Writes the change into `txn`.
+    fn apply(&self, txn: &redb::WriteTransaction) -> std::result::Result<(), redb::Error>;
+}
+
+/// Changes queued and not yet durable.
+#[derive(Debug, Default)]
+struct Queue {
+    writes: Vec<Box<dyn StateWrite>>,
+    /// Writes queued since the file was opened (the last queued one's number).
+    queued: u64,
+}
+
 /// The open state file. See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct StateStore {
     db: redb::Database,
     path: PathBuf,
-    /// Commits made so far (each counted after it completed).
-    committed: AtomicU64,
-    /// The commits a sync has made durable: every commit counted up to this number.
+    queue: Mutex<Queue>,
+    /// Every write numbered up to this is durable.
     synced: AtomicU64,
     /// Durable commits (fsyncs) made.
     syncs: AtomicU64,
-    /// Held by the one sync running; the batches waiting queue here, and most find their
-    /// commits covered when their turn comes.
+    /// Held while a sync takes the queue and commits it: syncs are applied in queue order.
+    applying: Mutex<()>,
+    /// Held by the one async sync running; the batches waiting queue here, and most find
+    /// their writes covered when their turn comes.
     syncing: tokio::sync::Mutex<()>,
 }
 
@@ -82,9 +103,10 @@ impl StateStore {
         Ok(Arc::new(Self {
             db,
             path,
-            committed: AtomicU64::new(0),
+            queue: Mutex::new(Queue::default()),
             synced: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            applying: Mutex::new(()),
             syncing: tokio::sync::Mutex::new(()),
         }))
     }
@@ -94,45 +116,40 @@ impl StateStore {
         &self.path
     }
 
-    /// A durable transaction, to read (and initialise) the file at start.
+    /// A durable transaction, to read (and initialise) the file at start, before anything
+    /// is queued.
     pub(crate) fn begin_read_at_start(&self) -> Result<redb::WriteTransaction> {
         self.db
             .begin_write()
             .map_err(|e| unreadable(&self.path, &e))
     }
 
-    /// Runs `write` in one transaction and commits it, not yet durable: [`sync`](Self::sync)
-    /// makes it so. `what` names the part written, for errors. On error nothing of it is
-    /// saved.
-    pub(crate) fn write(
-        &self,
-        what: &str,
-        write: impl FnOnce(&redb::WriteTransaction) -> std::result::Result<(), redb::Error>,
-    ) -> Result<()> {
-        let failed = |e: &dyn Display| self.write_error(what, e);
-        let mut txn = self.db.begin_write().map_err(|e| failed(&e))?;
-        txn.set_durability(redb::Durability::None)
-            .map_err(|e| failed(&e))?;
-        write(&txn).map_err(|e| failed(&e))?;
-        txn.commit().map_err(|e| failed(&e))?;
-        self.committed.fetch_add(1, Ordering::AcqRel);
-        Ok(())
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether every commit made so far is durable.
+    /// Queues `write`, made durable by the next [`sync`](Self::sync).
+    pub(crate) fn write(&self, write: impl StateWrite + 'static) {
+        let mut queue = self.queue();
+        queue.writes.push(Box::new(write));
+        queue.queued += 1;
+    }
+
+    /// Whether every write queued so far is durable.
+    #[cfg(test)]
     fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::Acquire) >= self.committed.load(Ordering::Acquire)
+        self.synced.load(Ordering::Acquire) >= self.queue().queued
     }
 
-    /// Makes every commit made before this call durable, sharing the fsync with every other
+    /// Makes every write queued before this call durable, sharing the fsync with every other
     /// caller waiting at the same time (group commit). The fsync runs on the blocking pool.
     pub(crate) async fn sync(self: &Arc<Self>) -> Result<()> {
-        let target = self.committed.load(Ordering::Acquire);
+        let target = self.queue().queued;
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
         }
         let _syncing = self.syncing.lock().await;
-        // The sync before ours may have covered our commits.
+        // The sync before ours may have covered our writes.
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
         }
@@ -144,18 +161,38 @@ impl StateStore {
 
     /// [`sync`](Self::sync) on the calling thread (at start, at shutdown, in tests).
     pub(crate) fn sync_blocking(&self) -> Result<()> {
-        if self.is_synced() {
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let (writes, covered) = {
+            let mut queue = self.queue();
+            (std::mem::take(&mut queue.writes), queue.queued)
+        };
+        if writes.is_empty() {
             return Ok(());
         }
-        // Read before the durable commit begins: every commit counted by then completed
-        // before it (redb runs one write transaction at a time), so it covers them.
-        let covered = self.committed.load(Ordering::Acquire);
-        let failed = |e: &dyn Display| self.write_error("sync", e);
-        let txn = self.db.begin_write().map_err(|e| failed(&e))?;
-        txn.commit().map_err(|e| failed(&e))?;
-        self.synced.fetch_max(covered, Ordering::AcqRel);
-        self.syncs.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        match self.commit(&writes) {
+            Ok(()) => {
+                self.synced.fetch_max(covered, Ordering::AcqRel);
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // Kept, ahead of what was queued meanwhile, for the next sync to retry.
+                let mut queue = self.queue();
+                let newer = std::mem::replace(&mut queue.writes, writes);
+                queue.writes.extend(newer);
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies `writes` in order in one durable transaction.
+    fn commit(&self, writes: &[Box<dyn StateWrite>]) -> Result<()> {
+        let failed = |what: &str, e: &dyn Display| self.write_error(what, e);
+        let txn = self.db.begin_write().map_err(|e| failed("sync", &e))?;
+        for write in writes {
+            write.apply(&txn).map_err(|e| failed(write.part(), &e))?;
+        }
+        txn.commit().map_err(|e| failed("sync", &e))
     }
 
     /// Durable commits (fsyncs) made since the file was opened.
@@ -205,13 +242,43 @@ mod tests {
 
     const T: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("t");
 
-    fn put(store: &StateStore, k: u64) {
-        store
-            .write("test", |txn| {
-                txn.open_table(T)?.insert(k, k)?;
-                Ok(())
-            })
-            .unwrap();
+    /// Writes `key → key`; fails its first `failures` applications.
+    #[derive(Debug)]
+    struct Put {
+        key: u64,
+        failures: AtomicU64,
+    }
+
+    impl StateWrite for Put {
+        fn part(&self) -> &'static str {
+            "test"
+        }
+
+        fn apply(&self, txn: &redb::WriteTransaction) -> std::result::Result<(), redb::Error> {
+            if self.failures.load(Ordering::Relaxed) > 0 {
+                self.failures.fetch_sub(1, Ordering::Relaxed);
+                return Err(redb::StorageError::Io(std::io::Error::other("disk full")).into());
+            }
+            txn.open_table(T)?.insert(self.key, self.key)?;
+            Ok(())
+        }
+    }
+
+    fn put(store: &StateStore, key: u64) {
+        store.write(Put {
+            key,
+            failures: AtomicU64::new(0),
+        });
+    }
+
+    fn keys(store: &StateStore) -> Vec<u64> {
+        let txn = store.begin_read_at_start().unwrap();
+        let table = txn.open_table(T).unwrap();
+        let keys = redb::ReadableTable::iter(&table)
+            .unwrap()
+            .map(|row| row.unwrap().0.value())
+            .collect();
+        keys
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +301,7 @@ mod tests {
                 })
             })
             .collect();
-        while store.committed.load(Ordering::Acquire) < 8 {
+        while store.queue().queued < 8 {
             tokio::task::yield_now().await;
         }
         drop(running);
@@ -246,9 +313,42 @@ mod tests {
         // Durable: read back after a reopen.
         drop(store);
         let store = StateStore::open(dir.path()).unwrap();
-        let txn = store.begin_read_at_start().unwrap();
-        let len = redb::ReadableTableMetadata::len(&txn.open_table(T).unwrap()).unwrap();
-        assert_eq!(len, 8);
+        assert_eq!(keys(&store), (0..8).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_keeps_its_writes_in_order_for_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        put(&store, 1);
+        store.write(Put {
+            key: 2,
+            failures: AtomicU64::new(1),
+        });
+        let err = store.sync().await.unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert!(!store.is_synced());
+        assert_eq!(store.syncs(), 0);
+        // Queued meanwhile: applied after the retried ones.
+        put(&store, 3);
+        store.sync().await.unwrap();
+        assert!(store.is_synced());
+        drop(store);
+        let store = StateStore::open(dir.path()).unwrap();
+        assert_eq!(keys(&store), vec![1, 2, 3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_are_queued_while_a_sync_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        // A sync in the middle of its transaction: a write does not wait for it.
+        let applying = store.applying.lock().unwrap();
+        put(&store, 1);
+        assert_eq!(store.queue().queued, 1);
+        drop(applying);
+        store.sync().await.unwrap();
+        assert_eq!(store.syncs(), 1);
     }
 
     #[tokio::test]
