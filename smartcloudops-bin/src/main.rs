@@ -95,6 +95,27 @@ enum Command {
         /// Files scored in parallel (default: one per core).
         #[arg(long)]
         jobs: Option<usize>,
+
+        /// Cross-validate: `K` folds of files stratified by category, or `loco` (leave one
+        /// category out). The threshold (and with --grid, the parameters) are chosen on the
+        /// other folds and scored on the held-out one; reports the pooled held-out score,
+        /// the folds' mean and spread, and the in-sample score beside them.
+        #[arg(long, value_name = "K|loco", value_parser = eval::parse_cv)]
+        cv: Option<smartcloudops_core::eval::FoldScheme>,
+
+        /// Candidate parameters: a TOML file whose keys are ensemble fields' dotted paths and
+        /// whose values are lists to try (`rest = [10, 20]`, `"context.length" = [5, 6]`),
+        /// laid over the preset or --ensemble; every combination scores the corpus.
+        #[arg(long, value_name = "FILE", conflicts_with = "config")]
+        grid: Option<PathBuf>,
+
+        /// Series in each generated healthy fleet, for the false-alarm budget (0: none).
+        #[arg(long, default_value_t = 100)]
+        fleet_series: usize,
+
+        /// Days each generated healthy fleet runs (the first one is warm-up).
+        #[arg(long, default_value_t = 8)]
+        fleet_days: u64,
     },
     /// Check a pipeline configuration and report every error with its field path.
     ///
@@ -162,6 +183,10 @@ fn main() -> ExitCode {
             ensemble,
             config,
             jobs,
+            cv,
+            grid,
+            fleet_series,
+            fleet_days,
         } => {
             let args = eval::EvalArgs {
                 corpus,
@@ -177,6 +202,10 @@ fn main() -> ExitCode {
                 jobs: jobs.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
                 }),
+                cv,
+                grid,
+                fleet_series,
+                fleet_days,
             };
             match eval::eval(&args) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -208,14 +208,150 @@ fn mini_corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nab-mini")
 }
 
-/// `smartcloudops eval --corpus <the bundled two-file corpus> ARGS…`
+/// `smartcloudops eval --corpus <the bundled two-file corpus> ARGS…`, without the
+/// generated fleets (unless ARGS ask for them).
 fn eval_mini<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
     bin()
-        .args(["eval", "--corpus"])
+        .args(["eval", "--fleet-series", "0", "--corpus"])
         .arg(mini_corpus())
         .args(args)
         .output()
         .unwrap()
+}
+
+/// Asserts that `output` is a success, and returns its stdout.
+fn succeeded(output: &Output) -> String {
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    text(&output.stdout)
+}
+
+/// Asserts that `output` is a failure whose stderr says `expected`.
+fn assert_fails_with(output: &Output, expected: &str) {
+    assert!(
+        !output.status.success(),
+        "not a failure: {}",
+        text(&output.stdout)
+    );
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains(expected), "`{expected}` not in: {stderr}");
+}
+
+#[test]
+fn eval_cross_validates_by_file_and_reports_the_held_out_folds() {
+    // Two files, one category: fold 0 holds `quiet` (no window), fold 1 `spike`.
+    let result = eval_mini(["--cv", "2"]);
+    let stdout = text(&result.stdout);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let cv = stdout
+        .split("cross-validation: 2 folds by file, stratified by category")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a cross-validation section: {stdout}"));
+    let standard: Vec<&str> = cv
+        .lines()
+        .find(|l| l.starts_with("standard"))
+        .expect("a standard line")
+        .split_whitespace()
+        .collect();
+    // pooled, fold mean, fold sd, in-sample, gap: the one fold with a window is the mean.
+    let (pooled, mean, in_sample): (f64, f64, f64) = (
+        standard[1].parse().unwrap(),
+        standard[2].parse().unwrap(),
+        standard[4].parse().unwrap(),
+    );
+    assert!(pooled <= in_sample + 1e-9, "{cv}");
+    assert!(mean.is_finite(), "{cv}");
+    assert!(cv.contains("no window"), "fold 0 has no window: {cv}");
+    // Leave-one-category-out needs two categories; three folds need three files.
+    assert_fails_with(&eval_mini(["--cv", "loco"]), "at least two categories");
+    assert_fails_with(&eval_mini(["--cv", "3"]), "3 folds for 2 files");
+    assert_fails_with(&eval_mini(["--cv", "1"]), "2 or more");
+}
+
+#[test]
+fn eval_chooses_grid_candidates_inside_the_folds() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = dir.path().join("grid.toml");
+    std::fs::write(&grid, "rest = [5, 40]\n\"context.length\" = [4, 6]\n").unwrap();
+    let result = eval_mini([
+        OsStr::new("--cv"),
+        OsStr::new("2"),
+        OsStr::new("--grid"),
+        grid.as_os_str(),
+    ]);
+    let stdout = text(&result.stdout);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    assert!(stdout.contains("grid: 4 candidates"), "{stdout}");
+    for candidate in ["context.length=4 rest=5", "context.length=6 rest=40"] {
+        assert!(stdout.contains(candidate), "{candidate}: {stdout}");
+    }
+    assert!(stdout.contains("parameters and threshold chosen on the other folds"));
+    assert_eq!(
+        stdout.matches("      chosen: ").count(),
+        2,
+        "one per fold: {stdout}"
+    );
+    // The threshold is the evaluation's to choose; values must be lists.
+    for (bad, expected) in [
+        ("threshold = [0.4, 0.5]", "not gridded"),
+        ("rest = 5", "must be a list"),
+        ("rest = []", "lists no values"),
+        ("nonsense = [1]", "unknown field `nonsense`"),
+    ] {
+        std::fs::write(&grid, bad).unwrap();
+        let result = eval_mini([OsStr::new("--grid"), grid.as_os_str()]);
+        assert_fails_with(&result, expected);
+    }
+}
+
+#[test]
+fn eval_counts_false_alarms_on_healthy_data() {
+    let result = bin()
+        .args([
+            "eval",
+            "--fleet-series",
+            "20",
+            "--fleet-days",
+            "2",
+            "--corpus",
+        ])
+        .arg(mini_corpus())
+        .output()
+        .unwrap();
+    let stdout = succeeded(&result);
+    let section = stdout
+        .split("false alarms on healthy data (threshold 0.5000; after each series' first 24 h)")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a false-alarm section: {stdout}"));
+    let row = |name: &str| -> Vec<String> {
+        let line = section
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name}: {section}"));
+        line[name.len()..]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    // The bundled files span under two days; each fleet runs 20 series for two days, one
+    // of them counted.
+    for fleet in [
+        "generated fleet, 1-minute samples, noise 3 %",
+        "generated fleet, 5-minute samples, noise 10 %",
+    ] {
+        let fields = row(fleet);
+        assert_eq!(fields[0], "20", "{fleet}: {section}");
+        let days: f64 = fields[1].parse().unwrap();
+        assert!((19.0..=20.0).contains(&days), "{fleet}: {section}");
+        let alerts: f64 = fields[2].parse().unwrap();
+        let rate: f64 = fields[3].parse().unwrap();
+        // `days` is rounded to a tenth.
+        assert!(
+            (rate - 1000.0 * alerts / days).abs() <= rate * 0.01,
+            "{fleet}: {section}"
+        );
+    }
+    let all = row("all");
+    assert_eq!(all[0], "42", "two corpus files and two fleets: {section}");
 }
 
 #[test]
@@ -269,20 +405,7 @@ fn eval_scores_a_corpus_and_writes_scores_and_plots() {
 
 #[test]
 fn eval_with_a_fixed_threshold_says_so_and_uses_it() {
-    let result = bin()
-        .args([
-            "eval",
-            "--preset",
-            "fast",
-            "--threshold",
-            "0.99",
-            "--corpus",
-        ])
-        .arg(mini_corpus())
-        .output()
-        .unwrap();
-    let stdout = text(&result.stdout);
-    assert!(result.status.success(), "{}", text(&result.stderr));
+    let stdout = succeeded(&eval_mini(["--preset", "fast", "--threshold", "0.99"]));
     assert!(stdout.contains("fixed threshold"), "{stdout}");
     assert!(stdout.contains(" 0.9900 "), "{stdout}");
     let bad = eval_mini(["--threshold", "1.5"]);
@@ -324,12 +447,7 @@ fn eval_refuses_a_data_file_without_labels() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(!result.status.success());
-    assert!(
-        text(&result.stderr).contains("no labels for c/x.csv"),
-        "{}",
-        text(&result.stderr)
-    );
+    assert_fails_with(&result, "no labels for c/x.csv");
 }
 
 #[test]

@@ -577,11 +577,15 @@ pub fn tally_all<'a>(
 /// The threshold maximising the corpus' raw score under `profile`, and that score. Every
 /// distinct score is tried (one sweep over all rows sorted by score); ties keep the higher
 /// threshold.
-pub fn optimize_threshold(series: &[ScoredSeries], profile: &CostProfile) -> (f64, Tally) {
+pub fn optimize_threshold<'a>(
+    series: impl IntoIterator<Item = &'a ScoredSeries>,
+    profile: &CostProfile,
+) -> (f64, Tally) {
+    let series: Vec<&ScoredSeries> = series.into_iter().collect();
     // (score, kind) of every scored row, with window indices made global.
     let mut rows: Vec<(f64, RowKind)> = Vec::new();
     let mut base = 0;
-    for s in series {
+    for s in &series {
         for (kind, &score) in s.kinds.iter().zip(&s.scores) {
             match *kind {
                 RowKind::Probation => {}
@@ -633,6 +637,259 @@ pub fn optimize_threshold(series: &[ScoredSeries], profile: &CostProfile) -> (f6
         1.0 + f64::EPSILON
     };
     (threshold, tally_all(series, profile, threshold))
+}
+
+/// How files are split into folds for cross-validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoldScheme {
+    /// `k` folds of files, stratified by category: the files of each category (in key order)
+    /// are dealt to the folds in turn, continuing where the previous category stopped, so
+    /// every fold holds about the same number of files and a share of each category.
+    KFold(usize),
+    /// One fold per category: every category is scored by parameters chosen on the others.
+    LeaveOneCategoryOut,
+}
+
+impl FoldScheme {
+    /// The fold of each series (given by category, in the corpus' key order) and the number
+    /// of folds. K-fold needs `2 ≤ k ≤ files`; leave-one-category-out needs two categories.
+    pub fn assign(&self, categories: &[&str]) -> Result<(Vec<usize>, usize)> {
+        let invalid = |message: String| Error::schema("eval", message);
+        match *self {
+            FoldScheme::KFold(k) => {
+                if k < 2 || k > categories.len() {
+                    return Err(invalid(format!(
+                        "{k} folds for {} files: need between 2 and the number of files",
+                        categories.len()
+                    )));
+                }
+                let mut order: Vec<usize> = (0..categories.len()).collect();
+                // Stable: files keep their key order inside a category.
+                order.sort_by_key(|&i| categories[i]);
+                let mut folds = vec![0; categories.len()];
+                for (n, i) in order.into_iter().enumerate() {
+                    folds[i] = n % k;
+                }
+                Ok((folds, k))
+            }
+            FoldScheme::LeaveOneCategoryOut => {
+                let mut names: Vec<&str> = categories.to_vec();
+                names.sort_unstable();
+                names.dedup();
+                if names.len() < 2 {
+                    return Err(invalid(format!(
+                        "leave-one-category-out needs at least two categories, found {}",
+                        names.len()
+                    )));
+                }
+                let folds = categories
+                    .iter()
+                    .map(|c| names.binary_search(c).unwrap_or_default())
+                    .collect();
+                Ok((folds, names.len()))
+            }
+        }
+    }
+}
+
+/// One held-out fold of a cross-validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoldResult {
+    /// Files in the fold.
+    pub files: usize,
+    /// Labelled windows in the fold.
+    pub windows: usize,
+    /// The candidate chosen on the other folds (an index into the candidates).
+    pub candidate: usize,
+    /// The threshold chosen on the other folds (or the fixed one).
+    pub threshold: f64,
+    /// The chosen candidate and threshold on the other folds.
+    pub train: Tally,
+    /// The chosen candidate and threshold on this fold.
+    pub held_out: Tally,
+}
+
+/// The result of [`cross_validate`] for one cost profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossValidation {
+    /// One result per fold.
+    pub folds: Vec<FoldResult>,
+    /// The held-out tallies summed: every file scored once, by parameters chosen without it.
+    pub pooled: Tally,
+    /// The candidate and threshold chosen on the whole corpus, and their (in-sample) tally.
+    pub in_sample: (usize, f64, Tally),
+}
+
+impl CrossValidation {
+    /// Mean and sample standard deviation of the folds' normalised held-out scores, over the
+    /// folds that hold a window (a fold without one has no score span to normalise by).
+    pub fn fold_mean_sd(&self) -> (f64, f64) {
+        let scores: Vec<f64> = self
+            .folds
+            .iter()
+            .filter(|f| f.windows > 0)
+            .map(|f| f.held_out.normalized())
+            .collect();
+        let n = scores.len() as f64;
+        if scores.is_empty() {
+            return (f64::NAN, f64::NAN);
+        }
+        let mean = scores.iter().sum::<f64>() / n;
+        let var = if scores.len() < 2 {
+            0.0
+        } else {
+            scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        };
+        (mean, var.sqrt())
+    }
+}
+
+/// The candidate and threshold with the best raw score on the whole corpus, and its tally:
+/// what a deployment would pick from `candidates` (see [`cross_validate`]).
+pub fn select_candidate(
+    candidates: &[Vec<ScoredSeries>],
+    profile: &CostProfile,
+    threshold: Option<f64>,
+) -> (usize, f64, Tally) {
+    choose(candidates, |_| true, profile, threshold)
+}
+
+/// The candidate and threshold with the best raw score on the files `include` admits (ties
+/// keep the earlier candidate). The null and perfect scores depend only on the windows, so
+/// the best raw score is also the best normalised one.
+fn choose(
+    candidates: &[Vec<ScoredSeries>],
+    include: impl Fn(usize) -> bool,
+    profile: &CostProfile,
+    threshold: Option<f64>,
+) -> (usize, f64, Tally) {
+    let mut best: Option<(usize, f64, Tally)> = None;
+    for (c, scored) in candidates.iter().enumerate() {
+        let subset = scored
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| include(*i))
+            .map(|(_, s)| s);
+        let (t, tally) = match threshold {
+            Some(t) => (t, tally_all(subset, profile, t)),
+            None => optimize_threshold(subset, profile),
+        };
+        if best.as_ref().is_none_or(|b| tally.raw > b.2.raw + 1e-12) {
+            best = Some((c, t, tally));
+        }
+    }
+    best.unwrap_or((0, threshold.unwrap_or(1.0), Tally::default()))
+}
+
+/// Cross-validates a choice among `candidates` (each one detector configuration's scores,
+/// one [`ScoredSeries`] per corpus file, in the same order) and of the threshold: for each
+/// fold, the candidate and threshold with the best score on the other folds are scored on
+/// it. `threshold` fixes the threshold instead of choosing it.
+///
+/// Each file's scores come from a fresh detector, strictly online, so they do not depend on
+/// the fold: only the choices do, and those never see the held-out files.
+pub fn cross_validate(
+    candidates: &[Vec<ScoredSeries>],
+    folds: &[usize],
+    k: usize,
+    profile: &CostProfile,
+    threshold: Option<f64>,
+) -> CrossValidation {
+    let mut results = Vec::with_capacity(k);
+    let mut pooled = Tally::default();
+    for fold in 0..k {
+        let (candidate, threshold, train) =
+            choose(candidates, |i| folds[i] != fold, profile, threshold);
+        let held: Vec<&ScoredSeries> = candidates[candidate]
+            .iter()
+            .zip(folds)
+            .filter(|(_, f)| **f == fold)
+            .map(|(s, _)| s)
+            .collect();
+        let held_out = tally_all(held.iter().copied(), profile, threshold);
+        pooled.add(&held_out);
+        results.push(FoldResult {
+            files: held.len(),
+            windows: held.iter().map(|s| s.windows).sum(),
+            candidate,
+            threshold,
+            train,
+            held_out,
+        });
+    }
+    CrossValidation {
+        folds: results,
+        pooled,
+        in_sample: select_candidate(candidates, profile, threshold),
+    }
+}
+
+/// Alerts raised on healthy data, for the false-alarm budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FalseAlarms {
+    /// Alerts (rows where the score rises to the threshold) on healthy rows.
+    pub alerts: usize,
+    /// Healthy time, in series-days.
+    pub series_days: f64,
+}
+
+impl FalseAlarms {
+    /// Alerts per 1 000 series-days (0 with no healthy time).
+    pub fn per_thousand_series_days(&self) -> f64 {
+        if self.series_days > 0.0 {
+            1000.0 * self.alerts as f64 / self.series_days
+        } else {
+            0.0
+        }
+    }
+
+    /// Adds another count.
+    pub fn add(&mut self, other: &FalseAlarms) {
+        self.alerts += other.alerts;
+        self.series_days += other.series_days;
+    }
+}
+
+/// One day in ms: the warm-up excluded from the false-alarm budget.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Alerts on the healthy rows of a series (`timestamps` and `scores` row by row, the
+/// labelled `windows`): after its first day, and farther than one window
+/// width from every labelled window (before or after it). An alert is a row whose score is
+/// at or above `threshold` while the previous row's is below; it counts when it starts on a
+/// healthy row. Healthy time is the sum of the gaps between consecutive healthy rows.
+pub fn healthy_false_alarms(
+    timestamps: &[i64],
+    windows: &[(i64, i64)],
+    scores: &[f64],
+    threshold: f64,
+) -> FalseAlarms {
+    let ts = timestamps;
+    let Some(&first) = ts.first() else {
+        return FalseAlarms::default();
+    };
+    let near: Vec<(i64, i64)> = windows
+        .iter()
+        .map(|&(s, e)| {
+            let width = e - s;
+            (s.saturating_sub(width), e.saturating_add(width))
+        })
+        .collect();
+    let healthy = |t: i64| t >= first + DAY_MS && !near.iter().any(|&(s, e)| (s..=e).contains(&t));
+    let mut out = FalseAlarms::default();
+    let mut was_above = false;
+    for (i, (&t, &score)) in ts.iter().zip(scores).enumerate() {
+        let above = score >= threshold;
+        let ok = healthy(t);
+        if above && !was_above && ok {
+            out.alerts += 1;
+        }
+        was_above = above;
+        if ok && i > 0 && healthy(ts[i - 1]) {
+            out.series_days += (t - ts[i - 1]) as f64 / DAY_MS as f64;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -733,5 +990,94 @@ mod tests {
         assert!(parse_nab_ts("2014-02-19 -5:-3:-1").is_none());
         assert!(parse_nab_ts("2014-02-19 10:50:00.-5").is_none());
         assert!(parse_nab_ts("99999999999-01-01 00:00:00").is_none());
+    }
+    #[test]
+    fn k_folds_deal_each_category_across_the_folds() {
+        let categories = ["a", "a", "a", "b", "b", "c"];
+        let (folds, k) = FoldScheme::KFold(2).assign(&categories).unwrap();
+        assert_eq!((folds, k), (vec![0, 1, 0, 1, 0, 1], 2));
+        let (folds, k) = FoldScheme::KFold(4).assign(&categories).unwrap();
+        assert_eq!((folds, k), (vec![0, 1, 2, 3, 0, 1], 4));
+        let (folds, k) = FoldScheme::LeaveOneCategoryOut.assign(&categories).unwrap();
+        assert_eq!((folds, k), (vec![0, 0, 0, 1, 1, 2], 3));
+        for bad in [FoldScheme::KFold(1), FoldScheme::KFold(7)] {
+            assert!(bad.assign(&categories).is_err(), "{bad:?}");
+        }
+        assert!(FoldScheme::LeaveOneCategoryOut.assign(&["a", "a"]).is_err());
+    }
+
+    /// The 100-row series with score `window_score` at the window's first row and
+    /// `fp_score` on five rows before it.
+    fn with_scores(window_score: f64, fp_score: f64) -> ScoredSeries {
+        let mut scores = vec![0.0; 100];
+        scores[40] = window_score;
+        for s in &mut scores[20..25] {
+            *s = fp_score;
+        }
+        ScoredSeries::new(&series(), scores).unwrap()
+    }
+
+    #[test]
+    fn cross_validation_scores_each_fold_with_a_threshold_chosen_without_it() {
+        // File 0 needs a low threshold (0.4); file 1 finds its window at 0.8 and has five
+        // false positives at 0.5. On the whole corpus 0.4 is best (both windows, five false
+        // positives); each file alone prefers its own threshold, which fails the other.
+        let files = vec![with_scores(0.4, 0.0), with_scores(0.8, 0.5)];
+        let p = standard();
+        let cv = cross_validate(std::slice::from_ref(&files), &[0, 1], 2, &p, None);
+        assert_eq!(cv.folds[0].threshold, 0.8, "chosen on file 1");
+        assert_eq!(cv.folds[1].threshold, 0.4, "chosen on file 0");
+        // Held out: file 0 at 0.8 misses; file 1 at 0.4 finds with five false positives.
+        assert_eq!((cv.folds[0].held_out.tp, cv.folds[0].held_out.fn_), (0, 1));
+        assert_eq!((cv.folds[1].held_out.tp, cv.folds[1].held_out.fp), (1, 5));
+        assert_eq!((cv.pooled.tp, cv.pooled.fn_, cv.pooled.fp), (1, 1, 5));
+        let (candidate, threshold, in_sample) = cv.in_sample;
+        assert_eq!((candidate, threshold, in_sample.tp), (0, 0.4, 2));
+        // raw: −1 + (1 − 5 · 0.11) = −0.55 between null −2 and perfect 2.
+        assert!(
+            (cv.pooled.normalized() - 36.25).abs() < 1e-9,
+            "{:?}",
+            cv.pooled
+        );
+        assert!(cv.pooled.normalized() < in_sample.normalized());
+        let (mean, sd) = cv.fold_mean_sd();
+        let (f0, f1) = (0.0, 100.0 * (1.0 - 0.55 + 1.0) / 2.0);
+        assert!((mean - (f0 + f1) / 2.0).abs() < 1e-9, "{mean}");
+        assert!((sd - (f1 - f0) / 2f64.sqrt()).abs() < 1e-9, "{sd}");
+    }
+
+    #[test]
+    fn cross_validation_chooses_candidates_on_the_training_folds_only() {
+        // Candidate 0 finds file 0's window, candidate 1 file 1's: each fold gets the
+        // candidate that did well on the *other* file, and misses.
+        let a = vec![with_scores(0.9, 0.0), with_scores(0.0, 0.0)];
+        let b = vec![with_scores(0.0, 0.0), with_scores(0.9, 0.0)];
+        let cv = cross_validate(&[a, b], &[0, 1], 2, &standard(), Some(0.5));
+        assert_eq!(cv.folds[0].candidate, 1);
+        assert_eq!(cv.folds[1].candidate, 0);
+        assert_eq!((cv.pooled.tp, cv.pooled.fn_), (0, 2));
+        assert_eq!(cv.in_sample.0, 0, "a tie keeps the first candidate");
+        assert_eq!(cv.in_sample.2.tp, 1);
+    }
+
+    #[test]
+    fn false_alarms_count_alert_onsets_on_healthy_rows_only() {
+        const HOUR: i64 = 3_600_000;
+        let ts: Vec<i64> = (0..72).map(|h| h * HOUR).collect();
+        let windows = [(50 * HOUR, 51 * HOUR)]; // near: hours 49..=52
+        let mut scores = vec![0.0; 72];
+        for h in [10, 30, 31, 50, 60] {
+            scores[h] = 1.0;
+        }
+        let fa = healthy_false_alarms(&ts, &windows, &scores, 0.5);
+        // Hour 10 is in the first day, 50 in the window; 30–31 is one alert; 60 another.
+        assert_eq!(fa.alerts, 2);
+        // Healthy: hours 24..=48 and 53..=71, 24 + 18 hourly gaps.
+        assert!((fa.series_days - 1.75).abs() < 1e-12, "{}", fa.series_days);
+        assert!((fa.per_thousand_series_days() - 2000.0 / 1.75).abs() < 1e-9);
+        assert_eq!(
+            healthy_false_alarms(&[], &[], &[], 0.5),
+            FalseAlarms::default()
+        );
     }
 }
