@@ -581,17 +581,8 @@ fn cv_report(
         );
         let _ = writeln!(
             out,
-            "{:<5} {:>5} {:>7} {:>9} {:>8} {:>9} {:>4} {:>4} {:>4}  {}",
-            "fold",
-            "files",
-            "windows",
-            "threshold",
-            "train",
-            "held-out",
-            "TP",
-            "FN",
-            "FP",
-            "contents"
+            "{:<5} {:>5} {:>7} {:>9} {:>8} {:>9} {:>4} {:>4} {:>4}  contents",
+            "fold", "files", "windows", "threshold", "train", "held-out", "TP", "FN", "FP",
         );
         for (f, r) in v.folds.iter().enumerate() {
             let mut categories: Vec<&str> = corpus

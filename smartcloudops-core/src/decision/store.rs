@@ -274,11 +274,10 @@ mod tests {
     fn keys(store: &StateStore) -> Vec<u64> {
         let txn = store.begin_read_at_start().unwrap();
         let table = txn.open_table(T).unwrap();
-        let keys = redb::ReadableTable::iter(&table)
+        redb::ReadableTable::iter(&table)
             .unwrap()
             .map(|row| row.unwrap().0.value())
-            .collect();
-        keys
+            .collect()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
